@@ -1,0 +1,72 @@
+"""The ``emseg`` command line: one click group, one module per command, a thin layer over the library.
+
+Commands are imported lazily so that ``emseg --help`` does not import torch or dask.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from typing import Any
+
+import click
+
+from emseg import __version__
+from emseg.errors import EmsegError
+
+# name -> "module:function" (modules under emseg.cli).  Explicit, no plugin discovery.
+COMMANDS: dict[str, str] = {
+    "info": "emseg.cli.info:info",
+    "import": "emseg.cli.convert:import_cmd",
+    "export": "emseg.cli.convert:export_cmd",
+    "synth": "emseg.cli.synth:synth",
+    "models": "emseg.cli.models:models",
+    "predict": "emseg.cli.predict:predict",
+    "label": "emseg.cli.label:label",
+    "segment": "emseg.cli.segment:segment",
+    "evaluate": "emseg.cli.evaluate:evaluate",
+    "train": "emseg.cli.train:train",
+    "preview": "emseg.cli.preview:preview",
+    "view": "emseg.cli.view:view",
+}
+
+
+class EmsegGroup(click.Group):
+    """Click group that loads commands on demand and turns ``EmsegError`` into a one-line error."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name, target in COMMANDS.items() if _module_exists(target))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None or not _module_exists(target):
+            return None
+        module_name, attr = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module_name), attr)
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EmsegError as e:
+            exc = click.ClickException(str(e))
+            exc.exit_code = e.exit_code
+            raise exc from e
+
+
+def _module_exists(target: str) -> bool:
+    return importlib.util.find_spec(target.split(":")[0]) is not None
+
+
+@click.group(cls=EmsegGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "EMSEG"})
+@click.version_option(__version__, prog_name="emseg")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """emseg: distributed segmentation of large electron-microscopy volumes."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def main() -> None:
+    cli()

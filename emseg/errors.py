@@ -1,0 +1,70 @@
+"""Every error emseg raises on purpose derives from :class:`EmsegError`.
+
+The CLI turns an ``EmsegError`` into one ``Error: <message>`` line on stderr and exit code 1;
+anything else is a bug and keeps its traceback.  Subclasses also inherit the closest builtin so
+callers may catch either (``except FileNotFoundError`` still works).
+
+A message states what was expected, what was received and, where one exists, the fix.
+"""
+
+from __future__ import annotations
+
+
+class EmsegError(Exception):
+    """Base class of every error emseg raises deliberately."""
+
+    exit_code = 1
+
+
+class VolumeNotFoundError(EmsegError, FileNotFoundError):
+    """A path that should hold a volume (or TIFF, HDF5, checkpoint ...) does not exist."""
+
+
+class NotAVolumeError(EmsegError, ValueError):
+    """A path exists but is not a readable zarr array / OME-Zarr image / image file."""
+
+
+class VolumeShapeError(EmsegError, ValueError):
+    """A volume has the wrong number of axes or a shape that cannot be processed."""
+
+
+class UnsupportedDtypeError(EmsegError, TypeError):
+    """A volume's dtype is not one emseg can process."""
+
+
+class OutputExistsError(EmsegError, FileExistsError):
+    """The output already exists and ``--overwrite`` was not given."""
+
+
+class SameInputOutputError(EmsegError, ValueError):
+    """The output path would overwrite (or sit inside) the input."""
+
+
+class IncompleteOutputError(EmsegError, RuntimeError):
+    """A volume was opened that an interrupted run left half-written."""
+
+
+class ConfigError(EmsegError, ValueError):
+    """A configuration file, option or combination of options is invalid."""
+
+
+class CheckpointError(EmsegError, ValueError):
+    """A model checkpoint is missing, malformed or unsafe to load."""
+
+
+class GeometryError(EmsegError, ValueError):
+    """A block size, halo or region does not fit the volume, the model or the storage chunks."""
+
+
+class InvalidDataError(EmsegError, ValueError):
+    """The data values themselves are unusable (NaNs in float input, unreadable chunks...)."""
+
+
+class ResumeMismatchError(EmsegError, RuntimeError):
+    """An output holds a run with other parameters; rerun with ``--overwrite`` to replace it."""
+
+
+class RunIncompleteError(EmsegError, RuntimeError):
+    """Some blocks failed; the finished ones are kept and a rerun resumes."""
+
+    exit_code = 3

@@ -1,0 +1,456 @@
+"""Zarr volumes: open lazily, read a Roi with mirrored borders, write a Roi, create OME-Zarr outputs.
+
+The only module (with ``emseg.io.sources``) that touches storage.  Arrays come back as numpy with
+axes ``(c, z, y, x)`` when the volume has a channel axis and ``(z, y, x)`` otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+import zarr.errors
+
+from emseg.errors import (
+    IncompleteOutputError,
+    NotAVolumeError,
+    OutputExistsError,
+    SameInputOutputError,
+    UnsupportedDtypeError,
+    VolumeNotFoundError,
+    VolumeShapeError,
+)
+from emseg.geometry import Coordinate, Roi
+from emseg.io.ome import (
+    Multiscale,
+    image_label_attrs,
+    labels_group_attrs,
+    multiscales_attrs,
+    parse_multiscale,
+)
+
+log = logging.getLogger(__name__)
+
+PadMode = Literal["reflect", "constant"]
+SUPPORTED_DTYPES = frozenset(
+    np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32", "float64", "bool")
+)
+# emseg's own run bookkeeping, kept in the output group's attributes.
+STATUS_KEY = "emseg"
+
+
+@dataclass
+class Volume:
+    """A zarr array with its spatial metadata.
+
+    Attributes
+    ----------
+    path : Path
+        The array itself (``image.zarr/0`` for an OME-Zarr image).
+    array : zarr.Array
+        The lazily read storage array.
+    axes : tuple of str
+        Axis names in array order: ``("z", "y", "x")`` or ``("c", "z", "y", "x")``.
+    voxel_size : tuple of float
+        Spatial voxel size in nanometres, ``(z, y, x)``.
+    offset_nm : tuple of float
+        Physical position of voxel (0, 0, 0), nanometres.
+    image_path : Path or None
+        The OME-Zarr image group the array belongs to, if any.
+    """
+
+    path: Path
+    array: zarr.Array
+    axes: tuple[str, ...]
+    voxel_size: tuple[float, ...]
+    offset_nm: tuple[float, ...] = field(default=(0.0, 0.0, 0.0))
+    image_path: Path | None = None
+    levels: tuple[str, ...] = ()
+
+    @property
+    def has_channels(self) -> bool:
+        return self.axes[0] == "c"
+
+    @property
+    def channels(self) -> int | None:
+        return int(self.array.shape[0]) if self.has_channels else None
+
+    @property
+    def shape(self) -> Coordinate:
+        """Spatial shape ``(z, y, x)`` in voxels."""
+        shape = tuple(int(s) for s in self.array.shape)
+        return shape[1:] if self.has_channels else shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def chunks(self) -> Coordinate:
+        """Spatial chunk shape (the inner chunks when sharded)."""
+        chunks = tuple(int(c) for c in self.array.chunks)
+        return chunks[1:] if self.has_channels else chunks
+
+    @property
+    def write_unit(self) -> Coordinate:
+        """Spatial shape of the smallest independently writable object: the shard, else the chunk."""
+        shards = self.array.shards
+        unit = tuple(int(c) for c in (shards if shards is not None else self.array.chunks))
+        return unit[1:] if self.has_channels else unit
+
+    @property
+    def roi(self) -> Roi:
+        return Roi.from_shape(self.shape)
+
+    def read(self, roi: Roi, pad: PadMode | None = None) -> npt.NDArray[Any]:
+        """Read ``roi`` (voxels, may reach past the volume when ``pad`` is given).
+
+        ``pad="reflect"`` mirrors beyond the borders without repeating the edge voxel (the U-Net
+        paper's overlap-tile extrapolation), reflecting again as often as needed;
+        ``pad="constant"`` fills with zeros.  Without ``pad`` the roi must lie inside the volume.
+        """
+        if roi.ndim != len(self.shape):
+            raise VolumeShapeError(f"{self.path}: cannot read a {roi.ndim}-D roi from a {len(self.shape)}-D volume")
+        lead: tuple[slice, ...] = (slice(None),) if self.has_channels else ()
+        if self.roi.contains(roi):
+            return np.asarray(self.array[lead + roi.to_slices()])
+        if pad is None:
+            raise VolumeShapeError(f"{self.path}: {roi} reaches outside the volume {self.roi}; read with pad=...")
+        if pad == "constant":
+            out = np.zeros(((self.channels,) if self.has_channels else ()) + roi.shape, dtype=self.dtype)
+            inside = roi.intersect(self.roi)
+            if not inside.empty:
+                out[lead + inside.relative_to(roi).to_slices()] = self.array[lead + inside.to_slices()]
+            return out
+        # reflect: map every requested coordinate to its mirror image inside the volume, read the
+        # bounding box of those once, then gather.
+        index = [_reflect_indices(b, e, n) for b, e, n in zip(roi.begin, roi.end, self.shape)]
+        lo = tuple(int(i.min()) for i in index)
+        hi = tuple(int(i.max()) + 1 for i in index)
+        source = np.asarray(self.array[lead + Roi.from_bounds(lo, hi).to_slices()])
+        local = np.ix_(*(i - o for i, o in zip(index, lo)))
+        return source[lead + local]
+
+    def write(self, roi: Roi, data: npt.NDArray[Any]) -> None:
+        """Write ``data`` (shape ``[c,] *roi.shape``) to ``roi``, which must lie inside the volume."""
+        if not self.roi.contains(roi):
+            raise VolumeShapeError(f"{self.path}: cannot write {roi} outside the volume {self.roi}")
+        expected = ((self.channels,) if self.has_channels else ()) + roi.shape
+        if tuple(data.shape) != expected:
+            raise VolumeShapeError(f"{self.path}: data of shape {data.shape} does not fit {roi} (expected {expected})")
+        lead: tuple[slice, ...] = (slice(None),) if self.has_channels else ()
+        self.array[lead + roi.to_slices()] = data
+
+    def to_dask(self) -> Any:
+        """The volume as a lazy dask array, chunked like the storage."""
+        import dask.array as da
+
+        return da.from_zarr(self.array)
+
+
+def _reflect_indices(begin: int, end: int, n: int) -> npt.NDArray[np.int64]:
+    coords = np.arange(begin, end, dtype=np.int64)
+    if n == 1:
+        return np.zeros_like(coords)
+    period = 2 * (n - 1)
+    r = np.mod(coords, period)
+    return np.where(r < n, r, period - r)
+
+
+# ---------------------------------------------------------------------------------------------
+# opening
+
+
+def _open_node(path: Path) -> zarr.Array | zarr.Group:
+    try:
+        return zarr.open(str(path), mode="r")
+    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError) as e:
+        raise NotAVolumeError(f"{path}: not a zarr array or OME-Zarr image ({type(e).__name__})") from e
+    except (ValueError, KeyError, TypeError) as e:  # malformed metadata
+        raise NotAVolumeError(f"{path}: not a readable zarr store ({e})") from e
+
+
+def _open_parent_group(parent: Path) -> zarr.Group | None:
+    """The group holding an array, if it is a zarr group (its multiscales describe the array)."""
+    if not any((parent / f).exists() for f in ("zarr.json", ".zgroup")):
+        return None
+    try:
+        node = zarr.open_group(str(parent), mode="r")
+    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
+        return None
+    return node
+
+
+def _check_status(group_attrs: Any, where: Path, allow_incomplete: bool) -> None:
+    status = (group_attrs.get(STATUS_KEY) or {}).get("status")
+    if status == "incomplete" and not allow_incomplete:
+        raise IncompleteOutputError(
+            f"{where} was left half-written by an interrupted run; rerun the command that made it to "
+            "resume, or pass --overwrite to start over"
+        )
+
+
+def open_volume(path: str | os.PathLike[str], *, level: int | str = 0, allow_incomplete: bool = False) -> Volume:
+    """Open a zarr v2/v3 array or an OME-Zarr (NGFF 0.4/0.5) image lazily.
+
+    Parameters
+    ----------
+    path : path
+        ``image.zarr`` (an OME-Zarr image: ``level`` picks the multiscale level),
+        ``image.zarr/1`` (one level), or any plain zarr array ``store.zarr/group/array``.
+    level : int or str
+        Multiscale level (index into the datasets, or its path) when ``path`` is an image group.
+    allow_incomplete : bool
+        Open an output that an interrupted run left half-written (used when resuming).
+
+    Raises
+    ------
+    VolumeNotFoundError, NotAVolumeError, VolumeShapeError, UnsupportedDtypeError, IncompleteOutputError
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeNotFoundError(f"{path}: no such file or directory")
+    node = _open_node(path)
+    image_path: Path | None = None
+    multiscale: Multiscale | None = None
+    if isinstance(node, zarr.Group):
+        multiscale = parse_multiscale(node.attrs, str(path))
+        if multiscale is None:
+            arrays = sorted(name for name, _ in node.arrays())
+            hint = f"; it holds arrays {arrays}: pass {path}/<array>" if arrays else ""
+            raise NotAVolumeError(f"{path}: a zarr group without OME-Zarr multiscales metadata{hint}")
+        _check_status(node.attrs, path, allow_incomplete)
+        image_path = path
+        paths = multiscale.paths
+        key = paths[level] if isinstance(level, int) and 0 <= level < len(paths) else str(level)
+        if key not in paths:
+            raise NotAVolumeError(f"{path}: no multiscale level {level!r}; levels are {list(paths)}")
+        array = node[key]
+        array_path = path / key
+    else:
+        array = node
+        array_path = path
+        parent = path.parent
+        # A level of an OME-Zarr image: take axes and voxel size from the parent group.
+        parent_node = _open_parent_group(parent)
+        if parent_node is not None:
+            ms = parse_multiscale(parent_node.attrs, str(parent))
+            if ms is not None and path.name in ms.paths:
+                multiscale, image_path, key = ms, parent, path.name
+                _check_status(parent_node.attrs, parent, allow_incomplete)
+    if not isinstance(array, zarr.Array):
+        raise NotAVolumeError(f"{array_path}: expected a zarr array, found a group")
+    dtype = np.dtype(array.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedDtypeError(
+            f"{array_path}: dtype {dtype} is not supported; expected one of "
+            f"{sorted(str(d) for d in SUPPORTED_DTYPES)}"
+        )
+    if multiscale is not None:
+        idx = multiscale.paths.index(key)
+        axes = multiscale.axes
+        if len(axes) != array.ndim:
+            raise NotAVolumeError(f"{array_path}: {array.ndim}-D array but metadata names axes {axes}")
+        bad = [a for a, t in zip(axes, multiscale.axis_types) if t not in ("space", "channel")]
+        if bad:
+            raise VolumeShapeError(f"{array_path}: axes {bad} are not spatial or channel; emseg processes (c,) z, y, x")
+        spatial = [i for i, t in enumerate(multiscale.axis_types) if t == "space"]
+        voxel_size = tuple(multiscale.scales[idx][i] for i in spatial)
+        offset = tuple(multiscale.translations[idx][i] for i in spatial)
+        axes = tuple("c" if t == "channel" else a for a, t in zip(axes, multiscale.axis_types))
+        if axes.count("c") > 1 or ("c" in axes and axes[0] != "c"):
+            raise VolumeShapeError(f"{array_path}: axes {axes}: emseg needs the channel axis first")
+        levels = multiscale.paths
+    else:
+        axes = {3: ("z", "y", "x"), 4: ("c", "z", "y", "x")}.get(array.ndim, ())
+        voxel_size = tuple(float(v) for v in array.attrs.get("voxel_size", (1.0, 1.0, 1.0)))
+        offset = (0.0, 0.0, 0.0)
+        levels = ()
+    spatial_ndim = len(axes) - (1 if axes and axes[0] == "c" else 0)
+    if spatial_ndim != 3:
+        raise VolumeShapeError(
+            f"{array_path}: expected 3 spatial axes (z, y, x), optionally after a channel axis; "
+            f"got shape {tuple(array.shape)}" + (f" with axes {axes}" if axes else "")
+        )
+    return Volume(array_path, array, axes, voxel_size, offset, image_path, levels)
+
+
+# ---------------------------------------------------------------------------------------------
+# creating
+
+
+def check_distinct(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
+    """Refuse an output that is, contains, or lies inside the input."""
+    src = Path(source).resolve()
+    dst = Path(output).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise SameInputOutputError(f"output {output} would overwrite the input {source}; choose another output path")
+
+
+def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it)."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return path
+
+
+def _array_kwargs(zarr_format: int, chunks: Sequence[int], shards: Sequence[int] | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"chunks": tuple(chunks)}
+    if shards is not None:
+        if zarr_format != 3:
+            raise VolumeShapeError("sharding needs zarr v3; drop --shards or use --zarr-format 3")
+        kwargs["shards"] = tuple(shards)
+    if zarr_format == 3:
+        from zarr.codecs import BloscCodec
+
+        kwargs["compressors"] = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    return kwargs
+
+
+def create_volume(
+    path: str | os.PathLike[str],
+    *,
+    shape: Sequence[int],
+    dtype: npt.DTypeLike,
+    chunks: Sequence[int],
+    voxel_size: Sequence[float],
+    offset_nm: Sequence[float] = (0.0, 0.0, 0.0),
+    channels: int | None = None,
+    shards: Sequence[int] | None = None,
+    overwrite: bool = False,
+    zarr_format: Literal[2, 3] = 3,
+    name: str = "",
+    extra_attrs: dict[str, Any] | None = None,
+) -> Volume:
+    """Create an OME-Zarr image (NGFF 0.5 on zarr v3, 0.4 on v2) with level 0 at ``path/0``.
+
+    The image is marked incomplete until :func:`mark_complete` is called, so that a half-written
+    output is never mistaken for a finished one.
+
+    Parameters
+    ----------
+    shape, chunks, shards : Coordinate
+        Spatial ``(z, y, x)`` sizes in voxels; ``shards`` (zarr v3 only) groups chunks into files.
+    voxel_size, offset_nm : tuple of float
+        Nanometres per voxel and the physical position of voxel 0, ``(z, y, x)``.
+    channels : int, optional
+        Adds a leading channel axis ``c`` of this length (chunked whole).
+    """
+    path = prepare_output(path, overwrite=overwrite)
+    _check_dtype(dtype, path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    volume = _create_image(group, path, shape=shape, dtype=dtype, chunks=chunks, voxel_size=voxel_size,
+                           offset_nm=offset_nm, channels=channels, shards=shards, zarr_format=zarr_format, name=name)
+    attrs = dict(group.attrs)
+    attrs[STATUS_KEY] = {"status": "incomplete", **(extra_attrs or {})}
+    group.attrs.put(attrs)
+    return volume
+
+
+def _check_dtype(dtype: npt.DTypeLike, where: Path) -> None:
+    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise UnsupportedDtypeError(f"{where}: cannot store dtype {np.dtype(dtype)}")
+
+
+def _create_image(
+    group: zarr.Group,
+    path: Path,
+    *,
+    shape: Sequence[int],
+    dtype: npt.DTypeLike,
+    chunks: Sequence[int],
+    voxel_size: Sequence[float],
+    offset_nm: Sequence[float],
+    channels: int | None,
+    shards: Sequence[int] | None,
+    zarr_format: int,
+    name: str,
+) -> Volume:
+    if len(shape) != 3 or len(chunks) != 3 or len(voxel_size) != 3:
+        raise VolumeShapeError(f"{path}: shape, chunks and voxel size need 3 values (z, y, x)")
+    lead = (channels,) if channels is not None else ()
+    axes = (("c",) if channels is not None else ()) + ("z", "y", "x")
+    kwargs = _array_kwargs(zarr_format, lead + tuple(chunks), None if shards is None else lead + tuple(shards))
+    array = group.create_array("0", shape=lead + tuple(shape), dtype=dtype, fill_value=0, **kwargs,
+                               **({"dimension_names": axes} if zarr_format == 3 else {}))
+    scale = ((1.0,) if channels is not None else ()) + tuple(float(v) for v in voxel_size)
+    translation = ((0.0,) if channels is not None else ()) + tuple(float(v) for v in offset_nm)
+    group.attrs.update(multiscales_attrs(axes=axes, levels=[("0", scale, translation)], zarr_format=zarr_format, name=name))
+    return Volume(path / "0", array, axes, tuple(float(v) for v in voxel_size), tuple(float(v) for v in offset_nm), path, ("0",))
+
+
+def create_labels(
+    image_path: str | os.PathLike[str],
+    name: str,
+    *,
+    dtype: npt.DTypeLike = np.uint64,
+    chunks: Sequence[int] | None = None,
+    shards: Sequence[int] | None = None,
+) -> Volume:
+    """Create the label image ``image_path/labels/<name>`` (level 0 at ``.../<name>/0``).
+
+    Shape, voxel size and zarr format follow the image's level 0; the ``labels`` group lists it
+    and its ``image-label`` metadata points back at the image.
+    """
+    image_path = Path(image_path)
+    image = open_volume(image_path, allow_incomplete=True)
+    group = zarr.open_group(str(image_path), mode="a")
+    zarr_format = group.metadata.zarr_format
+    labels = group.require_group("labels")
+    names = list(_label_names(labels.attrs))
+    if name not in names:
+        names.append(name)
+    labels.attrs.update(labels_group_attrs(names, zarr_format))
+    if name in labels:
+        del labels[name]
+    label_group = labels.create_group(name)
+    volume = _create_image(label_group, image_path / "labels" / name, shape=image.shape, dtype=dtype,
+                           chunks=chunks or image.chunks, voxel_size=image.voxel_size, offset_nm=image.offset_nm,
+                           channels=None, shards=shards, zarr_format=zarr_format, name=name)
+    attrs = dict(label_group.attrs)
+    if zarr_format == 3:
+        attrs["ome"] = {**attrs["ome"], **image_label_attrs(3)}
+    else:
+        attrs.update(image_label_attrs(2))
+    label_group.attrs.put(attrs)
+    return volume
+
+
+def _label_names(attrs: Any) -> list[str]:
+    ome = attrs.get("ome", attrs)
+    return list(ome.get("labels", []))
+
+
+def mark_complete(image_path: str | os.PathLike[str], **extra: Any) -> None:
+    """Mark an image created by :func:`create_volume` as finished (after every block is written)."""
+    group = zarr.open_group(str(image_path), mode="a")
+    status = dict(group.attrs.get(STATUS_KEY) or {})
+    status.update(extra, status="complete")
+    group.attrs[STATUS_KEY] = status
+
+
+def read_status(image_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """emseg's bookkeeping attributes of an output image (``{}`` for images emseg did not make)."""
+    group = zarr.open_group(str(image_path), mode="r")
+    return dict(group.attrs.get(STATUS_KEY) or {})
+
+
+def update_status(image_path: str | os.PathLike[str], **values: Any) -> None:
+    group = zarr.open_group(str(image_path), mode="a")
+    status = dict(group.attrs.get(STATUS_KEY) or {})
+    status.update(values)
+    group.attrs[STATUS_KEY] = status
