@@ -3,6 +3,7 @@
 The only package that imports zarr, tifffile or h5py.
 """
 
+from emseg.io.sources import Source, load_array, open_source
 from emseg.io.volume import (
     Volume,
     check_distinct,
@@ -16,6 +17,9 @@ from emseg.io.volume import (
 )
 
 __all__ = [
+    "Source",
+    "load_array",
+    "open_source",
     "Volume",
     "check_distinct",
     "create_labels",
