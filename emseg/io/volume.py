@@ -169,9 +169,9 @@ def _reflect_indices(begin: int, end: int, n: int) -> npt.NDArray[np.int64]:
 # opening
 
 
-def _open_node(path: Path) -> zarr.Array | zarr.Group:
+def _open_node(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Array | zarr.Group:
     try:
-        return zarr.open(str(path), mode="r")
+        return zarr.open(str(path), mode=mode)
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError) as e:
         raise NotAVolumeError(f"{path}: not a zarr array or OME-Zarr image ({type(e).__name__})") from e
     except (ValueError, KeyError, TypeError) as e:  # malformed metadata
@@ -198,7 +198,13 @@ def _check_status(group_attrs: Any, where: Path, allow_incomplete: bool) -> None
         )
 
 
-def open_volume(path: str | os.PathLike[str], *, level: int | str = 0, allow_incomplete: bool = False) -> Volume:
+def open_volume(
+    path: str | os.PathLike[str],
+    *,
+    level: int | str = 0,
+    allow_incomplete: bool = False,
+    mode: Literal["r", "r+"] = "r",
+) -> Volume:
     """Open a zarr v2/v3 array or an OME-Zarr (NGFF 0.4/0.5) image lazily.
 
     Parameters
@@ -210,6 +216,8 @@ def open_volume(path: str | os.PathLike[str], *, level: int | str = 0, allow_inc
         Multiscale level (index into the datasets, or its path) when ``path`` is an image group.
     allow_incomplete : bool
         Open an output that an interrupted run left half-written (used when resuming).
+    mode : {"r", "r+"}
+        ``"r+"`` to write blocks into an existing volume (workers of a run).
 
     Raises
     ------
@@ -218,7 +226,7 @@ def open_volume(path: str | os.PathLike[str], *, level: int | str = 0, allow_inc
     path = Path(path)
     if not path.exists():
         raise VolumeNotFoundError(f"{path}: no such file or directory")
-    node = _open_node(path)
+    node = _open_node(path, mode)
     image_path: Path | None = None
     multiscale: Multiscale | None = None
     if isinstance(node, zarr.Group):

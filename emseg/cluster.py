@@ -1,0 +1,201 @@
+"""Build the Dask client a run uses, from a cluster profile.
+
+Profiles: ``local`` (default: a LocalCluster of CPU workers, or one worker per GPU when GPUs are
+visible), ``local-gpu`` (one worker per visible GPU, pinned with ``CUDA_VISIBLE_DEVICES`` and
+advertising the resource ``GPU=1``), ``slurm`` (dask-jobqueue), or a YAML file with the same
+fields; ``scheduler`` joins an existing cluster instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from emseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class SlurmOptions(BaseModel):
+    """dask-jobqueue ``SLURMCluster`` settings (one worker per job, one GPU per worker)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue: str | None = None
+    """Partition (``#SBATCH -p``)."""
+    account: str | None = None
+    """Account to charge (``#SBATCH -A``)."""
+    walltime: str = "01:00:00"
+    """Wall-clock limit of each worker job, ``HH:MM:SS``."""
+    cores: int = 1
+    """CPU cores per worker job."""
+    memory: str = "4GB"
+    """Memory per worker job."""
+    gpus_per_job: int = 0
+    """GPUs per worker job (``--gres=gpu:N``); each worker then advertises the resource GPU=1."""
+    job_extra_directives: tuple[str, ...] = ()
+    """Extra ``#SBATCH`` lines, e.g. ``--constraint=a100``."""
+    job_script_prologue: tuple[str, ...] = ()
+    """Shell lines run before the worker starts (e.g. ``source .venv/bin/activate``)."""
+    interface: str | None = None
+    """Network interface workers and scheduler talk on (``lo`` on a single node)."""
+    minimum_jobs: int = 1
+    """Adaptive scaling: fewest worker jobs."""
+    maximum_jobs: int = 4
+    """Adaptive scaling: most worker jobs."""
+    log_directory: str | None = None
+    """Where SLURM writes the worker jobs' logs."""
+    death_timeout: int = 120
+    """Seconds a worker waits for the scheduler before giving up."""
+
+
+class ClusterProfile(BaseModel):
+    """Where a run's tasks execute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["local", "local-gpu", "slurm"] = "local"
+    """Cluster type."""
+    workers: int | None = Field(default=None, ge=1)
+    """Local worker processes (default: one per GPU, else up to 2 CPU workers)."""
+    threads_per_worker: int = Field(default=1, ge=1)
+    """Threads (and torch threads) per worker."""
+    memory_limit: str | None = None
+    """Memory limit per local worker (Dask syntax, e.g. ``4GB``); default: share of the machine."""
+    devices: tuple[int, ...] | None = None
+    """GPU indices to use (local-gpu); default: all visible."""
+    slurm: SlurmOptions = SlurmOptions()
+    """Settings for kind ``slurm``."""
+
+
+BUILTIN = ("local", "local-gpu", "slurm")
+
+
+def load_profile(name_or_path: str | os.PathLike[str] | None) -> ClusterProfile:
+    """A built-in profile by name, or a YAML file of :class:`ClusterProfile` fields."""
+    if name_or_path is None or str(name_or_path) in BUILTIN:
+        return ClusterProfile(kind=str(name_or_path or "local"))  # type: ignore[arg-type]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"--cluster {name_or_path}: neither a profile name ({', '.join(BUILTIN)}) nor a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return ClusterProfile.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConfigError(f"{path}: invalid cluster profile: {_first_error(e)}") from e
+
+
+def _first_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    return str(e).splitlines()[0]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """An open client and the per-task resources its workers advertise."""
+
+    client: Any
+    resources: dict[str, float] | None
+    threads_per_worker: int
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the CUDA devices this process can see (empty without torch.cuda)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return []
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+@contextlib.contextmanager
+def connect(
+    cluster: str | os.PathLike[str] | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    devices: Sequence[int] | None = None,
+) -> Iterator[Connection]:
+    """Open a Dask client for a run and close what was started when the run ends.
+
+    ``scheduler`` (an address) joins an existing cluster and leaves it running.
+    """
+    from distributed import Client
+
+    if scheduler is not None:
+        client = Client(scheduler)
+        try:
+            info = client.scheduler_info()
+            has_gpu = any("GPU" in (w.get("resources") or {}) for w in info.get("workers", {}).values())
+            yield Connection(client, {"GPU": 1} if has_gpu else None, 1)
+        finally:
+            client.close()
+        return
+    profile = load_profile(cluster)
+    updates: dict[str, Any] = {}
+    if workers is not None:
+        updates["workers"] = workers
+    if devices is not None:
+        updates["devices"] = tuple(devices)
+    profile = profile.model_copy(update=updates)
+    if profile.kind == "slurm":
+        from emseg.slurm import slurm_cluster
+
+        with slurm_cluster(profile) as connection:
+            yield connection
+        return
+    gpus = list(profile.devices) if profile.devices is not None else visible_gpus()
+    if profile.kind == "local-gpu" and not gpus:
+        raise ConfigError("--cluster local-gpu: no CUDA device is visible; use --cluster local")
+    if gpus and (profile.kind == "local-gpu" or profile.devices is not None or profile.kind == "local"):
+        cluster_obj = _gpu_cluster(gpus[: profile.workers] if profile.workers else gpus, profile)
+        resources: dict[str, float] | None = {"GPU": 1}
+    else:
+        cluster_obj = _cpu_cluster(profile)
+        resources = None
+    with cluster_obj, Client(cluster_obj) as client:
+        yield Connection(client, resources, profile.threads_per_worker)
+
+
+def _cpu_cluster(profile: ClusterProfile) -> Any:
+    from distributed import LocalCluster
+
+    n_workers = profile.workers or max(1, min(2, (os.cpu_count() or 1) // profile.threads_per_worker))
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=profile.threads_per_worker,
+        processes=True,
+        memory_limit=profile.memory_limit or "auto",
+        dashboard_address=None,
+        env={"OMP_NUM_THREADS": str(profile.threads_per_worker)},
+    )
+
+
+def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile) -> Any:
+    """One Nanny per GPU, pinned with CUDA_VISIBLE_DEVICES, advertising resource GPU=1."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {
+        f"gpu-{gpu}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": profile.threads_per_worker,
+                "resources": {"GPU": 1},
+                "env": {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(profile.threads_per_worker)},
+                **({"memory_limit": profile.memory_limit} if profile.memory_limit else {}),
+            },
+        }
+        for gpu in gpus
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="emseg-local-gpu")
