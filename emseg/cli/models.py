@@ -1,0 +1,69 @@
+"""``emseg models``: the registered architectures with their size and geometry."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from emseg.cli.types import INT_ZYX
+
+# (row label, registry name, build kwargs); the rest of each model's options take their defaults
+_PAPER_UNET = ("unet (paper)", "unet", {"base_channels": 64, "depth": 4, "padding": "valid"})
+
+
+@click.command()
+@click.option(
+    "--input-size",
+    type=INT_ZYX,
+    default=None,
+    help="Input size, one value or one per axis (default 572,572 in 2D, 132,132,132 in 3D); "
+    "each model reports the smallest valid input at least this large and its output.",
+)
+@click.option("--ndim", type=click.Choice(["2", "3"]), default="2", show_default=True, help="Spatial axes.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def models(input_size: tuple[int, ...] | None, ndim: str, as_json: bool) -> None:
+    """List the model zoo: parameters, receptive field, input multiple, context and output size."""
+    import torch
+
+    from emseg.models import MODELS, build
+
+    nd = int(ndim)
+    if input_size is None:
+        input_size = (572, 572) if nd == 2 else (132, 132, 132)
+    if len(input_size) == 1:
+        input_size = input_size * nd
+    if len(input_size) != nd:
+        raise click.BadParameter(f"expected 1 or {nd} values for --ndim {nd}, got {len(input_size)}", param_hint="--input-size")
+    rows: list[dict[str, Any]] = []
+    configs = [(name, name, {}) for name in MODELS] + [_PAPER_UNET]
+    with torch.device("meta"):  # parameter counts and geometry only: no memory, no initialisation cost
+        for label, name, kwargs in configs:
+            spec = build(name, ndim=nd, **kwargs).spec(input_size)
+            rows.append({"model": label, **asdict(spec)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = ("model", "padding", "params", "receptive field", "multiple", "context", "input", "output")
+    table = [header] + [
+        (
+            r["model"],
+            r["padding"],
+            f"{r['parameters']:,}",
+            _fmt(r["receptive_field"]),
+            _fmt(r["input_multiple"]),
+            _fmt(r["context"]),
+            _fmt(r["input_shape"]),
+            _fmt(r["output_shape"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in shape)
