@@ -75,7 +75,11 @@ class TiffSource:
 
 
 def _tiff_voxel_size(tif: Any) -> tuple[float, float, float] | None:
-    """Voxel size in nm from ImageJ metadata (``spacing`` + XResolution), if present."""
+    """Voxel size in nm: emseg's own (``emseg export``) or ImageJ metadata, if present."""
+    for shaped in tif.shaped_metadata or ():
+        size = shaped.get("voxel_size_nm")
+        if size is not None and len(size) == 3:
+            return (float(size[0]), float(size[1]), float(size[2]))
     meta = tif.imagej_metadata or {}
     page = tif.pages[0]
     try:

@@ -1,0 +1,61 @@
+"""``emseg import`` and ``emseg export``: move volumes between TIFF/PNG/HDF5, OME-Zarr and neuroglancer."""
+
+from __future__ import annotations
+
+import click
+
+from emseg.cli.types import FLOAT_ZYX, INT_ZYX
+
+
+@click.command("import")
+@click.argument("source", type=click.Path(path_type=str))
+@click.argument("output", type=click.Path(path_type=str))
+@click.option("--voxel-size", type=FLOAT_ZYX, help="Voxel size in nm, z,y,x (default: from the source, else 1,1,1).")
+@click.option("--chunks", type=INT_ZYX, help="Chunk shape z,y,x (default 32,256,256, clipped to the volume).")
+@click.option("--dataset", help="HDF5 dataset name (or give it in the path: file.h5/group/data).")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True,
+              help="3 writes OME-NGFF 0.5, 2 writes OME-NGFF 0.4.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, chunks: tuple[int, ...] | None,
+               dataset: str | None, zarr_format: str, overwrite: bool, no_progress: bool) -> None:
+    """Convert SOURCE (TIFF stack, folder of TIFF/PNG sections, HDF5 dataset) into an OME-Zarr image."""
+    from emseg.io.convert import import_volume
+
+    report = import_volume(source, output, voxel_size=voxel_size, chunks=chunks, dataset=dataset,
+                           zarr_format=int(zarr_format), overwrite=overwrite,  # type: ignore[arg-type]
+                           progress=not no_progress)
+    click.echo(report.summary())
+
+
+@click.command("export")
+@click.argument("source", type=click.Path(path_type=str))
+@click.argument("output", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["tiff", "precomputed"]), default=None,
+              help="Output format (default: from OUTPUT's suffix; .tif/.tiff -> tiff).")
+@click.option("--level", default="0", show_default=True, help="Multiscale level to export (tiff).")
+@click.option("--mesh", is_flag=True, help="precomputed: also write meshes for a segmentation.")
+@click.option("--skeleton", is_flag=True, help="precomputed: also write skeletons for a segmentation.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool, skeleton: bool,
+               overwrite: bool, no_progress: bool) -> None:
+    """Export SOURCE (OME-Zarr image or zarr array) to a TIFF stack or neuroglancer precomputed."""
+    from emseg.errors import ConfigError
+
+    if fmt is None:
+        if output.lower().endswith((".tif", ".tiff")):
+            fmt = "tiff"
+        else:
+            raise ConfigError(f"cannot tell the format of {output}; pass --format tiff|precomputed")
+    if fmt == "tiff":
+        from emseg.io.convert import export_tiff
+
+        path = export_tiff(source, output, level=int(level) if level.isdigit() else level,
+                           overwrite=overwrite, progress=not no_progress)
+    else:
+        from emseg.io.precomputed import export_precomputed
+
+        path = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
+                                  progress=not no_progress)
+    click.echo(f"wrote {path}")

@@ -1,0 +1,340 @@
+"""Export OME-Zarr images and label images as neuroglancer precomputed layers (via tensorstore).
+
+Layout of the destination (a directory of layers, one per OME-Zarr image)::
+
+    DST/
+      image/              the source image: "image" layer, raw encoding, one scale per level
+      labels/<name>/      each label image: "segmentation" layer, compressed_segmentation
+        mesh/             optional legacy meshes (zmesh), one fragment per block
+        skeletons/        optional skeletons (kimimaro), one file per segment ID
+
+Axes: precomputed stores ``(x, y, z, channel)``; OME-Zarr ``([c,] z, y, x)`` is transposed on write.
+Resolution is the OME voxel size in nanometres.  Every multiscale level becomes a scale, and
+``voxel_offset = round(translation_0 / resolution)``: the OME position of level-0 voxel 0 is taken as
+the precomputed corner of voxel 0 at every scale (emseg's pyramids keep corners aligned, see
+:mod:`emseg.io.pyramid`).
+
+The info files and chunk encodings are written by tensorstore; only the mesh manifests and the
+``mesh``/``skeletons`` keys of the info are added here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
+from emseg.geometry import Coordinate, Roi, plan_blocks
+from emseg.io.pyramid import is_label_image, label_image_paths
+from emseg.io.volume import Volume, check_distinct, open_volume, prepare_output
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportReport", "ExportedLayer", "export_precomputed", "export_layer", "open_precomputed"]
+
+LayerType = Literal["image", "segmentation"]
+# Voxels per write block (a multiple of the precomputed chunk).
+BLOCK_VOXELS = 1 << 22
+MAX_CHUNK = (64, 256, 256)  # (z, y, x) cap on the precomputed chunk taken from the zarr chunks
+IMAGE_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32"}
+
+
+class ExportedLayer(NamedTuple):
+    """One precomputed layer written by :func:`export_precomputed`."""
+
+    path: Path
+    type: LayerType
+    data_type: str
+    scales: int
+    meshes: int
+    skeletons: int
+
+
+class ExportReport(NamedTuple):
+    """What :func:`export_precomputed` wrote."""
+
+    dst: Path
+    layers: tuple[ExportedLayer, ...]
+
+    def summary(self) -> str:
+        lines = [f"wrote {len(self.layers)} precomputed layer(s) to {self.dst}"]
+        for layer in self.layers:
+            extra = "".join(
+                f", {n} {what}" for n, what in ((layer.meshes, "meshes"), (layer.skeletons, "skeletons")) if n
+            )
+            lines.append(
+                f"  precomputed://file://{layer.path.resolve()}  ({layer.type}, {layer.data_type}, "
+                f"{layer.scales} scale(s){extra})"
+            )
+        return "\n".join(lines)
+
+
+def _ts() -> Any:
+    import tensorstore
+
+    return tensorstore
+
+
+def export_precomputed(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    mesh: bool = False,
+    skeleton: bool = False,
+    progress: bool = True,
+) -> ExportReport:
+    """Write an OME-Zarr image and its label images as neuroglancer precomputed layers.
+
+    Parameters
+    ----------
+    src : path
+        An OME-Zarr image (``out.zarr``: the image becomes ``DST/image`` and every label image
+        ``DST/labels/<name>``) or one label image (``out.zarr/labels/segments``).
+    dst : path
+        Directory to create (see the module docstring for its layout).
+    overwrite : bool
+        Replace an existing ``dst``.
+    mesh : bool
+        Also write legacy meshes (zmesh) for segmentation layers, from their finest scale.
+    skeleton : bool
+        Also write skeletons (kimimaro) for segmentation layers, from their finest scale.
+    progress : bool
+        Progress bars on stderr.
+
+    Raises
+    ------
+    VolumeNotFoundError, NotAVolumeError
+        ``src`` is not an OME-Zarr image.
+    OutputExistsError, SameInputOutputError
+        ``dst`` exists (without ``overwrite``) or overlaps ``src``.
+    UnsupportedDtypeError, InvalidDataError
+        Data precomputed cannot hold (e.g. negative label IDs).
+    ConfigError
+        ``mesh``/``skeleton`` asked for but zmesh/kimimaro is not installed.
+    """
+    src_path = Path(src)
+    base = open_volume(src_path)  # raises VolumeNotFoundError / NotAVolumeError / IncompleteOutputError
+    if base.image_path is None:
+        raise NotAVolumeError(f"{src_path}: expected an OME-Zarr image group, got a bare zarr array")
+    image_path = base.image_path
+    if mesh:
+        _require("zmesh", "meshes")
+    if skeleton:
+        _require("kimimaro", "skeletons")
+    check_distinct(image_path, dst)
+    dst_path = prepare_output(dst, overwrite=overwrite)
+    layers: list[ExportedLayer] = []
+    if is_label_image(image_path):
+        jobs = [(image_path, dst_path / "labels" / image_path.name, "segmentation")]
+    else:
+        jobs = [(image_path, dst_path / "image", "image")]
+        jobs += [(p, dst_path / "labels" / p.name, "segmentation") for p in label_image_paths(image_path)]
+    for path, out, kind in jobs:
+        layers.append(
+            export_layer(path, out, layer_type=kind, mesh=mesh and kind == "segmentation",  # type: ignore[arg-type]
+                         skeleton=skeleton and kind == "segmentation", progress=progress)
+        )
+    return ExportReport(dst_path, tuple(layers))
+
+
+def _require(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{what} need the optional package {module}; pip install {module}, or drop the option")
+
+
+def _levels(image_path: Path) -> list[Volume]:
+    first = open_volume(image_path, level=0)
+    return [first] + [open_volume(image_path, level=name) for name in first.levels[1:]]
+
+
+def _chunk_size(volume: Volume) -> Coordinate:
+    return tuple(min(c, m, s) for c, m, s in zip(volume.chunks, MAX_CHUNK, volume.shape))
+
+
+def _data_type(dtype: np.dtype[Any], layer_type: LayerType, where: Path) -> np.dtype[Any]:
+    if layer_type == "segmentation":
+        if not np.issubdtype(dtype, np.integer) and dtype != np.bool_:
+            raise UnsupportedDtypeError(f"{where}: segmentation layers need integer labels, got {dtype}")
+        small = dtype == np.bool_ or (np.issubdtype(dtype, np.unsignedinteger) and dtype.itemsize <= 4)
+        return np.dtype(np.uint32 if small else np.uint64)
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if np.issubdtype(dtype, np.floating):
+        return np.dtype(np.float32)  # precomputed has no float16/float64
+    if dtype.name in IMAGE_DTYPES:
+        return dtype
+    raise UnsupportedDtypeError(f"{where}: precomputed image layers cannot hold {dtype}; convert to uint64 or float32")
+
+
+def _to_xyzc(data: npt.NDArray[Any], has_channels: bool, dtype: np.dtype[Any], where: Path) -> npt.NDArray[Any]:
+    if np.issubdtype(data.dtype, np.signedinteger) and np.issubdtype(dtype, np.unsignedinteger):
+        if data.size and data.min() < 0:
+            raise InvalidDataError(f"{where}: negative label IDs cannot be stored in a segmentation layer")
+    arr = data if has_channels else data[None]
+    return np.asarray(arr.transpose(3, 2, 1, 0).astype(dtype, copy=False))
+
+
+def _blocks(volume: Volume, chunk: Coordinate) -> Iterator[Roi]:
+    block = list(chunk)
+    for axis in (2, 1, 0):
+        while block[axis] < volume.shape[axis] and math.prod(block) * 2 <= BLOCK_VOXELS:
+            block[axis] *= 2
+    for b in plan_blocks(volume.roi, tuple(block), chunk_shape=chunk):
+        yield b.write_roi
+
+
+def export_layer(
+    image_path: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    layer_type: LayerType,
+    mesh: bool = False,
+    skeleton: bool = False,
+    progress: bool = True,
+) -> ExportedLayer:
+    """Write one OME-Zarr image (every multiscale level) as one precomputed layer at ``dst``."""
+    ts = _ts()
+    path = Path(image_path)
+    dst_path = Path(dst)
+    levels = _levels(path)
+    base = levels[0]
+    dtype = _data_type(base.dtype, layer_type, base.path)
+    channels = base.channels or 1
+    if layer_type == "segmentation" and channels != 1:
+        raise NotAVolumeError(f"{path}: a label image has one channel, got {channels}")
+    origin = base.offset_nm
+    stores = []
+    for index, volume in enumerate(levels):
+        resolution = [float(v) for v in reversed(volume.voxel_size)]
+        offset_zyx = [round(o / v) for o, v in zip(origin, volume.voxel_size)]
+        scale: dict[str, Any] = {
+            "key": "_".join(f"{r:g}" for r in resolution),
+            "size": list(reversed(volume.shape)),
+            "resolution": resolution,
+            "voxel_offset": list(reversed(offset_zyx)),
+            "chunk_size": list(reversed(_chunk_size(volume))),
+            "encoding": "compressed_segmentation" if layer_type == "segmentation" else "raw",
+        }
+        if layer_type == "segmentation":
+            scale["compressed_segmentation_block_size"] = [8, 8, 8]
+        spec = {
+            "driver": "neuroglancer_precomputed",
+            "kvstore": {"driver": "file", "path": str(dst_path.resolve())},
+            "multiscale_metadata": {"type": layer_type, "data_type": dtype.name, "num_channels": channels},
+            "scale_metadata": scale,
+            "create": True,
+        }
+        store = ts.open(spec).result()
+        # Index from 0 like the zarr array, whatever the voxel offset.
+        store = store[ts.d["x", "y", "z"].translate_to[0, 0, 0]]
+        _copy(volume, store, dtype, progress, f"{dst_path.name} scale {index}")
+        stores.append(store)
+    meshes = _write_meshes(base, dst_path, progress) if mesh else 0
+    skeletons = _write_skeletons(base, dst_path) if skeleton else 0
+    log.info("%s -> %s (%d scales)", path, dst_path, len(levels))
+    return ExportedLayer(dst_path, layer_type, dtype.name, len(levels), meshes, skeletons)
+
+
+def _copy(volume: Volume, store: Any, dtype: np.dtype[Any], progress: bool, label: str) -> None:
+    rois = list(_blocks(volume, _chunk_size(volume)))
+    iterator: Any = rois
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(rois, desc=label, unit="block")
+    pending: list[Any] = []
+    for roi in iterator:
+        data = _to_xyzc(volume.read(roi), volume.has_channels, dtype, volume.path)
+        (z0, y0, x0), (z1, y1, x1) = roi.begin, roi.end
+        pending.append(store[x0:x1, y0:y1, z0:z1, :].write(data))
+        if len(pending) >= 4:  # a few writes in flight, memory bounded
+            pending.pop(0).result()
+    for future in pending:
+        future.result()
+
+
+def open_precomputed(path: str | os.PathLike[str], *, scale_index: int = 0) -> Any:
+    """Open one scale of a precomputed layer with tensorstore (axes ``x, y, z, channel``)."""
+    return _ts().open(
+        {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(Path(path).resolve())},
+         "scale_index": scale_index, "open": True}
+    ).result()
+
+
+# ---------------------------------------------------------------------------------------------
+# meshes and skeletons
+
+
+def _update_info(layer: Path, **keys: Any) -> None:
+    info_path = layer / "info"
+    info = json.loads(info_path.read_text())
+    info.update(keys)
+    info_path.write_text(json.dumps(info))
+
+
+def _write_meshes(volume: Volume, layer: Path, progress: bool) -> int:
+    """Legacy precomputed meshes: zmesh per block (one voxel of overlap), one fragment per block.
+
+    Vertices are in nanometres in the layer's model space (voxel centres at ``(i + 0.5) * res``).
+    """
+    from zmesh import Mesher
+
+    resolution = tuple(reversed(volume.voxel_size))  # x, y, z
+    origin = np.array([round(o / v) * v for o, v in reversed(list(zip(volume.offset_nm, volume.voxel_size)))])
+    mesh_dir = layer / "mesh"
+    mesh_dir.mkdir(parents=True, exist_ok=True)
+    fragments: dict[int, list[str]] = defaultdict(list)
+    mesher = Mesher(resolution)
+    grid = plan_blocks(volume.roi, _mesh_block(volume), chunk_shape=None)
+    iterator: Any = grid
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(grid, total=len(grid), desc=f"{layer.name} meshes", unit="block")
+    for block in iterator:
+        # One voxel past the high faces so fragments of neighbouring blocks meet.
+        read_roi = block.write_roi.grow(0, 1).intersect(volume.roi)
+        labels = volume.read(read_roi)
+        mesher.mesh(np.asfortranarray(labels.transpose(2, 1, 0)))
+        shift = origin + np.array(list(reversed(read_roi.offset)), dtype=np.float64) * np.array(resolution)
+        for seg_id in mesher.ids():
+            if seg_id == 0:
+                continue
+            m = mesher.get(int(seg_id), normals=False, voxel_centered=True)
+            mesher.erase(seg_id)
+            if len(m.faces) == 0:
+                continue
+            m.vertices = (m.vertices + shift).astype(np.float32)
+            name = f"{int(seg_id)}:0:{block.block_id}"
+            (mesh_dir / name).write_bytes(m.to_precomputed())
+            fragments[int(seg_id)].append(name)
+        mesher.clear()
+    for seg_id, names in fragments.items():
+        (mesh_dir / f"{seg_id}:0").write_text(json.dumps({"fragments": names}))
+    (mesh_dir / "info").write_text(json.dumps({"@type": "neuroglancer_legacy_mesh"}))
+    _update_info(layer, mesh="mesh")
+    return len(fragments)
+
+
+def _mesh_block(volume: Volume) -> Coordinate:
+    block = list(_chunk_size(volume))
+    for axis in (2, 1, 0):
+        while block[axis] < volume.shape[axis] and math.prod(block) * 2 <= BLOCK_VOXELS:
+            block[axis] *= 2
+    return tuple(block)
+
+
+def _write_skeletons(volume: Volume, layer: Path) -> int:
+    raise ConfigError("skeleton export is not implemented yet; export without --skeleton")
