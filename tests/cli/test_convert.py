@@ -92,7 +92,7 @@ def test_bad_input_is_one_line_and_leaves_input_alone(tmp_path: Path, make_volum
     existing_before = tree_digest(existing)
     assert_one_line_error(run("import", str(tmp_path / "ok.tif"), str(existing)), "already exists; pass --overwrite")
     assert tree_digest(existing) == existing_before
-    assert_one_line_error(run("export", str(vol), str(vol)), "would overwrite the input")
+    assert_one_line_error(run("export", str(vol), str(vol), "--format", "tiff"), "would overwrite the input")
     assert_one_line_error(run("export", str(vol), str(vol / "0" / "x.tif")), "would overwrite the input")
     assert_one_line_error(run("export", str(vol), str(tmp_path / "x.raw")), "--format")
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "c.zarr").exists()
