@@ -12,8 +12,10 @@ class ZYX(click.ParamType):
 
     name = "Z,Y,X"
 
-    def __init__(self, kind: type = int) -> None:
+    def __init__(self, kind: type = int, *, minimum: float | None = None, name: str = "Z,Y,X") -> None:
         self.kind = kind
+        self.minimum = minimum
+        self.name = name
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
         if isinstance(value, tuple):
@@ -24,10 +26,13 @@ class ZYX(click.ParamType):
             self.fail(f"expected comma-separated {self.kind.__name__}s like 64,256,256, got {value!r}", param, ctx)
         if not parts:
             self.fail(f"expected comma-separated {self.kind.__name__}s like 64,256,256, got {value!r}", param, ctx)
-        if any(p <= 0 for p in parts):
+        if self.minimum is None and any(p <= 0 for p in parts):
             self.fail(f"every value must be positive, got {value!r}", param, ctx)
+        if self.minimum is not None and any(p < self.minimum for p in parts):
+            self.fail(f"every value must be at least {self.minimum}, got {value!r}", param, ctx)
         return parts
 
 
 INT_ZYX = ZYX(int)
 FLOAT_ZYX = ZYX(float)
+INDEX_LIST = ZYX(int, minimum=0, name="I,J,...")

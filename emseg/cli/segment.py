@@ -1,0 +1,52 @@
+"""``emseg segment``: volume in, prediction + segments out."""
+
+from __future__ import annotations
+
+import click
+
+from emseg.cli.types import INDEX_LIST, INT_ZYX
+
+
+@click.command()
+@click.argument("volume", type=click.Path(path_type=str))
+@click.option("-o", "--output", type=click.Path(path_type=str),
+              help="Output OME-Zarr (default: <volume stem>_seg.zarr beside VOLUME).")
+@click.option("--pipeline", type=click.Path(dir_okay=False, path_type=str),
+              help="Recipe file (pipelines/*.toml): model, block sizes, label method and thresholds.")
+@click.option("--model", type=click.Path(path_type=str), help="Checkpoint directory (default: the bundled model).")
+@click.option("--block-size", type=INT_ZYX, help="Prediction block core shape z,y,x.")
+@click.option("--batch-size", type=int, help="Tiles per forward pass.")
+@click.option("--tta", is_flag=True, default=None, help="Flip test-time augmentation.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Arithmetic on the device.")
+@click.option("--method", type=click.Choice(["cc", "watershed"]), help="Labelling method.")
+@click.option("--threshold", type=float, help="Boundary probability below which a voxel is inside a cell.")
+@click.option("--2d/--3d", "two_d", default=None, help="Label each section on its own, or in 3-D.")
+@click.option("--min-size", type=int, help="Smallest fragment kept (voxels).")
+@click.option("--workers", type=int, help="Local workers (default: one per GPU, else 2).")
+@click.option("--devices", type=INDEX_LIST, help="GPU indices to use, e.g. 0,1.")
+@click.option("--cluster", help="Cluster profile: local, local-gpu, slurm, or a profile YAML.")
+@click.option("--scheduler", help="Address of a running Dask scheduler to use instead.")
+@click.option("--overwrite", is_flag=True, help="Replace an output made with other parameters.")
+@click.option("--dry-run", is_flag=True, help="Print the block plan and exit.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def segment(volume: str, output: str | None, pipeline: str | None, model: str | None, block_size: tuple[int, ...] | None,
+            batch_size: int | None, tta: bool | None, precision: str | None, method: str | None,
+            threshold: float | None, two_d: bool | None, min_size: int | None, workers: int | None,
+            devices: tuple[int, ...] | None, cluster: str | None, scheduler: str | None, overwrite: bool,
+            dry_run: bool, no_progress: bool) -> None:
+    """Segment VOLUME (an OME-Zarr image or zarr array): predict membranes, then label segments.
+
+    Rerunning the same command resumes an interrupted run.
+    """
+    from emseg.config import load_pipeline
+    from emseg.pipeline import segment as run_segment
+
+    config = load_pipeline(pipeline, {
+        "predict": {"model": model, "block_size": block_size, "batch_size": batch_size, "tta": tta,
+                    "precision": precision},
+        "label": {"method": method, "threshold": threshold, "min_size": min_size,
+                  "mode": None if two_d is None else ("2d" if two_d else "3d")},
+    })
+    report = run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
+                         devices=devices, overwrite=overwrite, dry_run=dry_run, progress=not no_progress)
+    click.echo(report.summary())

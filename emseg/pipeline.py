@@ -1,0 +1,81 @@
+"""``emseg segment``: predict and label in one run on one cluster.
+
+Output layout (an OME-Zarr image group)::
+
+    OUT.zarr/0                     the prediction, axes (c, z, y, x)
+    OUT.zarr/labels/segments/0     uint64 segment IDs, image-label metadata
+    OUT.zarr/emseg_state/...       completion markers (a rerun resumes)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emseg.config import PipelineConfig
+from emseg.io import check_distinct, open_volume, update_status
+
+log = logging.getLogger(__name__)
+
+
+def default_output(volume: str | os.PathLike[str]) -> Path:
+    """``<volume stem>_seg.zarr`` beside the input."""
+    path = Path(volume)
+    name = path.name[: -len(".zarr")] if path.name.endswith(".zarr") else path.stem
+    return path.parent / f"{name}_seg.zarr"
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    output: Path
+    predict: Any
+    label: Any
+
+    def summary(self) -> str:
+        return "\n".join([self.predict.summary(), self.label.summary(),
+                          f"wrote {self.output} (prediction at 0, segments at labels/segments)"])
+
+
+def segment(
+    volume: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    config: PipelineConfig,
+    *,
+    cluster: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    devices: tuple[int, ...] | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> SegmentReport | Any:
+    """Predict membranes over ``volume`` and label them into segments, writing one OME-Zarr output.
+
+    Returns the prediction plan instead when ``dry_run``.
+    """
+    from emseg.cluster import connect
+    from emseg.label import label
+    from emseg.predict import default_checkpoint, plan_prediction, predict
+
+    out = Path(output) if output is not None else default_output(volume)
+    check_distinct(volume, out)
+    source = open_volume(volume)
+    if config.voxel_size is not None and tuple(config.voxel_size) != tuple(source.voxel_size):
+        log.warning("%s: voxel size %s nm differs from the %s recipe's %s nm", volume, source.voxel_size,
+                    config.name, config.voxel_size)
+    p, lab = config.predict, config.label
+    checkpoint = p.model if p.model is not None else default_checkpoint()
+    predict_kwargs = dict(checkpoint=checkpoint, block_size=p.block_size, batch_size=p.batch_size, tta=p.tta,
+                          precision=p.precision, dtype=p.dtype)
+    if dry_run:
+        return plan_prediction(volume, **predict_kwargs)
+    with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
+        predicted = predict(volume, out, **predict_kwargs, overwrite=overwrite, progress=progress, client=connection)
+        labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
+                         mode=lab.mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
+                         progress=progress, client=connection)
+    update_status(out, pipeline=config.model_dump(mode="json"))
+    return SegmentReport(out, predicted, labelled)
