@@ -87,6 +87,7 @@ def find_sources(out_path: str | os.PathLike[str], raw_path: str | os.PathLike[s
     labels = label_image_paths(image)
     preferred = [p for p in labels if p.name == "segments"] or labels
     label = preferred[0] if preferred else None
+    raw: Path | None
     if not _is_prediction(out):
         raw = Path(raw_path) if raw_path is not None else image
         if raw_path is not None:
@@ -129,8 +130,8 @@ def label_colors(labels: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.uint8]:
     x ^= x >> np.uint64(27)
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
-    rgb = np.stack([(x >> np.uint64(s)) & np.uint64(0xFF) for s in (0, 8, 16)], axis=-1).astype(np.uint16)
-    rgb = (55 + rgb * 200 // 255).astype(np.uint8)  # never too dark to tell from background
+    channels = np.stack([(x >> np.uint64(s)) & np.uint64(0xFF) for s in (0, 8, 16)], axis=-1).astype(np.uint16)
+    rgb: npt.NDArray[np.uint8] = (55 + channels * 200 // 255).astype(np.uint8)  # never too dark to tell from 0
     rgb[labels == 0] = 0
     return rgb
 

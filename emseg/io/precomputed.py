@@ -6,7 +6,6 @@ Layout of the destination (a directory of layers, one per OME-Zarr image)::
       image/              the source image: "image" layer, raw encoding, one scale per level
       labels/<name>/      each label image: "segmentation" layer, compressed_segmentation
         mesh/             optional legacy meshes (zmesh), one fragment per block
-        skeletons/        optional skeletons (kimimaro), one file per segment ID
 
 Axes: precomputed stores ``(x, y, z, channel)``; OME-Zarr ``([c,] z, y, x)`` is transposed on write.
 Resolution is the OME voxel size in nanometres.  Every multiscale level becomes a scale, and
@@ -15,7 +14,7 @@ the precomputed corner of voxel 0 at every scale (emseg's pyramids keep corners 
 :mod:`emseg.io.pyramid`).
 
 The info files and chunk encodings are written by tensorstore; only the mesh manifests and the
-``mesh``/``skeletons`` keys of the info are added here.
+``mesh`` key of the info are added here.
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ class ExportedLayer(NamedTuple):
     data_type: str
     scales: int
     meshes: int
-    skeletons: int
 
 
 class ExportReport(NamedTuple):
@@ -68,9 +66,7 @@ class ExportReport(NamedTuple):
     def summary(self) -> str:
         lines = [f"wrote {len(self.layers)} precomputed layer(s) to {self.dst}"]
         for layer in self.layers:
-            extra = "".join(
-                f", {n} {what}" for n, what in ((layer.meshes, "meshes"), (layer.skeletons, "skeletons")) if n
-            )
+            extra = f", {layer.meshes} meshes" if layer.meshes else ""
             lines.append(
                 f"  precomputed://file://{layer.path.resolve()}  ({layer.type}, {layer.data_type}, "
                 f"{layer.scales} scale(s){extra})"
@@ -107,7 +103,7 @@ def export_precomputed(
     mesh : bool
         Also write legacy meshes (zmesh) for segmentation layers, from their finest scale.
     skeleton : bool
-        Also write skeletons (kimimaro) for segmentation layers, from their finest scale.
+        Skeletons (kimimaro) are not implemented yet: ``True`` raises :class:`ConfigError`.
     progress : bool
         Progress bars on stderr.
 
@@ -120,7 +116,7 @@ def export_precomputed(
     UnsupportedDtypeError, InvalidDataError
         Data precomputed cannot hold (e.g. negative label IDs).
     ConfigError
-        ``mesh``/``skeleton`` asked for but zmesh/kimimaro is not installed.
+        ``mesh`` asked for but zmesh is not installed; ``skeleton`` asked for.
     """
     src_path = Path(src)
     base = open_volume(src_path)  # raises VolumeNotFoundError / NotAVolumeError / IncompleteOutputError
@@ -130,7 +126,7 @@ def export_precomputed(
     if mesh:
         _require("zmesh", "meshes")
     if skeleton:
-        _require("kimimaro", "skeletons")
+        raise ConfigError("skeleton export (kimimaro) is not implemented yet; export without --skeleton")
     check_distinct(image_path, dst)
     dst_path = prepare_output(dst, overwrite=overwrite)
     layers: list[ExportedLayer] = []
@@ -142,7 +138,7 @@ def export_precomputed(
     for path, out, kind in jobs:
         layers.append(
             export_layer(path, out, layer_type=kind, mesh=mesh and kind == "segmentation",  # type: ignore[arg-type]
-                         skeleton=skeleton and kind == "segmentation", progress=progress)
+                         progress=progress)
         )
     return ExportReport(dst_path, tuple(layers))
 
@@ -201,7 +197,6 @@ def export_layer(
     *,
     layer_type: LayerType,
     mesh: bool = False,
-    skeleton: bool = False,
     progress: bool = True,
 ) -> ExportedLayer:
     """Write one OME-Zarr image (every multiscale level) as one precomputed layer at ``dst``."""
@@ -242,9 +237,8 @@ def export_layer(
         _copy(volume, store, dtype, progress, f"{dst_path.name} scale {index}")
         stores.append(store)
     meshes = _write_meshes(base, dst_path, progress) if mesh else 0
-    skeletons = _write_skeletons(base, dst_path) if skeleton else 0
     log.info("%s -> %s (%d scales)", path, dst_path, len(levels))
-    return ExportedLayer(dst_path, layer_type, dtype.name, len(levels), meshes, skeletons)
+    return ExportedLayer(dst_path, layer_type, dtype.name, len(levels), meshes)
 
 
 def _copy(volume: Volume, store: Any, dtype: np.dtype[Any], progress: bool, label: str) -> None:
@@ -274,7 +268,7 @@ def open_precomputed(path: str | os.PathLike[str], *, scale_index: int = 0) -> A
 
 
 # ---------------------------------------------------------------------------------------------
-# meshes and skeletons
+# meshes
 
 
 def _update_info(layer: Path, **keys: Any) -> None:
@@ -335,6 +329,3 @@ def _mesh_block(volume: Volume) -> Coordinate:
             block[axis] *= 2
     return tuple(block)
 
-
-def _write_skeletons(volume: Volume, layer: Path) -> int:
-    raise ConfigError("skeleton export is not implemented yet; export without --skeleton")

@@ -250,7 +250,7 @@ def _block_shape(unit: Coordinate, shape: Coordinate) -> Coordinate:
     return tuple(block)
 
 
-def _create_level(group: zarr.Group, name: str, source: Volume, shape: Coordinate) -> zarr.Array:
+def _create_level(group: zarr.Group, name: str, source: Volume, shape: Coordinate) -> zarr.Array[Any]:
     src = source.array
     lead = (source.channels,) if source.has_channels else ()
     kwargs: dict[str, Any] = {
