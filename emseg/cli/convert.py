@@ -53,9 +53,10 @@ def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool
 
         path = export_tiff(source, output, level=int(level) if level.isdigit() else level,
                            overwrite=overwrite, progress=not no_progress)
+        click.echo(f"wrote {path}")
     else:
         from emseg.io.precomputed import export_precomputed
 
-        path = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
-                                  progress=not no_progress)
-    click.echo(f"wrote {path}")
+        report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
+                                    progress=not no_progress)
+        click.echo(report.summary())

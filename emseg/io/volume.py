@@ -412,7 +412,8 @@ def create_labels(
     """Create the label image ``image_path/labels/<name>`` (level 0 at ``.../<name>/0``).
 
     Shape, voxel size and zarr format follow the image's level 0; the ``labels`` group lists it
-    and its ``image-label`` metadata points back at the image.
+    and its ``image-label`` metadata points back at the image.  Like :func:`create_volume`, the
+    label image is marked incomplete until :func:`mark_complete` is called on its path.
     """
     image_path = Path(image_path)
     image = open_volume(image_path, allow_incomplete=True)
@@ -434,6 +435,7 @@ def create_labels(
         attrs["ome"] = {**attrs["ome"], **image_label_attrs(3)}
     else:
         attrs.update(image_label_attrs(2))
+    attrs[STATUS_KEY] = {"status": "incomplete"}
     label_group.attrs.put(attrs)
     return volume
 

@@ -44,6 +44,7 @@ def output_image(tmp_path: Path, raw_image: Path) -> Path:
     seg = create_labels(out, "segments")
     seg.write(seg.roi, _blobs(seg.shape, seed=3))
     mark_complete(out)
+    mark_complete(out / "labels" / "segments")
     return out
 
 

@@ -112,6 +112,7 @@ def test_blockwise_equals_whole_volume(tmp_path: Path, monkeypatch, blob_labels)
     labels = blob_labels(vol.shape, seed=6)
     seg.write(seg.roi, labels)
     mark_complete(img)
+    mark_complete(img / "labels" / "s")
     monkeypatch.setattr(pyramid, "BLOCK_VOXELS", 4 * 8 * 8 * 2)  # many small blocks
     build_pyramids(img, levels=2, progress=False)
     once = downsample_mode(downsample_mode(labels, (2, 2, 2)), (2, 2, 2))

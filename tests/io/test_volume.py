@@ -25,6 +25,9 @@ def test_ome_zarr_image_and_labels_validate(tmp_path: Path, zarr_format: int) ->
     volume.write(volume.roi, np.ones((6, 10, 12), np.uint8))
     labels = create_labels(path, "segments")
     mark_complete(path)
+    with pytest.raises(IncompleteOutputError, match="half-written"):
+        open_volume(path / "labels" / "segments")
+    mark_complete(path / "labels" / "segments")
     image = open_ome_zarr(zarr.open_group(str(path), mode="r"))
     assert type(image).__module__.startswith("ome_zarr_models.v05" if zarr_format == 3 else "ome_zarr_models.v04")
     label_image = open_ome_zarr(zarr.open_group(str(path / "labels" / "segments"), mode="r"))
