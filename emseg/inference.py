@@ -1,0 +1,411 @@
+"""Blockwise model inference: arrays in, arrays out (no zarr, no dask).
+
+The overlap-tile strategy of the U-Net paper on a **global tile grid**.  Tile ``k`` owns the
+output voxels ``[k * tile_shape, (k + 1) * tile_shape)`` in volume coordinates; its model input
+starts ``input_offset`` voxels before that.  Because the grid is global, the tile shape is fixed
+for a run and batches always hold ``batch_size`` tiles (the last one padded with zero tiles),
+every output voxel is computed by the same tile from the same input whatever the block size or
+the number of workers: blockwise output is bit-identical by construction.
+
+::
+
+    volume axis:  0        T        2T       3T
+                  |--------|--------|--------|     tile cores (each voxel owned by one tile)
+            |---------------|                      tile 0's model input ("valid": core + context)
+                     |---------------|             tile 1's model input
+
+Two modes:
+
+* ``"crop"``: each tile's output is cropped to its core.  Exact for "valid"-padded models (halo =
+  ``model.context``), and for "same"-padded models once the halo reaches ``ceil(rf / 2)``.
+* ``"gaussian"``: for "same"-padded models whose halo is smaller than half the receptive field.
+  The whole output of every tile (core + halo) is accumulated with a Gaussian weight and
+  normalised, so seams between tiles are blended.  Tiles are accumulated in global C order, so
+  the floating-point sums are the same in every block.
+
+A 2D model runs per z-slice: its tiles are one voxel thick along z and carry no z halo.
+Axis order: arrays ``(c, z, y, x)``, tensors ``(b, c, [z,] y, x)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from emseg.errors import ConfigError, GeometryError, InvalidDataError, UnsupportedDtypeError
+from emseg.geometry import Coordinate, Roi, round_up
+
+__all__ = [
+    "Blend",
+    "Precision",
+    "Tiling",
+    "apply_activation",
+    "gaussian_window",
+    "make_tiling",
+    "normalize",
+    "predict_block",
+    "to_output_dtype",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Blend = Literal["crop", "gaussian"]
+Activation = Literal["sigmoid", "softmax", "none"]
+OutputDtype = Literal["uint8", "float16", "float32"]
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class Tiling:
+    """How a run cuts the volume into model tiles (volume axes ``(z, y, x)``, voxels).
+
+    Attributes
+    ----------
+    tile_shape : Coordinate
+        Spacing of the global tile grid: the core each tile owns.
+    input_shape : Coordinate
+        Model input per tile (z is 1 for 2D models).
+    input_offset : Coordinate
+        The input starts this many voxels before the tile's core (the low-side halo).
+    output_shape : Coordinate
+        Model output per tile.
+    output_offset : Coordinate
+        The output starts this many voxels before the tile's core (0 for "valid" models).
+    blend : {"crop", "gaussian"}
+        Crop each output to its core, or blend whole outputs with a Gaussian weight.
+    model_ndim : int
+        2 (the model sees ``(y, x)`` slices) or 3.
+    volume_shape : Coordinate
+        Shape of the volume; tiles exist for ``0 <= k * tile_shape < volume_shape``.
+    """
+
+    tile_shape: Coordinate
+    input_shape: Coordinate
+    input_offset: Coordinate
+    output_shape: Coordinate
+    output_offset: Coordinate
+    blend: Blend
+    model_ndim: int
+    volume_shape: Coordinate
+
+    @property
+    def halo(self) -> tuple[Coordinate, Coordinate]:
+        """Context read on the (low, high) side of a tile's core, voxels per axis."""
+        hi = tuple(i - o - t for i, o, t in zip(self.input_shape, self.input_offset, self.tile_shape))
+        return self.input_offset, hi
+
+    @property
+    def grid_shape(self) -> Coordinate:
+        return tuple(-(-v // t) for v, t in zip(self.volume_shape, self.tile_shape))
+
+    def tile_ranges(self, write_roi: Roi) -> list[range]:
+        """Per axis, the tile indices a block with this core must compute."""
+        ranges = []
+        for axis, (b, e, t) in enumerate(zip(write_roi.begin, write_roi.end, self.tile_shape)):
+            if self.blend == "crop":
+                lo, hi = b // t, -(-e // t)
+            else:  # every tile whose whole output overlaps the core
+                before = self.output_offset[axis]
+                after = self.output_shape[axis] - before - t
+                lo, hi = max(0, (b - after) // t), min(self.grid_shape[axis], -(-(e + before) // t))
+            ranges.append(range(lo, hi))
+        return ranges
+
+    def tiles(self, write_roi: Roi) -> list[Coordinate]:
+        """Origins (first core voxel) of the tiles a block computes, in global C order."""
+        ranges = self.tile_ranges(write_roi)
+        return [tuple(k * t for k, t in zip(index, self.tile_shape)) for index in itertools.product(*ranges)]
+
+    def read_roi(self, write_roi: Roi) -> Roi:
+        """The region a block reads: the union of its tiles' inputs (may reach past the volume)."""
+        ranges = self.tile_ranges(write_roi)
+        begin = tuple(r.start * t - o for r, t, o in zip(ranges, self.tile_shape, self.input_offset))
+        end = tuple((r.stop - 1) * t - o + i for r, t, o, i in zip(ranges, self.tile_shape, self.input_offset, self.input_shape))
+        return Roi.from_bounds(begin, end)
+
+
+def make_tiling(
+    model: Any,
+    volume_shape: Sequence[int],
+    *,
+    tile_shape: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+) -> Tiling:
+    """Derive the tiling of a run from the model's geometry.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        Declares ``ndim``, ``padding``, ``input_multiple``, ``context``, ``receptive_field``,
+        ``valid_input_shape()`` and ``output_shape()``.
+    volume_shape : Coordinate
+        ``(z, y, x)`` voxels.
+    tile_shape : Coordinate, optional
+        Core of one tile, ``(z, y, x)``; rounded up to the model's input multiple and clipped to
+        the volume (rounded up).  Default ``(64, 64, 64)`` for 3D models, ``(1, 256, 256)`` for 2D.
+    halo : Coordinate, optional
+        "same"-padded models only: context around each tile, rounded up to the input multiple.
+        Default ``ceil(receptive_field / 2)``, capped at half the tile.  Where it is smaller than
+        half the receptive field, tiles are blended with a Gaussian weight.  "valid" models always
+        use ``model.context``.
+
+    Raises
+    ------
+    GeometryError
+        The volume is too small for the model's context, or a halo was given for a "valid" model.
+    """
+    vol = tuple(int(v) for v in volume_shape)
+    if len(vol) != 3:
+        raise GeometryError(f"expected a (z, y, x) volume shape, got {vol}")
+    nd = int(model.ndim)
+    lead = 3 - nd  # 1 for a 2D model: the z axis is not seen by the model
+    multiple = (1,) * lead + tuple(model.input_multiple)
+    if tile_shape is None:
+        tile = (64, 64, 64) if nd == 3 else (1, 256, 256)
+    else:
+        tile = tuple(int(t) for t in tile_shape)
+        if len(tile) != 3 or any(t < 1 for t in tile):
+            raise GeometryError(f"tile shape must be 3 positive values (z, y, x), got {tile}")
+    if nd == 2:
+        tile = (1,) + tile[1:]
+    tile = tuple(min(t, r) for t, r in zip(round_up(tile, multiple), round_up(vol, multiple)))
+    if model.padding == "valid":
+        if halo is not None and tuple(halo)[lead:] != tuple(model.context):
+            raise GeometryError(
+                f"a 'valid'-padded model needs exactly its context {tuple(model.context)} as halo, got "
+                f"{tuple(halo)}; leave --halo out"
+            )
+        ctx = tuple(model.context)
+        in_shape = model.valid_input_shape(tuple(t + 2 * c for t, c in zip(tile[lead:], ctx)))
+        out_shape = model.output_shape(in_shape)
+        input_offset, output_offset = (0,) * lead + ctx, (0,) * 3
+        blend: Blend = "crop"
+    else:
+        need = tuple(-(-r // 2) for r in model.receptive_field)
+        if halo is None:
+            h = tuple(min(n, max(m, t // 2)) for n, m, t in zip(need, multiple[lead:], tile[lead:]))
+        else:
+            h = tuple(int(v) for v in halo)[lead:] if len(tuple(halo)) == 3 else tuple(int(v) for v in halo)
+            if len(h) != nd or any(v < 0 for v in h):
+                raise GeometryError(f"halo must be 3 non-negative values (z, y, x), got {tuple(halo)}")
+        h = round_up(h, multiple[lead:])
+        in_shape = model.valid_input_shape(tuple(t + 2 * v for t, v in zip(tile[lead:], h)))
+        out_shape = model.output_shape(in_shape)
+        input_offset = output_offset = (0,) * lead + h
+        blend = "crop" if all(v >= n for v, n in zip(h, need)) else "gaussian"
+    in3 = (1,) * lead + tuple(in_shape)
+    out3 = (1,) * lead + tuple(out_shape)
+    low = input_offset
+    too_small = [a for a in range(3) if vol[a] <= low[a]]
+    if too_small:
+        raise GeometryError(
+            f"the volume {vol} is too small for the model: along axes {too_small} it must be larger than the "
+            f"context {low} the model needs on each side (mirroring would reflect more than once); "
+            f"use a larger volume{' or a 2D model' if 0 in too_small else ''}"
+        )
+    return Tiling(tile, in3, input_offset, out3, output_offset, blend, nd, vol)
+
+
+def normalize(raw: npt.NDArray[Any], mean: float, std: float) -> npt.NDArray[np.float32]:
+    """Scale raw voxels to float32: uint8 / 255, uint16 / 65535, floats as they are; then ``(x - mean) / std``.
+
+    Raises
+    ------
+    UnsupportedDtypeError
+        Any other dtype.
+    InvalidDataError
+        Float input holding NaN or infinity.
+    """
+    if raw.dtype == np.uint8:
+        x = raw.astype(np.float32) * np.float32(1 / 255)
+    elif raw.dtype == np.uint16:
+        x = raw.astype(np.float32) * np.float32(1 / 65535)
+    elif np.issubdtype(raw.dtype, np.floating):
+        x = raw.astype(np.float32)
+        if not np.isfinite(x).all():
+            bad = int(np.count_nonzero(~np.isfinite(x)))
+            raise InvalidDataError(f"float input holds {bad} NaN/inf voxel(s); fill or mask them before predicting")
+    else:
+        raise UnsupportedDtypeError(f"cannot normalise {raw.dtype} input; expected uint8, uint16 or float")
+    x -= np.float32(mean)
+    x *= np.float32(1 / std)
+    return x
+
+
+def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125) -> npt.NDArray[np.float32]:
+    """Separable Gaussian weight over a tile output, peak 1, sigma ``sigma_scale * size`` per axis."""
+    weight = np.ones((), dtype=np.float64)
+    for n in shape:
+        if n == 1:
+            axis = np.ones(1)
+        else:
+            c = (n - 1) / 2
+            axis = np.exp(-0.5 * ((np.arange(n) - c) / (sigma_scale * n)) ** 2)
+        weight = np.multiply.outer(weight, axis)
+    return np.maximum(weight / weight.max(), 1e-3).astype(np.float32)
+
+
+def apply_activation(logits: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """Logits ``(b, c, ...)`` to float32 outputs: per-channel sigmoid, softmax over c, or as is."""
+    logits = logits.float()
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if activation == "softmax":
+        return torch.softmax(logits, dim=1)
+    return logits
+
+
+def to_output_dtype(values: npt.NDArray[np.float32], dtype: OutputDtype) -> npt.NDArray[Any]:
+    """Cast outputs for storage: ``uint8`` is ``round(clip(p, 0, 1) * 255)``, floats are cast."""
+    if dtype == "uint8":
+        return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if dtype in ("float16", "float32"):
+        return values.astype(dtype)
+    raise ConfigError(f"unknown output dtype {dtype!r}; expected uint8, float16 or float32")
+
+
+def _flips(ndim: int) -> Iterator[tuple[int, ...]]:
+    """Every subset of spatial tensor dims (2.. of a (b, c, ...) tensor), the identity first."""
+    dims = range(2, 2 + ndim)
+    for r in range(ndim + 1):
+        yield from itertools.combinations(dims, r)
+
+
+def _forward(
+    model: Any,
+    batch: torch.Tensor,
+    *,
+    activation: Activation,
+    tta: bool,
+    precision: Precision,
+) -> torch.Tensor:
+    device_type = batch.device.type
+    autocast = (
+        torch.autocast(device_type=device_type, dtype=_AUTOCAST[precision])
+        if precision in _AUTOCAST
+        else torch.autocast(device_type=device_type, enabled=False)
+    )
+    with torch.inference_mode(), autocast:
+        if not tta:
+            return apply_activation(model(batch), activation)
+        total: torch.Tensor | None = None
+        flips = list(_flips(batch.dim() - 2))
+        for dims in flips:
+            x = torch.flip(batch, dims) if dims else batch
+            y = apply_activation(model(x), activation)
+            y = torch.flip(y, dims) if dims else y
+            total = y if total is None else total + y
+        assert total is not None
+        return total / len(flips)
+
+
+def predict_block(
+    model: Any,
+    raw: npt.NDArray[Any],
+    *,
+    raw_roi: Roi,
+    write_roi: Roi,
+    tiling: Tiling,
+    mean: float = 0.5,
+    std: float = 0.5,
+    activation: Activation = "sigmoid",
+    batch_size: int = 4,
+    tta: bool = False,
+    precision: Precision = "fp32",
+) -> npt.NDArray[np.float32]:
+    """Run ``model`` over one block's tiles and return its core.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        In eval mode, on the device the batches should run on.
+    raw : ndarray
+        The raw voxels of ``raw_roi``, ``(z, y, x)`` or ``(c, z, y, x)``; uint8, uint16 or float.
+        ``raw_roi`` must contain ``tiling.read_roi(write_roi)`` (mirrored beyond the volume).
+    write_roi : Roi
+        The block's core, volume voxels.
+    tiling : Tiling
+        From :func:`make_tiling`; the same for every block of a run.
+    mean, std : float
+        Input normalisation after scaling to [0, 1] (see :func:`normalize`).
+    activation : {"sigmoid", "softmax", "none"}
+        Applied to the logits in float32.
+    batch_size : int
+        Tiles per forward pass; the last batch is padded with zero tiles so that every pass has
+        the same shape.
+    tta : bool
+        Average over all flips of the spatial axes (4 in 2D, 8 in 3D).
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast dtype of the forward pass; outputs are float32.
+
+    Returns
+    -------
+    ndarray of float32, shape ``(out_channels, *write_roi.shape)``
+
+    Raises
+    ------
+    InvalidDataError
+        NaN/inf in float input.
+    GeometryError
+        ``raw`` does not cover the tiles' inputs or does not match ``raw_roi``.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if raw.ndim == 3:
+        raw = raw[np.newaxis]
+    if tuple(raw.shape[1:]) != raw_roi.shape:
+        raise GeometryError(f"raw data of shape {raw.shape} does not match {raw_roi}")
+    needed = tiling.read_roi(write_roi)
+    if not raw_roi.contains(needed):
+        raise GeometryError(f"raw data {raw_roi} does not cover the tiles' inputs {needed}")
+    x = normalize(raw, mean, std)
+    tiles = tiling.tiles(write_roi)
+    device = next(model.parameters()).device
+    lead = 3 - tiling.model_ndim
+    channels = int(model.out_channels)
+    core = np.empty((channels, *write_roi.shape), dtype=np.float32)
+    if tiling.blend == "gaussian":
+        window = gaussian_window(tiling.output_shape)
+        core[:] = 0
+        weight = np.zeros(write_roi.shape, dtype=np.float32)
+    shape_in = (x.shape[0],) + tiling.input_shape[lead:]
+    for start in range(0, len(tiles), batch_size):
+        group = tiles[start : start + batch_size]
+        batch = np.zeros((batch_size, *shape_in), dtype=np.float32)
+        for i, origin in enumerate(group):
+            roi = Roi(tuple(o - h for o, h in zip(origin, tiling.input_offset)), tiling.input_shape)
+            tile = x[(slice(None),) + roi.relative_to(raw_roi).to_slices()]
+            batch[i] = tile.reshape(shape_in)
+        out = _forward(model, torch.from_numpy(batch).to(device), activation=activation, tta=tta, precision=precision)
+        result = out[: len(group)].cpu().numpy().reshape((len(group), channels) + tiling.output_shape)
+        for i, origin in enumerate(group):
+            out_roi = Roi(tuple(o - h for o, h in zip(origin, tiling.output_offset)), tiling.output_shape)
+            if tiling.blend == "crop":
+                part = Roi(origin, tiling.tile_shape).intersect(write_roi)
+            else:
+                part = out_roi.intersect(write_roi)
+            if part.empty:
+                continue
+            src = (slice(None),) + part.relative_to(out_roi).to_slices()
+            dst = (slice(None),) + part.relative_to(write_roi).to_slices()
+            if tiling.blend == "crop":
+                core[dst] = result[i][src]
+            else:
+                w = window[src[1:]]
+                core[dst] += result[i][src] * w
+                weight[dst[1:]] += w
+    if tiling.blend == "gaussian":
+        core /= weight
+    return core
+
+
+def tiles_in_block(tiling: Tiling, write_roi: Roi) -> int:
+    """Number of tiles a block computes."""
+    return math.prod(len(r) for r in tiling.tile_ranges(write_roi))

@@ -1,0 +1,603 @@
+"""``emseg predict``: run a checkpoint over a volume, block by block, into an OME-Zarr image.
+
+Orchestration glue only: plan the tiles and blocks (:func:`plan_prediction`), create the output,
+hand one task per block to :func:`emseg.runner.run_blockwise`, and mark the output complete.
+The compute lives in :mod:`emseg.inference`; each worker loads the model once and keeps it.
+
+A rerun of the same command resumes (finished blocks are skipped); a rerun with another model,
+block layout or parameter is refused with :class:`~emseg.errors.ResumeMismatchError` unless
+``overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from emseg.errors import (
+    ConfigError,
+    EmsegError,
+    GeometryError,
+    InvalidDataError,
+    OutputExistsError,
+    ResumeMismatchError,
+    RunIncompleteError,
+    VolumeShapeError,
+)
+from emseg.geometry import Block, BlockGrid, Coordinate, Roi, plan_blocks, round_up
+from emseg.inference import OutputDtype, Precision, Tiling, make_tiling, tiles_in_block
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PredictConfig",
+    "PredictReport",
+    "PredictionPlan",
+    "default_checkpoint",
+    "plan_prediction",
+    "predict",
+]
+
+STAGE = "predict"
+BUNDLED = Path(__file__).parent / "models" / "bundled"
+DEFAULT_BLOCK_3D = (64, 256, 256)
+DEFAULT_BLOCK_2D = (16, 512, 512)
+DEFAULT_CHUNKS_3D = (64, 128, 128)
+DEFAULT_CHUNKS_2D = (16, 256, 256)
+DEFAULT_BATCH_SIZE = 4
+
+
+def default_checkpoint() -> Path:
+    """The bundled checkpoint directory (``emseg/models/bundled``).
+
+    Raises
+    ------
+    ConfigError
+        No bundled model is installed.
+    """
+    if (BUNDLED / "model.safetensors").is_file() and (BUNDLED / "config.json").is_file():
+        return BUNDLED
+    raise ConfigError("no --model given and no bundled model installed")
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclass(frozen=True)
+class PredictionPlan:
+    """Everything a prediction run will do, computed before any work starts (``--dry-run``).
+
+    Attributes
+    ----------
+    volume, checkpoint : Path
+        Input volume and checkpoint directory.
+    grid : BlockGrid
+        Blocks over the whole volume; ``grid.halo`` is the low-side halo of the tiles.
+    tiling : Tiling
+        The global tile grid (tile core, model input and output shapes).
+    chunks : Coordinate
+        Spatial chunk shape of the output, ``(z, y, x)``; divides the block shape.
+    out_channels : int
+        Output channels, named by ``outputs``.
+    output_voxels : int
+        Voxels written (spatial, per channel).
+    computed_voxels : int
+        Model input voxels processed, padding tiles and TTA flips included.
+    memory_per_block : int
+        Rough peak bytes one worker needs for a block (arrays plus an activation estimate).
+    params : dict
+        What determines the output; its hash decides resume versus ``ResumeMismatchError``.
+    """
+
+    volume: Path
+    checkpoint: Path
+    volume_shape: Coordinate
+    volume_dtype: str
+    voxel_size: tuple[float, ...]
+    grid: BlockGrid
+    tiling: Tiling
+    chunks: Coordinate
+    batch_size: int
+    tta: bool
+    precision: Precision
+    dtype: OutputDtype
+    model_name: str
+    padding: str
+    outputs: tuple[str, ...]
+    activation: str
+    mean: float
+    std: float
+    output_voxels: int
+    computed_voxels: int
+    tiles: int
+    memory_per_block: int
+    params: dict[str, Any] = field(repr=False)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.outputs)
+
+    def summary(self) -> str:
+        t = self.tiling
+        lo, hi = t.halo
+        fmt = lambda c: "x".join(map(str, c))  # noqa: E731
+        lines = [
+            f"input      {self.volume}  {fmt(self.volume_shape)} {self.volume_dtype}, voxel size "
+            f"{','.join(f'{v:g}' for v in self.voxel_size)} nm",
+            f"model      {self.checkpoint}  {self.model_name} ({t.model_ndim}D, {self.padding}), outputs "
+            f"{','.join(self.outputs)} ({self.activation})",
+            f"blocks     {len(self.grid)} of {fmt(self.grid.block_shape)} (grid {fmt(self.grid.grid_shape)}), "
+            f"output chunks {fmt(self.chunks)}",
+            f"tiles      {self.tiles} of core {fmt(t.tile_shape)}, model input {fmt(t.input_shape)}, output "
+            f"{fmt(t.output_shape)}, {t.blend}; batch {self.batch_size}{', flip TTA' if self.tta else ''}, {self.precision}",
+            f"halo       {fmt(lo)} before, {fmt(hi)} after each tile",
+            f"voxels     {self.output_voxels:,} output, {self.computed_voxels:,} computed "
+            f"({self.computed_voxels / max(self.output_voxels, 1):.2f}x)",
+            f"memory     ~{self.memory_per_block / 2**20:.0f} MiB per block per worker (estimate)",
+            f"output     {self.dtype}, {self.out_channels} channel(s)",
+        ]
+        return "\n".join(lines)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _lcm(a: Sequence[int], b: Sequence[int]) -> Coordinate:
+    return tuple(math.lcm(int(x), int(y)) for x, y in zip(a, b))
+
+
+def plan_prediction(
+    volume_path: str | os.PathLike[str],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    block_size: Sequence[int] | None = None,
+    tile_size: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    chunks: Sequence[int] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    precision: Precision = "fp32",
+    dtype: OutputDtype = "uint8",
+) -> PredictionPlan:
+    """Plan a prediction run without computing anything.
+
+    Parameters
+    ----------
+    volume_path : path
+        Input volume (any :func:`emseg.io.open_volume` path), ``(z, y, x)`` or ``(c, z, y, x)``.
+    checkpoint : path, optional
+        Checkpoint directory; default :func:`default_checkpoint`.
+    block_size : Coordinate, optional
+        Core of one block, ``(z, y, x)`` voxels: a multiple of the output chunks and of the tile
+        core.  Default ``64,256,256`` (3D models) or ``16,512,512`` (2D models), rounded up to
+        those multiples and clipped to the volume.
+    tile_size : Coordinate, optional
+        Core of one model tile (see :func:`emseg.inference.make_tiling`).
+    halo : Coordinate, optional
+        "same"-padded models only; derived from the model by default.
+    chunks : Coordinate, optional
+        Output chunk shape; default ``64,128,128`` (3D) or ``16,256,256`` (2D), clipped to the block.
+    batch_size : int
+        Tiles per forward pass.
+    tta, precision, dtype
+        Flip test-time augmentation, autocast precision, output dtype.
+
+    Raises
+    ------
+    EmsegError
+        Unreadable volume or checkpoint, channel mismatch, block or volume too small, bad option.
+    """
+    from emseg.io import open_volume
+    from emseg.models import load_checkpoint
+
+    ckpt_dir = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    if dtype not in ("uint8", "float16", "float32"):
+        raise ConfigError(f"--dtype must be uint8, float16 or float32, got {dtype!r}")
+    volume = open_volume(volume_path)
+    ckpt = load_checkpoint(ckpt_dir)
+    model, cfg = ckpt.model, ckpt.config
+    ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent
+    in_channels = volume.channels or 1
+    if in_channels != model.in_channels:
+        raise VolumeShapeError(
+            f"{volume_path} has {in_channels} channel(s) but the model {ckpt_dir} expects "
+            f"{model.in_channels}; use a checkpoint trained on {in_channels}-channel input"
+        )
+    if cfg.activation == "none" and dtype == "uint8":
+        raise ConfigError(f"{ckpt_dir} outputs raw logits (activation 'none'), which uint8 cannot hold; "
+                          "pass --dtype float16 or float32")
+    if volume.dtype.kind not in "uf" or (volume.dtype.kind == "u" and volume.dtype.itemsize > 2):
+        raise VolumeShapeError(f"{volume_path}: cannot predict on {volume.dtype} input; expected uint8, uint16 or float")
+    if cfg.voxel_size_nm is not None:
+        trained = tuple(cfg.voxel_size_nm)[-model.ndim :]
+        have = tuple(volume.voxel_size)[-model.ndim :]
+        if any(abs(a - b) > 0.05 * b for a, b in zip(have, trained)):
+            log.warning("%s has voxel size %s nm but the model was trained at %s nm", volume_path, have, trained)
+    tiling = make_tiling(model, volume.shape, tile_shape=tile_size, halo=halo)
+    two_d = model.ndim == 2
+    if block_size is not None:
+        block = tuple(int(b) for b in block_size)
+        if len(block) != 3:
+            raise GeometryError(f"--block-size needs 3 values (z, y, x), got {block}")
+        small = [a for a in range(3) if block[a] < tiling.tile_shape[a] and block[a] < volume.shape[a]]
+        if small:
+            raise GeometryError(
+                f"block shape {block} is smaller than the model's tile core {tiling.tile_shape} on axes {small}; "
+                f"use a block of at least {tuple(max(b, t) for b, t in zip(block, tiling.tile_shape))} "
+                "(or a smaller --tile-size)"
+            )
+    if chunks is not None:
+        chunk = tuple(int(c) for c in chunks)
+        if len(chunk) != 3 or any(c < 1 for c in chunk):
+            raise GeometryError(f"--chunks needs 3 positive values (z, y, x), got {chunk}")
+    else:
+        chunk = DEFAULT_CHUNKS_2D if two_d else DEFAULT_CHUNKS_3D
+        if block_size is not None:  # the default chunk must divide the block the user chose
+            chunk = tuple(math.gcd(c, b) for c, b in zip(chunk, block))
+    if block_size is None:
+        block = round_up(DEFAULT_BLOCK_2D if two_d else DEFAULT_BLOCK_3D, _lcm(chunk, tiling.tile_shape))
+    grid = plan_blocks(Roi.from_shape(volume.shape), block, tiling.input_offset,
+                       chunk_shape=chunk, multiple=tiling.tile_shape)
+    chunk = tuple(min(c, b) for c, b in zip(chunk, grid.block_shape))
+    tiles, computed = _count_tiles(grid, tiling, batch_size, tta)
+    params = {
+        "stage": STAGE,
+        "source": str(Path(volume_path).resolve()),
+        "volume_shape": list(volume.shape),
+        "checkpoint_sha256": _file_digest(ckpt_dir / "model.safetensors"),
+        "model": cfg.model,
+        "outputs": list(cfg.outputs),
+        "activation": cfg.activation,
+        "normalization": [cfg.normalization.mean, cfg.normalization.std],
+        "tile_shape": list(tiling.tile_shape),
+        "tile_input": list(tiling.input_shape),
+        "halo": list(tiling.input_offset),
+        "blend": tiling.blend,
+        "chunks": list(chunk),
+        "batch_size": batch_size,
+        "tta": tta,
+        "precision": precision,
+        "dtype": dtype,
+    }
+    return PredictionPlan(
+        volume=Path(volume_path), checkpoint=ckpt_dir, volume_shape=volume.shape, volume_dtype=str(volume.dtype),
+        voxel_size=volume.voxel_size, grid=grid, tiling=tiling, chunks=chunk, batch_size=batch_size, tta=tta,
+        precision=precision, dtype=dtype, model_name=str(cfg.model.get("name")), padding=model.padding,
+        outputs=tuple(cfg.outputs), activation=cfg.activation, mean=cfg.normalization.mean,
+        std=cfg.normalization.std, output_voxels=math.prod(volume.shape), computed_voxels=computed, tiles=tiles,
+        memory_per_block=_memory_estimate(grid, tiling, batch_size, tta, in_channels, len(cfg.outputs),
+                                          volume.dtype.itemsize, dtype, cfg.model),
+        params=params,
+    )
+
+
+def _count_tiles(grid: BlockGrid, tiling: Tiling, batch_size: int, tta: bool) -> tuple[int, int]:
+    """(tiles, model input voxels computed) over all blocks, padding tiles and TTA included."""
+    # Blocks differ only in whether they are the last along an axis: group them by that.
+    per_axis: list[dict[int, int]] = []
+    for axis in range(3):
+        counts: dict[int, int] = {}
+        for i in range(grid.grid_shape[axis]):
+            b = i * grid.block_shape[axis]
+            e = min(b + grid.block_shape[axis], grid.total_roi.shape[axis])
+            lo_hi = Roi((0, 0, 0), (1, 1, 1))
+            begin = list(lo_hi.begin)
+            shape = list(lo_hi.shape)
+            begin[axis], shape[axis] = b, e - b
+            n = len(tiling.tile_ranges(Roi(tuple(begin), tuple(shape)))[axis])
+            counts[n] = counts.get(n, 0) + 1
+        per_axis.append(counts)
+    tiles = computed = 0
+    flips = 2**tiling.model_ndim if tta else 1
+    for (nz, cz), (ny, cy), (nx, cx) in _product_items(per_axis):
+        n = nz * ny * nx
+        blocks = cz * cy * cx
+        tiles += n * blocks
+        computed += -(-n // batch_size) * batch_size * math.prod(tiling.input_shape) * flips * blocks
+    return tiles, computed
+
+
+def _product_items(per_axis: list[dict[int, int]]) -> Iterator[tuple[tuple[int, int], ...]]:
+    import itertools
+
+    return itertools.product(*(list(d.items()) for d in per_axis))
+
+
+def _memory_estimate(grid: BlockGrid, tiling: Tiling, batch_size: int, tta: bool, c_in: int, c_out: int,
+                     in_bytes: int, dtype: str, model_cfg: dict[str, Any]) -> int:
+    first = grid.block(0)
+    read = tiling.read_roi(first.write_roi).size
+    core = first.write_roi.size
+    arrays = read * c_in * (in_bytes + 4)  # raw + normalised float32
+    arrays += core * c_out * (4 + (1 if dtype == "uint8" else 2 if dtype == "float16" else 4))
+    if tiling.blend == "gaussian":
+        arrays += core * 4
+    tile_in = math.prod(tiling.input_shape)
+    tensors = batch_size * (tile_in * c_in + math.prod(tiling.output_shape) * c_out * (2 if tta else 1)) * 4
+    # activations: a few full-resolution feature maps of the first level live at once
+    width = int(model_cfg.get("base_channels", 32))
+    activations = batch_size * tile_in * width * 4 * 4
+    return arrays + tensors + activations
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+
+
+class PredictConfig(BaseModel):
+    """What a worker needs to predict one block; sent to the workers by value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    """Input volume path."""
+    output: str
+    """Output OME-Zarr image path (level 0 at ``output/0``)."""
+    checkpoint: str
+    """Checkpoint directory."""
+    checkpoint_mtime_ns: int
+    """Modification time of the weights, nanoseconds; part of the per-worker model cache key."""
+    tiling: Tiling
+    """The run's global tile grid."""
+    batch_size: int
+    """Tiles per forward pass."""
+    tta: bool
+    """Flip test-time augmentation."""
+    precision: Precision
+    """Autocast precision of the forward pass."""
+    dtype: OutputDtype
+    """Output dtype."""
+    threads: int
+    """torch threads per CPU worker."""
+
+
+_MODEL_CACHE: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+
+
+def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
+    """The checkpoint's model on this worker's device, loaded once per worker process."""
+    import torch
+
+    from emseg.models import load_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and torch.get_num_threads() != config.threads:
+        torch.set_num_threads(config.threads)
+    key = (config.checkpoint, config.checkpoint_mtime_ns, device)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()  # one model per worker
+        ckpt = load_checkpoint(config.checkpoint)
+        _MODEL_CACHE[key] = (ckpt.model.to(device), ckpt.config)
+        log.info("loaded %s on %s", config.checkpoint, device)
+    return _MODEL_CACHE[key]
+
+
+def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
+    """Worker task: read the block's tiles' inputs, run the model, write the core.  Idempotent."""
+    from emseg.inference import predict_block, to_output_dtype
+    from emseg.io import open_volume
+
+    start = time.perf_counter()
+    model, cfg = _worker_model(config)
+    source = open_volume(config.input)
+    read_roi = config.tiling.read_roi(block.write_roi)
+    try:
+        raw = source.read(read_roi, pad="reflect")
+    except EmsegError:
+        raise
+    except (ValueError, RuntimeError, OSError, TypeError) as e:  # codec errors, truncated chunks
+        raise InvalidDataError(f"{config.input}: cannot read {read_roi} for block {block.block_id}: "
+                               f"{type(e).__name__}: {e}") from e
+    try:
+        values = predict_block(
+            model, raw, raw_roi=read_roi, write_roi=block.write_roi, tiling=config.tiling,
+            mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
+            batch_size=config.batch_size, tta=config.tta, precision=config.precision,
+        )
+    except InvalidDataError as e:
+        raise InvalidDataError(f"{config.input}: block {block.block_id} ({block.write_roi}): {e}") from e
+    out = open_volume(config.output, mode="r+", allow_incomplete=True)
+    out.write(block.write_roi, to_output_dtype(values, config.dtype))
+    return {"seconds": round(time.perf_counter() - start, 3), "tiles": tiles_in_block(config.tiling, block.write_roi)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    """What a prediction run did.
+
+    Attributes
+    ----------
+    output : Path
+        The OME-Zarr image written.
+    blocks, computed, skipped : int
+        Blocks in the run; computed now; already done by an earlier run (resume).
+    seconds : float
+        Wall-clock time of the blockwise stage.
+    voxels : int
+        Output voxels computed now (spatial).
+    plan : PredictionPlan
+    dry_run : bool
+        Nothing was computed or written.
+    """
+
+    output: Path
+    blocks: int
+    computed: int
+    skipped: int
+    seconds: float
+    voxels: int
+    plan: PredictionPlan = field(repr=False)
+    dry_run: bool = False
+
+    @property
+    def voxels_per_second(self) -> float:
+        return self.voxels / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return self.plan.summary()
+        rate = f", {self.voxels_per_second / 1e6:.2f} Mvoxel/s" if self.computed else ""
+        return (f"predicted {self.output}: {self.blocks} blocks ({self.computed} computed, {self.skipped} already "
+                f"done) in {self.seconds:.1f} s{rate}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": str(self.output), "blocks": self.blocks, "computed": self.computed,
+                "skipped": self.skipped, "seconds": self.seconds, "voxels": self.voxels,
+                "voxels_per_second": None if not self.computed else self.voxels_per_second,
+                "dry_run": self.dry_run}
+
+
+def _prepare(plan: PredictionPlan, output: Path, overwrite: bool) -> None:
+    """Create the output, or check that an existing one holds this very run (resume)."""
+    from emseg.io import create_volume, read_status, update_status
+
+    if output.exists() and not overwrite:
+        try:
+            status = read_status(output)
+        except (OSError, ValueError, EmsegError) as e:
+            raise OutputExistsError(f"{output} already exists and is not an emseg prediction; "
+                                    "pass --overwrite to replace it") from e
+        previous = status.get("params")
+        if status.get("stage") != STAGE or not isinstance(previous, dict):
+            raise OutputExistsError(f"{output} already exists and is not an emseg prediction; "
+                                    "pass --overwrite to replace it")
+        if previous != plan.params:
+            changed = sorted(k for k in set(previous) | set(plan.params) if previous.get(k) != plan.params.get(k))
+            raise ResumeMismatchError(f"{output}: holds an earlier prediction with other parameters (differs in: "
+                                      f"{', '.join(changed)}); pass --overwrite to replace it")
+        log.info("%s: resuming an earlier run", output)
+        return
+    vol_offset = _volume_offset(plan.volume)
+    create_volume(output, shape=plan.volume_shape, dtype=plan.dtype, chunks=plan.chunks, voxel_size=plan.voxel_size,
+                  offset_nm=vol_offset, channels=plan.out_channels, overwrite=overwrite, name="predictions")
+    update_status(output, stage=STAGE, source=str(plan.volume), params=plan.params, outputs=list(plan.outputs),
+                  checkpoint=str(plan.checkpoint))
+
+
+def _volume_offset(path: Path) -> tuple[float, ...]:
+    from emseg.io import open_volume
+
+    return open_volume(path).offset_nm
+
+
+@contextlib.contextmanager
+def _connection(client: Any, cluster: str | None, scheduler: str | None, workers: int | None,
+                devices: Sequence[int] | None) -> Iterator[Any]:
+    if client is not None:
+        yield client
+        return
+    from emseg.cluster import connect
+
+    with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
+        yield connection
+
+
+def predict(
+    volume_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    block_size: Sequence[int] | None = None,
+    tile_size: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    chunks: Sequence[int] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    precision: Precision = "fp32",
+    dtype: OutputDtype = "uint8",
+    cluster: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    devices: Sequence[int] | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    client: Any = None,
+) -> PredictReport:
+    """Predict ``checkpoint``'s outputs for every voxel of a volume into an OME-Zarr image.
+
+    The output has axes ``(c, z, y, x)``: one channel per model output, the input's voxel size and
+    offset, dtype ``uint8`` (probability x 255, rounded), ``float16`` or ``float32``.  Its
+    ``emseg`` attributes record the source, checkpoint and parameters; it is marked complete only
+    once every block is written.
+
+    Parameters
+    ----------
+    volume_path, output_path : path
+        Input volume; output image (refused if it exists, unless it holds this same run (resume) or
+        ``overwrite``).
+    checkpoint, block_size, tile_size, halo, chunks, batch_size, tta, precision, dtype
+        See :func:`plan_prediction`.
+    cluster, scheduler, workers, devices
+        See :func:`emseg.cluster.connect`; ignored when ``client`` is given.
+    overwrite : bool
+        Replace an existing output (also one from a run with other parameters).
+    dry_run : bool
+        Only plan: return a report whose ``summary()`` is the plan; nothing is written.
+    progress : bool
+        Progress bar on stderr.
+    client : emseg.cluster.Connection, optional
+        Run on this open cluster (e.g. to chain predict and label on one cluster).
+
+    Raises
+    ------
+    ResumeMismatchError
+        The output holds a run with other parameters and ``overwrite`` is false.
+    InvalidDataError
+        Some blocks hold NaN or unreadable chunks (the other blocks are kept).
+    RunIncompleteError
+        Some blocks failed otherwise; a rerun resumes.
+    """
+    from emseg.io import check_distinct, mark_complete
+    from emseg.runner import run_blockwise
+
+    plan = plan_prediction(volume_path, checkpoint=checkpoint, block_size=block_size, tile_size=tile_size, halo=halo,
+                           chunks=chunks, batch_size=batch_size, tta=tta, precision=precision, dtype=dtype)
+    output = Path(output_path)
+    if dry_run:
+        return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
+    check_distinct(volume_path, output)
+    _prepare(plan, output, overwrite)
+    with _connection(client, cluster, scheduler, workers, devices) as connection:
+        config = PredictConfig(
+            input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
+            checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
+            batch_size=batch_size, tta=tta, precision=precision, dtype=dtype, threads=connection.threads_per_worker,
+        )
+        try:
+            stage = run_blockwise(
+                connection.client, stage=STAGE, grid=plan.grid, fn=functools.partial(predict_block_task, config),
+                output=output, params=plan.params, overwrite=overwrite, resources=connection.resources,
+                progress=progress,
+            )
+        except RunIncompleteError as e:
+            if isinstance(e.__cause__, InvalidDataError):
+                raise InvalidDataError(f"{e.__cause__}; the other blocks are kept ({e})") from e
+            raise
+    mark_complete(output)
+    return PredictReport(output, stage.total, stage.computed, stage.skipped, stage.seconds, stage.voxels, plan)
