@@ -152,5 +152,5 @@ def run_blockwise(
         raise RunIncompleteError(
             f"{stage}: {len(failures)} of {len(wanted)} blocks failed (first: block {block_id}: "
             f"{type(exc).__name__}: {exc}); finished blocks are kept, rerun the same command to resume"
-        )
+        ) from exc
     return StageReport(stage, len(wanted), len(pending), skipped, seconds, voxels, results)
