@@ -1,0 +1,99 @@
+"""``emseg train``: train a segmentation model (a thin layer over :func:`emseg.training.train`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from emseg.cli.types import INT_ZYX
+
+LABEL_KINDS = ["auto", "instances", "membrane-mask", "interior-mask"]
+
+# CLI option name -> TrainConfig field, for the options that map one to one
+_FIELDS = {
+    "model": "model", "output": "output", "target": "target", "ndim": "ndim", "base_channels": "base_channels",
+    "depth": "depth", "padding": "padding", "batch_norm": "batch_norm", "patch_shape": "patch_shape",
+    "batch_size": "batch_size", "steps": "steps", "lr": "lr", "optimizer": "optimizer", "momentum": "momentum",
+    "loss": "loss", "deep_supervision": "deep_supervision", "augment": "augment", "val_every": "val_every",
+    "checkpoint_every": "checkpoint_every", "patience": "patience", "seed": "seed", "nproc": "nproc",
+    "resume": "resume", "overwrite": "overwrite", "device": "device", "threads": "threads",
+    "foreground_prob": "foreground_prob", "voxel_size": "voxel_size_nm",
+}
+
+
+@click.command()
+@click.option("--raw", "raws", multiple=True, help="Training raw (zarr, OME-Zarr, TIFF, file.h5/dataset); a [z0:z1] suffix selects sections. Repeat for several volumes.")
+@click.option("--labels", "labels", multiple=True, help="Labels of each --raw, in the same order.")
+@click.option("--val-raw", "val_raws", multiple=True, help="Validation raw; repeatable like --raw.")
+@click.option("--val-labels", "val_labels", multiple=True, help="Labels of each --val-raw.")
+@click.option("--labels-kind", type=click.Choice(LABEL_KINDS), default="auto", show_default=True,
+              help="instances (ids, 0 = boundary), membrane-mask (non-zero = membrane), interior-mask (0 = membrane, ISBI), "
+                   "or auto: >2 values -> instances, else the rarer value is membrane.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML/YAML file of TrainConfig fields; flags override it.")
+@click.option("--model", help="Architecture name (emseg models). [default: unet]")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Checkpoint directory to write.")
+@click.option("--target", type=click.Choice(["membrane", "mask", "affinities"]), help="What to learn. [default: membrane]")
+@click.option("--ndim", type=click.IntRange(2, 3), help="2D (per section) or 3D model. [default: 2]")
+@click.option("--base-channels", type=click.IntRange(min=1), help="Feature maps of the first level. [default: 16]")
+@click.option("--depth", type=click.IntRange(min=1), help="Resolution levels. [default: 4]")
+@click.option("--padding", type=click.Choice(["valid", "same"]), help="Convolution padding. [default: valid]")
+@click.option("--batch-norm/--no-batch-norm", default=None, help="Batch normalisation. [default: off]")
+@click.option("--patch-shape", type=INT_ZYX, help="Requested input patch, e.g. 256,256 (2D) or 16,128,128. [default: 256,256]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size. [default: 4]")
+@click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps. [default: 1000]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. [default: 3e-4]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="sgd (momentum 0.99, U-Net) or adam (UNet++). [default: adam]")
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum. [default: 0.99]")
+@click.option("--loss", type=click.Choice(["weighted-ce", "bce-dice", "bce"]), help="Loss. [default: weighted-ce]")
+@click.option("--deep-supervision/--no-deep-supervision", default=None, help="Loss over every UNet++ head.")
+@click.option("--augment/--no-augment", default=None, help="On-the-fly augmentation. [default: on]")
+@click.option("--foreground-prob", type=click.FloatRange(0, 1), help="Share of patches centred on foreground. [default: 0.5]")
+@click.option("--val-every", type=click.IntRange(min=1), help="Validate every N steps. [default: 100]")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Resumable checkpoint every N steps. [default: 100]")
+@click.option("--patience", type=click.IntRange(min=0), help="Early stopping after N validations without improvement (0: off).")
+@click.option("--seed", type=int, help="Seed of sampling, augmentation, initialisation. [default: 0]")
+@click.option("--nproc", type=click.IntRange(min=1), help="DDP processes on this node (ignored under srun/torchrun). [default: 1]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--threads", type=click.IntRange(min=0), help="torch CPU threads per process (0: default).")
+@click.option("--voxel-size", type=click.Tuple([float, float, float]), help="Voxel size z y x in nm, recorded in the checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in -o.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in -o.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def train(ctx: click.Context, raws: tuple[str, ...], labels: tuple[str, ...], val_raws: tuple[str, ...], val_labels: tuple[str, ...],
+          labels_kind: str, config_file: str | None, as_json: bool, **options: Any) -> None:
+    """Train a model on raw EM + labels and write a checkpoint directory.
+
+    \b
+    emseg train --raw isbi/train-volume.tif[0:16] --labels isbi/train-labels.tif[0:16] \\
+                --val-raw isbi/train-volume.tif[16:20] --val-labels isbi/train-labels.tif[16:20] \\
+                --model unet -o ckpt/ --steps 500
+    """
+    from emseg.errors import ConfigError
+    from emseg.training import load_train_config
+    from emseg.training import train as run_training
+
+    overrides: dict[str, Any] = {}
+    for name, value in options.items():
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT) and value is not None:
+            overrides[_FIELDS[name]] = value
+    for flag, what, raw_list, label_list in (("--raw", "train", raws, labels), ("--val-raw", "val", val_raws, val_labels)):
+        if len(raw_list) != len(label_list):
+            raise ConfigError(f"{flag} given {len(raw_list)} time(s) but its labels {len(label_list)} time(s); pass one labels path per raw path")
+        if raw_list:
+            overrides[what] = [{"raw": r, "labels": lab, "labels_kind": labels_kind} for r, lab in zip(raw_list, label_list, strict=True)]
+    if config_file is None and "train" not in overrides:
+        raise click.UsageError("give --raw and --labels (or --config FILE)")
+    if config_file is None and "output" not in overrides:
+        raise click.UsageError("give -o/--output (or --config FILE)")
+    cfg = load_train_config(config_file, overrides)
+    report = run_training(cfg)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps(asdict(report), indent=2))
+    else:
+        click.echo(report.summary())

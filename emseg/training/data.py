@@ -1,0 +1,329 @@
+"""Training data: load raw + labels, derive instances/targets/weight maps, sample augmented patches.
+
+Labels of every kind are first turned into *instances* ``(z, y, x) uint32`` with 0 = membrane or
+unlabelled (see :class:`~emseg.training.config.DataSource` for the kinds).  Targets are derived from
+the instances of each (augmented) patch:
+
+* ``membrane``: 1 where the id is 0, or where a 4-connected in-plane neighbour has another non-zero
+  id (touching cells: both sides of the contact are marked);
+* ``mask``: 1 where the id is non-zero;
+* ``affinities``: channel ``a`` is 1 where a voxel and its predecessor along axis ``a`` share a
+  non-zero id (``ndim`` channels; the first voxel along each axis is 0).
+
+For ``membrane``/``mask`` targets with a 2D model, instances are per-section connected components
+(2D); for 3D models they are 3D components (or the given ids).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from emseg.errors import InvalidDataError, UnsupportedDtypeError, VolumeNotFoundError, VolumeShapeError
+from emseg.training import augment
+from emseg.training.config import DataSource, TrainConfig
+from emseg.training.losses import weight_map
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Batch",
+    "PreparedVolume",
+    "instances_from_labels",
+    "load_source",
+    "membrane_from_instances",
+    "parse_data_path",
+    "sample_batch",
+    "targets_from_instances",
+]
+
+_SLICE = re.compile(r"^(?P<path>.*)\[(?P<z0>-?\d*):(?P<z1>-?\d*)\]$")
+
+
+def parse_data_path(spec: str) -> tuple[Path, slice]:
+    """``"a.tif[0:16]"`` -> (``Path("a.tif")``, ``slice(0, 16)``); no suffix selects every section."""
+    m = _SLICE.match(spec)
+    if m is None:
+        return Path(spec), slice(None)
+    to_int = lambda s: int(s) if s else None  # noqa: E731
+    return Path(m["path"]), slice(to_int(m["z0"]), to_int(m["z1"]))
+
+
+def _load(spec: str) -> npt.NDArray[Any]:
+    from emseg.io import load_array
+
+    path, zslice = parse_data_path(spec)
+    if not path.exists() and not any(p.suffix.lower() in (".h5", ".hdf5", ".hdf") and p.exists() for p in path.parents):
+        raise VolumeNotFoundError(f"{path}: no such file or directory (training data)")
+    array = load_array(path)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise VolumeShapeError(f"{spec}: expected a (z, y, x) volume, got shape {array.shape}")
+    array = array[zslice]
+    if array.shape[0] == 0:
+        raise VolumeShapeError(f"{spec}: the section range selects no sections (volume has {len(array)})")
+    return array
+
+
+def instances_from_labels(
+    labels: npt.NDArray[Any], kind: Literal["auto", "instances", "membrane-mask", "interior-mask"], *, per_section: bool
+) -> tuple[npt.NDArray[np.uint32], str]:
+    """Labels of any kind -> (instances ``uint32`` with 0 = membrane/unlabelled, resolved kind).
+
+    Masks become connected components (4-connected per section when ``per_section``, else
+    6-connected in 3D) of their interior.
+    """
+    if kind == "auto":
+        values, counts = np.unique(labels, return_counts=True)
+        if len(values) > 2:
+            kind = "instances"
+        elif len(values) == 2:
+            # the rarer value is membrane: membranes cover well under half of an EM section
+            rare = values[int(np.argmin(counts))]
+            kind = "interior-mask" if rare == values[0] else "membrane-mask"
+        else:
+            raise InvalidDataError(
+                f"cannot auto-detect the labels kind: the labels hold a single value {values.tolist()}; "
+                "pass --labels-kind instances|membrane-mask|interior-mask"
+            )
+    if kind == "instances":
+        if labels.dtype.kind == "f":
+            raise UnsupportedDtypeError(f"instance labels must be integers, got {labels.dtype}")
+        if per_section:
+            # ids are only meaningful in-plane for 2D training: split ids disconnected in a section
+            out = np.zeros(labels.shape, np.uint32)
+            for z in range(labels.shape[0]):
+                out[z] = _relabel_components(labels[z])
+            return out, kind
+        return labels.astype(np.uint32), kind
+    # interior-mask: zero = membrane (ISBI 2012); membrane-mask: non-zero = membrane
+    interior = labels != 0 if kind == "interior-mask" else labels == 0
+    return _components(interior, per_section=per_section), kind
+
+
+def _relabel_components(section: npt.NDArray[Any]) -> npt.NDArray[np.uint32]:
+    from skimage.measure import label
+
+    return label(section, background=0, connectivity=1).astype(np.uint32)
+
+
+def _components(interior: npt.NDArray[np.bool_], *, per_section: bool) -> npt.NDArray[np.uint32]:
+    if not per_section:
+        cc, _ = ndimage.label(interior)
+        return cc.astype(np.uint32)
+    out = np.zeros(interior.shape, np.uint32)
+    for z in range(interior.shape[0]):
+        cc, _ = ndimage.label(interior[z])
+        out[z] = cc
+    return out
+
+
+def membrane_from_instances(instances: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.uint8]:
+    """1 where the id is 0 or a 4-connected in-plane neighbour (last two axes) holds another non-zero id."""
+    inst = instances
+    m = inst == 0
+    for axis in (-1, -2):
+        a = np.moveaxis(inst, axis, 0)
+        # only a change between two cells is a boundary; cells next to background stay cells
+        d = (a[1:] != a[:-1]) & (a[1:] != 0) & (a[:-1] != 0)
+        mm = np.moveaxis(m, axis, 0)
+        mm[1:] |= d
+        mm[:-1] |= d
+    return m.astype(np.uint8)
+
+
+def targets_from_instances(instances: npt.NDArray[np.integer[Any]], target: str, ndim: int) -> npt.NDArray[np.float32]:
+    """Target channels ``(c, *spatial)`` of one patch's instances (see the module docstring)."""
+    if target == "membrane":
+        return membrane_from_instances(instances)[None].astype(np.float32)
+    if target == "mask":
+        return (instances != 0)[None].astype(np.float32)
+    channels = []
+    for axis in range(ndim):
+        ax = instances.ndim - ndim + axis
+        a = np.moveaxis(instances, ax, 0)
+        aff = np.zeros(a.shape, np.float32)
+        aff[1:] = (a[1:] == a[:-1]) & (a[1:] != 0)
+        channels.append(np.moveaxis(aff, 0, ax))
+    return np.stack(channels)
+
+
+@dataclass
+class PreparedVolume:
+    """One loaded source: raw ``uint8 (z, y, x)``, instances, optional per-section weight map."""
+
+    name: str
+    raw: npt.NDArray[np.uint8]
+    instances: npt.NDArray[np.uint32]
+    weights: npt.NDArray[np.float32] | None
+    labels_kind: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+
+def load_source(source: DataSource, cfg: TrainConfig) -> PreparedVolume:
+    """Load raw + labels, check them, derive instances and (for ``weighted-ce``) the weight map."""
+    raw = _load(source.raw)
+    labels = _load(source.labels)
+    if raw.shape != labels.shape:
+        raise VolumeShapeError(f"raw {source.raw} has shape {raw.shape} but labels {source.labels} have {labels.shape}; they must match")
+    if raw.dtype != np.uint8:
+        raise UnsupportedDtypeError(f"{source.raw}: training expects uint8 raw (scaled by 1/255), got {raw.dtype}; convert it first")
+    per_section = cfg.ndim == 2
+    instances, kind = instances_from_labels(labels, source.labels_kind, per_section=per_section)
+    weights = None
+    if cfg.loss == "weighted-ce":
+        weights = np.stack([weight_map(instances[z], w0=cfg.w0, sigma=cfg.sigma) for z in range(len(instances))])
+    log.info("loaded %s: shape %s, labels %s, %d%% membrane", source.raw, raw.shape, kind, round(100 * float((instances == 0).mean())))
+    return PreparedVolume(name=source.raw, raw=raw, instances=instances, weights=weights, labels_kind=kind)
+
+
+@dataclass
+class Batch:
+    """Model input ``(b, 1, *in)`` normalised, targets ``(b, c, *out)``, weights ``(b, 1, *out)`` or None."""
+
+    raw: npt.NDArray[np.float32]
+    target: npt.NDArray[np.float32]
+    weight: npt.NDArray[np.float32] | None
+
+
+def _window(array: npt.NDArray[Any], offset: Sequence[int], shape: Sequence[int]) -> npt.NDArray[Any]:
+    """``array[offset : offset + shape]`` with mirroring wherever the window leaves the array."""
+    index = []
+    for o, s, n in zip(offset, shape, array.shape, strict=True):
+        i = np.arange(o, o + s)
+        if n == 1:
+            i = np.zeros_like(i)
+        else:
+            period = 2 * (n - 1)
+            i = np.abs(np.mod(i, period))
+            i = np.where(i >= n, period - i, i)
+        index.append(i)
+    return array[np.ix_(*index)]
+
+
+def sample_patch(
+    volumes: Sequence[PreparedVolume],
+    cfg: TrainConfig,
+    input_shape: Sequence[int],
+    output_shape: Sequence[int],
+    rng: np.random.Generator,
+    normalization: tuple[float, float],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+    """One augmented sample: raw ``(1, *in)``, target ``(c, *out)``, weight ``(1, *out)`` or None."""
+    # every source is equally likely (a small volume is not drowned by a large one), then any voxel
+    vol = volumes[int(rng.integers(len(volumes)))]
+    ndim = cfg.ndim
+    spatial_in = tuple(input_shape)
+    spatial_out = tuple(output_shape)
+    # 2D models sample one section: treat the patch as (1, y, x)
+    full_in = (1, *spatial_in) if ndim == 2 else spatial_in
+    full_out = (1, *spatial_out) if ndim == 2 else spatial_out
+    shape = vol.shape
+
+    center = tuple(int(rng.integers(s)) for s in shape)
+    if rng.random() < cfg.foreground_prob:
+        for _ in range(20):
+            c = tuple(int(rng.integers(s)) for s in shape)
+            is_membrane = vol.instances[c] == 0
+            if is_membrane == (cfg.target == "membrane"):
+                center = c
+                break
+    out_offset = [
+        int(np.clip(c - o // 2, 0, max(s - o, 0))) if s >= o else c - o // 2
+        for c, o, s in zip(center, full_out, shape, strict=True)
+    ]
+    context = [(i - o) // 2 for i, o in zip(full_in, full_out, strict=True)]
+    margin = [0] * 3
+    elastic = cfg.augment and cfg.elastic_sigma > 0
+    if elastic:
+        margin = [0, int(np.ceil(3 * cfg.elastic_sigma)), int(np.ceil(3 * cfg.elastic_sigma))]
+    read_offset = [o - c - m for o, c, m in zip(out_offset, context, margin, strict=True)]
+    read_shape = [i + 2 * m for i, m in zip(full_in, margin, strict=True)]
+
+    raw = _window(vol.raw, read_offset, read_shape).astype(np.float32) / 255.0
+    inst = _window(vol.instances, read_offset, read_shape)
+    weight = _window(vol.weights, read_offset, read_shape) if vol.weights is not None else None
+
+    if elastic:
+        field = augment.elastic_field(read_shape[1:], rng, sigma=cfg.elastic_sigma, grid=cfg.elastic_grid)
+        raw = augment.deform(raw, field, order=1)
+        inst = augment.deform(inst, field, order=0)
+        if weight is not None:
+            weight = augment.deform(weight, field, order=1)
+        crop = tuple(slice(m, m + i) for m, i in zip(margin, full_in, strict=True))
+        raw, inst = raw[crop], inst[crop]
+        weight = weight[crop] if weight is not None else None
+    if cfg.augment:
+        arrays = [raw, inst] + ([weight] if weight is not None else [])
+        arrays = augment.flip_rotate(arrays, rng, ndim=ndim)
+        raw, inst = arrays[0], arrays[1]
+        weight = arrays[2] if weight is not None else None
+        if cfg.intensity:
+            raw = augment.intensity(raw, rng)
+        if ndim == 3 and cfg.defect_prob > 0:
+            raw = augment.section_defects(raw, rng, prob=cfg.defect_prob)
+
+    out_crop = tuple(slice(c, c + o) for c, o in zip(context, full_out, strict=True))
+    target = targets_from_instances(inst, cfg.target, ndim)
+    # targets are computed on the input window (neighbours known) and cropped to the output
+    target = target[(slice(None), *out_crop)]
+    if weight is not None:
+        weight = weight[out_crop]
+    mean, std = normalization
+    raw = (raw - mean) / std
+    if ndim == 2:
+        raw, target = raw[0], target[:, 0]
+        weight = weight[0] if weight is not None else None
+    return (
+        raw[None].astype(np.float32),
+        np.ascontiguousarray(target, dtype=np.float32),
+        weight[None].astype(np.float32) if weight is not None else None,
+    )
+
+
+def sample_batch(
+    volumes: Sequence[PreparedVolume],
+    cfg: TrainConfig,
+    input_shape: Sequence[int],
+    output_shape: Sequence[int],
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    normalization: tuple[float, float],
+) -> Batch:
+    """This rank's share of the global batch of ``step``.
+
+    Sample ``i`` of the global batch (``0 <= i < batch_size``) is drawn from its own generator seeded
+    by ``(seed, step, i)``; rank ``r`` takes samples ``r, r + world_size, ...``.  The global batch is
+    thus identical for any number of processes, and a resumed run draws what it would have drawn.
+    """
+    samples = [
+        sample_patch(volumes, cfg, input_shape, output_shape, np.random.default_rng([cfg.seed, step, i]), normalization)
+        for i in range(rank, cfg.batch_size, world_size)
+    ]
+    raw = np.stack([s[0] for s in samples])
+    target = np.stack([s[1] for s in samples])
+    weight = np.stack([s[2] for s in samples]) if samples[0][2] is not None else None  # type: ignore[misc]
+    return Batch(raw=raw, target=target, weight=weight)
+
+
+def normalization_of(volumes: Sequence[PreparedVolume]) -> tuple[float, float]:
+    """Mean and standard deviation of the raw scaled to [0, 1], over every training voxel."""
+    total = sum(v.raw.size for v in volumes)
+    mean = sum(float(v.raw.astype(np.float64).sum()) for v in volumes) / (255.0 * total)
+    sq = sum(float(np.square(v.raw.astype(np.float64) / 255.0).sum()) for v in volumes) / total
+    std = max(float(np.sqrt(max(sq - mean**2, 0.0))), 1e-6)
+    return mean, std

@@ -1,0 +1,112 @@
+"""``emseg train`` through click: help, errors, a short real run, config files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from emseg.cli import cli
+from tests.training.conftest import tiny_args
+
+
+def test_help() -> None:
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    assert "--raw" in result.output and "--resume" in result.output and "--nproc" in result.output
+
+
+def test_missing_raw_is_one_error_line(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    result = CliRunner().invoke(cli, ["train", "--raw", str(tmp_path / "nope.tif"), "--labels", str(isbi_crops["labels"]), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "nope.tif" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing written for a run that cannot start
+
+
+def test_unpaired_labels_is_an_error(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    result = CliRunner().invoke(cli, ["train", "--raw", str(isbi_crops["raw"]), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "labels" in result.output
+
+
+def test_missing_output_is_a_usage_error(isbi_crops: dict[str, Path]) -> None:
+    result = CliRunner().invoke(cli, ["train", "--raw", str(isbi_crops["raw"]), "--labels", str(isbi_crops["labels"])])
+    assert result.exit_code == 2
+
+
+def test_shape_mismatch_is_an_error(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    result = CliRunner().invoke(cli, ["train", "--raw", f"{isbi_crops['raw']}[0:2]", "--labels", f"{isbi_crops['labels']}[0:3]", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "must match" in result.output
+
+
+def test_short_run_writes_a_loadable_checkpoint(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    from emseg.models import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    args = tiny_args(isbi_crops, out, "--steps", "4", "--val-every", "2", "--checkpoint-every", "2", "--json")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["steps"] == 4 and report["best_step"] in (2, 4)
+    ckpt = load_checkpoint(out)
+    assert ckpt.config.outputs == ("membrane",) and ckpt.config.activation == "sigmoid"
+    assert ckpt.config.model["name"] == "unet" and ckpt.config.model["depth"] == 2
+    assert 0.2 < ckpt.config.normalization.mean < 0.8
+    for name in ("metrics.jsonl", "curves.png", "train_config.json", "train_report.json"):
+        assert (out / name).exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in val] == [2, 4]
+    assert {"loss", "dice", "iou", "pixel_error", "adapted_rand_error"} <= set(val[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    # a second run into the same directory refuses without --resume/--overwrite
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "--resume" in again.output
+
+
+def test_config_file_with_cli_override(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f"""
+base_channels = 4
+depth = 2
+patch_shape = [48, 48]
+batch_size = 1
+steps = 50
+threads = 1
+output = "{tmp_path / 'from_file'}"
+
+[[train]]
+raw = "{isbi_crops['raw']}[0:2]"
+labels = "{isbi_crops['labels']}[0:2]"
+labels_kind = "interior-mask"
+"""
+    )
+    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--steps", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["steps"] == 1
+    resolved = json.loads((tmp_path / "from_file" / "train_config.json").read_text())
+    assert resolved["steps"] == 1 and resolved["base_channels"] == 4 and resolved["train"][0]["labels_kind"] == "interior-mask"
+
+
+def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("output: o\nlearning_rate: 0.1\ntrain: [{raw: a.tif, labels: b.tif}]\n")
+    result = CliRunner().invoke(cli, ["train", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "learning_rate" in result.output
+
+
+@pytest.mark.slow
+def test_a_hundred_steps_lower_the_validation_loss(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    out = tmp_path / "ckpt"
+    args = tiny_args(isbi_crops, out, "--steps", "150", "--val-every", "50", "--lr", "3e-3", "--no-augment", "--json")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in val if r["split"] == "val"]
+    assert losses[-1] < losses[0]
