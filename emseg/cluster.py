@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emseg.errors import ConfigError
 
@@ -25,36 +25,61 @@ log = logging.getLogger(__name__)
 
 
 class SlurmOptions(BaseModel):
-    """dask-jobqueue ``SLURMCluster`` settings (one worker per job, one GPU per worker)."""
+    """dask-jobqueue ``SLURMCluster`` settings: worker jobs of one worker per GPU (or one CPU worker).
+
+    See ``cluster/profiles/slurm.yaml`` for a documented example and ``cluster/README.md``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     queue: str | None = None
-    """Partition (``#SBATCH -p``)."""
+    """Partition (``#SBATCH -p``); default: the cluster's default partition."""
     account: str | None = None
     """Account to charge (``#SBATCH -A``)."""
     walltime: str = "01:00:00"
-    """Wall-clock limit of each worker job, ``HH:MM:SS``."""
-    cores: int = 1
-    """CPU cores per worker job."""
+    """Wall-clock limit of each worker job, ``HH:MM:SS`` or ``D-HH:MM:SS``.  Workers retire a few
+    minutes before it and adaptive scaling replaces them."""
+    cores: int = Field(default=1, ge=1)
+    """CPU cores per worker job (shared by its workers as threads)."""
     memory: str = "4GB"
-    """Memory per worker job."""
-    gpus_per_job: int = 0
-    """GPUs per worker job (``--gres=gpu:N``); each worker then advertises the resource GPU=1."""
+    """Memory per worker job (Dask syntax: ``16GB``, ``64GiB``)."""
+    gpus_per_job: int = Field(default=0, ge=0)
+    """GPUs per worker job (``--gres=gpu:N``): the job then runs N workers, one pinned to each GPU,
+    each advertising the Dask resource ``GPU=1``.  0: CPU-only workers."""
     job_extra_directives: tuple[str, ...] = ()
-    """Extra ``#SBATCH`` lines, e.g. ``--constraint=a100``."""
+    """Extra ``#SBATCH`` lines, e.g. ``--constraint=a100`` or ``--qos=short``."""
     job_script_prologue: tuple[str, ...] = ()
-    """Shell lines run before the worker starts (e.g. ``source .venv/bin/activate``)."""
+    """Shell lines run in the job before the worker starts (``module load cuda``, ``source venv/bin/activate``)."""
+    python: str | None = None
+    """Python interpreter on the compute nodes that has emseg installed; default: the one running emseg."""
     interface: str | None = None
-    """Network interface workers and scheduler talk on (``lo`` on a single node)."""
-    minimum_jobs: int = 1
-    """Adaptive scaling: fewest worker jobs."""
-    maximum_jobs: int = 4
-    """Adaptive scaling: most worker jobs."""
+    """Network interface workers and scheduler talk on (``ib0``, ``lo`` on a single node)."""
+    minimum_jobs: int = Field(default=1, ge=0)
+    """Adaptive scaling: fewest worker jobs kept while the run lasts."""
+    maximum_jobs: int = Field(default=4, ge=1)
+    """Adaptive scaling: most worker jobs at once."""
     log_directory: str | None = None
-    """Where SLURM writes the worker jobs' logs."""
-    death_timeout: int = 120
-    """Seconds a worker waits for the scheduler before giving up."""
+    """Where the worker jobs' logs go (shared filesystem); default ``~/.cache/emseg/slurm-logs``."""
+    local_directory: str | None = None
+    """Node-local scratch for the workers (e.g. ``$TMPDIR``); default: Dask's choice."""
+    death_timeout: int = Field(default=120, ge=1)
+    """Seconds a worker waits for a vanished scheduler before exiting (ends orphaned jobs), s."""
+    start_timeout: float = Field(default=600, gt=0)
+    """Seconds to wait for the first worker job to start (queue wait included) before failing."""
+
+    @field_validator("walltime")
+    @classmethod
+    def _check_walltime(cls, value: str) -> str:
+        from emseg.slurm import parse_walltime
+
+        parse_walltime(value)  # ConfigError is a ValueError: pydantic reports it on this field
+        return value
+
+    @model_validator(mode="after")
+    def _check_jobs(self) -> SlurmOptions:
+        if self.minimum_jobs > self.maximum_jobs:
+            raise ValueError(f"minimum_jobs ({self.minimum_jobs}) exceeds maximum_jobs ({self.maximum_jobs})")
+        return self
 
 
 class ClusterProfile(BaseModel):

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Start a real single-node SLURM (munged, slurmctld, slurmd) on this machine, for development and
+# for emseg's `cluster` tests.  Debian 12 as root; no systemd needed: the daemons are started as
+# plain processes and their PIDs recorded, so cluster/slurm-down.sh ends exactly these.
+#
+#   cluster/slurm-up.sh          # install if needed, configure, start, wait until the node is idle
+#   cluster/slurm-down.sh        # cancel the dev cluster's jobs and stop the daemons started here
+#
+# Idempotent: when the daemons recorded in the state dir are alive and the node is up, it returns.
+#
+# Environment:
+#   EMSEG_SLURM_STATE    state dir: PIDs, spool, logs, job logs  [/tmp/emseg-slurm]
+#   EMSEG_SLURM_CPUS     CPU slots advertised (config_overrides)  [max(4, real CPUs)]
+#   EMSEG_SLURM_TIMEOUT  seconds to wait for the node to be idle  [90]
+#   EMSEG_SLURM_PARTITION partition name                           [debug]
+#
+# It writes /etc/slurm/slurm.conf and /etc/slurm/cgroup.conf (the paths every SLURM client reads);
+# files there that this script did not write are kept aside in the state dir and put back by
+# slurm-down.sh.
+set -euo pipefail
+
+STATE=${EMSEG_SLURM_STATE:-/tmp/emseg-slurm}
+TIMEOUT=${EMSEG_SLURM_TIMEOUT:-90}
+PARTITION=${EMSEG_SLURM_PARTITION:-debug}
+CONF_DIR=/etc/slurm
+MARK="# written by emseg cluster/slurm-up.sh"
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=cluster/slurm-lib.sh
+source "$HERE/slurm-lib.sh"
+
+die() { echo "slurm-up: error: $*" >&2; exit 1; }
+say() { echo "slurm-up: $*" >&2; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts system daemons); try: sudo $0"
+
+# --- 1. install -------------------------------------------------------------------------------
+PACKAGES=(slurmctld slurmd slurm-client munge)
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
+   || ! command -v munged >/dev/null; then
+    command -v apt-get >/dev/null || die "slurm/munge are not installed and apt-get is unavailable; install ${PACKAGES[*]}"
+    say "installing ${PACKAGES[*]} (apt, --no-install-recommends)"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >"/tmp/emseg-slurm-apt.log" 2>&1; then
+        apt-get update -q >>"/tmp/emseg-slurm-apt.log" 2>&1 || true
+        apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >>"/tmp/emseg-slurm-apt.log" 2>&1 \
+            || { tail -n 20 /tmp/emseg-slurm-apt.log >&2; die "apt-get install ${PACKAGES[*]} failed (log: /tmp/emseg-slurm-apt.log)"; }
+    fi
+fi
+
+NODE=$(hostname -s)
+mkdir -p "$STATE"/{pids,slurmctld,slurmd,logs,jobs}
+chmod 755 "$STATE" "$STATE/jobs"
+chmod 1777 "$STATE/logs"
+
+# --- 2. already up? -----------------------------------------------------------------------------
+node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n1; }
+if is_ours_alive slurmctld && is_ours_alive slurmd && grep -qF "$MARK" "$CONF_DIR/slurm.conf" 2>/dev/null; then
+    if [[ $(node_state) == idle || $(node_state) == mixed || $(node_state) == allocated ]]; then
+        say "already up (node $NODE $(node_state); state in $STATE)"
+        exit 0
+    fi
+fi
+# Some of ours are alive but the cluster is not usable: restart from clean.
+if ls "$STATE"/pids/* >/dev/null 2>&1; then
+    say "restarting: a previous start left daemons in an unusable state"
+    "$HERE/slurm-down.sh"
+    mkdir -p "$STATE"/{pids,slurmctld,slurmd,logs,jobs}
+fi
+for daemon in slurmctld slurmd; do
+    if pid=$(pgrep -x "$daemon" | head -n1) && [[ -n $pid ]] && ! is_zombie "$pid"; then
+        die "a $daemon not started by this script is running (pid $pid); stop it first"
+    fi
+done
+
+# --- 3. configuration -------------------------------------------------------------------------
+# Topology from the hardware, with more CPU slots advertised than there are cores (config_overrides),
+# so that a few one-core worker jobs and a 2-task training job fit at once.  RealMemory at ~95%:
+# more than the real amount makes the node INVALID.
+read -r REAL_CPUS REAL_MEM < <(slurmd -C | awk '
+    /^NodeName/ { for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["CPUs"], v["RealMemory"] }')
+[[ -n ${REAL_CPUS:-} && -n ${REAL_MEM:-} ]] || die "could not read the node topology from 'slurmd -C'"
+CPUS=${EMSEG_SLURM_CPUS:-$(( REAL_CPUS > 4 ? REAL_CPUS : 4 ))}
+MEM=$(( REAL_MEM * 95 / 100 ))
+DEF_MEM=$(( MEM / CPUS < 1024 ? MEM / CPUS : 1024 ))
+
+for f in slurm.conf cgroup.conf; do
+    if [[ -e $CONF_DIR/$f ]] && ! grep -qF "$MARK" "$CONF_DIR/$f"; then
+        say "keeping the existing $CONF_DIR/$f aside as $STATE/$f.orig"
+        mv "$CONF_DIR/$f" "$STATE/$f.orig"
+    fi
+done
+mkdir -p "$CONF_DIR"
+cat >"$CONF_DIR/slurm.conf" <<EOF
+$MARK for the single-node dev cluster; slurm-down.sh removes it.
+ClusterName=emseg-dev
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=$STATE/slurmctld
+SlurmdSpoolDir=$STATE/slurmd
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/logs/slurmctld.log
+SlurmdLogFile=$STATE/logs/slurmd.log
+# No cgroup enforcement: jobs are tracked through the process tree.  Simple and robust in containers.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/backfill
+SlurmdParameters=config_overrides
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MailProg=/bin/true
+# Short timings: cancelled jobs leave the queue quickly, finished ones are forgotten after 10 s.
+KillWait=5
+MinJobAge=10
+SchedulerParameters=sched_interval=5
+SlurmctldTimeout=30
+SlurmdTimeout=60
+InactiveLimit=0
+DefMemPerCPU=$DEF_MEM
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM State=UNKNOWN
+PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+EOF
+# slurmd 22.05 always loads a cgroup plugin: 'disabled' is refused, cgroup/v2 is refused on hybrid mounts.
+cat >"$CONF_DIR/cgroup.conf" <<EOF
+$MARK
+CgroupPlugin=autodetect
+EOF
+
+# --- 4. start the daemons -----------------------------------------------------------------------
+# munged: reuse one that is already running (not ours, so slurm-down.sh leaves it alone).
+if [[ -S /run/munge/munge.socket.2 ]] && munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+    say "using the munged already running"
+else
+    [[ -s /etc/munge/munge.key ]] || { say "creating /etc/munge/munge.key"; mungekey --create --keyfile=/etc/munge/munge.key; }
+    chown munge:munge /etc/munge/munge.key && chmod 600 /etc/munge/munge.key
+    install -d -o munge -g munge -m 755 /run/munge
+    install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
+    rm -f /run/munge/munged.pid
+    start_daemon munged "$STATE/logs/munged.out" /run/munge/munged.pid \
+        setpriv --reuid=munge --regid=munge --init-groups munged --force
+fi
+rm -f "$STATE/slurmctld.pid" "$STATE/slurmd.pid"
+start_daemon slurmctld "$STATE/logs/slurmctld.out" "$STATE/slurmctld.pid" slurmctld -c
+start_daemon slurmd "$STATE/logs/slurmd.out" "$STATE/slurmd.pid" slurmd
+
+# --- 5. wait until the node is idle -------------------------------------------------------------
+deadline=$(( SECONDS + TIMEOUT ))
+while :; do
+    state=$(node_state || true)
+    [[ $state == idle ]] && break
+    if (( SECONDS >= deadline )); then
+        echo "slurm-up: error: node $NODE is '${state:-not reported}' after ${TIMEOUT}s, not idle." >&2
+        sinfo -R >&2 2>/dev/null || true
+        for log in slurmctld slurmd; do
+            echo "--- last lines of $STATE/logs/$log.log" >&2; tail -n 15 "$STATE/logs/$log.log" >&2 2>/dev/null || true
+        done
+        echo "slurm-up: stop what was started with cluster/slurm-down.sh; EMSEG_SLURM_TIMEOUT raises the wait" >&2
+        exit 1
+    fi
+    sleep 1
+done
+say "up: node $NODE idle, $CPUS CPU slots, ${MEM} MB, partition '$PARTITION'; state and logs in $STATE"

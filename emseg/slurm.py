@@ -1,0 +1,476 @@
+"""Run emseg on a SLURM cluster: Dask workers as SLURM jobs, and DDP training as an sbatch job.
+
+* :func:`slurm_cluster` starts a dask-jobqueue ``SLURMCluster`` from a profile's
+  :class:`~emseg.cluster.SlurmOptions`, scales it adaptively between ``minimum_jobs`` and
+  ``maximum_jobs`` worker jobs, and when the run ends (success, error, Ctrl-C, SIGTERM) closes it and
+  cancels every job it submitted: all of them carry one job name unique to the run, and a final
+  ``scancel --name`` catches any the cluster object lost track of.
+* :func:`submit_training` renders ``cluster/train.sbatch``-style templates and submits them with
+  ``sbatch``; inside, ``srun emseg train ...`` starts one DDP process per task.
+
+With ``gpus_per_job: N`` each job requests ``--gres=gpu:N`` and runs N worker processes, each pinned
+to one of the job's GPUs and advertising the Dask resource ``GPU=1``; tasks then ask for
+``{"GPU": 1}`` so exactly one runs per GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from emseg.errors import ConfigError, EmsegError
+
+if TYPE_CHECKING:
+    from emseg.cluster import ClusterProfile, Connection
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SlurmError", "slurm_cluster", "submit_training", "render_training_script", "parse_walltime"]
+
+#: Prefix of the job name of every worker job emseg submits (the rest is unique per run).
+JOB_PREFIX = "emseg"
+
+
+class SlurmError(EmsegError, RuntimeError):
+    """SLURM refused a job, no worker started in time, or a submitted job failed."""
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def parse_walltime(walltime: str) -> int:
+    """Seconds in a SLURM time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM[:SS]``.
+
+    Raises
+    ------
+    ConfigError
+        The string is not one of these forms.
+    """
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", walltime.strip())
+    if not m:
+        raise ConfigError(f"walltime {walltime!r}: expected HH:MM:SS, MM:SS, MM or D-HH:MM:SS")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        return int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    if c is not None:
+        return int(a) * 3600 + int(b) * 60 + int(c)
+    if b is not None:
+        return int(a) * 60 + int(b)
+    return int(a) * 60
+
+
+def _require(command: str) -> str:
+    path = shutil.which(command)
+    if path is None:
+        raise SlurmError(
+            f"`{command}` is not on PATH: --cluster slurm must run where SLURM's client commands are "
+            "installed (a login node), or start a dev cluster with cluster/slurm-up.sh"
+        )
+    return path
+
+
+def _run(argv: Sequence[str], *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a SLURM client command; stdin closed, output captured."""
+    return subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+
+
+def _user() -> str:
+    return getpass.getuser()
+
+
+def jobs_named(name: str) -> dict[str, str]:
+    """Job id -> state (with reason when pending) of this user's jobs called ``name``."""
+    out = _run(["squeue", "-h", "--user", _user(), "--name", name, "-o", "%i %T %r"])
+    if out.returncode != 0:
+        log.warning("squeue failed: %s", out.stderr.strip())
+        return {}
+    jobs = {}
+    for line in out.stdout.splitlines():
+        job_id, state, reason = (line.split(None, 2) + ["", ""])[:3]
+        jobs[job_id] = state if reason in ("", "None") else f"{state} ({reason})"
+    return jobs
+
+
+def cancel_jobs_named(name: str) -> None:
+    """``scancel`` every job of this user called ``name`` (a no-op when there are none)."""
+    try:
+        out = _run(["scancel", "--user", _user(), "--name", name], timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:  # scancel missing or hanging: say so, keep going
+        log.error("could not cancel jobs named %s: %s; cancel them with `scancel --name %s`", name, e, name)
+        return
+    if out.returncode != 0:
+        log.error("scancel --name %s failed: %s", name, out.stderr.strip())
+
+
+@contextlib.contextmanager
+def _signals_raise_systemexit() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into SystemExit while inside, so ``finally`` blocks cancel the jobs.
+
+    Only in the main thread (signal handlers cannot be installed elsewhere); the previous handlers
+    are restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# -- Dask workers as SLURM jobs -----------------------------------------------------------------
+
+
+def default_log_directory() -> Path:
+    """Where worker job logs go when the profile sets none: ``~/.cache/emseg/slurm-logs``.
+
+    Home directories are shared between login and compute nodes on most clusters.
+    """
+    return Path.home() / ".cache" / "emseg" / "slurm-logs"
+
+
+def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
+    """``SLURMCluster`` keyword arguments for ``profile`` (one job: ``max(1, gpus_per_job)`` workers)."""
+    opts = profile.slurm
+    processes = max(1, opts.gpus_per_job)
+    threads = max(1, opts.cores // processes)
+    directives = list(opts.job_extra_directives)
+    worker_args: list[str] = []
+    if opts.gpus_per_job:
+        directives.insert(0, f"--gres=gpu:{opts.gpus_per_job}")
+        worker_args += ["--resources", "GPU=1"]
+        if processes > 1:
+            worker_args += ["--preload", "emseg.slurm"]  # dask_setup below pins one GPU per process
+    # Retire workers gracefully before SLURM kills them at the walltime; adaptive scaling replaces them.
+    seconds = parse_walltime(opts.walltime)
+    if seconds >= 600:
+        margin = min(300, seconds // 10)
+        worker_args += ["--lifetime", f"{seconds - margin}s", "--lifetime-stagger", f"{margin // 2}s"]
+    log_directory = Path(opts.log_directory).expanduser() if opts.log_directory else default_log_directory()
+    return {
+        "queue": opts.queue,
+        "account": opts.account,
+        "walltime": opts.walltime,
+        "cores": opts.cores,
+        "processes": processes,
+        "memory": opts.memory,
+        "job_name": job_name,
+        "job_extra_directives": directives,
+        "worker_extra_args": worker_args,
+        "interface": opts.interface,
+        "log_directory": str(log_directory),
+        "local_directory": opts.local_directory,
+        "python": opts.python or sys.executable,
+        "death_timeout": opts.death_timeout,
+        "job_script_prologue": [f"export OMP_NUM_THREADS={threads}", *opts.job_script_prologue],
+        "scheduler_options": {"dashboard_address": None},
+    }
+
+
+def dask_setup(worker: Any) -> None:
+    """Worker preload (``--preload emseg.slurm``): pin worker ``NAME-i`` to the job's i-th GPU.
+
+    SLURM exposes a job's GPUs in ``CUDA_VISIBLE_DEVICES``; each of the job's worker processes keeps
+    one of them so tasks asking for ``{"GPU": 1}`` never share a device.  Runs before any task (and so
+    before CUDA is initialised).
+    """
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    suffix = str(worker.name).rsplit("-", 1)[-1]
+    if visible and suffix.isdigit():
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(suffix) % len(visible)]
+
+
+def _check_submittable(job_script: str) -> None:
+    """``sbatch --test-only``: refuse early (bad partition, account, gres, memory) with SLURM's words."""
+    out = subprocess.run(["sbatch", "--test-only"], input=job_script, capture_output=True, text=True, timeout=60, check=False)
+    if out.returncode != 0:
+        reason = " ".join(line.removeprefix("sbatch: error: ") for line in out.stderr.strip().splitlines()) or "no reason given"
+        raise SlurmError(f"SLURM refuses the worker job of this profile: {reason}; fix the profile's slurm: section "
+                         "(queue, account, cores, memory, gpus_per_job, job_extra_directives)")
+
+
+def _wait_for_workers(client: Any, job_name: str, timeout: float, log_directory: str) -> None:
+    """Block until one worker is connected, or raise SlurmError naming the jobs' states."""
+    deadline = time.monotonic() + timeout
+    while not client.scheduler_info().get("workers"):
+        if time.monotonic() > deadline:
+            states = jobs_named(job_name)
+            listing = ", ".join(f"{j}: {s}" for j, s in sorted(states.items())) or "none in the queue"
+            raise SlurmError(
+                f"no SLURM worker started within {timeout:g} s (jobs named {job_name}: {listing}); "
+                f"check `squeue --name {job_name}` and the job logs in {log_directory}, "
+                "or raise slurm.start_timeout in the profile for busy queues"
+            )
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def slurm_cluster(profile: ClusterProfile) -> Iterator[Connection]:
+    """Dask workers as SLURM jobs for the duration of a run.
+
+    Parameters
+    ----------
+    profile : ClusterProfile
+        Its ``slurm`` section sets the jobs (partition, account, walltime, cores, memory, GPUs,
+        extra ``#SBATCH`` lines, adaptive range ``minimum_jobs``..``maximum_jobs``).
+
+    Yields
+    ------
+    Connection
+        The client; ``resources`` is ``{"GPU": 1}`` when the jobs have GPUs (so each task needs one),
+        else None; ``threads_per_worker`` is ``cores // workers per job``.
+
+    Raises
+    ------
+    SlurmError
+        SLURM commands are missing, SLURM refuses the job (``sbatch --test-only``), or no worker
+        connected within ``slurm.start_timeout`` seconds.
+
+    Every job submitted is cancelled when the block is left, whichever way it is left.
+    """
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    from emseg.cluster import Connection
+
+    for command in ("sbatch", "squeue", "scancel"):
+        _require(command)
+    opts = profile.slurm
+    job_name = f"{JOB_PREFIX}-{secrets.token_hex(4)}"
+    kwargs = cluster_kwargs(profile, job_name)
+    cluster = client = None
+    with _signals_raise_systemexit():
+        try:
+            cluster = SLURMCluster(**kwargs)
+            log.info("SLURM worker job script:\n%s", cluster.job_script())
+            _check_submittable(cluster.job_script())
+            client = Client(cluster)
+            cluster.adapt(minimum_jobs=opts.minimum_jobs, maximum_jobs=opts.maximum_jobs)
+            log.info("waiting for a SLURM worker (jobs named %s, logs in %s)", job_name, kwargs["log_directory"])
+            _wait_for_workers(client, job_name, opts.start_timeout, kwargs["log_directory"])
+            resources = {"GPU": 1.0} if opts.gpus_per_job else None
+            yield Connection(client, resources, max(1, opts.cores // kwargs["processes"]))
+        finally:
+            try:
+                try:
+                    if client is not None:
+                        client.close(timeout=10)
+                finally:
+                    if cluster is not None:
+                        cluster.close(timeout=30)
+            finally:  # runs even when a second Ctrl-C interrupts the closing above
+                cancel_jobs_named(job_name)
+
+
+# -- training as an sbatch job ------------------------------------------------------------------
+
+
+def default_template() -> Path:
+    """``cluster/train.sbatch`` of the source checkout emseg runs from."""
+    return Path(__file__).resolve().parent.parent / "cluster" / "train.sbatch"
+
+
+class _Template(string.Template):
+    delimiter = "@"  # leaves the script's own $VARS alone: placeholders are @{name}
+
+
+def render_training_script(
+    train_argv: Sequence[str],
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    tasks_per_node: int | None = None,
+    profile: ClusterProfile | None = None,
+    job_name: str = "emseg-train",
+    template: str | os.PathLike[str] | None = None,
+    python: str | None = None,
+) -> str:
+    """The sbatch script that runs ``emseg train TRAIN_ARGV`` with one DDP process per task.
+
+    ``tasks_per_node`` defaults to ``gpus_per_node`` (one process per GPU), or 1 without GPUs.
+    Partition, account, walltime, cores per task, memory, extra directives and prologue come from
+    ``profile.slurm``.  Placeholders in the template are ``@{name}``.
+    """
+    from emseg.cluster import ClusterProfile
+
+    if nodes < 1 or gpus_per_node < 0 or (tasks_per_node is not None and tasks_per_node < 1):
+        raise ConfigError(f"--nodes must be >= 1, --gpus-per-node >= 0 and tasks per node >= 1; got "
+                          f"nodes={nodes}, gpus_per_node={gpus_per_node}, tasks_per_node={tasks_per_node}")
+    tasks = tasks_per_node if tasks_per_node is not None else max(1, gpus_per_node)
+    opts = (profile or ClusterProfile(kind="slurm")).slurm
+    path = Path(template) if template is not None else default_template()
+    if not path.is_file():
+        raise ConfigError(f"sbatch template {path} not found; pass template= or reinstall emseg from its source checkout")
+    directives = [f"--nodes={nodes}", f"--ntasks-per-node={tasks}", f"--cpus-per-task={opts.cores}",
+                  f"--time={opts.walltime}", f"--job-name={job_name}"]
+    if opts.queue:
+        directives.append(f"--partition={opts.queue}")
+    if opts.account:
+        directives.append(f"--account={opts.account}")
+    if gpus_per_node:
+        directives.append(f"--gres=gpu:{gpus_per_node}")
+    directives.append(f"--mem={_slurm_memory(opts.memory)}")
+    if opts.log_directory:
+        logs = Path(opts.log_directory).expanduser()
+        directives.append(f"--output={logs / '%x-%j.out'}")
+    directives += list(opts.job_extra_directives)
+    python_exe = python or opts.python or sys.executable
+    # The `emseg` entry point installed beside that interpreter (same venv on the compute nodes).
+    emseg_exe = str(Path(python_exe).parent / "emseg") if os.path.isabs(python_exe) else "emseg"
+    command = " ".join(_shell_quote(a) for a in [emseg_exe, "train", *train_argv])
+    return _Template(path.read_text()).substitute(
+        directives="\n".join(f"#SBATCH {d}" for d in directives),
+        prologue="\n".join(opts.job_script_prologue),
+        threads=str(opts.cores),
+        train_command=command,
+    )
+
+
+def _slurm_memory(memory: str) -> str:
+    """Dask-style ``4GB``/``16GiB`` -> SLURM ``--mem`` megabytes (``4000M``)."""
+    from dask.utils import parse_bytes
+
+    try:
+        return f"{max(1, parse_bytes(memory) // 10**6)}M"
+    except ValueError as e:
+        raise ConfigError(f"memory {memory!r}: expected e.g. 4GB or 16GiB") from e
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def submit_training(
+    train_argv: Sequence[str],
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    tasks_per_node: int | None = None,
+    profile: ClusterProfile | None = None,
+    wait: bool = True,
+    timeout: float | None = None,
+    template: str | os.PathLike[str] | None = None,
+    script_path: str | os.PathLike[str] | None = None,
+) -> int:
+    """Submit ``emseg train TRAIN_ARGV`` as one sbatch job of ``nodes`` x ``tasks_per_node`` DDP processes.
+
+    Parameters
+    ----------
+    train_argv : sequence of str
+        Arguments of ``emseg train`` (without ``train``, ``--cluster``, ``--nodes``, ``--gpus-per-node``).
+    nodes, gpus_per_node, tasks_per_node
+        Job shape; ``tasks_per_node`` defaults to ``gpus_per_node`` (one process per GPU), else 1.
+    profile : ClusterProfile, optional
+        Partition, account, walltime, cores per task, memory, extra directives, prologue, log directory.
+    wait : bool
+        Block until the job ends; Ctrl-C (or SIGTERM) then cancels it.
+    timeout : float, optional
+        Seconds to wait before cancelling the job and raising SlurmError (default: no limit).
+    script_path : path, optional
+        Where to write the rendered script (default: next to the job logs).
+
+    Returns
+    -------
+    int
+        The SLURM job id.
+
+    Raises
+    ------
+    SlurmError
+        sbatch refused the job, the job failed (its state and log are named), or the wait timed out.
+    """
+    _require("sbatch")
+    script = render_training_script(train_argv, nodes=nodes, gpus_per_node=gpus_per_node,
+                                    tasks_per_node=tasks_per_node, profile=profile, template=template)
+    opts = profile.slurm if profile is not None else None
+    logs = Path(opts.log_directory).expanduser() if opts and opts.log_directory else default_log_directory()
+    logs.mkdir(parents=True, exist_ok=True)
+    path = Path(script_path) if script_path is not None else logs / f"emseg-train-{secrets.token_hex(4)}.sbatch"
+    path.write_text(script)
+    argv = ["sbatch", "--parsable"]
+    if not any(line.startswith("#SBATCH --output") for line in script.splitlines()):
+        argv.append(f"--output={logs / '%x-%j.out'}")
+    out = _run([*argv, str(path)])
+    if out.returncode != 0:
+        raise SlurmError(f"sbatch refused the training job ({path}): {out.stderr.strip() or out.stdout.strip()}")
+    job_id = int(out.stdout.strip().split(";")[0])
+    log.info("submitted training job %d (script %s, log %s)", job_id, path, logs)
+    if wait:
+        wait_for_job(job_id, timeout=timeout, log_hint=str(logs))
+    return job_id
+
+
+TERMINAL_OK = {"COMPLETED"}
+
+
+def job_state(job_id: int) -> str | None:
+    """State of a job (``PENDING``, ``RUNNING``, ``COMPLETED``, ``FAILED`` ...), None once forgotten."""
+    out = _run(["scontrol", "show", "job", "-o", str(job_id)])
+    m = re.search(r"\bJobState=(\S+)", out.stdout)
+    if out.returncode != 0 or m is None:
+        return None
+    return m.group(1)
+
+
+def _exit_code(job_id: int) -> str | None:
+    out = _run(["scontrol", "show", "job", "-o", str(job_id)])
+    m = re.search(r"\bExitCode=(\S+)", out.stdout)
+    return m.group(1) if m else None
+
+
+def wait_for_job(job_id: int, *, timeout: float | None = None, poll: float = 2.0, log_hint: str = "") -> None:
+    """Wait until ``job_id`` ends; cancel it on Ctrl-C/SIGTERM or after ``timeout`` seconds.
+
+    Raises
+    ------
+    SlurmError
+        The job ended in a state other than COMPLETED, vanished without a known end, or timed out.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    finished = False
+    with _signals_raise_systemexit():
+        try:
+            last = None
+            while True:
+                state = job_state(job_id)
+                if state != last:
+                    log.info("job %d: %s", job_id, state)
+                    last = state
+                if state is None:
+                    finished = True
+                    raise SlurmError(f"job {job_id} left the queue without a recorded end state; see its log in {log_hint}")
+                if state in TERMINAL_OK:
+                    finished = True
+                    return
+                if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"):
+                    finished = True
+                    raise SlurmError(f"job {job_id} ended {state} (exit code {_exit_code(job_id)}); see its log in {log_hint}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise SlurmError(f"job {job_id} did not finish within {timeout:g} s (last state {state}); it was cancelled")
+                time.sleep(poll)
+        finally:
+            if not finished:
+                _run(["scancel", str(job_id)], timeout=30)
