@@ -1,0 +1,180 @@
+"""emseg.inference: the compute path alone (numpy in, numpy out), no zarr and no dask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emseg.errors import ConfigError, GeometryError, InvalidDataError, UnsupportedDtypeError
+from emseg.geometry import Roi, plan_blocks
+from emseg.inference import (
+    gaussian_window,
+    make_tiling,
+    normalize,
+    predict_block,
+    to_output_dtype,
+)
+
+from .conftest import smooth_volume, tiny_model
+
+MEAN, STD = 0.4, 0.3
+
+
+def reflect_read(volume: np.ndarray, roi: Roi) -> np.ndarray:
+    """What Volume.read(roi, pad="reflect") returns, for an in-memory array."""
+    lo = [max(0, -b) for b in roi.begin]
+    hi = [max(0, e - s) for e, s in zip(roi.end, volume.shape[-3:])]
+    padded = np.pad(volume, [(0, 0)] * (volume.ndim - 3) + list(zip(lo, hi)), mode="reflect")
+    shifted = roi.shift(lo)
+    return padded[(Ellipsis,) + shifted.to_slices()]
+
+
+def whole_volume(model, volume: np.ndarray) -> np.ndarray:
+    """One forward pass over the mirror-padded whole volume ("valid" model), cropped to the volume."""
+    x = (volume.astype(np.float32) / 255 - MEAN) / STD
+    lead = 3 - model.ndim
+    ctx = (0,) * lead + tuple(model.context)
+    need = tuple(s + 2 * c for s, c in zip(volume.shape[lead:], ctx[lead:]))
+    inp = (volume.shape[0],) * lead + model.valid_input_shape(need)
+    x = np.pad(x, [(c, i - s - c) for s, c, i in zip(volume.shape, ctx, inp)], mode="reflect")
+    with torch.inference_mode():
+        t = torch.from_numpy(x)[None, None]
+        if model.ndim == 2:  # slices as a batch
+            t = t[0].permute(1, 0, 2, 3)
+            y = torch.sigmoid(model(t)).permute(1, 0, 2, 3)
+        else:
+            y = torch.sigmoid(model(t))[0]
+    z, yy, xx = volume.shape
+    return y.numpy()[:, :z, :yy, :xx]
+
+
+def blockwise(model, volume: np.ndarray, tiling, block_shape, batch_size: int = 3, **kwargs) -> np.ndarray:
+    grid = plan_blocks(Roi.from_shape(volume.shape[-3:]), block_shape, multiple=tiling.tile_shape)
+    out = np.full((model.out_channels, *volume.shape[-3:]), np.nan, dtype=np.float32)
+    for block in grid:
+        read = tiling.read_roi(block.write_roi)
+        out[(slice(None),) + block.write_roi.to_slices()] = predict_block(
+            model, reflect_read(volume, read), raw_roi=read, write_roi=block.write_roi, tiling=tiling,
+            mean=MEAN, std=STD, batch_size=batch_size, **kwargs)
+    assert not np.isnan(out).any()
+    return out
+
+
+@pytest.mark.parametrize("block_shape", [(8, 16, 8), (16, 8, 24), (24, 24, 24)])
+def test_valid_3d_blockwise_equals_whole_volume(block_shape: tuple[int, int, int]) -> None:
+    model = tiny_model(3)
+    volume = smooth_volume((22, 22, 23))  # not a multiple of the tile: last tiles reach past the volume
+    tiling = make_tiling(model, volume.shape, tile_shape=(8, 8, 8))
+    assert tiling.input_offset == tuple(model.context) and tiling.blend == "crop"
+    got = blockwise(model, volume, tiling, block_shape)
+    np.testing.assert_allclose(got, whole_volume(model, volume), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_shape", [(1, 16, 16), (3, 32, 16), (7, 64, 64)])
+def test_valid_2d_blockwise_equals_whole_volume(block_shape: tuple[int, int, int]) -> None:
+    model = tiny_model(2)
+    volume = smooth_volume((7, 30, 37))
+    tiling = make_tiling(model, volume.shape, tile_shape=(5, 16, 16))
+    assert tiling.tile_shape == (1, 16, 16) and tiling.input_offset[0] == 0  # per slice, no z halo
+    got = blockwise(model, volume, tiling, block_shape)
+    np.testing.assert_allclose(got, whole_volume(model, volume), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("ndim", "halo", "blend"), [(2, (0, 24, 24), "crop"), (3, (4, 4, 4), "gaussian")])
+def test_same_padded_is_bit_identical_across_block_shapes(ndim, halo, blend) -> None:
+    model = tiny_model(ndim, padding="same")
+    volume = smooth_volume((6, 28, 30) if ndim == 2 else (12, 20, 22), seed=1)
+    tiling = make_tiling(model, volume.shape, tile_shape=(4, 8, 8), halo=halo)
+    assert tiling.blend == blend
+    a = blockwise(model, volume, tiling, (4, 8, 8))
+    b = blockwise(model, volume, tiling, (8, 16, 8), batch_size=3)
+    np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all() and (a >= 0).all() and (a <= 1).all()
+
+
+def test_same_padded_default_halo_covers_half_the_receptive_field() -> None:
+    model = tiny_model(3, padding="same")
+    tiling = make_tiling(model, (64, 64, 64), tile_shape=(64, 64, 64))
+    need = -(-model.receptive_field[0] // 2)
+    assert tiling.input_offset[0] >= need and tiling.input_offset[0] % model.input_multiple[0] == 0
+    assert tiling.blend == "crop"
+    small = make_tiling(model, (64, 64, 64), tile_shape=(8, 8, 8))  # halo capped at half the tile
+    assert small.blend == "gaussian" and small.input_offset == (4, 4, 4)
+
+
+def test_tta_and_multichannel_softmax() -> None:
+    model = tiny_model(2, out_channels=2)
+    volume = smooth_volume((2, 24, 24))
+    tiling = make_tiling(model, volume.shape, tile_shape=(1, 8, 8))
+    write = Roi.from_shape(volume.shape)
+    read = tiling.read_roi(write)
+    raw = reflect_read(volume, read)
+    plain = predict_block(model, raw, raw_roi=read, write_roi=write, tiling=tiling, activation="softmax")
+    tta = predict_block(model, raw, raw_roi=read, write_roi=write, tiling=tiling, activation="softmax", tta=True)
+    assert plain.shape == tta.shape == (2, 2, 24, 24)
+    np.testing.assert_allclose(tta.sum(axis=0), 1, atol=1e-5)
+    assert not np.array_equal(plain, tta)
+
+
+def test_bf16_is_close_to_fp32() -> None:
+    model = tiny_model(2)
+    volume = smooth_volume((2, 24, 24))
+    tiling = make_tiling(model, volume.shape, tile_shape=(1, 16, 16))
+    write = Roi.from_shape(volume.shape)
+    read = tiling.read_roi(write)
+    raw = reflect_read(volume, read)
+    fp32 = predict_block(model, raw, raw_roi=read, write_roi=write, tiling=tiling)
+    bf16 = predict_block(model, raw, raw_roi=read, write_roi=write, tiling=tiling, precision="bf16")
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+
+
+def test_normalize_scales_by_dtype() -> None:
+    np.testing.assert_allclose(normalize(np.array([0, 255], np.uint8), 0.5, 0.5), [-1, 1])
+    np.testing.assert_allclose(normalize(np.array([0, 65535], np.uint16), 0.0, 1.0), [0, 1])
+    np.testing.assert_allclose(normalize(np.array([0.25], np.float64), 0.0, 0.5), [0.5])
+
+
+def test_normalize_refuses_nan_and_other_dtypes() -> None:
+    with pytest.raises(InvalidDataError, match="1 NaN/inf voxel"):
+        normalize(np.array([0.0, np.nan], np.float32), 0.5, 0.5)
+    with pytest.raises(UnsupportedDtypeError, match="int32"):
+        normalize(np.array([1], np.int32), 0.5, 0.5)
+
+
+def test_output_dtype_conversion() -> None:
+    values = np.array([-0.1, 0.0, 0.5, 0.999, 1.2], np.float32)
+    np.testing.assert_array_equal(to_output_dtype(values, "uint8"), [0, 0, 128, 255, 255])
+    assert to_output_dtype(values, "float16").dtype == np.float16
+    with pytest.raises(ConfigError, match="unknown output dtype"):
+        to_output_dtype(values, "int8")  # type: ignore[arg-type]
+
+
+def test_gaussian_window_is_positive_and_peaks_in_the_centre() -> None:
+    w = gaussian_window((1, 9, 8))
+    assert w.shape == (1, 9, 8) and w.min() > 0 and w.max() == pytest.approx(1, abs=0.05)
+    assert w[0, 4, 3] == w.max()
+
+
+def test_tiling_rejects_a_volume_thinner_than_the_context() -> None:
+    model = tiny_model(3)
+    with pytest.raises(GeometryError, match=r"too small for the model: along axes \[0\].*2D model"):
+        make_tiling(model, (5, 64, 64))
+
+
+def test_tiling_rejects_a_halo_for_valid_models() -> None:
+    with pytest.raises(GeometryError, match="needs exactly its context"):
+        make_tiling(tiny_model(3), (64, 64, 64), halo=(2, 2, 2))
+
+
+def test_predict_block_checks_its_input() -> None:
+    model = tiny_model(3)
+    tiling = make_tiling(model, (24, 24, 24), tile_shape=(8, 8, 8))
+    write = Roi((0, 0, 0), (8, 8, 8))
+    read = tiling.read_roi(write)
+    short = Roi(read.offset, tuple(s - 1 for s in read.shape))
+    with pytest.raises(GeometryError, match="does not cover"):
+        predict_block(model, np.zeros(short.shape, np.uint8), raw_roi=short, write_roi=write, tiling=tiling)
+    with pytest.raises(GeometryError, match="does not match"):
+        predict_block(model, np.zeros((3, 3, 3), np.uint8), raw_roi=read, write_roi=write, tiling=tiling)
