@@ -291,6 +291,9 @@ def default_template() -> Path:
     return Path(__file__).resolve().parent.parent / "cluster" / "train.sbatch"
 
 
+TRAIN_JOB_NAME = "emseg-train"
+
+
 class _Template(string.Template):
     delimiter = "@"  # leaves the script's own $VARS alone: placeholders are @{name}
 
@@ -302,7 +305,7 @@ def render_training_script(
     gpus_per_node: int = 0,
     tasks_per_node: int | None = None,
     profile: ClusterProfile | None = None,
-    job_name: str = "emseg-train",
+    job_name: str = TRAIN_JOB_NAME,
     template: str | os.PathLike[str] | None = None,
     python: str | None = None,
 ) -> str:
@@ -339,12 +342,16 @@ def render_training_script(
     # The `emseg` entry point installed beside that interpreter (same venv on the compute nodes).
     emseg_exe = str(Path(python_exe).parent / "emseg") if os.path.isabs(python_exe) else "emseg"
     command = " ".join(_shell_quote(a) for a in [emseg_exe, "train", *train_argv])
-    return _Template(path.read_text()).substitute(
-        directives="\n".join(f"#SBATCH {d}" for d in directives),
-        prologue="\n".join(opts.job_script_prologue),
-        threads=str(opts.cores),
-        train_command=command,
-    )
+    try:
+        return _Template(path.read_text()).substitute(
+            directives="\n".join(f"#SBATCH {d}" for d in directives),
+            prologue="\n".join(opts.job_script_prologue),
+            threads=str(opts.cores),
+            train_command=command,
+        )
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"sbatch template {path}: bad placeholder {e}; the fields are @{{directives}}, "
+                          "@{prologue}, @{threads} and @{train_command} (write @@ for a literal @)") from e
 
 
 def _slurm_memory(memory: str) -> str:
@@ -412,33 +419,41 @@ def submit_training(
     path.write_text(script)
     argv = ["sbatch", "--parsable"]
     if not any(line.startswith("#SBATCH --output") for line in script.splitlines()):
-        argv.append(f"--output={logs / '%x-%j.out'}")
+        argv.append(f"--output={logs / '%x-%j.out'}")  # same place and name as the profile's log_directory gives
     out = _run([*argv, str(path)])
     if out.returncode != 0:
         raise SlurmError(f"sbatch refused the training job ({path}): {out.stderr.strip() or out.stdout.strip()}")
     job_id = int(out.stdout.strip().split(";")[0])
-    log.info("submitted training job %d (script %s, log %s)", job_id, path, logs)
+    job_log = logs / f"{TRAIN_JOB_NAME}-{job_id}.out"
+    log.info("submitted training job %d (script %s, log %s)", job_id, path, job_log)
     if wait:
-        wait_for_job(job_id, timeout=timeout, log_hint=str(logs))
+        wait_for_job(job_id, timeout=timeout, log_hint=str(job_log))
     return job_id
 
 
 TERMINAL_OK = {"COMPLETED"}
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT"}
 
 
-def job_state(job_id: int) -> str | None:
-    """State of a job (``PENDING``, ``RUNNING``, ``COMPLETED``, ``FAILED`` ...), None once forgotten."""
+def job_state(job_id: int) -> tuple[str, str] | None:
+    """``(state, exit code)`` of a job (``RUNNING``, ``COMPLETED``, ``FAILED`` ...), None when unknown.
+
+    Asks ``scontrol`` (jobs stay there ``MinJobAge`` seconds after they end), then ``sacct``
+    where accounting is enabled.
+    """
     out = _run(["scontrol", "show", "job", "-o", str(job_id)])
-    m = re.search(r"\bJobState=(\S+)", out.stdout)
-    if out.returncode != 0 or m is None:
+    state = re.search(r"\bJobState=(\S+)", out.stdout)
+    code = re.search(r"\bExitCode=(\S+)", out.stdout)
+    if out.returncode == 0 and state is not None:
+        return state.group(1), code.group(1) if code else "?"
+    if shutil.which("sacct") is None:
         return None
-    return m.group(1)
-
-
-def _exit_code(job_id: int) -> str | None:
-    out = _run(["scontrol", "show", "job", "-o", str(job_id)])
-    m = re.search(r"\bExitCode=(\S+)", out.stdout)
-    return m.group(1) if m else None
+    out = _run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,ExitCode"])
+    line = out.stdout.strip().splitlines()[:1]
+    if out.returncode != 0 or not line or "|" not in line[0]:
+        return None
+    acct_state, _, acct_code = line[0].partition("|")
+    return acct_state.split()[0], acct_code
 
 
 def wait_for_job(job_id: int, *, timeout: float | None = None, poll: float = 2.0, log_hint: str = "") -> None:
@@ -450,24 +465,26 @@ def wait_for_job(job_id: int, *, timeout: float | None = None, poll: float = 2.0
         The job ended in a state other than COMPLETED, vanished without a known end, or timed out.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    see = f"; see its log {log_hint}" if log_hint else ""
     finished = False
     with _signals_raise_systemexit():
         try:
             last = None
             while True:
-                state = job_state(job_id)
+                found = job_state(job_id)
+                state, code = found if found is not None else (None, "?")
                 if state != last:
                     log.info("job %d: %s", job_id, state)
                     last = state
                 if state is None:
                     finished = True
-                    raise SlurmError(f"job {job_id} left the queue without a recorded end state; see its log in {log_hint}")
+                    raise SlurmError(f"job {job_id} left the queue and SLURM keeps no record of how it ended{see}")
                 if state in TERMINAL_OK:
                     finished = True
                     return
-                if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"):
+                if state not in ACTIVE:
                     finished = True
-                    raise SlurmError(f"job {job_id} ended {state} (exit code {_exit_code(job_id)}); see its log in {log_hint}")
+                    raise SlurmError(f"job {job_id} ended {state} (exit code {code}){see}")
                 if deadline is not None and time.monotonic() > deadline:
                     raise SlurmError(f"job {job_id} did not finish within {timeout:g} s (last state {state}); it was cancelled")
                 time.sleep(poll)
