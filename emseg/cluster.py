@@ -202,6 +202,8 @@ def _cpu_cluster(profile: ClusterProfile) -> Any:
         processes=True,
         memory_limit=profile.memory_limit or "auto",
         dashboard_address=None,
+        # no dashboard; its HTTP server (health checks) on a free port: the default 8787 warns when taken
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
         env={"OMP_NUM_THREADS": str(profile.threads_per_worker)},
     )
 
@@ -222,5 +224,5 @@ def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile) -> Any:
         }
         for gpu in gpus
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="emseg-local-gpu")
