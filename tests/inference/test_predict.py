@@ -1,0 +1,185 @@
+"""emseg.predict end to end on a real distributed LocalCluster: stitching, bit-identity, resume, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from emseg.errors import (
+    ConfigError,
+    GeometryError,
+    InvalidDataError,
+    OutputExistsError,
+    ResumeMismatchError,
+    VolumeShapeError,
+)
+from emseg.io import open_volume, read_status
+from emseg.io.ledger import Ledger
+from emseg.models import load_checkpoint
+from emseg.predict import default_checkpoint, plan_prediction, predict
+
+from .conftest import smooth_volume
+from .test_inference import MEAN, STD, whole_volume
+
+
+def read_output(path: Path) -> np.ndarray:
+    return np.asarray(open_volume(path).array[:])
+
+
+def test_3d_blockwise_run_equals_whole_volume_and_carries_metadata(checkpoints, write_volume, tmp_path, cluster2):
+    ckpt = checkpoints(3)
+    data = smooth_volume((22, 24, 26))
+    source = write_volume(data, chunks=(8, 8, 8))
+    out = tmp_path / "out.zarr"
+    report = predict(source, out, checkpoint=ckpt, block_size=(8, 16, 8), tile_size=(8, 8, 8), chunks=(8, 8, 8),
+                     dtype="float32", client=cluster2, progress=False)
+    assert (report.blocks, report.computed, report.skipped) == (3 * 2 * 4, 24, 0)
+    model = load_checkpoint(ckpt).model
+    assert (MEAN, STD) == (0.4, 0.3)  # the fixtures' normalisation
+    np.testing.assert_allclose(read_output(out), whole_volume(model, data), rtol=0, atol=1e-5)
+    volume = open_volume(out)
+    assert volume.axes == ("c", "z", "y", "x") and volume.dtype == np.float32
+    assert volume.voxel_size == (40.0, 4.0, 4.0) and volume.offset_nm == (80.0, 8.0, 4.0)
+    status = read_status(out)
+    assert status["status"] == "complete" and status["source"] == str(source) and status["outputs"] == ["out0"]
+    assert status["params"]["model"]["name"] == "unet"
+
+
+def test_2d_model_runs_per_slice_and_equals_whole_volume(checkpoints, write_volume, tmp_path, cluster2):
+    ckpt = checkpoints(2, out_channels=2)
+    data = smooth_volume((5, 40, 36))
+    source = write_volume(data)
+    out = tmp_path / "out.zarr"
+    plan = plan_prediction(source, checkpoint=ckpt, block_size=(2, 16, 16), tile_size=(1, 16, 16), chunks=(1, 16, 16))
+    assert plan.tiling.input_offset[0] == 0 and len(plan.grid) == 3 * 3 * 3
+    predict(source, out, checkpoint=ckpt, block_size=(2, 16, 16), tile_size=(1, 16, 16), chunks=(1, 16, 16),
+            dtype="float32", client=cluster2, progress=False)
+    model = load_checkpoint(ckpt).model
+    np.testing.assert_allclose(read_output(out), whole_volume(model, data), rtol=0, atol=1e-5)
+
+
+def test_output_is_bit_identical_across_block_sizes_and_worker_counts(checkpoints, write_volume, tmp_path,
+                                                                       cluster1, cluster2):
+    ckpt = checkpoints(2, padding="same")
+    source = write_volume(smooth_volume((6, 48, 40), seed=3))
+    common = dict(checkpoint=ckpt, tile_size=(1, 16, 16), chunks=(2, 16, 8), progress=False, batch_size=3)
+    runs = [((2, 16, 16), cluster2), ((4, 32, 16), cluster2), ((2, 16, 16), cluster1), ((6, 48, 48), cluster1)]
+    outputs = []
+    for i, (block, connection) in enumerate(runs):
+        out = tmp_path / f"out{i}.zarr"
+        predict(source, out, block_size=block, client=connection, **common)
+        outputs.append(read_output(out))
+    assert outputs[0].dtype == np.uint8 and outputs[0].std() > 0
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(outputs[0], other)
+
+
+def test_rerun_resumes_and_other_parameters_are_refused(checkpoints, write_volume, tmp_path, cluster2):
+    ckpt = checkpoints(2)
+    source = write_volume(smooth_volume((4, 32, 32), seed=4))
+    out = tmp_path / "out.zarr"
+    args = dict(checkpoint=ckpt, block_size=(1, 32, 32), tile_size=(1, 16, 16), progress=False, client=cluster2)
+    first = predict(source, out, **args)
+    expected = read_output(out)
+    # forget two blocks, as if the run had been killed before they finished
+    markers = zarr.open_array(str(Ledger(out, "predict").path), mode="r+")
+    markers[1] = ""
+    markers[3] = ""
+    zarr.open_array(str(out / "0"), mode="r+")[:, 1] = 0
+    again = predict(source, out, **args)
+    assert (first.computed, again.computed, again.skipped) == (4, 2, 2)
+    np.testing.assert_array_equal(read_output(out), expected)
+    assert predict(source, out, **args).computed == 0
+    with pytest.raises(ResumeMismatchError, match=r"differs in: batch_size"):
+        predict(source, out, batch_size=2, **args)
+    with pytest.raises(ResumeMismatchError, match=r"differs in: checkpoint_sha256"):
+        predict(source, out, **{**args, "checkpoint": checkpoints(2, seed=1)})
+    assert predict(source, out, batch_size=2, overwrite=True, **args).computed == 4
+
+
+def test_nan_in_float_input_is_an_invalid_data_error(checkpoints, write_volume, tmp_path, cluster2):
+    data = smooth_volume((2, 32, 32), dtype="float32")
+    data[1, 20, 20] = np.nan
+    source = write_volume(data)
+    out = tmp_path / "out.zarr"
+    with pytest.raises(InvalidDataError, match=r"block 1 .* NaN/inf voxel.*other blocks are kept"):
+        predict(source, out, checkpoint=checkpoints(2), block_size=(1, 32, 32), tile_size=(1, 16, 16),
+                client=cluster2, progress=False)
+    assert Ledger(out, "predict").done().keys() == {0}
+    assert read_status(out)["status"] == "incomplete"
+
+
+def test_an_unreadable_chunk_is_an_invalid_data_error(checkpoints, write_volume, tmp_path, cluster2):
+    source = write_volume(smooth_volume((2, 32, 32)))
+    chunk = source / "0" / "c" / "0" / "1" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a blosc frame")
+    with pytest.raises(InvalidDataError, match=r"cannot read"):
+        predict(source, tmp_path / "out.zarr", checkpoint=checkpoints(2), block_size=(1, 32, 32),
+                tile_size=(1, 16, 16), client=cluster2, progress=False)
+
+
+def test_model_channels_must_match_the_volume(checkpoints, write_volume):
+    source = write_volume(np.stack([smooth_volume((2, 32, 32))] * 2))
+    with pytest.raises(VolumeShapeError, match=r"has 2 channel\(s\) but the model .* expects 1"):
+        plan_prediction(source, checkpoint=checkpoints(2))
+    plan = plan_prediction(source, checkpoint=checkpoints(2, in_channels=2))
+    assert plan.out_channels == 1
+
+
+def test_block_smaller_than_a_tile_is_refused(checkpoints, write_volume):
+    source = write_volume(smooth_volume((4, 64, 64)))
+    with pytest.raises(GeometryError, match=r"smaller than the model's tile core \(1, 32, 32\)"):
+        plan_prediction(source, checkpoint=checkpoints(2), tile_size=(1, 32, 32), block_size=(1, 16, 16))
+    with pytest.raises(GeometryError, match=r"not a multiple of the output chunk shape"):
+        plan_prediction(source, checkpoint=checkpoints(2), tile_size=(1, 16, 16), block_size=(1, 48, 48),
+                        chunks=(1, 32, 32))
+
+
+def test_volume_smaller_than_the_context_is_refused(checkpoints, write_volume):
+    source = write_volume(smooth_volume((4, 64, 64)))
+    with pytest.raises(GeometryError, match=r"too small for the model.*axes \[0\]"):
+        plan_prediction(source, checkpoint=checkpoints(3))
+
+
+def test_small_volume_gets_one_clipped_tile(checkpoints, write_volume):
+    source = write_volume(smooth_volume((3, 21, 30)))
+    plan = plan_prediction(source, checkpoint=checkpoints(2))
+    assert plan.tiling.tile_shape == (1, 24, 32) and len(plan.grid) == 1 and plan.chunks == (3, 21, 30)
+
+
+def test_logits_need_a_float_output_and_options_are_checked(checkpoints, write_volume):
+    source = write_volume(smooth_volume((2, 32, 32)))
+    with pytest.raises(ConfigError, match="raw logits"):
+        plan_prediction(source, checkpoint=checkpoints(2, activation="none"))
+    assert plan_prediction(source, checkpoint=checkpoints(2, activation="none"), dtype="float16").dtype == "float16"
+    with pytest.raises(ConfigError, match="--batch-size"):
+        plan_prediction(source, checkpoint=checkpoints(2), batch_size=0)
+
+
+def test_existing_foreign_output_and_missing_bundled_model(checkpoints, write_volume, tmp_path, monkeypatch):
+    source = write_volume(smooth_volume((2, 32, 32)))
+    other = write_volume(smooth_volume((2, 32, 32)), name="other.zarr")
+    with pytest.raises(OutputExistsError, match="not an emseg prediction"):
+        predict(source, other, checkpoint=checkpoints(2), progress=False)
+    monkeypatch.setattr("emseg.predict.BUNDLED", tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="no --model given and no bundled model installed"):
+        default_checkpoint()
+
+
+def test_dry_run_plans_without_writing(checkpoints, write_volume, tmp_path):
+    source = write_volume(smooth_volume((6, 64, 64)))
+    out = tmp_path / "out.zarr"
+    report = predict(source, out, checkpoint=checkpoints(2), tile_size=(1, 32, 32), block_size=(2, 64, 32),
+                     tta=True, dry_run=True)
+    assert report.dry_run and not out.exists()
+    plan = report.plan
+    assert len(plan.grid) == 6 and plan.tiles == 6 * 2 * 2
+    # 4 tiles of 72x72 input per block (batch 4), 4 flips
+    assert plan.computed_voxels == 6 * 4 * 72 * 72 * 4 and plan.output_voxels == 6 * 64 * 64
+    text = report.summary()
+    for word in ("blocks     6", "halo       0x20x20", "computed", "MiB per block"):
+        assert word in text
