@@ -39,6 +39,7 @@ __all__ = [
     "PreparedVolume",
     "instances_from_labels",
     "load_source",
+    "mirrored_window",
     "membrane_from_instances",
     "parse_data_path",
     "sample_batch",
@@ -198,7 +199,7 @@ class Batch:
     weight: npt.NDArray[np.float32] | None
 
 
-def _window(array: npt.NDArray[Any], offset: Sequence[int], shape: Sequence[int]) -> npt.NDArray[Any]:
+def mirrored_window(array: npt.NDArray[Any], offset: Sequence[int], shape: Sequence[int]) -> npt.NDArray[Any]:
     """``array[offset : offset + shape]`` with mirroring wherever the window leaves the array."""
     index = []
     for o, s, n in zip(offset, shape, array.shape, strict=True):
@@ -252,9 +253,9 @@ def sample_patch(
     read_offset = [o - c - m for o, c, m in zip(out_offset, context, margin, strict=True)]
     read_shape = [i + 2 * m for i, m in zip(full_in, margin, strict=True)]
 
-    raw = _window(vol.raw, read_offset, read_shape).astype(np.float32) / 255.0
-    inst = _window(vol.instances, read_offset, read_shape)
-    weight = _window(vol.weights, read_offset, read_shape) if vol.weights is not None else None
+    raw = mirrored_window(vol.raw, read_offset, read_shape).astype(np.float32) / 255.0
+    inst = mirrored_window(vol.instances, read_offset, read_shape)
+    weight = mirrored_window(vol.weights, read_offset, read_shape) if vol.weights is not None else None
 
     if elastic:
         field = augment.elastic_field(read_shape[1:], rng, sigma=cfg.elastic_sigma, grid=cfg.elastic_grid)

@@ -36,7 +36,7 @@ from torch import nn
 from emseg.errors import CheckpointError, ConfigError, OutputExistsError
 from emseg.training import state as ckpt_state
 from emseg.training.config import TrainConfig
-from emseg.training.data import PreparedVolume, load_source, normalization_of, sample_batch, targets_from_instances, _window
+from emseg.training.data import PreparedVolume, load_source, mirrored_window, normalization_of, sample_batch, targets_from_instances
 from emseg.training.distributed import DistInfo, free_port, launcher_env
 from emseg.training.losses import total_loss
 from emseg.training.metrics import membrane_scores
@@ -129,7 +129,7 @@ def predict_volume(
     for item in items:
         shape = item.shape
         want = inner.valid_input_shape(tuple(s + 2 * c for s, c in zip(shape, context, strict=True)))
-        window = _window(item, [-c for c in context], want)
+        window = mirrored_window(item, [-c for c in context], want)
         x = torch.from_numpy((window.astype(np.float32) / 255.0 - mean) / std)[None, None].to(device)
         y = inner(x)[0]
         outs.append(y[(slice(None), *(slice(0, s) for s in shape))].float().cpu())
@@ -158,7 +158,8 @@ def _prepare_output(cfg: TrainConfig) -> None:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory; choose another -o")
-    has_run = out.is_dir() and any(out.iterdir())
+    # a directory holding only train_config.json is a run that failed before its first step
+    has_run = out.is_dir() and any(p.name != "train_config.json" for p in out.iterdir())
     if has_run and not cfg.resume:
         if not cfg.overwrite:
             raise OutputExistsError(f"{out}: already holds a training run; pass --resume to continue it or --overwrite to replace it")
@@ -347,9 +348,10 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
         if validate and world > 1:
             dist.broadcast(stop, src=0)
         stopped_early = bool(stop[0])
-        if main and (improved or not cfg.val and step % cfg.checkpoint_every == 0):
+        checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped_early
+        if main and (improved or (not cfg.val and checkpoint)):
             _save_model(model, out, cfg, normalization, step, loop_state)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped_early:
+        if checkpoint:
             loop_state["step"] = step
             if main:
                 _save_resumable(model, optimizer, out, cfg, normalization, dict(loop_state))
@@ -361,8 +363,6 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
                 log.info("early stopping at step %d: no lower validation loss in %d validations", step, cfg.patience)
             break
 
-    if main and not cfg.val and not (out / "model.safetensors").exists():
-        _save_model(model, out, cfg, normalization, step, loop_state)
     report = TrainReport(
         output=str(out),
         start_step=start_step,
@@ -408,11 +408,7 @@ def _validate(
         model.train()
     scores = {"loss": float(np.mean(losses))}
     if probs:
-        s = membrane_scores(
-            np.concatenate(probs) if cfg.ndim == 2 else np.concatenate(probs),
-            np.concatenate(membranes),
-            np.concatenate(instances) if cfg.ndim == 2 else np.concatenate(instances),
-        )
+        s = membrane_scores(np.concatenate(probs), np.concatenate(membranes), np.concatenate(instances))
         scores.update({k: float(v) for k, v in s._asdict().items()})
     return scores
 
@@ -515,7 +511,7 @@ def _plot_curves(out: Path) -> None:
             axes[1].plot(*zip(*pts, strict=True), "o-", label=key)
     axes[1].set_xlabel("step")
     axes[1].set_title("validation")
-    if val:
+    if axes[1].lines:
         axes[1].legend()
     fig.tight_layout()
     fig.savefig(out / ".curves.tmp.png", dpi=80)

@@ -92,3 +92,13 @@ def test_membrane_from_instances_marks_id_changes_and_background() -> None:
     inst = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 0, 0]], np.uint32)
     expected = np.array([[0, 1, 1, 0], [0, 1, 1, 0], [1, 1, 1, 1]], np.uint8)
     np.testing.assert_array_equal(membrane_from_instances(inst), expected)
+
+
+def test_section_defects_blank_or_darken_sections() -> None:
+    from emseg.training import section_defects
+
+    raw = np.full((6, 4, 4), 0.8, np.float32)
+    out = section_defects(raw, np.random.default_rng(0), prob=1.0)
+    means = out.mean(axis=(1, 2))
+    assert ((means == 0) | ((means >= 0.8 * 0.2 - 1e-6) & (means <= 0.8 * 0.5 + 1e-6))).all()
+    np.testing.assert_array_equal(section_defects(raw, np.random.default_rng(0), prob=0.0), raw)

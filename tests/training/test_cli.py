@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from emseg.cli import cli
@@ -101,8 +100,7 @@ def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
     assert "learning_rate" in result.output
 
 
-@pytest.mark.slow
-def test_a_hundred_steps_lower_the_validation_loss(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+def test_a_hundred_and_fifty_steps_lower_the_validation_loss(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
     out = tmp_path / "ckpt"
     args = tiny_args(isbi_crops, out, "--steps", "150", "--val-every", "50", "--lr", "3e-3", "--no-augment", "--json")
     result = CliRunner().invoke(cli, args)
@@ -110,3 +108,36 @@ def test_a_hundred_steps_lower_the_validation_loss(tmp_path: Path, isbi_crops: d
     val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in val if r["split"] == "val"]
     assert losses[-1] < losses[0]
+
+
+def test_unetpp_deep_supervision_run(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    out = tmp_path / "pp"
+    args = tiny_args(isbi_crops, out, "--model", "unetpp", "--padding", "same", "--deep-supervision", "--loss", "bce-dice",
+                     "--batch-norm", "--steps", "2", "--patch-shape", "32,32", "--json")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["best_val"]["dice"] >= 0
+
+
+def test_3d_affinities_run(tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    from emseg.models import load_checkpoint
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(1, 17, dtype=np.uint32).reshape(4, 4), 8, 0).repeat(8, 1)[None].repeat(6, 0)
+    raw = np.where(np.pad(labels[:, 1:, 1:] != labels[:, :-1, :-1], ((0, 0), (1, 0), (1, 0))), 200, 60)
+    raw = (raw + rng.integers(0, 20, raw.shape)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "r.tif", raw, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+    out = tmp_path / "aff"
+    result = CliRunner().invoke(cli, [
+        "train", "--raw", str(tmp_path / "r.tif"), "--labels", str(tmp_path / "l.tif"), "--labels-kind", "instances",
+        "--val-raw", str(tmp_path / "r.tif"), "--val-labels", str(tmp_path / "l.tif"),
+        "--ndim", "3", "--target", "affinities", "--loss", "bce-dice", "--padding", "same", "--base-channels", "2",
+        "--depth", "1", "--patch-shape", "4,16,16", "--batch-size", "1", "--steps", "2", "--threads", "1", "-o", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    assert ckpt.config.outputs == ("aff_z", "aff_y", "aff_x") and ckpt.model.ndim == 3
