@@ -183,3 +183,27 @@ def test_dry_run_plans_without_writing(checkpoints, write_volume, tmp_path):
     text = report.summary()
     for word in ("blocks     6", "halo       0x20x20", "computed", "MiB per block"):
         assert word in text
+
+
+def _peak_rss(client) -> int:
+    def peak() -> int:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    return max(client.run(peak).values())
+
+
+@pytest.mark.slow
+def test_worker_peak_memory_does_not_grow_with_the_volume(checkpoints, write_volume):
+    from emseg.cluster import connect
+
+    ckpt = checkpoints(2)
+    peaks = []
+    for factor, shape in ((1, (2, 128, 128)), (8, (4, 256, 256))):
+        source = write_volume(smooth_volume(shape, seed=factor), name=f"vol{factor}.zarr")
+        with connect(workers=1) as connection:
+            predict(source, source.with_name(f"out{factor}.zarr"), checkpoint=ckpt, block_size=(2, 128, 128),
+                    tile_size=(1, 64, 64), client=connection, progress=False)
+            peaks.append(_peak_rss(connection.client))
+    assert peaks[1] < 1.5 * peaks[0], peaks
