@@ -142,6 +142,25 @@ def _signals_raise_systemexit() -> Iterator[None]:
 # -- Dask workers as SLURM jobs -----------------------------------------------------------------
 
 
+def _import_slurm_cluster() -> Any:
+    """``dask_jobqueue.SLURMCluster``, keeping Ctrl-C a KeyboardInterrupt.
+
+    dask-jobqueue 0.9 replaces the SIGINT handler with ``sys.exit()`` when imported
+    (dask/dask-jobqueue#696, fixed after 0.9 by #697): Ctrl-C would then end a run with exit
+    status 0 and no message, as if it had succeeded.  Put back the handler that was there before
+    (or Python's default one).
+    """
+    before = signal.getsignal(signal.SIGINT)
+    from dask_jobqueue import SLURMCluster
+
+    def theirs(handler: Any) -> bool:
+        return getattr(handler, "__module__", None) == "dask_jobqueue.runner"
+
+    if threading.current_thread() is threading.main_thread() and theirs(signal.getsignal(signal.SIGINT)):
+        signal.signal(signal.SIGINT, signal.default_int_handler if theirs(before) or before is None else before)
+    return SLURMCluster
+
+
 def default_log_directory() -> Path:
     """Where worker job logs go when the profile sets none: ``~/.cache/emseg/slurm-logs``.
 
@@ -184,7 +203,7 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
         "python": opts.python or sys.executable,
         "death_timeout": opts.death_timeout,
         "job_script_prologue": [f"export OMP_NUM_THREADS={threads}", *opts.job_script_prologue],
-        "scheduler_options": {"dashboard_address": None},
+        "scheduler_options": {"dashboard": False},  # no web server: nothing to collide on login nodes
     }
 
 
@@ -249,11 +268,11 @@ def slurm_cluster(profile: ClusterProfile) -> Iterator[Connection]:
 
     Every job submitted is cancelled when the block is left, whichever way it is left.
     """
-    from dask_jobqueue import SLURMCluster
     from distributed import Client
 
     from emseg.cluster import Connection
 
+    SLURMCluster = _import_slurm_cluster()
     for command in ("sbatch", "squeue", "scancel"):
         _require(command)
     opts = profile.slurm

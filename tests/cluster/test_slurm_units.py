@@ -47,7 +47,7 @@ def test_cpu_worker_job() -> None:
     assert (kwargs["processes"], kwargs["cores"], kwargs["job_name"]) == (1, 4, "emseg-ab")
     assert kwargs["worker_extra_args"] == []  # no GPU resource, no --lifetime under 10 minutes
     assert kwargs["job_script_prologue"][0] == "export OMP_NUM_THREADS=4"
-    assert kwargs["scheduler_options"] == {"dashboard_address": None}
+    assert kwargs["scheduler_options"] == {"dashboard": False}
 
 
 def test_gpu_worker_job_one_worker_per_gpu() -> None:
@@ -101,3 +101,13 @@ def test_without_slurm_commands_the_error_says_where_to_run(monkeypatch: pytest.
     with pytest.raises(SlurmError, match=r"`sbatch` is not on PATH: --cluster slurm must run where"):
         with connect("slurm"):
             pass
+
+
+def test_importing_dask_jobqueue_keeps_ctrl_c_a_keyboard_interrupt() -> None:
+    """dask-jobqueue 0.9 sets SIGINT to sys.exit() on import (exit 0 on Ctrl-C); emseg undoes it."""
+    import signal
+
+    from emseg.slurm import _import_slurm_cluster
+
+    _import_slurm_cluster()
+    assert getattr(signal.getsignal(signal.SIGINT), "__module__", None) != "dask_jobqueue.runner"
