@@ -63,7 +63,7 @@ _FIELDS = {
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in -o.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def train(ctx: click.Context, raws: tuple[str, ...], labels: tuple[str, ...], val_raws: tuple[str, ...], val_labels: tuple[str, ...],
+def train(ctx: click.Context, /, raws: tuple[str, ...], labels: tuple[str, ...], val_raws: tuple[str, ...], val_labels: tuple[str, ...],
           labels_kind: str, config_file: str | None, as_json: bool, **options: Any) -> None:
     """Train a model on raw EM + labels and write a checkpoint directory.
 

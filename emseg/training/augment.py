@@ -79,10 +79,10 @@ def flip_rotate(arrays: Sequence[npt.NDArray[np.generic]], rng: np.random.Genera
 def intensity(raw: FloatArray, rng: np.random.Generator) -> FloatArray:
     """Random contrast (x0.75-1.25), brightness (+-0.1), gamma (e^+-0.3), noise (sd <= 0.03); [0, 1] in and out."""
     mean = float(raw.mean())
-    raw = (raw - mean) * rng.uniform(0.75, 1.25) + mean + rng.uniform(-0.1, 0.1)
-    raw = np.clip(raw, 0.0, 1.0) ** np.exp(rng.uniform(-0.3, 0.3))
-    raw = raw + rng.normal(0.0, rng.uniform(0.0, 0.03), size=raw.shape)
-    return np.clip(raw, 0.0, 1.0).astype(np.float32)
+    out = (raw - mean) * rng.uniform(0.75, 1.25) + mean + rng.uniform(-0.1, 0.1)
+    out = np.clip(out, 0.0, 1.0) ** np.exp(rng.uniform(-0.3, 0.3))
+    out = out + rng.normal(0.0, rng.uniform(0.0, 0.03), size=raw.shape)
+    return np.asarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
 def section_defects(raw: FloatArray, rng: np.random.Generator, *, prob: float) -> FloatArray:

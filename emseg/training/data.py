@@ -54,8 +54,11 @@ def parse_data_path(spec: str) -> tuple[Path, slice]:
     m = _SLICE.match(spec)
     if m is None:
         return Path(spec), slice(None)
-    to_int = lambda s: int(s) if s else None  # noqa: E731
-    return Path(m["path"]), slice(to_int(m["z0"]), to_int(m["z1"]))
+    return Path(m["path"]), slice(_int_or_none(m["z0"]), _int_or_none(m["z1"]))
+
+
+def _int_or_none(text: str) -> int | None:
+    return int(text) if text else None
 
 
 def _load(spec: str) -> npt.NDArray[Any]:
@@ -114,13 +117,13 @@ def instances_from_labels(
 def _relabel_components(section: npt.NDArray[Any]) -> npt.NDArray[np.uint32]:
     from skimage.measure import label
 
-    return label(section, background=0, connectivity=1).astype(np.uint32)
+    return np.asarray(label(section, background=0, connectivity=1), dtype=np.uint32)  # type: ignore[no-untyped-call]
 
 
 def _components(interior: npt.NDArray[np.bool_], *, per_section: bool) -> npt.NDArray[np.uint32]:
     if not per_section:
         cc, _ = ndimage.label(interior)
-        return cc.astype(np.uint32)
+        return np.asarray(cc, dtype=np.uint32)
     out = np.zeros(interior.shape, np.uint32)
     for z in range(interior.shape[0]):
         cc, _ = ndimage.label(interior[z])
@@ -139,15 +142,15 @@ def membrane_from_instances(instances: npt.NDArray[np.integer[Any]]) -> npt.NDAr
         mm = np.moveaxis(m, axis, 0)
         mm[1:] |= d
         mm[:-1] |= d
-    return m.astype(np.uint8)
+    return np.asarray(m, dtype=np.uint8)
 
 
 def targets_from_instances(instances: npt.NDArray[np.integer[Any]], target: str, ndim: int) -> npt.NDArray[np.float32]:
     """Target channels ``(c, *spatial)`` of one patch's instances (see the module docstring)."""
     if target == "membrane":
-        return membrane_from_instances(instances)[None].astype(np.float32)
+        return np.asarray(membrane_from_instances(instances)[None], dtype=np.float32)
     if target == "mask":
-        return (instances != 0)[None].astype(np.float32)
+        return np.asarray((instances != 0)[None], dtype=np.float32)
     channels = []
     for axis in range(ndim):
         ax = instances.ndim - ndim + axis
@@ -253,9 +256,9 @@ def sample_patch(
     read_offset = [o - c - m for o, c, m in zip(out_offset, context, margin, strict=True)]
     read_shape = [i + 2 * m for i, m in zip(full_in, margin, strict=True)]
 
-    raw = mirrored_window(vol.raw, read_offset, read_shape).astype(np.float32) / 255.0
+    raw: npt.NDArray[Any] = mirrored_window(vol.raw, read_offset, read_shape).astype(np.float32) / 255.0
     inst = mirrored_window(vol.instances, read_offset, read_shape)
-    weight = mirrored_window(vol.weights, read_offset, read_shape) if vol.weights is not None else None
+    weight: npt.NDArray[Any] | None = mirrored_window(vol.weights, read_offset, read_shape) if vol.weights is not None else None
 
     if elastic:
         field = augment.elastic_field(read_shape[1:], rng, sigma=cfg.elastic_sigma, grid=cfg.elastic_grid)
@@ -267,14 +270,14 @@ def sample_patch(
         raw, inst = raw[crop], inst[crop]
         weight = weight[crop] if weight is not None else None
     if cfg.augment:
-        arrays = [raw, inst] + ([weight] if weight is not None else [])
+        arrays: list[npt.NDArray[Any]] = [raw, inst] + ([weight] if weight is not None else [])
         arrays = augment.flip_rotate(arrays, rng, ndim=ndim)
         raw, inst = arrays[0], arrays[1]
         weight = arrays[2] if weight is not None else None
         if cfg.intensity:
-            raw = augment.intensity(raw, rng)
+            raw = augment.intensity(np.asarray(raw, dtype=np.float32), rng)
         if ndim == 3 and cfg.defect_prob > 0:
-            raw = augment.section_defects(raw, rng, prob=cfg.defect_prob)
+            raw = augment.section_defects(np.asarray(raw, dtype=np.float32), rng, prob=cfg.defect_prob)
 
     out_crop = tuple(slice(c, c + o) for c, o in zip(context, full_out, strict=True))
     target = targets_from_instances(inst, cfg.target, ndim)

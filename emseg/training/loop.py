@@ -104,9 +104,9 @@ def train(cfg: TrainConfig) -> TrainReport:
         if cfg.nproc == 1:
             return _run(cfg, DistInfo(0, 1, 0, "single"), started)
         port = free_port()
-        import torch.multiprocessing as mp
+        from torch.multiprocessing.spawn import spawn
 
-        mp.spawn(_spawned, args=(cfg, port), nprocs=cfg.nproc, join=True)
+        spawn(_spawned, args=(cfg, port), nprocs=cfg.nproc, join=True)  # type: ignore[no-untyped-call]
         return _read_report(Path(cfg.output))
     if env.is_main:
         _prepare_output(cfg)
@@ -313,7 +313,7 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
         loss = total_loss(cfg.loss, module(x), target, weight)
         if not torch.isfinite(loss):
             raise ConfigError(f"the training loss became {loss.item()} at step {step}; lower --lr")
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         recent.append(float(loss.detach()))
 
@@ -397,7 +397,9 @@ def _validate(
         target = torch.from_numpy(targets)
         weight = torch.from_numpy(vol.weights)[None] if vol.weights is not None else None
         # (c, z, y, x) -> a batch of sections (z, c, y, x) so each section is one sample
-        as_batch = (lambda t: t.transpose(0, 1)) if cfg.ndim == 2 else (lambda t: t[None])
+        def as_batch(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(0, 1) if cfg.ndim == 2 else t[None]
+
         losses.append(float(total_loss(cfg.loss, as_batch(logits), as_batch(target), None if weight is None else as_batch(weight))))
         if cfg.target in ("membrane", "mask"):
             prob = torch.sigmoid(logits[0]).numpy()

@@ -38,7 +38,7 @@ def segments_from_membrane(prob: npt.NDArray[np.floating[Any]], threshold: float
     cc, n = ndimage.label(prob <= threshold)
     if n == 0:
         return np.zeros(prob.shape, np.uint32)
-    return expand_labels(cc, distance=max(prob.shape)).astype(np.uint32)
+    return np.asarray(expand_labels(cc, distance=max(prob.shape)), dtype=np.uint32)  # type: ignore[no-untyped-call]
 
 
 def membrane_scores(
@@ -65,7 +65,8 @@ def membrane_scores(
     for z in range(prob.shape[0]):
         if not instances[z].any():
             continue
-        error, _, _ = adapted_rand_error(instances[z].astype(np.int64), segments_from_membrane(prob[z], threshold).astype(np.int64))
+        segments = segments_from_membrane(prob[z], threshold).astype(np.int64)
+        error, _, _ = adapted_rand_error(instances[z].astype(np.int64), segments)  # type: ignore[no-untyped-call]
         errors.append(float(error))
     are = float(np.mean(errors)) if errors else float("nan")
     return SegmentationScores(dice=dice, iou=iou, pixel_error=pixel_error, adapted_rand_error=are)
