@@ -25,7 +25,7 @@ fi
 if is_ours_alive slurmctld && grep -qF "$MARK" "$CONF_DIR/slurm.conf" 2>/dev/null; then
     jobs=$(squeue -h -o %i 2>/dev/null || true)
     if [[ -n $jobs ]]; then
-        say "cancelling jobs: $(echo $jobs)"
+        say "cancelling jobs: ${jobs//$'\n'/ }"
         # shellcheck disable=SC2086
         scancel $jobs 2>/dev/null || true
         for (( i = 0; i < 30; i++ )); do

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by slurm-up.sh and slurm-down.sh (sourced; expects $STATE).
 # A daemon is "ours" when its PID is recorded in $STATE/pids/NAME and /proc/PID/comm is still NAME
 # (guards against PID reuse).  PID 1 here reaps orphans late, so a zombie's /proc entry can outlive
@@ -31,7 +32,7 @@ start_daemon() {
     local name=$1 output=$2 pidfile=$3 fd pid i
     shift 3
     (
-        for fd in /proc/$BASHPID/fd/*; do
+        for fd in "/proc/$BASHPID/fd/"*; do
             fd=${fd##*/}
             if (( fd > 2 )); then eval "exec $fd>&-" 2>/dev/null || true; fi
         done

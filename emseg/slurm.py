@@ -151,7 +151,7 @@ def _import_slurm_cluster() -> Any:
     (or Python's default one).
     """
     before = signal.getsignal(signal.SIGINT)
-    from dask_jobqueue import SLURMCluster
+    from dask_jobqueue.slurm import SLURMCluster
 
     def theirs(handler: Any) -> bool:
         return getattr(handler, "__module__", None) == "dask_jobqueue.runner"
@@ -284,7 +284,7 @@ def slurm_cluster(profile: ClusterProfile) -> Iterator[Connection]:
             cluster = SLURMCluster(**kwargs)
             log.info("SLURM worker job script:\n%s", cluster.job_script())
             _check_submittable(cluster.job_script())
-            client = Client(cluster)
+            client = Client(cluster)  # type: ignore[no-untyped-call]
             cluster.adapt(minimum_jobs=opts.minimum_jobs, maximum_jobs=opts.maximum_jobs)
             log.info("waiting for a SLURM worker (jobs named %s, logs in %s)", job_name, kwargs["log_directory"])
             _wait_for_workers(client, job_name, opts.start_timeout, kwargs["log_directory"])
@@ -294,7 +294,7 @@ def slurm_cluster(profile: ClusterProfile) -> Iterator[Connection]:
             try:
                 try:
                     if client is not None:
-                        client.close(timeout=10)
+                        client.close(timeout=10)  # type: ignore[no-untyped-call]
                 finally:
                     if cluster is not None:
                         cluster.close(timeout=30)

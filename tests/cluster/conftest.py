@@ -43,7 +43,7 @@ def slurm() -> Iterator[None]:
     if up.returncode != 0:
         pytest.fail(f"cluster/slurm-up.sh failed (exit {up.returncode}):\n{up.stdout}\n{up.stderr}")
     started_here = "already up" not in up.stderr
-    assert wait_queue_empty() == [], "the dev cluster has jobs left from before this session"
+    assert wait_queue_empty(60) == [], "the dev cluster has jobs left from before this session"
     yield
     if started_here:
         down = subprocess.run([str(CLUSTER / "slurm-down.sh")], capture_output=True, text=True, stdin=subprocess.DEVNULL,

@@ -73,7 +73,9 @@ def test_failed_run_leaves_no_job(inputs, tmp_path: Path) -> None:
     assert wait_queue_empty() == []
 
 
-def test_ctrl_c_leaves_no_job(inputs, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "status", "message"), [(signal.SIGINT, 1, "Aborted!"), (signal.SIGTERM, 128 + 15, "")],
+                         ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_leaves_no_job(inputs, tmp_path: Path, sig: int, status: int, message: str) -> None:
     volume, model = inputs
     proc = subprocess.Popen([*EMSEG, "segment", str(volume), "--model", str(model), "--block-size", BLOCK, "--no-progress",
                              "-o", str(tmp_path / "out.zarr"), "--cluster", str(TEST_PROFILE)],
@@ -84,10 +86,10 @@ def test_ctrl_c_leaves_no_job(inputs, tmp_path: Path) -> None:
             assert proc.poll() is None and time.monotonic() < deadline, "no worker job started"
             time.sleep(0.5)
         time.sleep(2)  # the worker connects and takes blocks
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1 and "Aborted!" in stderr, f"exit {proc.returncode}: {stderr[-2000:]}"
+    assert proc.returncode == status and message in stderr, f"exit {proc.returncode}: {stderr[-2000:]}"
     assert wait_queue_empty() == [], stderr[-2000:]
