@@ -1,0 +1,525 @@
+"""Blockwise labelling: boundary predictions -> one globally consistent uint64 segmentation.
+
+Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the whole volume:
+
+1. ``label-fragments``: every block labels its core (``cc``: threshold + connected components of
+   the core alone; ``watershed``: seeded watershed of core + halo, cropped to the core) with local
+   ids ``1..count``, writes them to a scratch array, and writes its first and last section along
+   each axis to small *face* arrays (for the watershed: only its interior voxels).
+2. ``label-faces``: every block compares its last sections with the first sections of the blocks
+   above it (faces, and for 18/26-connectivity edges and corners) in global ids
+   (``local + offset``, offsets = prefix sum of the counts) and returns the pairs that touch
+   (``watershed``: pairs whose interior contact covers ``min_contact`` of the smaller face area).
+   The client runs a union-find over the pairs and stores small relabel tables.
+3. ``label-relabel``: every block maps its local ids to consecutive final ids ``1..N`` (uint64).
+
+Output layout
+-------------
+* ``output`` is the prediction's own OME-Zarr image (what ``emseg segment`` does): the labels go
+  to the label image ``output/labels/segments`` (level ``0``, uint64, ``image-label`` metadata).
+* ``output`` is a new path: it becomes a uint64 OME-Zarr image (level ``output/0``).
+
+:attr:`LabelReport.labels_path` names the label image in both cases.  Completion markers and
+scratch arrays live in ``<label image>/emseg_state``; the scratch is removed when the run is
+complete (``keep_fragments=True`` keeps the per-block fragments for inspection or agglomeration).
+Rerunning the same command resumes; other parameters are refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from emseg.errors import ConfigError, OutputExistsError, ResumeMismatchError, VolumeShapeError
+from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
+from emseg.io import check_distinct, create_labels, create_volume, mark_complete, open_volume, read_status, update_status
+from emseg.io import Volume
+from emseg.io.scratch import Table, remove_scratch, require_scratch, scratch_path, write_table
+from emseg.metrics import Scores, evaluate_slabs
+from emseg.runner import StageReport, fingerprint_of, run_blockwise
+from emseg.segment import (
+    RULES,
+    WatershedParams,
+    absorb_boundary_only,
+    boundary_map,
+    check_connectivity,
+    check_threshold,
+    foreground_mask,
+    label_components,
+    local_dtype,
+    watershed_fragments,
+)
+from emseg.stitch import (
+    block_relabel_table,
+    crossing_shifts,
+    offsets_from_counts,
+    plane_pairs,
+    relabel_block,
+    resolve_merges,
+    select_merges,
+    to_global,
+)
+
+log = logging.getLogger(__name__)
+
+Method = Literal["cc", "watershed"]
+METHODS: tuple[str, ...] = ("cc", "watershed")
+LABEL_NAME = "segments"
+DEFAULT_BLOCK = 128
+STATUS_KEY = "label"
+
+__all__ = ["LabelReport", "METHODS", "Method", "default_block_shape", "evaluate_paths", "label"]
+
+
+@dataclass(frozen=True)
+class LabelReport:
+    """What :func:`label` did.
+
+    Attributes
+    ----------
+    labels_path : Path
+        The label image written (an OME-Zarr image group; level ``0`` is the uint64 array).
+    n_segments : int
+        Number of segments; their ids are ``1..n_segments`` (0 = background).
+    n_fragments : int
+        Number of per-block fragments before stitching.
+    n_merges : int
+        Fragments merged into another across block faces.
+    blocks : int
+        Blocks in the grid.
+    block_shape : Coordinate
+        Core shape of a block, voxels (z, y, x).
+    seconds : float
+        Wall time of the three stages (cluster start-up excluded).
+    stages : tuple of StageReport
+    """
+
+    labels_path: Path
+    method: str
+    n_segments: int
+    n_fragments: int
+    n_merges: int
+    blocks: int
+    block_shape: Coordinate
+    seconds: float
+    stages: tuple[StageReport, ...] = field(repr=False)
+
+    def summary(self) -> str:
+        computed = sum(s.computed for s in self.stages)
+        resumed = "" if computed or not self.stages else " (all blocks already done)"
+        return (
+            f"{self.labels_path}: {self.n_segments} segments (uint64, ids 1..{self.n_segments}) by {self.method} "
+            f"from {self.n_fragments} block fragments, {self.n_merges} merged across faces; "
+            f"{self.blocks} blocks of {'x'.join(map(str, self.block_shape))} in {self.seconds:.1f} s{resumed}"
+        )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything a worker needs, sent by value with each task."""
+
+    pred: str
+    state: str
+    labels: str
+    grid: BlockGrid
+    method: str
+    rule: str
+    threshold: float
+    connectivity: int
+    mode: str
+    watershed: WatershedParams
+    min_contact: float
+    voxel_size: tuple[float, ...]
+    face_axes: tuple[int, ...]
+    fragment_dtype: str
+    token: str
+    """Unique per :func:`label` call: workers reuse arrays they opened for the same call only."""
+
+    def match_connectivity(self) -> int:
+        """Neighbourhood for face pairs: the labelling's own for cc, face contacts for watershed."""
+        return self.connectivity if self.method == "cc" else 6
+
+
+def default_block_shape(shape: Sequence[int], chunks: Sequence[int], target: int = DEFAULT_BLOCK) -> Coordinate:
+    """About ``target`` voxels per axis, a multiple of the chunks (clipped to the volume later)."""
+    return tuple(max(c, (target // c) * c) for c, s in zip(chunks, shape))
+
+
+def _resolve_rule(foreground: str, dtype: np.dtype[Any], has_channels: bool) -> str:
+    if foreground != "auto":
+        if foreground not in RULES:
+            raise ConfigError(f"foreground must be 'auto' or one of {RULES}, got {foreground!r}")
+        return foreground
+    if has_channels or np.issubdtype(dtype, np.floating):
+        return "below"
+    return "nonzero"
+
+
+def label(
+    pred_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    method: Method = "cc",
+    threshold: float = 0.5,
+    connectivity: int = 6,
+    mode: Literal["3d", "2d"] = "3d",
+    foreground: Literal["auto", "below", "above", "nonzero"] = "auto",
+    min_size: int = 0,
+    seeds: Literal["distance", "minima"] = "distance",
+    min_distance: int = 3,
+    sigma: float = 0.0,
+    min_contact: float = 0.5,
+    block_size: int | Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    keep_fragments: bool = False,
+    cluster: str | os.PathLike[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Any = None,
+) -> LabelReport:
+    """Label a boundary prediction blockwise on a Dask cluster.
+
+    Parameters
+    ----------
+    pred_path : path
+        OME-Zarr image with axes ``(c, z, y, x)`` (channel 0 = boundary probability, uint8 ``p*255``
+        or float in [0, 1]) or a plain ``(z, y, x)`` array (probability map, binary mask, labels).
+    output_path : path
+        The prediction's own image group (labels go to ``labels/segments``) or a new path (a uint64
+        OME-Zarr image).  See the module docstring.
+    method : {"cc", "watershed"}
+        ``cc``: connected components of the foreground, exactly equal (up to id order) to
+        ``cc3d.connected_components`` of the whole volume.  ``watershed``: seeded watershed of the
+        boundary map, fragments stitched across faces.
+    threshold : float
+        Probability threshold, see ``foreground``.
+    connectivity : {6, 18, 26}
+        ``cc`` neighbourhood (4 / 8 within a section in 2D mode).
+    mode : {"3d", "2d"}
+        ``"2d"`` labels every section on its own (segments never continue along z).
+    foreground : {"auto", "below", "above", "nonzero"}
+        Foreground rule (:mod:`emseg.segment.threshold`): ``below`` = boundary probability
+        ``< threshold``; ``above`` = ``> threshold``; ``nonzero`` = value ``!= 0``.  ``auto``:
+        ``below`` for float data and images with a channel axis, ``nonzero`` for integer or bool
+        ``(z, y, x)`` arrays (masks, labels).
+    min_size : int
+        ``watershed``: fragments smaller than this many voxels are merged into neighbours.
+    seeds, min_distance, sigma :
+        ``watershed`` seeds (:class:`emseg.segment.WatershedParams`).
+    min_contact : float
+        ``watershed``: two fragments meeting at a block face merge when their interior contact
+        covers this fraction of the smaller one's face area.
+    block_size : int or (z, y, x), optional
+        Core shape of a block in voxels (default: about 128 per axis, a multiple of the chunks).
+    client : distributed.Client or emseg.cluster.Connection, optional
+        Run on this open client (e.g. ``emseg segment`` chaining predict and label); otherwise a
+        cluster is started from ``cluster`` / ``scheduler`` / ``workers`` and closed afterwards.
+
+    Raises
+    ------
+    ConfigError, VolumeNotFoundError, NotAVolumeError, VolumeShapeError, OutputExistsError,
+    SameInputOutputError, ResumeMismatchError, RunIncompleteError
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    check_threshold(threshold)
+    check_connectivity(connectivity, mode)
+    if not 0.0 < min_contact <= 1.0:
+        raise ConfigError(f"min_contact must be a fraction in (0, 1], got {min_contact}")
+    ws = WatershedParams(threshold=threshold, seeds=seeds, min_distance=min_distance, min_size=min_size, sigma=sigma)
+    pred = open_volume(pred_path)
+    rule = _resolve_rule(foreground, pred.dtype, pred.has_channels)
+    output = Path(output_path)
+    in_image = pred.image_path is not None and output.resolve() == pred.image_path.resolve()
+    if not in_image:
+        check_distinct(pred_path, output)
+    label_root = output / "labels" / LABEL_NAME if in_image else output
+
+    shape = pred.shape
+    block = as_coordinate(block_size, 3) if block_size is not None else default_block_shape(shape, pred.chunks)
+    if any(b <= 0 for b in block):
+        raise ConfigError(f"block size must be positive on every axis, got {block}")
+    block = tuple(min(b, s) for b, s in zip(block, shape))
+    chunks = tuple(c if b % c == 0 else b for b, c in zip(block, pred.chunks))
+    halo = ws.halo(mode, pred.voxel_size) if method == "watershed" else (0, 0, 0)
+    grid = plan_blocks(Roi.from_shape(shape), block, halo, chunk_shape=chunks)
+    params: dict[str, Any] = {
+        "method": method, "threshold": threshold, "connectivity": connectivity, "mode": mode, "foreground": rule,
+        "prediction": str(Path(pred.path).resolve()), "shape": list(shape), "block": list(grid.block_shape),
+    }
+    if method == "watershed":
+        params.update(seeds=seeds, min_distance=min_distance, min_size=min_size, sigma=sigma, min_contact=min_contact)
+    fingerprint = fingerprint_of(params)
+
+    labels_array = _prepare_labels(pred_path, output, label_root, in_image=in_image, shape=shape, chunks=chunks,
+                                   params=params, fingerprint=fingerprint, overwrite=overwrite,
+                                   voxel_size=pred.voxel_size, offset_nm=pred.offset_nm)
+    face_axes = tuple(a for a in range(3) if grid.grid_shape[a] > 1 and not (mode == "2d" and a == 0))
+    job = _Job(pred=str(pred.path), state=str(label_root), labels=str(labels_array), grid=grid, method=method,
+               rule=rule, threshold=float(threshold), connectivity=int(connectivity), mode=mode, watershed=ws,
+               min_contact=float(min_contact), voxel_size=tuple(pred.voxel_size), face_axes=face_axes,
+               fragment_dtype=str(local_dtype(int(np.prod(grid.block_shape)))), token=uuid.uuid4().hex)
+    _prepare_scratch(job, chunks)
+
+    start = time.perf_counter()
+    with _open_client(client, cluster=cluster, scheduler=scheduler, workers=workers) as dask_client:
+        run = functools.partial(run_blockwise, dask_client, grid=grid, output=label_root, params=params,
+                                overwrite=overwrite, progress=progress)
+        fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job))
+        counts = [int(fragments.results[b]["count"]) for b in range(len(grid))]
+        offsets = offsets_from_counts(counts)
+        write_table(label_root, "offsets", offsets)
+        stages = [fragments]
+        pairs = np.zeros((0, 2), dtype=np.uint64)
+        if face_axes:
+            faces = run(stage="label-faces", fn=functools.partial(_faces_block, job))
+            stages.append(faces)
+            found = [np.asarray(r["pairs"], dtype=np.uint64).reshape(-1, 2) for r in faces.results.values()]
+            pairs = np.concatenate(found) if found else pairs
+        n_fragments = int(offsets[-1])
+        merges = resolve_merges(pairs, n_fragments)
+        # per block (offset, first merged index); merged ids interleaved with their final ids
+        starts = np.searchsorted(merges.merged_ids, offsets, side="right").astype(np.uint64)
+        write_table(label_root, "blocks", np.stack([offsets, starts], axis=1))
+        write_table(label_root, "merged", np.stack([merges.merged_ids, merges.merged_final], axis=1))
+        stages.append(run(stage="label-relabel", fn=functools.partial(_relabel_block, job)))
+    seconds = time.perf_counter() - start
+    report = LabelReport(label_root, method, merges.n_segments, n_fragments, len(merges.merged_ids), len(grid),
+                         grid.block_shape, seconds, tuple(stages))
+    mark_complete(label_root, **{STATUS_KEY: {"fingerprint": fingerprint, "params": params,
+                                              "n_segments": merges.n_segments}})
+    if not keep_fragments:
+        remove_scratch(label_root)
+    log.info("%s", report.summary())
+    return report
+
+
+def _prepare_labels(
+    pred_path: str | os.PathLike[str],
+    output: Path,
+    label_root: Path,
+    *,
+    in_image: bool,
+    shape: Coordinate,
+    chunks: Coordinate,
+    params: dict[str, Any],
+    fingerprint: str,
+    overwrite: bool,
+    voxel_size: Sequence[float],
+    offset_nm: Sequence[float],
+) -> Path:
+    """Create the label image, or reopen the one a run with the same parameters left; its level-0 path."""
+    status_value = {"fingerprint": fingerprint, "params": params}
+    if label_root.exists() and not overwrite:
+        previous = read_status(label_root).get(STATUS_KEY) if (label_root / "zarr.json").exists() or (
+            label_root / ".zattrs").exists() else None
+        if not isinstance(previous, dict):
+            raise OutputExistsError(f"{label_root} already exists and is not an emseg label output; "
+                                    "pass --overwrite to replace it")
+        if previous.get("fingerprint") != fingerprint:
+            old = previous.get("params", {})
+            changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+            raise ResumeMismatchError(f"{label_root}: holds labels made with other parameters (differs in: "
+                                      f"{', '.join(changed) or 'layout'}); pass --overwrite to replace them")
+        volume = open_volume(label_root, allow_incomplete=True)
+        if volume.shape != shape:
+            raise VolumeShapeError(f"{label_root}: shape {volume.shape} differs from the prediction's {shape}; "
+                                   "pass --overwrite to replace it")
+        log.info("resuming the labelling in %s", label_root)
+        return Path(volume.path)
+    if in_image:
+        volume = create_labels(output, LABEL_NAME, dtype=np.uint64, chunks=chunks)
+        update_status(label_root, status="incomplete", **{STATUS_KEY: status_value})
+    else:
+        volume = create_volume(output, shape=shape, dtype=np.uint64, chunks=chunks, voxel_size=voxel_size,
+                               offset_nm=offset_nm, overwrite=overwrite, name=LABEL_NAME,
+                               extra_attrs={STATUS_KEY: status_value})
+    return Path(volume.path)
+
+
+def _face_shape(shape: Coordinate, grid: BlockGrid, axis: int) -> Coordinate:
+    return tuple(2 * grid.grid_shape[a] if a == axis else s for a, s in enumerate(shape))
+
+
+def _face_chunks(block: Coordinate, axis: int) -> Coordinate:
+    """A block's first and last section share one chunk: one write per axis."""
+    return tuple(2 if a == axis else b for a, b in enumerate(block))
+
+
+def _prepare_scratch(job: _Job, chunks: Coordinate) -> None:
+    shape = job.grid.total_roi.shape
+    require_scratch(job.state, "fragments", shape=shape, dtype=job.fragment_dtype, chunks=chunks)
+    for axis in job.face_axes:
+        require_scratch(job.state, f"faces_{axis}", shape=_face_shape(shape, job.grid, axis),
+                        dtype=job.fragment_dtype, chunks=_face_chunks(job.grid.block_shape, axis))
+
+
+@contextlib.contextmanager
+def _open_client(client: Any, **cluster_args: Any) -> Iterator[Any]:
+    if client is not None:
+        yield getattr(client, "client", client)  # a Connection or a bare distributed.Client
+        return
+    from emseg.cluster import connect
+
+    with connect(cluster_args["cluster"], scheduler=cluster_args["scheduler"],
+                 workers=cluster_args["workers"]) as connection:
+        yield connection.client
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side: one function per stage, each a function of one Block
+
+
+@functools.lru_cache(maxsize=32)
+def _volume(path: str, mode: Literal["r", "r+"], token: str) -> Volume:
+    """Arrays a worker process opened for the run ``token`` (opening costs more than a small read)."""
+    return open_volume(path, mode=mode, allow_incomplete=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _table(state: str, name: str, token: str) -> Table:
+    return Table(state, name)
+
+
+def _section_roi(roi: Roi, axis: int, row: int, rows: int = 1) -> Roi:
+    """``roi`` with ``axis`` replaced by ``rows`` indices from ``row`` (sections of a face array)."""
+    return Roi(tuple(row if a == axis else o for a, o in enumerate(roi.offset)),
+               tuple(rows if a == axis else s for a, s in enumerate(roi.shape)))
+
+
+def _fragment_block(job: _Job, block: Block) -> dict[str, int]:
+    """Stage 1: label one block's core with local ids, write them and its face sections."""
+    pred = _volume(job.pred, "r", job.token)
+    data = pred.read(block.read_roi, pad="reflect")
+    if pred.has_channels:
+        data = data[0]
+    core = block.write_roi.relative_to(block.read_roi).to_slices()
+    mode: Any = job.mode
+    if job.method == "cc":
+        local, count = label_components(foreground_mask(data, threshold=job.threshold, rule=job.rule),  # type: ignore[arg-type]
+                                         connectivity=job.connectivity, mode=mode)
+        faces = local
+    else:
+        boundary = boundary_map(data, rule=job.rule)  # type: ignore[arg-type]
+        fragments, _ = watershed_fragments(boundary, job.watershed, mode=mode, voxel_size=job.voxel_size)
+        core_boundary = np.ascontiguousarray(boundary[core])
+        local, count = absorb_boundary_only(np.ascontiguousarray(fragments[core]), core_boundary, job.threshold,
+                                            mode=mode)
+        faces = local * (core_boundary < job.threshold)
+    local = local.astype(job.fragment_dtype, copy=False)
+    _volume(str(scratch_path(job.state, "fragments")), "r+", job.token).write(block.write_roi, local)
+    for axis in job.face_axes:
+        array = _volume(str(scratch_path(job.state, f"faces_{axis}")), "r+", job.token)
+        sections = np.take(faces, [0, -1], axis=axis).astype(job.fragment_dtype, copy=False)
+        array.write(_section_roi(block.write_roi, axis, 2 * block.block_index[axis], 2), sections)
+    return {"count": int(count)}
+
+
+def _faces_block(job: _Job, block: Block) -> dict[str, list[list[int]]]:
+    """Stage 2: pairs of global ids touching across this block's upper faces (and edges, corners)."""
+    grid = job.grid
+    total = grid.total_roi
+    found: list[npt.NDArray[np.uint64]] = []
+    for axis in job.face_axes:
+        i = block.block_index[axis]
+        if i + 1 >= grid.grid_shape[axis]:
+            continue
+        shifts = crossing_shifts(axis, job.match_connectivity(), job.mode)
+        others = [a for a in range(3) if a != axis]
+        reach = [any(s[k] for s in shifts) for k in range(2)]
+        begin = list(block.write_roi.begin)
+        end = list(block.write_roi.end)
+        for k, a in enumerate(others):  # one voxel into the next block: edges and corners
+            if reach[k] and end[a] < total.end[a]:
+                end[a] += 1
+        plane = Roi.from_bounds(begin, end)
+        sections = _volume(str(scratch_path(job.state, f"faces_{axis}")), "r", job.token).read(
+            _section_roi(plane, axis, 2 * i + 1, 2))  # last of the lower blocks, first of the upper
+        lower, upper = np.take(sections, 0, axis=axis), np.take(sections, 1, axis=axis)
+        splits = [block.write_roi.shape[a] for a in others]
+        # the (up to) 2 x 2 blocks each section spans, below and above the boundary
+        ids: list[int] = []
+        for step in (0, 1):
+            for d0 in (0, 1):
+                for d1 in (0, 1):
+                    index = list(block.block_index)
+                    index[axis] += step
+                    index[others[0]] += d0
+                    index[others[1]] += d1
+                    inside = all(x < g for x, g in zip(index, grid.grid_shape))
+                    ids.append(grid.block_at(index).block_id if inside else 0)
+        offsets = _table(job.state, "offsets", job.token).at(ids).astype(np.uint64).reshape(2, 2, 2)
+        lower_g = to_global(lower, splits, offsets[0])
+        upper_g = to_global(upper, splits, offsets[1])
+        pairs, contacts = plane_pairs(lower_g, upper_g, shifts)
+        if job.method == "watershed":
+            pairs = select_merges(pairs, contacts, lower_g, upper_g, min_fraction=job.min_contact)
+        found.append(pairs)
+    result = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.uint64)
+    return {"pairs": result.tolist()}
+
+
+def _relabel_block(job: _Job, block: Block) -> dict[str, int]:
+    """Stage 3: local ids -> consecutive final ids, written as uint64."""
+    local = _volume(str(scratch_path(job.state, "fragments")), "r", job.token).read(block.write_roi)
+    entries = _table(job.state, "blocks", job.token)[2 * block.block_id: 2 * block.block_id + 4]
+    offset, first, stop, last = (int(v) for v in entries)
+    merged = _table(job.state, "merged", job.token)[2 * first: 2 * last].astype(np.uint64)
+    table = block_relabel_table(offset, stop - offset, first, merged[0::2], merged[1::2])
+    _volume(job.labels, "r+", job.token).write(block.write_roi, relabel_block(local, table))
+    return {"segments_max": int(table.max()) if len(table) else 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of label volumes on disk
+
+
+def _slab_reader(path: Path) -> tuple[Coordinate, Any]:
+    """Shape and a ``read(z0, z1)`` of a label volume: OME-Zarr / zarr array, or TIFF/HDF5/PNG."""
+    from emseg.io import open_source
+
+    if path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zarray", ".zgroup")):
+        volume = open_volume(path)
+        if volume.has_channels:
+            raise VolumeShapeError(f"{path}: a label volume has axes (z, y, x), got {volume.axes}")
+
+        def read(z0: int, z1: int) -> Any:
+            return volume.read(Roi((z0, 0, 0), (z1 - z0, *volume.shape[1:])))
+
+        return volume.shape, read
+    source = open_source(path)
+    return tuple(source.shape), source.read
+
+
+def evaluate_paths(
+    seg_path: str | os.PathLike[str], gt_path: str | os.PathLike[str], *, slab_voxels: int = 1 << 26
+) -> Scores:
+    """Scores of a segmentation against ground truth, read slab by slab (see :mod:`emseg.metrics`).
+
+    Both are label volumes ``(z, y, x)``: OME-Zarr images or label images, zarr arrays, TIFF stacks.
+
+    Raises
+    ------
+    VolumeNotFoundError, NotAVolumeError, VolumeShapeError
+    """
+    seg_shape, read_seg = _slab_reader(Path(seg_path))
+    gt_shape, read_gt = _slab_reader(Path(gt_path))
+    if tuple(seg_shape) != tuple(gt_shape):
+        raise VolumeShapeError(f"segmentation {seg_path} has shape {tuple(seg_shape)} but ground truth {gt_path} "
+                               f"has {tuple(gt_shape)}; they must cover the same voxels")
+    depth = max(1, slab_voxels // max(1, int(np.prod(seg_shape[1:]))))
+    slabs = ((read_seg(z, min(z + depth, seg_shape[0])), read_gt(z, min(z + depth, seg_shape[0])))
+             for z in range(0, seg_shape[0], depth))
+    return evaluate_slabs(slabs)
