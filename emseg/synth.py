@@ -367,6 +367,7 @@ def write_synth(
                     pending.add(pool.submit(run, b.write_roi))
                 done, _ = concurrent.futures.wait(pending)
                 _finish(done, bar, lock)
+    mark_complete(Path(dst) / "labels" / LABEL_NAME)
     mark_complete(Path(dst))
 
 
@@ -499,15 +500,26 @@ class _World:
         """Voxels whose nearest seed and cell boundary no seed beyond ``reach`` cells can change.
 
         Seeds outside the searched cells are at least ``B`` away, the distance to the searched
-        box's faces (faces on the edge of the cell grid have no seeds beyond them).  Such a seed
-        cannot be the nearest where ``d_1 < B``, and its bisector plane is at least
+        box's faces plus the jitter margin (a seed keeps ``(1 - jitter) / 2`` of its cell's width
+        from the cell's faces; faces on the edge of the cell grid have no seeds beyond them).
+        Such a seed cannot be the nearest where ``d_1 < B``, and its bisector plane is at least
         ``(B - d_1) / 2`` away.  A margin keeps float32 rounding from mattering.
         """
         cs = self.params.cell_size
+        keep_out = 0.5 * (1 - self.params.jitter)
         bound: npt.NDArray[np.float64] | None = None
         for axis in range(3):
-            lo_d = pos[axis] - (k[axis] - reach) * cs if k[axis] - reach > 0 else np.full(len(pos[axis]), np.inf)
-            hi_d = (k[axis] + reach + 1) * cs - pos[axis] if k[axis] + reach + 1 < self.grid[axis] else np.full(len(pos[axis]), np.inf)
+            last_width = min(cs, self.extent[axis] - (self.grid[axis] - 1) * cs)
+            lo_d = (
+                pos[axis] - (k[axis] - reach) * cs + keep_out * cs
+                if k[axis] - reach > 0
+                else np.full(len(pos[axis]), np.inf)
+            )
+            hi_d = (
+                (k[axis] + reach + 1) * cs - pos[axis] + keep_out * last_width
+                if k[axis] + reach + 1 < self.grid[axis]
+                else np.full(len(pos[axis]), np.inf)
+            )
             d = np.minimum(lo_d, hi_d).reshape([-1 if a == axis else 1 for a in range(3)])
             bound = d if bound is None else np.minimum(bound, d)
         assert bound is not None

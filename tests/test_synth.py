@@ -50,6 +50,47 @@ def test_blockwise_equals_whole(block_shape, voxel_size):
     np.testing.assert_array_equal(labels, expected.labels)
 
 
+# many small cells with seeds anywhere in their cube: some voxels need the search beyond the 27
+# neighbouring cells, so this exercises the far path of the Voronoi search
+FAR = SynthParams(voxel_size=(8.0, 8.0, 8.0), cell_size=100.0, membrane_thickness=20.0, jitter=1.0)
+
+
+@pytest.mark.parametrize("block_shape", [(16, 16, 16), (24, 10, 64)])
+def test_blockwise_equals_whole_with_far_search(block_shape):
+    shape = (32, 48, 48)
+    expected = synth_volume(shape, seed=1, params=FAR)
+    raw, labels = assemble(shape, block_shape, seed=1, params=FAR)
+    np.testing.assert_array_equal(raw, expected.raw)
+    np.testing.assert_array_equal(labels, expected.labels)
+
+
+def test_cells_match_brute_force_voronoi():
+    from emseg.synth import _World
+
+    shape = (32, 48, 48)
+    volume = synth_volume(shape, seed=1, params=FAR)
+    world = _World(shape, 1, FAR)
+    table = world.table((0, 0, 0), world.grid)
+    seeds = table.seeds.reshape(3, -1)
+    grid = np.stack(np.meshgrid(*[(np.arange(n) + 0.5) * v for n, v in zip(shape, FAR.voxel_size)], indexing="ij"))
+    points = grid.reshape(3, -1)
+    dist_sq = ((points[:, :, None] - seeds[:, None, :]) ** 2).sum(axis=0)  # (voxels, seeds)
+    nearest = dist_sq.argmin(axis=1)
+    labels = table.labels.reshape(-1)[nearest].reshape(shape)
+    # only corner voxels attached to their cell by an edge or a vertex may be given to a neighbour
+    assert np.mean(labels != volume.labels) < 1e-3
+    # distance to the cell boundary: the nearest bisector plane
+    own = seeds[:, nearest]
+    gap = np.sqrt(((seeds[:, None, :] - own[:, :, None]) ** 2).sum(axis=0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plane = (dist_sq - dist_sq[np.arange(len(nearest)), nearest][:, None]) / (2 * gap)
+    plane[np.arange(len(nearest)), nearest] = np.inf
+    boundary = plane.min(axis=1).reshape(shape)
+    half = FAR.membrane_thickness / 2
+    assert volume.membrane[boundary < half * (1 - FAR.membrane_variation) - 0.01].all()
+    assert not volume.membrane[boundary > half * (1 + FAR.membrane_variation) + 0.01].any()
+
+
 def test_block_arrays_have_documented_types(whole):
     roi = Roi((5, 6, 7), (8, 9, 10))
     part = synth_block(roi, shape=SHAPE, seed=3, params=PARAMS)
