@@ -141,3 +141,14 @@ def test_3d_affinities_run(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(out)
     assert ckpt.config.outputs == ("aff_z", "aff_y", "aff_x") and ckpt.model.ndim == 3
+
+
+def test_early_stopping_when_validation_loss_stops_falling(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    # lr 1e-30: the weights cannot change in float32, so the validation loss never gets lower
+    args = tiny_args(isbi_crops, tmp_path / "es", "--optimizer", "sgd", "--lr", "1e-30", "--steps", "20",
+                     "--val-every", "1", "--patience", "2", "--no-augment", "--json")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["stopped_early"] and report["steps"] == 3 and report["best_step"] == 1
+    assert [p.name for p in (tmp_path / "es" / "checkpoints").iterdir()][-1] == "step-00000003"
