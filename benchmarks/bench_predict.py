@@ -44,9 +44,9 @@ def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:
 
 def worker_peak_rss(client) -> int:
     def peak() -> int:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
     return max(client.run(peak).values())
 
@@ -58,17 +58,15 @@ def main() -> None:
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small volume, for a smoke test")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     tile = tuple(int(v) for v in args.tile.split(","))
     if args.quick:
         shape, tile = (2, 384, 384), (1, 128, 128)
 
-    from monai.inferers import sliding_window_inference
-
-    from emseg.cluster import connect
     from emseg.models import build, save_checkpoint
-    from emseg.predict import plan_prediction, predict
+    from emseg.predict import plan_prediction
 
     torch.manual_seed(0)
     model = build("unet", ndim=2, base_channels=args.base_channels, depth=2, padding="same").eval()
@@ -80,9 +78,20 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, cpu")
     print(plan.summary())
+
+    if not args.memory_only:
+        time_methods(args, shape, tile, block, plan, model, ckpt, source, tmp)
+    measure_memory(args, tile, ckpt, tmp)
+
+
+def time_methods(args, shape, tile, block, plan, model, ckpt, source, tmp) -> None:
+    from monai.inferers import sliding_window_inference
+
+    from emseg.cluster import connect
+    from emseg.predict import predict
+
     voxels = math.prod(shape)
     results: dict[str, float] = {}
-
     # emseg, on a started cluster
     with connect(workers=args.workers) as connection:
         warm = make_volume(tmp / "warm.zarr", (2 * args.workers, 64, 64))
@@ -125,7 +134,13 @@ def main() -> None:
         print(f"{name:<16}{seconds:>10.1f}{voxels / seconds / 1e6:>12.3f}{seconds / results['emseg']:>16.2f}")
     print(f"emseg / forward-only throughput: {results['forward only'] / results['emseg']:.2f}")
 
-    # peak memory per worker: same blocks, 1x and 8x volumes, fresh single-worker clusters
+
+
+def measure_memory(args, tile, ckpt, tmp) -> None:
+    """Peak memory per worker: same blocks, 1x and 8x volumes, fresh single-worker clusters."""
+    from emseg.cluster import connect
+    from emseg.predict import predict
+
     small = (4, 512, 512) if not args.quick else (2, 256, 256)
     print(f"\npeak RSS of one worker (blocks of {'x'.join(map(str, small))}):")
     for factor, vol_shape in ((1, small), (8, (small[0] * 2, small[1] * 2, small[2] * 2))):

@@ -187,9 +187,9 @@ def test_dry_run_plans_without_writing(checkpoints, write_volume, tmp_path):
 
 def _peak_rss(client) -> int:
     def peak() -> int:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
     return max(client.run(peak).values())
 
