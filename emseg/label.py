@@ -4,8 +4,10 @@ Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the w
 
 1. ``label-fragments``: every block labels its core (``cc``: threshold + connected components of
    the core alone; ``watershed``: seeded watershed of core + halo, cropped to the core) with local
-   ids ``1..count``, writes them to a scratch array, and writes its first and last section along
-   each axis to small *face* arrays (for the watershed: only its interior voxels).
+   ids ``1..count`` and writes its first and last section along each axis to small *face* arrays
+   (for the watershed: only its interior voxels).  Watershed fragments are kept in a scratch
+   array; ``cc`` fragments are cheap and deterministic, so stage 3 recomputes them instead of
+   writing and reading them back.
 2. ``label-faces``: every block compares its last sections with the first sections of the blocks
    above it (faces, and for 18/26-connectivity edges and corners) in global ids
    (``local + offset``, offsets = prefix sum of the counts) and returns the pairs that touch
@@ -360,7 +362,8 @@ def _face_chunks(block: Coordinate, axis: int) -> Coordinate:
 
 def _prepare_scratch(job: _Job, chunks: Coordinate) -> None:
     shape = job.grid.total_roi.shape
-    require_scratch(job.state, "fragments", shape=shape, dtype=job.fragment_dtype, chunks=chunks)
+    if job.method != "cc":  # cc fragments are recomputed in the last stage, not stored
+        require_scratch(job.state, "fragments", shape=shape, dtype=job.fragment_dtype, chunks=chunks)
     for axis in job.face_axes:
         require_scratch(job.state, f"faces_{axis}", shape=_face_shape(shape, job.grid, axis),
                         dtype=job.fragment_dtype, chunks=_face_chunks(job.grid.block_shape, axis))
@@ -399,27 +402,36 @@ def _section_roi(roi: Roi, axis: int, row: int, rows: int = 1) -> Roi:
                tuple(rows if a == axis else s for a, s in enumerate(roi.shape)))
 
 
-def _fragment_block(job: _Job, block: Block) -> dict[str, int]:
-    """Stage 1: label one block's core with local ids, write them and its face sections."""
+def _read_prediction(job: _Job, roi: Roi) -> npt.NDArray[Any]:
     pred = _volume(job.pred, "r", job.token)
-    data = pred.read(block.read_roi, pad="reflect")
-    if pred.has_channels:
-        data = data[0]
-    core = block.write_roi.relative_to(block.read_roi).to_slices()
+    data = pred.read(roi, pad="reflect")
+    return data[0] if pred.has_channels else data
+
+
+def _cc_block(job: _Job, block: Block) -> tuple[npt.NDArray[Any], int]:
+    """Connected components of a block's core alone (local ids)."""
+    data = _read_prediction(job, block.write_roi)
+    mask = foreground_mask(data, threshold=job.threshold, rule=job.rule)  # type: ignore[arg-type]
+    return label_components(mask, connectivity=job.connectivity, mode=job.mode)  # type: ignore[arg-type]
+
+
+def _fragment_block(job: _Job, block: Block) -> dict[str, int]:
+    """Stage 1: label one block's core with local ids, write its face sections (and watershed fragments)."""
     mode: Any = job.mode
     if job.method == "cc":
-        local, count = label_components(foreground_mask(data, threshold=job.threshold, rule=job.rule),  # type: ignore[arg-type]
-                                         connectivity=job.connectivity, mode=mode)
+        # cc is cheap and deterministic: stage 3 recomputes it instead of storing the fragments
+        local, count = _cc_block(job, block)
         faces = local
     else:
-        boundary = boundary_map(data, rule=job.rule)  # type: ignore[arg-type]
+        core = block.write_roi.relative_to(block.read_roi).to_slices()
+        boundary = boundary_map(_read_prediction(job, block.read_roi), rule=job.rule)  # type: ignore[arg-type]
         fragments, _ = watershed_fragments(boundary, job.watershed, mode=mode, voxel_size=job.voxel_size)
         core_boundary = np.ascontiguousarray(boundary[core])
         local, count = absorb_boundary_only(np.ascontiguousarray(fragments[core]), core_boundary, job.threshold,
                                             mode=mode)
         faces = local * (core_boundary < job.threshold)
-    local = local.astype(job.fragment_dtype, copy=False)
-    _volume(str(scratch_path(job.state, "fragments")), "r+", job.token).write(block.write_roi, local)
+        local = local.astype(job.fragment_dtype, copy=False)
+        _volume(str(scratch_path(job.state, "fragments")), "r+", job.token).write(block.write_roi, local)
     for axis in job.face_axes:
         array = _volume(str(scratch_path(job.state, f"faces_{axis}")), "r+", job.token)
         sections = np.take(faces, [0, -1], axis=axis).astype(job.fragment_dtype, copy=False)
@@ -473,7 +485,10 @@ def _faces_block(job: _Job, block: Block) -> dict[str, list[list[int]]]:
 
 def _relabel_block(job: _Job, block: Block) -> dict[str, int]:
     """Stage 3: local ids -> consecutive final ids, written as uint64."""
-    local = _volume(str(scratch_path(job.state, "fragments")), "r", job.token).read(block.write_roi)
+    if job.method == "cc":
+        local, _ = _cc_block(job, block)
+    else:
+        local = _volume(str(scratch_path(job.state, "fragments")), "r", job.token).read(block.write_roi)
     entries = _table(job.state, "blocks", job.token)[2 * block.block_id: 2 * block.block_id + 4]
     offset, first, stop, last = (int(v) for v in entries)
     merged = _table(job.state, "merged", job.token)[2 * first: 2 * last].astype(np.uint64)

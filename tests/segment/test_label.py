@@ -174,7 +174,7 @@ def test_interrupted_run_resumes(connection, write_zarr, tmp_path, mask) -> None
 
     pred = write_zarr(mask.astype(np.uint8))
     out = tmp_path / "labels.zarr"
-    done = label(pred, out, block_size=8, client=connection, progress=False, keep_fragments=True)
+    done = label(pred, out, block_size=8, client=connection, progress=False)
     # forget the last stage of half the blocks and mark the output incomplete, as a killed run leaves it
     ledger = Ledger(out, "label-relabel")
     import zarr

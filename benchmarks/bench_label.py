@@ -1,0 +1,137 @@
+"""Distributed ``emseg label --method cc`` against cc3d on the whole volume and dask_image.ndmeasure.label.
+
+One run, one volume: a binary mask (uint8, z/y/x) thresholded from smoothed seeded noise, stored
+as a zarr image with 64^3 chunks.  Timings (wall clock, best of ``--repeat``):
+
+* ``cc3d``: ``cc3d.connected_components`` of the in-memory volume (compute only), and the same
+  with the zarr read and the uint64 zarr write around it (what a one-machine tool does end to end);
+* ``emseg``: :func:`emseg.label.label` with ``--workers`` local worker processes, zarr in -> zarr
+  out, all three stages (the cluster is started before timing: start-up excluded);
+* ``dask-image``: ``dask_image.ndmeasure.label`` of ``da.from_zarr`` on the same cluster,
+  written to zarr.
+
+Usage::
+
+    nice .venv/bin/python benchmarks/bench_label.py --shape 384 --block 128 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_mask(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """Blobs of every size: seeded noise, smoothed (sigma 2 voxels) and thresholded at its median."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.random(shape, dtype=np.float32), 2.0)
+    return (smooth > np.median(smooth[::4, ::4, ::4])).astype(np.uint8)
+
+
+def best(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, default=384, help="edge of the cubic volume, voxels")
+    parser.add_argument("--block", type=int, default=128, help="emseg block edge, voxels")
+    parser.add_argument("--chunk", type=int, default=64, help="zarr chunk edge, voxels")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--connectivity", type=int, default=6, choices=(6, 26))
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-dask-image", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+
+    import cc3d
+    import dask.array as da
+
+    from emseg.cluster import connect
+    from emseg.io import create_volume, mark_complete, open_volume
+    from emseg.label import label
+
+    work = Path(tempfile.mkdtemp(prefix="emseg-bench-", dir=args.workdir))
+    shape = (args.shape,) * 3
+    chunks = (args.chunk,) * 3
+    try:
+        mask = make_mask(shape, args.seed)
+        pred = work / "mask.zarr"
+        volume = create_volume(pred, shape=shape, dtype="uint8", chunks=chunks, voxel_size=(1, 1, 1))
+        volume.write(volume.roi, mask)
+        mark_complete(pred)
+        print(f"volume {shape} uint8 mask, {mask.mean():.2f} foreground, chunks {chunks}; "
+              f"connectivity {args.connectivity}; best of {args.repeat}")
+
+        t_cc3d, (ref, n_ref) = best(lambda: cc3d.connected_components(mask, connectivity=args.connectivity,
+                                                                       return_N=True), args.repeat)
+
+        def cc3d_end_to_end() -> int:
+            data = open_volume(pred).read(Roi.from_shape(shape))
+            labels, n = cc3d.connected_components(data, connectivity=args.connectivity, return_N=True,
+                                                  out_dtype=np.uint64)
+            out = create_volume(work / "cc3d.zarr", shape=shape, dtype="uint64", chunks=chunks, voxel_size=(1, 1, 1),
+                                overwrite=True)
+            out.write(out.roi, labels)
+            return int(n)
+
+        from emseg.geometry import Roi
+
+        t_cc3d_io, _ = best(cc3d_end_to_end, args.repeat)
+        rows = [("cc3d (in memory)", t_cc3d, n_ref), ("cc3d + zarr read/write", t_cc3d_io, n_ref)]
+
+        with connect(workers=args.workers) as connection:
+            def run_emseg():
+                return label(pred, work / "emseg.zarr", connectivity=args.connectivity, block_size=args.block,
+                             overwrite=True, progress=False, client=connection)
+
+            run_emseg()  # warm the workers (imports), as a long-running cluster would be
+            t_emseg, report = best(run_emseg, args.repeat)
+            stages = ", ".join(f"{s.stage} {s.seconds:.2f} s" for s in report.stages)
+            rows.append((f"emseg cc, {args.workers} workers", t_emseg, report.n_segments))
+
+            if not args.skip_dask_image:
+                from dask_image.ndmeasure import label as dask_label
+                from scipy import ndimage
+
+                structure = ndimage.generate_binary_structure(3, 1 if args.connectivity == 6 else 3)
+
+                def run_dask_image() -> int:
+                    labels, n = dask_label(da.from_zarr(volume.array), structure=structure)
+                    target = work / "dask_image.zarr"
+                    shutil.rmtree(target, ignore_errors=True)
+                    stored = labels.astype(np.uint64).to_zarr(str(target), compute=False)
+                    n_value = connection.client.compute([stored, n], sync=True)[1]
+                    return int(n_value)
+
+                t_dask, n_dask = best(run_dask_image, args.repeat)
+                rows.append((f"dask-image ndmeasure.label, {args.workers} workers", t_dask, n_dask))
+
+        print(f"{'method':45s} {'seconds':>8s} {'segments':>9s}")
+        for name, seconds, n in rows:
+            print(f"{name:45s} {seconds:8.2f} {n:9d}")
+        print(f"emseg stages: {stages}; {report.blocks} blocks of {args.block}^3")
+        print(f"emseg / cc3d (in memory)       = {t_emseg / t_cc3d:.2f}x")
+        print(f"emseg / cc3d + zarr read/write = {t_emseg / t_cc3d_io:.2f}x")
+        if not args.skip_dask_image:
+            print(f"dask-image / emseg             = {t_dask / t_emseg:.2f}x")
+        assert report.n_segments == n_ref, "emseg and cc3d disagree on the number of segments"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
