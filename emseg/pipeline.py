@@ -2,8 +2,8 @@
 
 Output layout (an OME-Zarr image group)::
 
-    OUT.zarr/0                     the prediction, axes (c, z, y, x)
-    OUT.zarr/labels/segments/0     uint64 segment IDs, image-label metadata
+    OUT.zarr/0, 1, ...             the prediction, axes (c, z, y, x), a multiscale pyramid
+    OUT.zarr/labels/segments/0, 1, ...  uint64 segment IDs (mode-downsampled levels), image-label metadata
     OUT.zarr/emseg_state/...       completion markers (a rerun resumes)
 """
 
@@ -57,6 +57,7 @@ def segment(
     Returns the prediction plan instead when ``dry_run``.
     """
     from emseg.cluster import connect
+    from emseg.io.pyramid import build_pyramids
     from emseg.label import label
     from emseg.predict import default_checkpoint, plan_prediction, predict
 
@@ -77,5 +78,6 @@ def segment(
         labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
                          mode=lab.mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
                          progress=progress, client=connection)
+    build_pyramids(out, progress=progress)
     update_status(out, pipeline=config.model_dump(mode="json"))
     return SegmentReport(out, predicted, labelled)

@@ -66,6 +66,9 @@ def cli(verbose: int) -> None:
     """emseg: distributed segmentation of large electron-microscopy volumes."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # Dask's own INFO chatter (scheduler/nanny start-up and shut-down) only with -vv.
+    for name in ("distributed", "dask_jobqueue"):
+        logging.getLogger(name).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
 def main() -> None:
