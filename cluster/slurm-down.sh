@@ -57,7 +57,7 @@ stop slurmctld
 stop munged
 
 # Put back configuration files that were there before slurm-up.sh.
-for f in slurm.conf cgroup.conf; do
+for f in slurm.conf cgroup.conf gres.conf; do
     if grep -qF "$MARK" "$CONF_DIR/$f" 2>/dev/null; then rm -f "$CONF_DIR/$f"; fi
     if [[ -e $STATE/$f.orig ]]; then mv "$STATE/$f.orig" "$CONF_DIR/$f"; fi
 done

@@ -13,6 +13,9 @@
 #   EMSEG_SLURM_CPUS     CPU slots advertised (config_overrides)  [max(4, real CPUs)]
 #   EMSEG_SLURM_TIMEOUT  seconds to wait for the node to be idle  [90]
 #   EMSEG_SLURM_PARTITION partition name                           [debug]
+#   EMSEG_SLURM_GPUS     fake GPUs advertised as gres gpu (device files are links to /dev/null):
+#                        jobs can ask for --gres=gpu:N and get CUDA_VISIBLE_DEVICES, but no
+#                        real device; enough to test GPU profiles on a machine without GPUs  [2]
 #
 # It writes /etc/slurm/slurm.conf and /etc/slurm/cgroup.conf (the paths every SLURM client reads);
 # files there that this script did not write are kept aside in the state dir and put back by
@@ -82,8 +85,11 @@ read -r REAL_CPUS REAL_MEM < <(slurmd -C | awk '
 CPUS=${EMSEG_SLURM_CPUS:-$(( REAL_CPUS > 4 ? REAL_CPUS : 4 ))}
 MEM=$(( REAL_MEM * 95 / 100 ))
 DEF_MEM=$(( MEM / CPUS < 1024 ? MEM / CPUS : 1024 ))
+GPUS=${EMSEG_SLURM_GPUS:-2}
+GRES=""
+if (( GPUS > 0 )); then GRES="Gres=gpu:$GPUS"; fi
 
-for f in slurm.conf cgroup.conf; do
+for f in slurm.conf cgroup.conf gres.conf; do
     if [[ -e $CONF_DIR/$f ]] && ! grep -qF "$MARK" "$CONF_DIR/$f"; then
         say "keeping the existing $CONF_DIR/$f aside as $STATE/$f.orig"
         mv "$CONF_DIR/$f" "$STATE/$f.orig"
@@ -123,9 +129,18 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
 DefMemPerCPU=$DEF_MEM
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM State=UNKNOWN
+GresTypes=gpu
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM $GRES State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+# Fake GPUs: profiles with gpus_per_job can be scheduled and tested on a machine without GPUs
+# (a gres without File is reported as 0 by slurmd 22.05 and makes the node INVALID).
+mkdir -p "$STATE/dev"
+for (( i = 0; i < GPUS; i++ )); do ln -sfn /dev/null "$STATE/dev/nvidia$i"; done
+{
+    echo "$MARK"
+    if (( GPUS > 0 )); then echo "NodeName=$NODE Name=gpu File=$STATE/dev/nvidia[0-$(( GPUS - 1 ))]"; fi
+} >"$CONF_DIR/gres.conf"
 # slurmd 22.05 always loads a cgroup plugin: 'disabled' is refused, cgroup/v2 is refused on hybrid mounts.
 cat >"$CONF_DIR/cgroup.conf" <<EOF
 $MARK
@@ -165,4 +180,4 @@ while :; do
     fi
     sleep 1
 done
-say "up: node $NODE idle, $CPUS CPU slots, ${MEM} MB, partition '$PARTITION'; state and logs in $STATE"
+say "up: node $NODE idle, $CPUS CPU slots, ${MEM} MB, $GPUS fake GPU(s), partition '$PARTITION'; state and logs in $STATE"

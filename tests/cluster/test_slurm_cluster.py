@@ -7,20 +7,23 @@ block or a block written twice by a half-dead worker would show in a byte compar
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cloudpickle
+import dask
 import numpy as np
 import pytest
 import yaml
 
-from emseg.cluster import connect, load_profile
+from emseg.cluster import Connection, connect, load_profile
 from emseg.geometry import Block, plan_blocks
 from emseg.io import create_volume, open_volume
-from emseg.runner import run_blockwise
+from emseg.runner import StageReport, run_blockwise
 from emseg.slurm import SlurmError, jobs_named
 
 from .conftest import TEST_PROFILE, queue, wait_queue_empty
@@ -33,7 +36,7 @@ cloudpickle.register_pickle_by_value(__import__(__name__))
 SHAPE, CHUNKS, HALO = (16, 64, 64), (4, 32, 32), (2, 4, 4)
 
 
-def smooth(block: Block, *, src: str, dst: str, delay: float = 0.0) -> dict[str, int]:
+def smooth(block: Block, *, src: str, dst: str, delay: float = 0.0) -> dict[str, object]:
     """Gaussian of the block's read region, cropped to its core (needs the halo to be right)."""
     from scipy.ndimage import gaussian_filter
 
@@ -42,14 +45,17 @@ def smooth(block: Block, *, src: str, dst: str, delay: float = 0.0) -> dict[str,
     core = block.write_roi.relative_to(block.read_roi)
     time.sleep(delay)
     open_volume(dst, allow_incomplete=True, mode="r+").write(block.write_roi, out[core.to_slices()])
-    return {"voxels": block.write_roi.size}
+    return {"voxels": block.write_roi.size, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def run(cluster: str | Path, src: Path, dst: Path, *, delay: float = 0.0) -> tuple[np.ndarray, object]:
+def run(cluster: str | Path, src: Path, dst: Path, *, delay: float = 0.0,
+        before: Callable[[Connection], None] | None = None) -> tuple[np.ndarray, StageReport]:
     out = create_volume(dst, shape=SHAPE, dtype="float32", chunks=CHUNKS, voxel_size=(40, 4, 4))
     grid = plan_blocks(out.roi, CHUNKS, HALO, chunk_shape=out.chunks)
     fn = functools.partial(smooth, src=str(src), dst=str(dst), delay=delay)
     with connect(cluster) as connection:
+        if before is not None:
+            before(connection)
         report = run_blockwise(connection.client, stage="smooth", grid=grid, fn=fn, output=dst, params={},
                                resources=connection.resources, retries=2, progress=False)
     assert report.computed == len(grid) == 16
@@ -102,7 +108,9 @@ def test_worker_job_cancelled_mid_run_is_survived(local_result, make_volume_modu
     thread.start()
     start = time.monotonic()
     try:
-        data, report = run(profile, make_volume_module, tmp_path / "out.zarr", delay=0.4)
+        # the cluster gives a vanished worker 15 s to come back before replacing its job; 3 s here
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": "3s"}):
+            data, report = run(profile, make_volume_module, tmp_path / "out.zarr", delay=0.4)
     finally:
         stop.set()
         thread.join()
@@ -145,13 +153,18 @@ def test_worker_that_never_starts_times_out_and_is_cancelled(tmp_path) -> None:
     assert wait_queue_empty() == []
 
 
-def test_gpu_profile_asks_for_gres_and_gpu_resource() -> None:
-    """Rendered job of a GPU profile (no GPU needed: the script is only rendered)."""
-    from emseg.cluster import ClusterProfile
-    from emseg.slurm import cluster_kwargs
+def test_gpu_job_runs_one_pinned_worker_per_gpu(local_result, make_volume_module, tmp_path) -> None:
+    """gpus_per_job: 2 on the dev SLURM's fake GPUs: one job, two workers pinned to GPU 0 and GPU 1,
+    every block asks for GPU=1, and the output is still the local one."""
+    profile = profile_with(tmp_path, gpus_per_job=2, cores=2, minimum_jobs=1, maximum_jobs=1)
 
-    profile = ClusterProfile(kind="slurm", slurm={"gpus_per_job": 2, "cores": 8, "memory": "64GB", "queue": "gpu"})
-    kwargs = cluster_kwargs(profile, "emseg-x")
-    assert kwargs["processes"] == 2 and kwargs["job_extra_directives"][0] == "--gres=gpu:2"
-    assert kwargs["worker_extra_args"][:4] == ["--resources", "GPU=1", "--preload", "emseg.slurm"]
-    assert jobs_named("emseg-x") == {}
+    def two_gpu_workers(connection: Connection) -> None:
+        assert connection.resources == {"GPU": 1}
+        connection.client.wait_for_workers(2, timeout=60)
+        workers = connection.client.scheduler_info()["workers"].values()
+        assert sorted(w["resources"].get("GPU") for w in workers) == [1, 1]
+
+    data, report = run(profile, make_volume_module, tmp_path / "out.zarr", delay=0.2, before=two_gpu_workers)
+    assert data.tobytes() == local_result.tobytes()
+    assert {r["gpu"] for r in report.results.values()} == {"0", "1"}, "workers are not pinned to one GPU each"
+    assert wait_queue_empty() == []
