@@ -68,3 +68,7 @@ class RunIncompleteError(EmsegError, RuntimeError):
     """Some blocks failed; the finished ones are kept and a rerun resumes."""
 
     exit_code = 3
+
+
+class SlurmError(EmsegError, RuntimeError):
+    """SLURM refused a job, no worker started in time, or a submitted job failed."""

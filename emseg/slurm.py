@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from emseg.errors import ConfigError, EmsegError
+from emseg.errors import ConfigError, SlurmError
 
 if TYPE_CHECKING:
     from emseg.cluster import ClusterProfile, Connection
@@ -44,10 +44,6 @@ __all__ = ["SlurmError", "slurm_cluster", "submit_training", "render_training_sc
 
 #: Prefix of the job name of every worker job emseg submits (the rest is unique per run).
 JOB_PREFIX = "emseg"
-
-
-class SlurmError(EmsegError, RuntimeError):
-    """SLURM refused a job, no worker started in time, or a submitted job failed."""
 
 
 # -- helpers ------------------------------------------------------------------------------------
