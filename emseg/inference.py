@@ -167,6 +167,7 @@ def make_tiling(
     nd = int(model.ndim)
     lead = 3 - nd  # 1 for a 2D model: the z axis is not seen by the model
     multiple = (1,) * lead + tuple(model.input_multiple)
+    tile: Coordinate
     if tile_shape is None:
         tile = (64, 64, 64) if nd == 3 else (1, 256, 256)
     else:
@@ -182,10 +183,11 @@ def make_tiling(
                 f"a 'valid'-padded model needs exactly its context {tuple(model.context)} as halo, got "
                 f"{tuple(halo)}; leave --halo out"
             )
-        ctx = tuple(model.context)
+        ctx: Coordinate = tuple(model.context)
         in_shape = model.valid_input_shape(tuple(t + 2 * c for t, c in zip(tile[lead:], ctx)))
         out_shape = model.output_shape(in_shape)
-        input_offset, output_offset = (0,) * lead + ctx, (0,) * 3
+        input_offset: Coordinate = (0,) * lead + ctx
+        output_offset: Coordinate = (0,) * 3
         blend: Blend = "crop"
     else:
         need = tuple(-(-r // 2) for r in model.receptive_field)
@@ -249,7 +251,8 @@ def gaussian_window(shape: Sequence[int], sigma_scale: float = 0.125) -> npt.NDA
             c = (n - 1) / 2
             axis = np.exp(-0.5 * ((np.arange(n) - c) / (sigma_scale * n)) ** 2)
         weight = np.multiply.outer(weight, axis)
-    return np.maximum(weight / weight.max(), 1e-3).astype(np.float32)
+    window: npt.NDArray[np.float32] = np.maximum(weight / weight.max(), 1e-3).astype(np.float32)
+    return window
 
 
 def apply_activation(logits: torch.Tensor, activation: Activation) -> torch.Tensor:
@@ -265,9 +268,11 @@ def apply_activation(logits: torch.Tensor, activation: Activation) -> torch.Tens
 def to_output_dtype(values: npt.NDArray[np.float32], dtype: OutputDtype) -> npt.NDArray[Any]:
     """Cast outputs for storage: ``uint8`` is ``round(clip(p, 0, 1) * 255)``, floats are cast."""
     if dtype == "uint8":
-        return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        quantised: npt.NDArray[Any] = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return quantised
     if dtype in ("float16", "float32"):
-        return values.astype(dtype)
+        cast: npt.NDArray[Any] = values.astype(dtype)
+        return cast
     raise ConfigError(f"unknown output dtype {dtype!r}; expected uint8, float16 or float32")
 
 

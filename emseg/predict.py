@@ -132,7 +132,10 @@ class PredictionPlan:
     def summary(self) -> str:
         t = self.tiling
         lo, hi = t.halo
-        fmt = lambda c: "x".join(map(str, c))  # noqa: E731
+
+        def fmt(c: Sequence[int]) -> str:
+            return "x".join(map(str, c))
+
         lines = [
             f"input      {self.volume}  {fmt(self.volume_shape)} {self.volume_dtype}, voxel size "
             f"{','.join(f'{v:g}' for v in self.voxel_size)} nm",
