@@ -483,7 +483,7 @@ def _faces_block(job: _Job, block: Block) -> dict[str, list[list[int]]]:
     return {"pairs": result.tolist()}
 
 
-def _relabel_block(job: _Job, block: Block) -> dict[str, int]:
+def _relabel_block(job: _Job, block: Block) -> dict[str, float]:
     """Stage 3: local ids -> consecutive final ids, written as uint64."""
     start = time.perf_counter()
     if job.method == "cc":

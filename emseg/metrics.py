@@ -72,7 +72,7 @@ def boundaries(labels: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
     """Boundary voxels of a label volume ``(z, y, x)``, per 2D section: label 0 or next to another id."""
     out = np.zeros(labels.shape, dtype=bool)
     for z in range(labels.shape[0]):
-        out[z] = find_boundaries(labels[z], mode="inner") | (labels[z] == 0)
+        out[z] = find_boundaries(labels[z], mode="inner") | (labels[z] == 0)  # type: ignore[no-untyped-call]
     return out
 
 

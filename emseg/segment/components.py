@@ -55,13 +55,13 @@ def label_components(
     check_connectivity(connectivity, mode)
     dtype = local_dtype(mask.size)
     if mode == "3d":
-        labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True, out_dtype=dtype)
+        labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True, out_dtype=dtype)  # type: ignore[call-overload]
         return labels, int(n)
     out = np.zeros(mask.shape, dtype=dtype)
     total = 0
     for z in range(mask.shape[0]):
         section, n = cc3d.connected_components(mask[z], connectivity=PLANAR[connectivity], return_N=True,
-                                               out_dtype=dtype)
+                                               out_dtype=dtype)  # type: ignore[call-overload]
         if n:
             section[section != 0] += dtype.type(total)
             out[z] = section

@@ -73,7 +73,7 @@ def foreground_mask(data: npt.NDArray[Any], *, threshold: float, rule: Foregroun
 def boundary_map(data: npt.NDArray[Any], *, rule: ForegroundRule) -> npt.NDArray[np.float32]:
     """Boundary probability in [0, 1] (float32) of a prediction block, by ``rule``."""
     if rule == "nonzero":
-        return (data == 0).astype(np.float32)
+        return np.asarray(data == 0, dtype=np.float32)
     p = probability(data)
     if rule == "below":
         return p

@@ -86,7 +86,7 @@ class WatershedParams:
 
 def _struct(mode: Mode) -> npt.NDArray[np.bool_]:
     """Face connectivity for flooding (in-section only in 2D mode)."""
-    struct = ndimage.generate_binary_structure(3, 1)
+    struct: npt.NDArray[np.bool_] = np.asarray(ndimage.generate_binary_structure(3, 1), dtype=bool)
     if mode == "2d":
         struct[0] = struct[2] = False
     return struct
@@ -129,7 +129,8 @@ def _reflood(
     markers = fastremap.mask(labels, drop.tolist())
     if not markers.any():  # nothing would be left to flood from
         return labels
-    flooded: npt.NDArray[Any] = watershed(elevation, markers=markers, connectivity=_struct(mode))
+    flooded: npt.NDArray[Any] = watershed(  # type: ignore[no-untyped-call]
+        elevation, markers=markers, connectivity=_struct(mode))
     return flooded.astype(labels.dtype, copy=False)
 
 
@@ -200,5 +201,5 @@ def watershed_fragments(
     seeds, n_seeds = find_seeds(boundary, params, mode=mode, voxel_size=voxel_size)
     if n_seeds == 0:
         return np.zeros(boundary.shape, dtype=local_dtype(boundary.size)), 0
-    labels = watershed(boundary, markers=seeds, connectivity=_struct(mode))
+    labels = watershed(boundary, markers=seeds, connectivity=_struct(mode))  # type: ignore[no-untyped-call]
     return filter_small(labels.astype(seeds.dtype, copy=False), boundary, params.min_size, mode=mode)
