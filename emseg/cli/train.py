@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -62,9 +64,16 @@ _FIELDS = {
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in -o.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in -o.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--cluster", help="A SLURM profile (slurm, or a profile YAML): submit the training as one sbatch job.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="SLURM nodes (with --cluster).")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=0, show_default=True,
+              help="GPUs per node, one DDP process each (with --cluster).")
+@click.option("--tasks-per-node", type=click.IntRange(min=1),
+              help="DDP processes per node (with --cluster; default: --gpus-per-node, else 1).")
 @click.pass_context
 def train(ctx: click.Context, /, raws: tuple[str, ...], labels: tuple[str, ...], val_raws: tuple[str, ...], val_labels: tuple[str, ...],
-          labels_kind: str, config_file: str | None, as_json: bool, **options: Any) -> None:
+          labels_kind: str, config_file: str | None, as_json: bool, cluster: str | None, nodes: int,
+          gpus_per_node: int, tasks_per_node: int | None, **options: Any) -> None:
     """Train a model on raw EM + labels and write a checkpoint directory.
 
     \b
@@ -90,10 +99,43 @@ def train(ctx: click.Context, /, raws: tuple[str, ...], labels: tuple[str, ...],
     if config_file is None and "output" not in overrides:
         raise click.UsageError("give -o/--output (or --config FILE)")
     cfg = load_train_config(config_file, overrides)
+    if cluster is not None:
+        _submit_to_slurm(cfg, cluster, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                         as_json=as_json)
+        return
     report = run_training(cfg)
+    if _rank() != 0:  # under srun/torchrun every process runs this command; one report is enough
+        return
     if as_json:
         from dataclasses import asdict
 
         click.echo(json.dumps(asdict(report), indent=2))
     else:
         click.echo(report.summary())
+
+
+def _rank() -> int:
+    return int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))
+
+
+def _submit_to_slurm(cfg: Any, cluster: str, *, nodes: int, gpus_per_node: int, tasks_per_node: int | None,
+                     as_json: bool) -> None:
+    """Run the resolved config as one sbatch job: ``srun emseg train --config`` on every task."""
+    from emseg.cluster import load_profile
+    from emseg.errors import ConfigError
+    from emseg.slurm import submit_training
+
+    profile = load_profile(cluster)
+    if profile.kind != "slurm":
+        raise ConfigError(f"--cluster {cluster}: training is submitted to SLURM only (kind slurm, got "
+                          f"{profile.kind}); use --nproc N for processes on this machine")
+    output = Path(cfg.output).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    config_path = output.parent / f".{output.name}.train-config.json"  # beside the run, sent by value
+    config_path.write_text(cfg.model_dump_json(indent=2))
+    argv = ["--config", str(config_path)] + (["--json"] if as_json else [])
+    job_id = submit_training(argv, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                             profile=profile)
+    report = output / "train_report.json"
+    click.echo(report.read_text() if as_json and report.is_file() else
+               f"SLURM job {job_id} trained {output} ({nodes} node(s)); report in {report}")

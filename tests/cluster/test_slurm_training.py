@@ -50,6 +50,22 @@ def test_two_task_ddp_job_writes_one_checkpoint(crops, tmp_path: Path) -> None:
     assert wait_queue_empty() == []
 
 
+def test_train_cli_submits_to_slurm(crops, tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from emseg.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cli-ckpt"
+    result = CliRunner().invoke(cli, ["train", *tiny_args(crops, out), "--cluster", str(TEST_PROFILE),
+                                      "--tasks-per-node", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["world_size"], report["steps"]) == (2, 4)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
+    assert wait_queue_empty() == []
+
+
 def test_failed_training_job_is_reported_with_its_log(tmp_path: Path) -> None:
     args = ["--raw", str(tmp_path / "missing.tif"), "--labels", str(tmp_path / "missing.tif"), "-o", str(tmp_path / "o")]
     with pytest.raises(SlurmError, match=r"job \d+ ended FAILED \(exit code \d+:\d+\); see its log .*emseg-train-\d+\.out"):

@@ -152,3 +152,13 @@ def test_early_stopping_when_validation_loss_stops_falling(tmp_path: Path, isbi_
     report = json.loads(result.output)
     assert report["stopped_early"] and report["steps"] == 3 and report["best_step"] == 1
     assert [p.name for p in (tmp_path / "es" / "checkpoints").iterdir()][-1] == "step-00000003"
+
+
+def test_cluster_must_be_a_slurm_profile(tmp_path: Path, isbi_crops: dict[str, Path]) -> None:
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(cli, tiny_args(isbi_crops, out, "--cluster", "local"))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: --cluster local: training is submitted to SLURM only (kind slurm, got local); "
+        "use --nproc N for processes on this machine"]
+    assert not out.exists()
