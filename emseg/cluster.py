@@ -134,6 +134,13 @@ class Connection:
     threads_per_worker: int
 
 
+def _attach(client: Any) -> Connection:
+    """A Connection for a client whose cluster emseg did not start: GPU tasks if workers offer GPUs."""
+    info = client.scheduler_info()
+    has_gpu = any("GPU" in (w.get("resources") or {}) for w in info.get("workers", {}).values())
+    return Connection(client, {"GPU": 1} if has_gpu else None, 1)
+
+
 def visible_gpus() -> list[int]:
     """Indices of the CUDA devices this process can see (empty without torch.cuda)."""
     try:
@@ -150,21 +157,28 @@ def connect(
     scheduler: str | None = None,
     workers: int | None = None,
     devices: Sequence[int] | None = None,
+    client: Connection | Any = None,
 ) -> Iterator[Connection]:
     """Open a Dask client for a run and close what was started when the run ends.
 
-    ``scheduler`` (an address) joins an existing cluster and leaves it running.
+    ``scheduler`` (an address) joins an existing cluster and leaves it running.  ``client`` (a
+    :class:`Connection` or a bare ``distributed.Client``) is used as it is and left open: that is how
+    ``emseg segment`` runs predict and label on one cluster.
     """
     from distributed import Client
 
+    if isinstance(client, Connection):
+        yield client
+        return
+    if client is not None:
+        yield _attach(client)
+        return
     if scheduler is not None:
-        client = Client(scheduler)
+        joined = Client(scheduler)
         try:
-            info = client.scheduler_info()
-            has_gpu = any("GPU" in (w.get("resources") or {}) for w in info.get("workers", {}).values())
-            yield Connection(client, {"GPU": 1} if has_gpu else None, 1)
+            yield _attach(joined)
         finally:
-            client.close()
+            joined.close()
         return
     profile = load_profile(cluster)
     updates: dict[str, Any] = {}

@@ -9,6 +9,9 @@ A message states what was expected, what was received and, where one exists, the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class EmsegError(Exception):
     """Base class of every error emseg raises deliberately."""
@@ -62,6 +65,13 @@ class InvalidDataError(EmsegError, ValueError):
 
 class ResumeMismatchError(EmsegError, RuntimeError):
     """An output holds a run with other parameters; rerun with ``--overwrite`` to replace it."""
+
+    @classmethod
+    def between(cls, where: object, what: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> ResumeMismatchError:
+        """The error for ``where`` holding ``what`` made with ``old`` parameters instead of ``new``."""
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return cls(f"{where}: holds {what} made with other parameters (differs in: "
+                   f"{', '.join(changed) or 'layout'}); pass --overwrite to replace it")
 
 
 class RunIncompleteError(EmsegError, RuntimeError):

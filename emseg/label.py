@@ -29,13 +29,12 @@ Rerunning the same command resumes; other parameters are refused unless ``overwr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -276,8 +275,10 @@ def label(
     _prepare_scratch(job, chunks)
 
     start = time.perf_counter()
-    with _open_client(client, cluster=cluster, scheduler=scheduler, workers=workers) as dask_client:
-        run = functools.partial(run_blockwise, dask_client, grid=grid, output=label_root, params=params,
+    from emseg.cluster import connect
+
+    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
+        run = functools.partial(run_blockwise, connection.client, grid=grid, output=label_root, params=params,
                                 overwrite=overwrite, progress=progress)
         fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job))
         counts = [int(fragments.results[b]["count"]) for b in range(len(grid))]
@@ -331,10 +332,7 @@ def _prepare_labels(
             raise OutputExistsError(f"{label_root} already exists and is not an emseg label output; "
                                     "pass --overwrite to replace it")
         if previous.get("fingerprint") != fingerprint:
-            old = previous.get("params", {})
-            changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
-            raise ResumeMismatchError(f"{label_root}: holds labels made with other parameters (differs in: "
-                                      f"{', '.join(changed) or 'layout'}); pass --overwrite to replace them")
+            raise ResumeMismatchError.between(label_root, "labels", previous.get("params", {}), params)
         volume = open_volume(label_root, allow_incomplete=True)
         if volume.shape != shape:
             raise VolumeShapeError(f"{label_root}: shape {volume.shape} differs from the prediction's {shape}; "
@@ -367,18 +365,6 @@ def _prepare_scratch(job: _Job, chunks: Coordinate) -> None:
     for axis in job.face_axes:
         require_scratch(job.state, f"faces_{axis}", shape=_face_shape(shape, job.grid, axis),
                         dtype=job.fragment_dtype, chunks=_face_chunks(job.grid.block_shape, axis))
-
-
-@contextlib.contextmanager
-def _open_client(client: Any, **cluster_args: Any) -> Iterator[Any]:
-    if client is not None:
-        yield getattr(client, "client", client)  # a Connection or a bare distributed.Client
-        return
-    from emseg.cluster import connect
-
-    with connect(cluster_args["cluster"], scheduler=cluster_args["scheduler"],
-                 workers=cluster_args["workers"]) as connection:
-        yield connection.client
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ block layout or parameter is refused with :class:`~emseg.errors.ResumeMismatchEr
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -490,9 +489,7 @@ def _prepare(plan: PredictionPlan, output: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"{output} already exists and is not an emseg prediction; "
                                     "pass --overwrite to replace it")
         if previous != plan.params:
-            changed = sorted(k for k in set(previous) | set(plan.params) if previous.get(k) != plan.params.get(k))
-            raise ResumeMismatchError(f"{output}: holds an earlier prediction with other parameters (differs in: "
-                                      f"{', '.join(changed)}); pass --overwrite to replace it")
+            raise ResumeMismatchError.between(output, "an earlier prediction", previous, plan.params)
         log.info("%s: resuming an earlier run", output)
         return
     vol_offset = _volume_offset(plan.volume)
@@ -506,18 +503,6 @@ def _volume_offset(path: Path) -> tuple[float, ...]:
     from emseg.io import open_volume
 
     return open_volume(path).offset_nm
-
-
-@contextlib.contextmanager
-def _connection(client: Any, cluster: str | None, scheduler: str | None, workers: int | None,
-                devices: Sequence[int] | None) -> Iterator[Any]:
-    if client is not None:
-        yield client
-        return
-    from emseg.cluster import connect
-
-    with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
-        yield connection
 
 
 def predict(
@@ -586,7 +571,9 @@ def predict(
         return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
     check_distinct(volume_path, output)
     _prepare(plan, output, overwrite)
-    with _connection(client, cluster, scheduler, workers, devices) as connection:
+    from emseg.cluster import connect
+
+    with connect(cluster, scheduler=scheduler, workers=workers, devices=devices, client=client) as connection:
         config = PredictConfig(
             input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
             checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,

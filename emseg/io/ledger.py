@@ -44,13 +44,9 @@ class Ledger:
             if previous.attrs.get("fingerprint") == fingerprint and previous.shape == (n_blocks,):
                 return
             if not overwrite:
-                old = dict(previous.attrs.get("params", {}))
-                new = json.loads(json.dumps(params, sort_keys=True, default=str))
-                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise ResumeMismatchError(
-                    f"{self.output}: holds an earlier {self.stage} run with other parameters "
-                    f"(differs in: {', '.join(changed) or 'layout'}); pass --overwrite to replace it"
-                )
+                raise ResumeMismatchError.between(
+                    self.output, f"an earlier {self.stage} run", dict(previous.attrs.get("params", {})),
+                    json.loads(json.dumps(params, sort_keys=True, default=str)))
             del state[self.stage]
         array = state.create_array(self.stage, shape=(n_blocks,), chunks=(1,), dtype=str, fill_value="")
         array.attrs.update({"fingerprint": fingerprint, "params": json.loads(json.dumps(params, sort_keys=True, default=str))})
