@@ -73,9 +73,8 @@ def import_volume(
     if len(size) != 3:
         raise VolumeShapeError(f"--voxel-size needs 3 values (z, y, x), got {size}")
     chunk_shape = default_chunks(src.shape, chunks)
-    prepare_output(output, overwrite=overwrite)
     volume = create_volume(output, shape=src.shape, dtype=src.dtype, chunks=chunk_shape, voxel_size=size,
-                           zarr_format=zarr_format, name=Path(source).stem)
+                           zarr_format=zarr_format, name=Path(source).stem, overwrite=overwrite)
     depth = chunk_shape[0]
     with tqdm(total=src.shape[0], desc="import", unit="section", file=sys.stderr, disable=not progress) as bar:
         for z0 in range(0, src.shape[0], depth):
