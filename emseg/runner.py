@@ -113,8 +113,9 @@ def run_blockwise(
     ledger = Ledger(output, stage)
     params = {**params, "grid": [list(grid.total_roi.offset), list(grid.total_roi.shape), list(grid.block_shape), list(grid.halo)]}
     ledger.claim(len(grid), fingerprint_of(params), params, overwrite=overwrite)
-    wanted = sorted(set(range(len(grid))) if block_ids is None else set(block_ids))
-    results = {k: v for k, v in ledger.done().items() if k in set(wanted)}
+    wanted_ids = set(range(len(grid))) if block_ids is None else set(block_ids)
+    wanted = sorted(wanted_ids)
+    results = {k: v for k, v in ledger.done().items() if k in wanted_ids}
     pending = [grid.block(i) for i in wanted if i not in results]
     skipped = len(results)
     start = time.perf_counter()
