@@ -196,7 +196,7 @@ def connect(
     gpus = list(profile.devices) if profile.devices is not None else visible_gpus()
     if profile.kind == "local-gpu" and not gpus:
         raise ConfigError("--cluster local-gpu: no CUDA device is visible; use --cluster local")
-    if gpus and (profile.kind == "local-gpu" or profile.devices is not None or profile.kind == "local"):
+    if gpus:  # local or local-gpu: one pinned worker per GPU wherever GPUs are visible or named
         cluster_obj = _gpu_cluster(gpus[: profile.workers] if profile.workers else gpus, profile)
         resources: dict[str, float] | None = {"GPU": 1}
     else:
