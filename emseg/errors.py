@@ -82,3 +82,15 @@ class RunIncompleteError(EmsegError, RuntimeError):
 
 class SlurmError(EmsegError, RuntimeError):
     """SLURM refused a job, no worker started in time, or a submitted job failed."""
+
+
+class OutputInUseError(EmsegError, RuntimeError):
+    """Another emseg run holds the output's run lock."""
+
+
+class ResourceLimitError(EmsegError, MemoryError):
+    """A block, patch, model or output would need more memory (or disk) than the worker has."""
+
+
+class StorageError(EmsegError, OSError):
+    """Reading or writing a path failed (permissions, disk full, read-only filesystem ...)."""
