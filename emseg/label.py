@@ -42,12 +42,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from emseg.io.lock import locked
 from emseg.errors import ConfigError, OutputExistsError, ResumeMismatchError, VolumeShapeError
+from emseg.evaluate import evaluate_paths  # re-exported: evaluation I/O moved to emseg.evaluate
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
 from emseg.io import check_distinct, create_labels, create_volume, mark_complete, open_volume, read_status, update_status
 from emseg.io import Volume
 from emseg.io.scratch import Table, remove_scratch, require_scratch, scratch_path, write_table
-from emseg.metrics import Scores, evaluate_slabs
 from emseg.runner import StageReport, fingerprint_of, run_blockwise
 from emseg.segment import (
     RULES,
@@ -167,6 +168,7 @@ def _resolve_rule(foreground: str, dtype: np.dtype[Any], has_channels: bool) -> 
     return "nonzero"
 
 
+@locked("output_path", "label")
 def label(
     pred_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -484,46 +486,3 @@ def _relabel_block(job: _Job, block: Block) -> dict[str, float]:
     _volume(job.labels, "r+", job.token).write(block.write_roi, relabel_block(local, table))
     return {"segments_max": int(table.max()) if len(table) else 0, "seconds": round(time.perf_counter() - start, 4),
             "write_seconds": round(time.perf_counter() - t1, 4)}
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation of label volumes on disk
-
-
-def _slab_reader(path: Path) -> tuple[Coordinate, Any]:
-    """Shape and a ``read(z0, z1)`` of a label volume: OME-Zarr / zarr array, or TIFF/HDF5/PNG."""
-    from emseg.io import open_source
-
-    if path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zarray", ".zgroup")):
-        volume = open_volume(path)
-        if volume.has_channels:
-            raise VolumeShapeError(f"{path}: a label volume has axes (z, y, x), got {volume.axes}")
-
-        def read(z0: int, z1: int) -> Any:
-            return volume.read(Roi((z0, 0, 0), (z1 - z0, *volume.shape[1:])))
-
-        return volume.shape, read
-    source = open_source(path)
-    return tuple(source.shape), source.read
-
-
-def evaluate_paths(
-    seg_path: str | os.PathLike[str], gt_path: str | os.PathLike[str], *, slab_voxels: int = 1 << 26
-) -> Scores:
-    """Scores of a segmentation against ground truth, read slab by slab (see :mod:`emseg.metrics`).
-
-    Both are label volumes ``(z, y, x)``: OME-Zarr images or label images, zarr arrays, TIFF stacks.
-
-    Raises
-    ------
-    VolumeNotFoundError, NotAVolumeError, VolumeShapeError
-    """
-    seg_shape, read_seg = _slab_reader(Path(seg_path))
-    gt_shape, read_gt = _slab_reader(Path(gt_path))
-    if tuple(seg_shape) != tuple(gt_shape):
-        raise VolumeShapeError(f"segmentation {seg_path} has shape {tuple(seg_shape)} but ground truth {gt_path} "
-                               f"has {tuple(gt_shape)}; they must cover the same voxels")
-    depth = max(1, slab_voxels // max(1, int(np.prod(seg_shape[1:]))))
-    slabs = ((read_seg(z, min(z + depth, seg_shape[0])), read_gt(z, min(z + depth, seg_shape[0])))
-             for z in range(0, seg_shape[0], depth))
-    return evaluate_slabs(slabs)

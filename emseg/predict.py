@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from emseg.io.lock import locked
 from emseg.errors import (
     ConfigError,
     EmsegError,
@@ -505,6 +506,7 @@ def _volume_offset(path: Path) -> tuple[float, ...]:
     return open_volume(path).offset_nm
 
 
+@locked("output_path", "predict")
 def predict(
     volume_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],

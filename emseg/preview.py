@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emseg.io.lock import locked
 from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError
 from emseg.geometry import Roi
 from emseg.io.pyramid import label_image_paths
@@ -175,6 +176,7 @@ def _to_gray(data: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     return np.asarray(np.clip(scaled * 255 + 0.5, 0, 255).astype(np.uint8))
 
 
+@locked("png_path", "preview")
 def render_preview(
     out_path: str | os.PathLike[str],
     *,
@@ -182,6 +184,7 @@ def render_preview(
     slices: int = 3,
     png_path: str | os.PathLike[str],
     max_panel: int = MAX_PANEL,
+    overwrite: bool = False,
 ) -> Path:
     """Write a PNG montage: one row per z slice, columns raw | prediction | labels.
 
@@ -219,6 +222,7 @@ def render_preview(
     if slices < 1:
         raise ConfigError(f"slices must be at least 1, got {slices}")
     sources = find_sources(out_path, raw_path)
+    png = _check_png_output(png_path, [Path(out_path), *(p for p in sources if p is not None)], overwrite)
     reference = _reference(sources)
     columns = [(name, p) for name, p in zip(("raw", "prediction", "labels"), sources) if p is not None]
     volumes = {name: _pick_level(p, max_panel) for name, p in columns}
@@ -248,9 +252,36 @@ def render_preview(
             left = gap + col * (panel[0] + gap)
             canvas.paste(img, (left, top))
         draw.text((gap + 3, top + 2), f"z={z}", fill=(255, 255, 0))
-    png = Path(png_path)
+    from PIL.PngImagePlugin import PngInfo
+
+    from emseg.io.safety import SOFTWARE
+
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
     png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(png, format="PNG")
+    partial = png.with_name(f".{png.name}.partial")
+    try:
+        canvas.save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, png)  # never a truncated PNG in place of a good one
+    finally:
+        partial.unlink(missing_ok=True)
+    return png
+
+
+def _check_png_output(png_path: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse a PNG path inside an input, or an existing file without ``overwrite`` (or not emseg's)."""
+    from emseg.errors import OutputExistsError
+    from emseg.io.safety import made_by_emseg, overwrite_hint
+    from emseg.io.volume import check_distinct
+
+    png = Path(png_path)
+    for source in inputs:
+        check_distinct(source, png)
+    if png.exists() or png.is_symlink():
+        if png.is_dir():
+            raise OutputExistsError(f"{png} is a folder; give the path of a PNG file with -o")
+        if not overwrite or not made_by_emseg(png):
+            raise OutputExistsError(f"{png} already exists; {overwrite_hint(png)}")
     return png
 
 

@@ -43,6 +43,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emseg.io.lock import locked
 from emseg.errors import ConfigError, GeometryError
 from emseg.geometry import Coordinate, Roi, as_coordinate, plan_blocks, round_up
 
@@ -275,6 +276,7 @@ def synth_volume(shape: Sequence[int], *, seed: int, params: SynthParams | None 
     return synth_block(Roi.from_shape(_check_shape(shape)), shape=shape, seed=seed, params=params)
 
 
+@locked("dst", "synth")
 def write_synth(
     dst: str | os.PathLike[str],
     *,

@@ -14,7 +14,8 @@ import click
 @click.option("--slices", type=click.IntRange(min=1), default=3, show_default=True, help="Number of z sections (rows).")
 @click.option("--size", "max_panel", type=click.IntRange(min=16), default=512, show_default=True,
               help="Longest side of one panel, pixels.")
-def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the PNG if it exists (only one emseg wrote).")
+def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int, overwrite: bool) -> None:
     """Write a PNG of a few z sections of OUT: raw | prediction | labels (random colours).
 
     OUT is an emseg output (out.zarr), a synthetic volume from `emseg synth`, or any OME-Zarr image
@@ -22,5 +23,6 @@ def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int) ->
     """
     from emseg.preview import render_preview
 
-    path = render_preview(out, raw_path=raw, slices=slices, png_path=png, max_panel=max_panel)
+    path = render_preview(out, raw_path=raw, slices=slices, png_path=png, max_panel=max_panel,
+                          overwrite=overwrite)
     click.echo(str(path))

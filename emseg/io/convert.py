@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
+from emseg.io.lock import locked
 from emseg.errors import VolumeShapeError
 from emseg.geometry import Roi
 from emseg.io.sources import open_source
@@ -49,6 +50,7 @@ class ImportReport:
         )
 
 
+@locked("output", "import")
 def import_volume(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -85,6 +87,7 @@ def import_volume(
     return ImportReport(Path(output), src.shape, str(src.dtype), chunk_shape, size)
 
 
+@locked("output", "export")
 def export_tiff(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -116,14 +119,16 @@ def export_tiff(
                 yield section[c, 0] if c is not None else section[0]
                 bar.update(1 if c in (None, 0) else 0)
 
+    from emseg.io.safety import SOFTWARE
+
+    partial = Path(output).with_name(f".{Path(output).name}.partial")
     try:
-        with tifffile.TiffWriter(output, bigtiff=nbytes > 2**31 - 2**25) as tw:
-            tw.write(sections(), shape=shape, dtype=volume.dtype, compression=compression,
+        with tifffile.TiffWriter(partial, bigtiff=nbytes > 2**31 - 2**25) as tw:
+            tw.write(sections(), shape=shape, dtype=volume.dtype, compression=compression, software=SOFTWARE,
                      metadata={"axes": "".join(volume.axes).upper(), "voxel_size_nm": list(volume.voxel_size)})
-    except BaseException:
-        Path(output).unlink(missing_ok=True)  # never leave a truncated TIFF behind
-        raise
+        os.replace(partial, output)
     finally:
+        partial.unlink(missing_ok=True)  # never leave a truncated TIFF behind
         bar.close()
     return Path(output)
 

@@ -31,6 +31,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emseg.io.lock import locked
 from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
 from emseg.geometry import Coordinate, Roi, plan_blocks
 from emseg.io.pyramid import is_label_image, label_image_paths
@@ -80,6 +81,7 @@ def _ts() -> Any:
     return tensorstore
 
 
+@locked("dst", "export")
 def export_precomputed(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],

@@ -296,19 +296,30 @@ def open_volume(
 
 
 def check_distinct(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
-    """Refuse an output that is, contains, or lies inside the input."""
+    """Refuse an output that is, contains, or lies inside the input or an input the input was made from."""
+    from emseg.io.safety import recorded_sources
+
     src = Path(source).resolve()
     dst = Path(output).resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise SameInputOutputError(f"output {output} would overwrite the input {source}; choose another output path")
+    for upstream in recorded_sources(src):
+        if upstream == dst or upstream in dst.parents or dst in upstream.parents:
+            raise SameInputOutputError(f"output {output} would overwrite {upstream}, from which the input {source} "
+                                       "was made; choose another output path")
 
 
 def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it)."""
+    """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it).
+
+    ``overwrite`` removes only what emseg wrote itself (:func:`emseg.io.safety.made_by_emseg`).
+    """
+    from emseg.io.safety import made_by_emseg, overwrite_hint
+
     path = Path(path)
     if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        if not overwrite or not made_by_emseg(path):
+            raise OutputExistsError(f"{path} already exists; {overwrite_hint(path)}")
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:

@@ -154,12 +154,31 @@ def _check_sources(cfg: TrainConfig) -> None:
                 raise VolumeNotFoundError(f"{path}: no such file or directory (training data)")
 
 
+def _check_not_input(cfg: TrainConfig, out: Path) -> None:
+    """Refuse an output directory that is, holds or lies inside a training input."""
+    from emseg.errors import SameInputOutputError
+    from emseg.training.data import parse_data_path
+
+    specs = [s for source in (*cfg.train, *cfg.val) for s in (source.raw, source.labels)]
+    paths = [parse_data_path(s)[0] for s in specs] + ([Path(cfg.init)] if cfg.init else [])
+    dst = out.resolve()
+    for path in paths:
+        src = path.resolve()
+        if src == dst or dst in src.parents or src in dst.parents:
+            raise SameInputOutputError(f"-o {out} would overwrite the training input {path}; choose another output directory")
+
+
 def _prepare_output(cfg: TrainConfig) -> None:
+    from emseg.io.safety import made_by_emseg, overwrite_hint
+
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory; choose another -o")
+    _check_not_input(cfg, out)
     # a directory holding only train_config.json is a run that failed before its first step
     has_run = out.is_dir() and any(p.name != "train_config.json" for p in out.iterdir())
+    if has_run and not made_by_emseg(out):
+        raise OutputExistsError(f"{out}: already exists and is not an emseg checkpoint directory; {overwrite_hint(out)}")
     if has_run and not cfg.resume:
         if not cfg.overwrite:
             raise OutputExistsError(f"{out}: already holds a training run; pass --resume to continue it or --overwrite to replace it")
@@ -283,6 +302,12 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
         if main:
             log.info("resuming from %s (step %d)", latest, loop_state["step"])
             _truncate_metrics(out / "metrics.jsonl", loop_state["step"])
+    if cfg.init is not None and latest is None:
+        _load_init(model, cfg.init)
+        if main:
+            log.info("weights initialised from %s", cfg.init)
+    if cfg.channels_last:
+        model = model.to(memory_format=_channels_last(cfg.ndim))
     start_step = int(loop_state["step"])
     if main:
         log.info(
@@ -309,8 +334,14 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
         x = torch.from_numpy(batch.raw).to(device)
         target = torch.from_numpy(batch.target).to(device)
         weight = torch.from_numpy(batch.weight).to(device) if batch.weight is not None else None
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=_channels_last(cfg.ndim))
         optimizer.zero_grad(set_to_none=True)
-        loss = total_loss(cfg.loss, module(x), target, weight)
+        with _autocast(cfg, device):
+            outputs = module(x)
+        # the loss (sigmoid, BCE, Dice sums) is computed in float32 whatever the forward's precision
+        outputs = outputs.float() if isinstance(outputs, torch.Tensor) else [o.float() for o in outputs]
+        loss = total_loss(cfg.loss, outputs, target, weight)
         if not torch.isfinite(loss):
             raise ConfigError(f"the training loss became {loss.item()} at step {step}; lower --lr")
         loss.backward()  # type: ignore[no-untyped-call]
@@ -378,6 +409,27 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
         _plot_curves(out)
         (out / "train_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> Any:
+    """bf16 autocast of the forward pass (``cfg.precision == "bf16"``), else a disabled context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def _channels_last(ndim: int) -> torch.memory_format:
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
+def _load_init(model: nn.Module, init: str) -> None:
+    """Copy the weights of checkpoint ``init`` into ``model`` (same architecture and output channels)."""
+    from emseg.models import load_checkpoint
+
+    loaded = load_checkpoint(init)
+    try:
+        model.load_state_dict(loaded.model.state_dict())
+    except RuntimeError as e:
+        raise CheckpointError(f"--init {init}: its weights do not fit the configured model ({e}); use the same "
+                              "--model, --base-channels, --depth, --padding and target") from e
 
 
 @torch.no_grad()

@@ -1,0 +1,138 @@
+"""What ``--overwrite`` may delete: only something emseg itself wrote, never an input.
+
+emseg recognises its own outputs by their metadata: an OME-Zarr group with ``emseg`` attributes
+(every image :func:`emseg.io.create_volume` makes), a checkpoint directory (``config.json`` of
+format ``emseg-checkpoint`` or a ``train_config.json``), a neuroglancer precomputed export (only
+``image/`` and ``labels/<name>/`` layers with their ``info``), a TIFF or PNG whose ``Software``
+tag is ``emseg``, or an empty folder.  Anything else is refused, with no hint to ``--overwrite``.
+
+Inputs are protected by :func:`check_distinct`, which also follows the ``emseg.source`` that an
+input records (``label -o raw.zarr`` on a prediction of ``raw.zarr`` is refused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SOFTWARE = "emseg"
+"""The ``Software`` tag of the TIFF and PNG files emseg writes."""
+
+_CHECKPOINT_FORMAT = "emseg-checkpoint"
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def zarr_attrs(path: Path) -> dict[str, Any] | None:
+    """The attributes of the zarr node at ``path`` (v3 ``zarr.json`` or v2 ``.zattrs``), or None."""
+    meta = _json(path / "zarr.json")
+    if isinstance(meta, dict):
+        attrs = meta.get("attributes") or {}
+        return attrs if isinstance(attrs, dict) else {}
+    if (path / ".zgroup").is_file() or (path / ".zarray").is_file():
+        attrs = _json(path / ".zattrs") or {}
+        return attrs if isinstance(attrs, dict) else {}
+    return None
+
+
+def _is_precomputed(path: Path) -> bool:
+    layers = [p for p in path.iterdir()]
+    if not layers or any(p.name not in ("image", "labels") or not p.is_dir() for p in layers):
+        return False
+    found = []
+    for top in layers:
+        found += [top] if top.name == "image" else [p for p in top.iterdir()]
+    for layer in found:
+        info = _json(layer / "info") if layer.is_dir() else None
+        if not isinstance(info, dict) or "scales" not in info or "data_type" not in info:
+            return False
+    return True
+
+
+def _file_is_emseg(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                return bool(img.info.get("Software") == SOFTWARE)
+        except (OSError, ValueError):
+            return False
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                return bool(tif.pages[0].software == SOFTWARE)  # type: ignore[union-attr]
+        except (OSError, ValueError, IndexError, AttributeError, tifffile.TiffFileError):
+            return False
+    return False
+
+
+def made_by_emseg(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is something emseg wrote (or an empty folder), so ``--overwrite`` may remove it."""
+    p = Path(path)
+    if p.is_symlink():
+        return True  # removing a link deletes nothing else
+    if not p.exists():
+        return True
+    try:
+        if p.is_file():
+            return _file_is_emseg(p)
+        if not p.is_dir():
+            return False
+        if not any(p.iterdir()):
+            return True
+        attrs = zarr_attrs(p)
+        if attrs is not None:
+            return "emseg" in attrs
+        config = _json(p / "config.json")
+        if (isinstance(config, dict) and config.get("format") == _CHECKPOINT_FORMAT) or (p / "train_config.json").is_file():
+            return True
+        return _is_precomputed(p)
+    except OSError:
+        return False
+
+
+def overwrite_hint(path: str | os.PathLike[str]) -> str:
+    """The end of an "already exists" message: --overwrite only where it would be allowed."""
+    if made_by_emseg(path):
+        return "pass --overwrite to replace it"
+    return ("it was not made by emseg, and --overwrite replaces only emseg's own outputs: choose another "
+            "output path, or move it away yourself")
+
+
+def recorded_sources(path: str | os.PathLike[str], depth: int = 4) -> list[Path]:
+    """The inputs that the emseg output at ``path`` records having been made from (transitively)."""
+    found: list[Path] = []
+    current = [Path(path)]
+    for _ in range(depth):
+        nxt: list[Path] = []
+        for p in current:
+            for node in (p, p.parent, p.parent.parent):  # the array, its image, a label image's image
+                attrs = zarr_attrs(node) if node.is_dir() else None
+                status = (attrs or {}).get("emseg")
+                source = None
+                if isinstance(status, dict):
+                    params = status.get("params")
+                    source = params.get("source") if isinstance(params, dict) else None
+                    source = source if isinstance(source, str) and os.path.isabs(source) else status.get("source")
+                if isinstance(source, str) and source:
+                    src = Path(source).resolve()
+                    if src not in found:
+                        found.append(src)
+                        nxt.append(src)
+                    break
+        current = nxt
+        if not current:
+            break
+    return found
