@@ -73,11 +73,14 @@ def segment(
                           precision=p.precision, dtype=p.dtype)
     if dry_run:
         return plan_prediction(volume, **predict_kwargs)
-    with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
-        predicted = predict(volume, out, **predict_kwargs, overwrite=overwrite, progress=progress, client=connection)
-        labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
-                         mode=lab.mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
-                         progress=progress, client=connection)
-    build_pyramids(out, progress=progress)
-    update_status(out, pipeline=config.model_dump(mode="json"))
+    from emseg.io.lock import run_lock
+
+    with run_lock(out, "segment"):
+        with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
+            predicted = predict(volume, out, **predict_kwargs, overwrite=overwrite, progress=progress, client=connection)
+            labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
+                             mode=lab.mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
+                             progress=progress, client=connection)
+        build_pyramids(out, progress=progress)
+        update_status(out, pipeline=config.model_dump(mode="json"))
     return SegmentReport(out, predicted, labelled)

@@ -191,6 +191,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         directory, weights = given.parent, given
     _check_safetensors(weights)
     config = _read_config(directory / CONFIG_NAME)
+    _check_model_size(config, directory / CONFIG_NAME, weights)
     try:
         model = build(**config.model)
     except ConfigError as e:
@@ -217,6 +218,40 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{weights}: weights do not match the config's {config.model.get('name')!r} model ({details})")
     model.load_state_dict(state)
     return Checkpoint(model=model.eval(), config=config)
+
+
+def _check_model_size(config: CheckpointConfig, where: Path, weights: Path) -> None:
+    """Count the config's parameters on the meta device (nothing allocated) before building for real.
+
+    Refuses a config whose float32 weights would not fit in the memory available now, or whose
+    parameters the weights file cannot hold: a hostile or mistyped ``base_channels`` fails here with
+    one message instead of exhausting the machine's memory.
+    """
+    import psutil
+    import torch
+
+    from emseg.errors import ResourceLimitError
+
+    try:
+        with torch.device("meta"):
+            meta = build(**config.model)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: the model config cannot be built: {e}") from e
+    params = sum(p.numel() for p in meta.parameters())
+    need = params * 4
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ResourceLimitError(
+            f"{where}: the model ({config.model.get('name')}, base_channels {config.model.get('base_channels')}, "
+            f"depth {config.model.get('depth')}) has {params:,} parameters, {need / 2**30:.1f} GiB as float32, "
+            f"but {available / 2**30:.1f} GiB is available"
+        )
+    size = weights.stat().st_size
+    if need > 2 * size + (1 << 20):  # fp16 weights are half the size; the header is small
+        raise CheckpointError(
+            f"{where}: the config describes {params:,} parameters ({need / 2**20:.0f} MiB as float32) but "
+            f"{weights} holds only {size / 2**20:.1f} MiB; config and weights do not belong together"
+        )
 
 
 class _NotFound(CheckpointError, VolumeNotFoundError):

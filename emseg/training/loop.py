@@ -99,18 +99,61 @@ def train(cfg: TrainConfig) -> TrainReport:
     env = launcher_env()
     # missing inputs fail before the output is touched or processes are spawned
     _check_sources(cfg)
-    if env is None:
-        _prepare_output(cfg)
-        if cfg.nproc == 1:
-            return _run(cfg, DistInfo(0, 1, 0, "single"), started)
-        port = free_port()
-        from torch.multiprocessing.spawn import spawn
+    check_training_memory(cfg)
+    from emseg.io.lock import run_lock
 
-        spawn(_spawned, args=(cfg, port), nprocs=cfg.nproc, join=True)  # type: ignore[no-untyped-call]
-        return _read_report(Path(cfg.output))
-    if env.is_main:
-        _prepare_output(cfg)
+    if env is None:
+        with run_lock(cfg.output, "train"):  # one run per output directory
+            _prepare_output(cfg)
+            if cfg.nproc == 1:
+                return _run(cfg, DistInfo(0, 1, 0, "single"), started)
+            port = free_port()
+            from torch.multiprocessing.spawn import spawn
+
+            spawn(_spawned, args=(cfg, port), nprocs=cfg.nproc, join=True)  # type: ignore[no-untyped-call]
+            return _read_report(Path(cfg.output))
+    if env.is_main:  # under srun/torchrun the main rank holds the lock for all ranks
+        with run_lock(cfg.output, "train"):
+            _prepare_output(cfg)
+            return _run(cfg, env, started)
     return _run(cfg, env, started)
+
+
+def check_training_memory(cfg: TrainConfig, available: int | None = None) -> int:
+    """Estimate the peak bytes one training process needs and refuse more than this machine has.
+
+    Counts the parameters on the ``meta`` device (nothing is allocated) at 16 bytes each (weights,
+    gradients, two Adam moments) plus the activations kept for the backward pass (about 16 feature
+    maps of the first level's width per input voxel, float32).  Returns the estimate in bytes.
+
+    Raises
+    ------
+    ResourceLimitError
+        The estimate exceeds ``available`` (default: the memory available now).
+    """
+    import psutil
+
+    from emseg.errors import ResourceLimitError
+
+    with torch.device("meta"):
+        model = _build_model(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    per_process = max(1, cfg.batch_size // max(1, cfg.nproc))
+    try:
+        input_shape = tuple(_unwrap(model).valid_input_shape(tuple(cfg.patch_shape)))
+    except Exception:  # noqa: BLE001 - the real build reports a bad shape with its own message
+        input_shape = tuple(cfg.patch_shape)
+    activations = per_process * math.prod(input_shape) * cfg.base_channels * 16 * 4
+    need = params * 16 + activations
+    limit = psutil.virtual_memory().available if available is None else available
+    if need > limit:
+        raise ResourceLimitError(
+            f"training {cfg.model} (base_channels {cfg.base_channels}, depth {cfg.depth}) on patches "
+            f"{'x'.join(map(str, input_shape))} x {per_process} per process needs about {need / 2**30:.1f} GiB "
+            f"({params:,} parameters, activations {activations / 2**30:.1f} GiB) but {limit / 2**30:.1f} GiB is "
+            "available; use a smaller --patch-shape, --batch-size or --base-channels"
+        )
+    return need
 
 
 def predict_volume(
