@@ -53,7 +53,12 @@ class SlurmOptions(BaseModel):
     python: str | None = None
     """Python interpreter on the compute nodes that has emseg installed; default: the one running emseg."""
     interface: str | None = None
-    """Network interface workers and scheduler talk on (``ib0``, ``lo`` on a single node)."""
+    """Network interface workers and scheduler talk on (``ib0``, ``lo`` on a single node).  The
+    scheduler on the login node listens on it: choose the cluster-internal network, not a public one."""
+    security: bool = False
+    """TLS between scheduler, workers and client with temporary self-signed credentials
+    (``distributed.Security.temporary()``): only holders of the run's key may connect.  The
+    workers' copy of the credentials goes to ``log_directory`` (shared, readable by you only)."""
     minimum_jobs: int = Field(default=1, ge=0)
     """Adaptive scaling: fewest worker jobs kept while the run lasts."""
     maximum_jobs: int = Field(default=4, ge=1)
@@ -97,6 +102,10 @@ class ClusterProfile(BaseModel):
     """Memory limit per local worker (Dask syntax, e.g. ``4GB``); default: share of the machine."""
     devices: tuple[int, ...] | None = None
     """GPU indices to use (local-gpu); default: all visible."""
+    interface: str | None = None
+    """Network interface the local scheduler, nannies and workers listen on (``eth0``, ``ib0``).
+    Default: none, they listen on 127.0.0.1 only: Dask runs whatever task a peer sends, so nobody
+    else on the network may reach them unless you ask for it."""
     slurm: SlurmOptions = SlurmOptions()
     """Settings for kind ``slurm``."""
 
@@ -218,6 +227,7 @@ def _cpu_cluster(profile: ClusterProfile) -> Any:
         dashboard_address=None,
         # no dashboard; its HTTP server (health checks) on a free port: the default 8787 warns when taken
         scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+        **_listen(profile),
         env={"OMP_NUM_THREADS": str(profile.threads_per_worker)},
     )
 
@@ -234,9 +244,16 @@ def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile) -> Any:
                 "resources": {"GPU": 1},
                 "env": {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(profile.threads_per_worker)},
                 **({"memory_limit": profile.memory_limit} if profile.memory_limit else {}),
+                **_listen(profile),
             },
         }
         for gpu in gpus
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0"}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0",
+                                               **_listen(profile)}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="emseg-local-gpu")
+
+
+def _listen(profile: ClusterProfile) -> dict[str, str]:
+    """Where the local servers listen: the profile's ``interface``, else 127.0.0.1 only (closed by default)."""
+    return {"interface": profile.interface} if profile.interface else {"host": "127.0.0.1"}

@@ -200,7 +200,17 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
         "death_timeout": opts.death_timeout,
         "job_script_prologue": [f"export OMP_NUM_THREADS={threads}", *opts.job_script_prologue],
         "scheduler_options": {"dashboard": False},  # no web server: nothing to collide on login nodes
+        **_security_kwargs(opts.security, log_directory),
     }
+
+
+def _security_kwargs(enabled: bool, shared: Path) -> dict[str, Any]:
+    """TLS with temporary credentials (``distributed.Security.temporary()``), or nothing."""
+    if not enabled:
+        return {}
+    from distributed.security import Security
+
+    return {"security": Security.temporary(), "protocol": "tls://", "shared_temp_directory": str(shared)}
 
 
 def dask_setup(worker: Any) -> None:
