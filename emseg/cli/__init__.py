@@ -50,9 +50,33 @@ class EmsegGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EmsegError as e:
-            exc = click.ClickException(str(e))
+            exc = click.ClickException(_one_line(str(e)))
             exc.exit_code = e.exit_code
             raise exc from e
+        except OSError as e:  # the machine said no (permissions, disk full, read-only): not a bug
+            raise click.ClickException(describe_os_error(e)) from e
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and what usually fixes it."""
+    import errno
+
+    reason = e.strerror or type(e).__name__
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    hint = {
+        errno.ENOSPC: "free some space or write the output elsewhere; a rerun resumes where blockwise runs stopped",
+        errno.EDQUOT: "free some space or write the output elsewhere",
+        errno.EACCES: "check the permissions of the path or choose another output",
+        errno.EPERM: "check the permissions of the path or choose another output",
+        errno.EROFS: "the filesystem is read-only: write the output elsewhere",
+    }.get(e.errno or 0, "")
+    text = f"{paths}: {reason}" if paths else f"{reason}: {e}" if e.strerror is None else reason
+    return _one_line(f"{text}{'; ' + hint if hint else ''}")
+
+
+def _one_line(message: str) -> str:
+    """Messages are one line on stderr: fold any newline a library put into them."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip()) or message
 
 
 def _module_exists(target: str) -> bool:
