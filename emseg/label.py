@@ -60,6 +60,7 @@ from emseg.segment import (
     foreground_mask,
     label_components,
     local_dtype,
+    probability,
     watershed_fragments,
 )
 from emseg.stitch import (
@@ -146,6 +147,8 @@ class _Job:
     face_axes: tuple[int, ...]
     fragment_dtype: str
     token: str
+    affinities: bool = False
+    """The prediction holds affinities (z, y, x first): the boundary map is 1 - their mean."""
     """Unique per :func:`label` call: workers reuse arrays they opened for the same call only."""
 
     def match_connectivity(self) -> int:
@@ -187,6 +190,9 @@ def label(
     overwrite: bool = False,
     progress: bool = True,
     keep_fragments: bool = False,
+    merge_faces: bool = True,
+    name: str = LABEL_NAME,
+    input_kind: Literal["boundary", "affinities"] = "boundary",
     cluster: str | os.PathLike[str] | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -226,6 +232,15 @@ def label(
         covers this fraction of the smaller one's face area.
     block_size : int or (z, y, x), optional
         Core shape of a block in voxels (default: about 128 per axis, a multiple of the chunks).
+    merge_faces : bool
+        False: keep every block's fragments apart (no face stage): each segment lies inside one
+        block and block ``b`` holds the consecutive ids ``offsets[b]+1 .. offsets[b+1]`` (the
+        fragments of :mod:`emseg.agglomerate`).
+    name : str
+        Name of the label image when ``output`` is the prediction's own image.
+    input_kind : {"boundary", "affinities"}
+        ``affinities``: channels 0..2 are z, y, x affinities; the boundary map is ``1 - mean`` of
+        them (``y, x`` only in 2D mode).
     client : distributed.Client or emseg.cluster.Connection, optional
         Run on this open client (e.g. ``emseg segment`` chaining predict and label); otherwise a
         cluster is started from ``cluster`` / ``scheduler`` / ``workers`` and closed afterwards.
@@ -248,7 +263,7 @@ def label(
     in_image = pred.image_path is not None and output.resolve() == pred.image_path.resolve()
     if not in_image:
         check_distinct(pred_path, output)
-    label_root = output / "labels" / LABEL_NAME if in_image else output
+    label_root = output / "labels" / name if in_image else output
 
     shape = pred.shape
     block = as_coordinate(block_size, 3) if block_size is not None else default_block_shape(shape, pred.chunks)
@@ -264,16 +279,25 @@ def label(
     }
     if method == "watershed":
         params.update(seeds=seeds, min_distance=min_distance, min_size=min_size, sigma=sigma, min_contact=min_contact)
+    if not merge_faces:
+        params["merge_faces"] = False
+    if input_kind == "affinities":
+        if not pred.has_channels or (pred.channels or 0) < 3:
+            raise VolumeShapeError(f"{pred_path}: affinities need at least 3 channels (z, y, x), got axes "
+                                   f"{pred.axes} and shape {pred.array.shape}")
+        params["input_kind"] = input_kind
     fingerprint = fingerprint_of(params)
 
     labels_array = _prepare_labels(pred_path, output, label_root, in_image=in_image, shape=shape, chunks=chunks,
                                    params=params, fingerprint=fingerprint, overwrite=overwrite,
-                                   voxel_size=pred.voxel_size, offset_nm=pred.offset_nm)
-    face_axes = tuple(a for a in range(3) if grid.grid_shape[a] > 1 and not (mode == "2d" and a == 0))
+                                   voxel_size=pred.voxel_size, offset_nm=pred.offset_nm, name=name)
+    face_axes = tuple(a for a in range(3) if merge_faces and grid.grid_shape[a] > 1
+                      and not (mode == "2d" and a == 0))
     job = _Job(pred=str(pred.path), state=str(label_root), labels=str(labels_array), grid=grid, method=method,
                rule=rule, threshold=float(threshold), connectivity=int(connectivity), mode=mode, watershed=ws,
                min_contact=float(min_contact), voxel_size=tuple(pred.voxel_size), face_axes=face_axes,
-               fragment_dtype=str(local_dtype(int(np.prod(grid.block_shape)))), token=uuid.uuid4().hex)
+               fragment_dtype=str(local_dtype(int(np.prod(grid.block_shape)))), token=uuid.uuid4().hex,
+               affinities=input_kind == "affinities")
     _prepare_scratch(job, chunks)
 
     start = time.perf_counter()
@@ -324,6 +348,7 @@ def _prepare_labels(
     overwrite: bool,
     voxel_size: Sequence[float],
     offset_nm: Sequence[float],
+    name: str = LABEL_NAME,
 ) -> Path:
     """Create the label image, or reopen the one a run with the same parameters left; its level-0 path."""
     status_value = {"fingerprint": fingerprint, "params": params}
@@ -342,11 +367,11 @@ def _prepare_labels(
         log.info("resuming the labelling in %s", label_root)
         return Path(volume.path)
     if in_image:
-        volume = create_labels(output, LABEL_NAME, dtype=np.uint64, chunks=chunks)
+        volume = create_labels(output, name, dtype=np.uint64, chunks=chunks)
         update_status(label_root, status="incomplete", **{STATUS_KEY: status_value})
     else:
         volume = create_volume(output, shape=shape, dtype=np.uint64, chunks=chunks, voxel_size=voxel_size,
-                               offset_nm=offset_nm, overwrite=overwrite, name=LABEL_NAME,
+                               offset_nm=offset_nm, overwrite=overwrite, name=name,
                                extra_attrs={STATUS_KEY: status_value})
     return Path(volume.path)
 
@@ -393,6 +418,10 @@ def _section_roi(roi: Roi, axis: int, row: int, rows: int = 1) -> Roi:
 def _read_prediction(job: _Job, roi: Roi) -> npt.NDArray[Any]:
     pred = _volume(job.pred, "r", job.token)
     data = pred.read(roi, pad="reflect")
+    if job.affinities:
+        from emseg.segment.affinities import boundary_from_affinities
+
+        return boundary_from_affinities(probability(data[:3]), mode=job.mode)  # type: ignore[arg-type]
     return data[0] if pred.has_channels else data
 
 

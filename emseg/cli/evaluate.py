@@ -1,29 +1,58 @@
-"""``emseg evaluate``: score a segmentation against ground truth."""
+"""``emseg evaluate``: score a segmentation, or a threshold sweep of a run, against ground truth."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import click
 
 
 @click.command()
-@click.argument("seg", type=click.Path(exists=True))
+@click.argument("segs", metavar="SEG...", nargs=-1, required=True, type=click.Path(exists=True))
 @click.argument("gt", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print the scores as one JSON object.")
-def evaluate(seg: str, gt: str, as_json: bool) -> None:
-    """Score the segmentation SEG against the ground truth GT (label volumes of the same shape).
+@click.option("--gt-kind", type=click.Choice(["auto", "instances", "interior-mask", "membrane-mask"]), default="auto",
+              show_default=True,
+              help="What GT holds: instance ids (0 = unlabelled), a 0/255 or 0/1 mask whose non-zero value is the "
+                   "interior (ISBI 2012) or the membrane; auto: exactly {0,1} or {0,255} is a mask, the rarer "
+                   "value being the membrane.")
+@click.option("--mode", type=click.Choice(["auto", "section", "volume"]), default="auto", show_default=True,
+              help="Score each section on its own and average (section) or the whole volume (volume); "
+                   "auto: per section for a mask GT, as a volume for instance GT.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the split-vs-merge curve (and scores per threshold) as a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(segs: tuple[str, ...], gt: str, gt_kind: str, mode: str, plot: str | None, as_json: bool) -> None:
+    """Score the segmentation(s) SEG... against the ground truth GT (label volumes of the same shape).
 
-    SEG and GT are OME-Zarr (label) images, zarr arrays or TIFF stacks.  Scores: adapted Rand
-    error (ground-truth 0 ignored), VOI split/merge in bits, pixel error of per-section boundary
-    maps, and foreground IoU/Dice, as in skimage.metrics.
+    SEG and GT are OME-Zarr (label) images, zarr arrays or TIFF stacks.  A SEG that is a run output
+    with several label images (one per agglomeration threshold, and the fragments) is expanded into
+    all of them: a threshold sweep, scored in one pass over GT.
+
+    \b
+    Definition: ground-truth 0 is ignored.  A binary-mask GT (ISBI 2012: 0 = membrane,
+    255 = interior) becomes the 4-connected components of the interior of each section, and is
+    scored per section: the mean over sections of each section's scores.  Scores: adapted Rand
+    error, VOI split/merge in bits, pixel error of per-section boundary maps, foreground IoU/Dice,
+    as skimage.metrics computes them.
+
+    One segmentation prints its scores (--json: one object); several print one row each and the
+    lowest ARE + VOI (--json: {"ground_truth", "gt_kind", "mode", "results": [...]}).
     """
-    from emseg.label import evaluate_paths
+    from emseg.evaluate import evaluate_sweep, plot_sweep
 
-    scores = evaluate_paths(seg, gt)
+    report = evaluate_sweep(list(segs), gt, gt_kind=gt_kind, mode=mode)  # type: ignore[arg-type]
+    if plot:
+        plot_sweep(report, plot)
+    single = len(report.results) == 1
     if as_json:
-        values = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.as_dict().items()}
-        click.echo(json.dumps(values))
+        if single:
+            click.echo(json.dumps({**report.results[0].as_dict(), "gt_kind": report.gt_kind, "mode": report.mode}))
+        else:
+            click.echo(json.dumps(report.as_dict()))
+    elif single:
+        click.echo(report.results[0].scores.summary())
+        click.echo(report.definition())
     else:
-        click.echo(scores.summary())
+        click.echo(report.table())
+    if plot:
+        click.echo(f"wrote {plot}", err=True)
