@@ -74,6 +74,10 @@ class ResumeMismatchError(EmsegError, RuntimeError):
                    f"{', '.join(changed) or 'layout'}); pass --overwrite to replace it")
 
 
+class GraphNotFoundError(EmsegError, FileNotFoundError):
+    """A fragments volume has no (finished) region graph to agglomerate."""
+
+
 class RunIncompleteError(EmsegError, RuntimeError):
     """Some blocks failed; the finished ones are kept and a rerun resumes."""
 
