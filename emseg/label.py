@@ -11,8 +11,10 @@ Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the w
 2. ``label-faces``: every block compares its last sections with the first sections of the blocks
    above it (faces, and for 18/26-connectivity edges and corners) in global ids
    (``local + offset``, offsets = prefix sum of the counts) and returns the pairs that touch
-   (``watershed``: pairs whose interior contact covers ``min_contact`` of the smaller face area).
-   The client runs a union-find over the pairs and stores small relabel tables.
+   (``watershed``: pairs whose interior contact covers ``min_contact`` of the smaller face area),
+   written to storage by the worker.  The client streams them through a compact 64-bit
+   union-find (:func:`emseg.stitch.resolve_merges_streamed`), never holding them all, and stores
+   small relabel tables.
 3. ``label-relabel``: every block maps its local ids to consecutive final ids ``1..N`` (uint64).
 
 Output layout
@@ -49,7 +51,8 @@ from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, pla
 from emseg.io import check_distinct, create_labels, create_volume, mark_complete, open_volume, read_status, update_status
 from emseg.io import Volume
 from emseg.io.scratch import Table, remove_scratch, require_scratch, scratch_path, write_table
-from emseg.runner import StageReport, fingerprint_of, run_blockwise
+from emseg.io.pairs import iter_pairs, write_pairs
+from emseg.runner import StageReport, WriteSpec, fingerprint_of, run_blockwise
 from emseg.segment import (
     RULES,
     WatershedParams,
@@ -69,7 +72,7 @@ from emseg.stitch import (
     offsets_from_counts,
     plane_pairs,
     relabel_block,
-    resolve_merges,
+    resolve_merges_streamed,
     select_merges,
     to_global,
 )
@@ -81,6 +84,7 @@ METHODS: tuple[str, ...] = ("cc", "watershed")
 LABEL_NAME = "segments"
 DEFAULT_BLOCK = 128
 STATUS_KEY = "label"
+FACES_STAGE = "label-faces"
 
 __all__ = ["LabelReport", "METHODS", "Method", "default_block_shape", "evaluate_paths", "label"]
 
@@ -307,23 +311,26 @@ def label(
         run = functools.partial(run_blockwise, connection.client, grid=grid, output=label_root, params=params,
                                 overwrite=overwrite, progress=progress)
         fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job))
-        counts = [int(fragments.results[b]["count"]) for b in range(len(grid))]
-        offsets = offsets_from_counts(counts)
+        offsets = offsets_from_counts(fragments.results.column("count"))
         write_table(label_root, "offsets", offsets)
         stages = [fragments]
-        pairs = np.zeros((0, 2), dtype=np.uint64)
+        with_pairs = np.zeros(0, dtype=np.int64)
         if face_axes:
             faces = run(stage="label-faces", fn=functools.partial(_faces_block, job))
             stages.append(faces)
-            found = [np.asarray(r["pairs"], dtype=np.uint64).reshape(-1, 2) for r in faces.results.values()]
-            pairs = np.concatenate(found) if found else pairs
+            with_pairs = np.flatnonzero(faces.results.column("pairs") > 0)
         n_fragments = int(offsets[-1])
-        merges = resolve_merges(pairs, n_fragments)
+        # workers wrote the pairs to storage: stream them through a compact union-find
+        merges = resolve_merges_streamed(iter_pairs(label_root, FACES_STAGE, with_pairs), n_fragments)
         # per block (offset, first merged index); merged ids interleaved with their final ids
         starts = np.searchsorted(merges.merged_ids, offsets, side="right").astype(np.uint64)
         write_table(label_root, "blocks", np.stack([offsets, starts], axis=1))
         write_table(label_root, "merged", np.stack([merges.merged_ids, merges.merged_final], axis=1))
-        stages.append(run(stage="label-relabel", fn=functools.partial(_relabel_block, job)))
+        # a rerun re-checks the written label chunks and recomputes blocks whose chunks went missing
+        # (watershed needs its fragments for that, gone once a run completed: trust the records then)
+        can_redo = method == "cc" or scratch_path(label_root, "fragments").exists()
+        stages.append(run(stage="label-relabel", fn=functools.partial(_relabel_block, job),
+                          writes=[WriteSpec(str(labels_array))], verify="sizes" if can_redo else "none"))
     seconds = time.perf_counter() - start
     report = LabelReport(label_root, method, merges.n_segments, n_fragments, len(merges.merged_ids), len(grid),
                          grid.block_shape, seconds, tuple(stages))
@@ -456,8 +463,11 @@ def _fragment_block(job: _Job, block: Block) -> dict[str, int]:
     return {"count": int(count)}
 
 
-def _faces_block(job: _Job, block: Block) -> dict[str, list[list[int]]]:
-    """Stage 2: pairs of global ids touching across this block's upper faces (and edges, corners)."""
+def _faces_block(job: _Job, block: Block) -> dict[str, int]:
+    """Stage 2: pairs of global ids touching across this block's upper faces (and edges, corners).
+
+    The pairs go to storage (:mod:`emseg.io.pairs`), not back to the client; the result is their number.
+    """
     grid = job.grid
     total = grid.total_roi
     found: list[npt.NDArray[np.uint64]] = []
@@ -497,7 +507,7 @@ def _faces_block(job: _Job, block: Block) -> dict[str, list[list[int]]]:
             pairs = select_merges(pairs, contacts, lower_g, upper_g, min_fraction=job.min_contact)
         found.append(pairs)
     result = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.uint64)
-    return {"pairs": result.tolist()}
+    return {"pairs": write_pairs(job.state, FACES_STAGE, block.block_id, result)}
 
 
 def _relabel_block(job: _Job, block: Block) -> dict[str, float]:

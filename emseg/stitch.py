@@ -13,6 +13,8 @@ The scheme, for blocks labelled independently with local ids ``1..count_b``:
    ids that touch (:func:`plane_pairs`).
 3. **union-find** over those pairs (:func:`resolve_merges`, scipy's graph connected components):
    every id merged into a smaller one of its component is recorded with its final id.
+   :func:`resolve_merges_streamed` does the same over pairs streamed from storage in batches,
+   holding only the merged ids (16 bytes each, 64-bit ids), never all pairs.
 4. **relabel**: final ids are consecutive ``1..N``; a block's lookup table
    (:func:`block_relabel_table`) needs only its offset and the merged ids in its own id range.
 
@@ -28,7 +30,7 @@ The scheme, for blocks labelled independently with local ids ``1..count_b``:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ __all__ = [
     "plane_pairs",
     "relabel_block",
     "resolve_merges",
+    "resolve_merges_streamed",
     "select_merges",
     "to_global",
 ]
@@ -209,6 +212,82 @@ def resolve_merges(pairs: npt.NDArray[np.uint64], n_fragments: int) -> MergeTabl
     reps = representative[merged]
     merged_final = reps - np.searchsorted(merged_ids, reps, side="left").astype(np.uint64)
     return MergeTable(merged_ids, merged_final, int(n_fragments) - len(merged_ids))
+
+
+def _merge_table(merged_ids: npt.NDArray[np.uint64], reps: npt.NDArray[np.uint64], n_fragments: int) -> MergeTable:
+    merged_final = reps - np.searchsorted(merged_ids, reps, side="left").astype(np.uint64)
+    return MergeTable(merged_ids, merged_final, int(n_fragments) - len(merged_ids))
+
+
+def _lookup(ids: npt.NDArray[np.uint64], keys: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]
+            ) -> npt.NDArray[np.uint64]:
+    """``values[keys == id]`` where ``id`` is in the sorted ``keys``, else ``id`` itself."""
+    if not len(keys):
+        return ids
+    at = np.searchsorted(keys, ids)
+    at[at == len(keys)] = 0
+    hit = keys[at] == ids
+    return np.where(hit, values[at], ids)
+
+
+def resolve_merges_streamed(
+    batches: Iterable[npt.NDArray[np.uint64]], n_fragments: int, *, batch_pairs: int = 1 << 18
+) -> MergeTable:
+    """:func:`resolve_merges` over pairs that arrive in batches (e.g. read block by block from storage).
+
+    The state is the forest of merged ids only: sorted ``ids`` (uint64) and the smallest id of
+    each one's component (``rep``), 16 bytes per merged fragment.  A batch of pairs (grown to at
+    least ``batch_pairs`` or the state's size, which keeps the total work linear) is mapped onto
+    current representatives, its components found with scipy (indices within the batch), and the
+    state updated: each old representative that joined a smaller one is re-pointed, and so is
+    every id pointing at it.  Representatives are always roots, so one lookup resolves any id.
+    The result equals :func:`resolve_merges` of all pairs at once.
+    """
+    ids = np.zeros(0, dtype=np.uint64)
+    rep = np.zeros(0, dtype=np.uint64)
+    pending: list[npt.NDArray[np.uint64]] = []
+    held = 0
+
+    def absorb(pairs: npt.NDArray[np.uint64]) -> None:
+        nonlocal ids, rep
+        pairs = _lookup(pairs.reshape(-1), ids, rep).reshape(-1, 2)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        if not len(pairs):
+            return
+        nodes, inverse = np.unique(pairs, return_inverse=True)
+        del pairs
+        root = _batch_reps(nodes, inverse.reshape(-1, 2))  # smallest id of each batch component
+        moved = nodes != root
+        new_ids, new_rep = nodes[moved], root[moved]
+        del nodes, root, moved, inverse
+        rep = _lookup(rep, new_ids, new_rep)  # ids pointing at a representative that moved
+        # new_ids are batch nodes, i.e. roots before this batch: none of them is in ids yet
+        ids = np.concatenate([ids, new_ids])
+        rep = np.concatenate([rep, new_rep])
+        order = np.argsort(ids, kind="stable")
+        ids, rep = ids[order], rep[order]
+
+    for part in batches:
+        part = np.asarray(part, dtype=np.uint64).reshape(-1, 2)
+        if not len(part):
+            continue
+        pending.append(part)
+        held += len(part)
+        if held >= max(batch_pairs, len(ids)):
+            absorb(np.concatenate(pending) if len(pending) > 1 else pending[0])
+            pending, held = [], 0
+    if pending:
+        absorb(np.concatenate(pending) if len(pending) > 1 else pending[0])
+    return _merge_table(ids, rep, n_fragments)
+
+
+def _batch_reps(nodes: npt.NDArray[np.uint64], edges: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """Smallest node of each node's component (``nodes`` sorted, ``edges`` index pairs into it)."""
+    graph = sparse.coo_array((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
+                             shape=(len(nodes), len(nodes)))
+    _, component = connected_components(graph, directed=False)
+    _, first = np.unique(component, return_index=True)
+    return nodes[first][component]
 
 
 def block_relabel_table(
