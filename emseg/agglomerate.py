@@ -1,0 +1,676 @@
+"""From supervoxels to neurons: fragments -> region graph -> agglomeration -> relabel, blockwise.
+
+Stages (each through :func:`emseg.runner.run_blockwise`, each resumable):
+
+1. **fragments** (:func:`make_fragments`): the seeded watershed of :func:`emseg.label.label`, with
+   the fragments of every block kept apart (``merge_faces=False``): globally unique consecutive
+   ids, block ``b`` holding ``offsets[b]+1 .. offsets[b+1]``, written to ``OUT/labels/fragments``.
+2. **graph** (:func:`build_graph`): every block extracts the edges it owns (the pairs of touching
+   voxels whose lower voxel lies in its core; since no fragment leaves its block, each edge is
+   computed exactly once, complete) with contact area, affinity sum (exact mean affinity), an
+   optional quantile, and the *hierarchical merge score*: waterz's mean-affinity agglomeration
+   run over the block grown by ``context`` voxels, the score at which the edge's two fragments
+   first shared a region.  Stored per block in ``fragments/graph/blocks/<id>.npz``.
+3. **agglomerate** (:func:`agglomerate`), per threshold ``t``: the client streams the blocks'
+   edges and unions those with ``score < t`` in a parent array over the fragment ids (memory
+   O(fragments), no list of edges), then stores the fragment -> segment lookup (consecutive ids,
+   numbered by smallest fragment) as a zarr array.  Several thresholds reuse the graph.
+4. **relabel**: every block reads its fragments and the lookup's slice for its own id range and
+   writes ``labels/segments`` (``labels/segments_<t>`` for extra thresholds).
+
+Scores: ``score="hierarchical"`` (default) thresholds the merge scores of stage 2;
+``score="mean"`` thresholds ``1 - mean affinity`` of each edge directly (exactly equal to doing
+so on the whole volume as one block).
+
+Inputs: a boundary map (1 channel, affinities ``1 - max(b_i, b_j)``) or affinities (channels
+z, y, x first); see :mod:`emseg.segment.affinities`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from emseg.errors import (
+    ConfigError,
+    GraphNotFoundError,
+    InvalidDataError,
+    NotAVolumeError,
+    OutputExistsError,
+    ResumeMismatchError,
+    VolumeShapeError,
+)
+from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
+from emseg.io import create_labels, mark_complete, open_volume, read_status, update_status
+from emseg.io.edges import (
+    lookup_attrs,
+    lookup_path,
+    open_lookup,
+    read_block_edges,
+    remove_graph,
+    write_block_edges,
+    write_lookup,
+)
+from emseg.runner import StageReport, fingerprint_of, run_blockwise
+from emseg.segment.affinities import INPUT_KINDS, InputKind, prediction_affinities
+from emseg.segment.agglomerate import UnionFind, consecutive_lookup, merge_scores
+from emseg.segment.graph import block_edges, check_quantile
+
+log = logging.getLogger(__name__)
+
+Score = Literal["hierarchical", "mean"]
+SCORES: tuple[str, ...] = ("hierarchical", "mean")
+Mode = Literal["auto", "3d", "2d"]
+
+FRAGMENTS_NAME = "fragments"
+SEGMENTS_NAME = "segments"
+GRAPH_KEY = "graph"
+AGGLOMERATE_KEY = "agglomerate"
+DEFAULT_THRESHOLD = 0.5
+"""Default agglomeration threshold (``score < t`` merges); tuned values live in the recipes."""
+FRAGMENT_THRESHOLD = 0.5
+"""Default boundary probability below which a voxel is interior (seeds of the fragments)."""
+ANISOTROPY_2D = 2.5
+"""Sections are processed on their own (mode "2d") when z is this many times coarser than y, x."""
+
+__all__ = [
+    "AgglomerateReport",
+    "DEFAULT_THRESHOLD",
+    "GraphReport",
+    "SCORES",
+    "Score",
+    "agglomerate",
+    "build_graph",
+    "choose_mode",
+    "input_kind_of",
+    "make_fragments",
+    "segment_prediction",
+    "segments_name",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# choices from metadata
+
+
+def choose_mode(voxel_size: Sequence[float]) -> Literal["3d", "2d"]:
+    """``"2d"`` (per section) for strongly anisotropic voxels (z >= 2.5 x the in-plane size), else ``"3d"``."""
+    z, y, x = (float(v) for v in voxel_size)
+    return "2d" if z >= ANISOTROPY_2D * min(y, x) else "3d"
+
+
+def input_kind_of(pred_path: str | os.PathLike[str]) -> InputKind:
+    """``"affinities"`` when the prediction's recorded outputs are affinities, else ``"boundary"``."""
+    pred = open_volume(pred_path)
+    status = read_status(pred.image_path) if pred.image_path is not None else {}
+    outputs = [str(o) for o in status.get("outputs") or []]
+    if status.get("offsets") or (len(outputs) >= 3 and all(o.startswith("aff") for o in outputs[:3])):
+        if (pred.channels or 0) < 3:
+            raise VolumeShapeError(f"{pred_path}: affinities need at least 3 channels (z, y, x), got "
+                                   f"{pred.channels or 'none'}")
+        return "affinities"
+    return "boundary"
+
+
+def segments_name(threshold: float) -> str:
+    """Name of the label image of an extra threshold: ``segments_0.50``."""
+    text = f"{threshold:.2f}"
+    return f"{SEGMENTS_NAME}_{text if float(text) == threshold else f'{threshold:.6g}'}"
+
+
+def check_thresholds(values: Sequence[float]) -> tuple[float, ...]:
+    out = []
+    for t in values:
+        t = float(t)
+        if not 0.0 < t < 1.0:
+            raise ConfigError(f"agglomeration thresholds must lie in (0, 1) (1 - mean affinity), got {t:g}")
+        out.append(t)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+
+@dataclass(frozen=True)
+class GraphReport:
+    """What :func:`build_graph` did."""
+
+    fragments_path: Path
+    n_fragments: int
+    n_edges: int
+    blocks: int
+    seconds: float
+    stage: StageReport | None = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        return (f"{self.fragments_path}: region graph of {self.n_fragments} fragments, {self.n_edges} edges, "
+                f"{self.blocks} blocks in {self.seconds:.1f} s")
+
+
+@dataclass(frozen=True)
+class AgglomerateReport:
+    """What :func:`agglomerate` did.
+
+    Attributes
+    ----------
+    fragments_path : Path
+        The fragments label image.
+    segments : dict float -> Path
+        Label image written for each threshold (``labels/segments`` for ``threshold``).
+    n_segments : dict float -> int
+        Number of segments (ids ``1..n``) at each threshold.
+    """
+
+    fragments_path: Path
+    threshold: float
+    score: str
+    n_fragments: int
+    segments: dict[float, Path]
+    n_segments: dict[float, int]
+    seconds: float
+    stages: tuple[StageReport, ...] = field(default=(), repr=False)
+    seconds_global: float = 0.0
+
+    @property
+    def labels_path(self) -> Path:
+        """The default label image (``labels/segments``)."""
+        return self.segments[self.threshold]
+
+    def summary(self) -> str:
+        lines = [f"{self.segments[self.threshold]}: {self.n_segments[self.threshold]} segments from "
+                 f"{self.n_fragments} fragments ({self.score} score < {self.threshold:g})"]
+        for t, path in sorted(self.segments.items()):
+            if path != self.segments[self.threshold]:
+                lines.append(f"  threshold {t:g}: {self.n_segments[t]} segments -> {path}")
+        lines.append(f"agglomeration: global step {self.seconds_global:.1f} s, total {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: fragments
+
+
+def make_fragments(
+    pred_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    mode: Mode = "auto",
+    input_kind: InputKind | Literal["auto"] = "auto",
+    threshold: float = FRAGMENT_THRESHOLD,
+    seeds: Literal["distance", "minima"] = "distance",
+    min_distance: int = 3,
+    min_size: int = 0,
+    block_size: int | Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    cluster: str | os.PathLike[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Any = None,
+) -> Any:
+    """Per-block watershed fragments of a prediction, written to ``labels/fragments``.
+
+    ``output`` defaults to the prediction's own image (``PRED/labels/fragments``); see
+    :func:`emseg.label.label` for the parameters.  Returns its :class:`~emseg.label.LabelReport`.
+    """
+    from emseg.label import label
+
+    pred = open_volume(pred_path)
+    kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
+    resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
+    out = Path(output) if output is not None else (pred.image_path or Path(pred_path))
+    return label(pred_path, out, method="watershed", threshold=threshold, mode=resolved, seeds=seeds,
+                 min_distance=min_distance, min_size=min_size, block_size=block_size, overwrite=overwrite,
+                 progress=progress, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind, cluster=cluster,
+                 scheduler=scheduler, workers=workers, client=client)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: region graph
+
+
+@dataclass(frozen=True)
+class _GraphJob:
+    pred: str
+    fragments: str
+    state: str
+    grid: BlockGrid
+    kind: str
+    mode: str
+    context: Coordinate
+    quantile: float | None
+    hierarchical: bool
+
+
+def _fragments_image(path: str | os.PathLike[str]) -> tuple[Any, Path]:
+    """The fragments volume and its image group (where status, graph and markers live)."""
+    path = Path(path)
+    if path.is_dir() and (path / "labels" / FRAGMENTS_NAME).is_dir() and not _is_fragments(path):
+        path = path / "labels" / FRAGMENTS_NAME
+    volume = open_volume(path)
+    if volume.has_channels:
+        raise VolumeShapeError(f"{path}: fragments are a label volume (z, y, x), got axes {volume.axes}; "
+                               "pass the fragments label image, e.g. OUT.zarr/labels/fragments")
+    if not np.issubdtype(volume.dtype, np.integer):
+        raise NotAVolumeError(f"{path}: fragments must hold integer ids, got {volume.dtype}")
+    return volume, (volume.image_path or Path(volume.path))
+
+
+def _is_fragments(path: Path) -> bool:
+    try:
+        params = read_status(path).get("label", {}).get("params", {})
+    except Exception:  # noqa: BLE001 - not a zarr group at all: not fragments
+        return False
+    return isinstance(params, dict) and params.get("merge_faces") is False
+
+
+def _fragment_grid(frag: Any, image: Path, block_size: int | Sequence[int] | None) -> tuple[BlockGrid, int]:
+    """The block grid the fragments were made on, and the number of fragments."""
+    status = read_status(image)
+    label_status = status.get("label") or {}
+    params = label_status.get("params") or {}
+    if block_size is None:
+        if params.get("merge_faces") is not False or "block" not in params:
+            raise ConfigError(f"{image}: not per-block fragments made by emseg (make_fragments / emseg segment); "
+                              "for other fragments pass the block size they were made with")
+        block_size = params["block"]
+    block = as_coordinate(block_size, 3)
+    grid = plan_blocks(Roi.from_shape(frag.shape), block, 0)
+    n = label_status.get("n_segments")
+    return grid, int(n) if n is not None else -1
+
+
+def build_graph(
+    pred_path: str | os.PathLike[str],
+    fragments_path: str | os.PathLike[str],
+    *,
+    mode: Mode = "auto",
+    input_kind: InputKind | Literal["auto"] = "auto",
+    context: int | Sequence[int] | None = None,
+    quantile: float | None = None,
+    hierarchical: bool = True,
+    block_size: int | Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    cluster: str | os.PathLike[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Any = None,
+) -> GraphReport:
+    """Extract the region graph of per-block fragments blockwise (stage 2, see the module doc).
+
+    Parameters
+    ----------
+    pred_path : path
+        The prediction: boundary map (channel 0) or affinities (channels z, y, x first).
+    fragments_path : path
+        Per-block fragments (:func:`make_fragments`), or the image holding ``labels/fragments``.
+    mode : {"auto", "3d", "2d"}
+        ``"2d"``: no edges across sections; ``"auto"`` from the voxel size (:func:`choose_mode`).
+    context : int or (z, y, x), optional
+        Voxels added on each side of a block for the hierarchical agglomeration (default: half the
+        block, at most 64; 0 along z in 2D mode).
+    quantile : float in [0, 1], optional
+        Also store this quantile of each edge's contact affinities.
+    hierarchical : bool
+        Compute the hierarchical merge scores (waterz); without them only ``score="mean"`` works.
+    block_size : (z, y, x), optional
+        Block shape of fragments not made by emseg (each fragment must lie inside one block).
+
+    Raises
+    ------
+    ConfigError, VolumeShapeError, VolumeNotFoundError, ResumeMismatchError, RunIncompleteError,
+    InvalidDataError (a fragment crosses a block face)
+    """
+    quantile = check_quantile(quantile)
+    frag, image = _fragments_image(fragments_path)
+    pred = open_volume(pred_path)
+    if pred.shape != frag.shape:
+        raise VolumeShapeError(f"prediction {pred_path} has shape {pred.shape} but fragments {image} have "
+                               f"{frag.shape}; they must cover the same voxels")
+    kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
+    if kind not in INPUT_KINDS:
+        raise ConfigError(f"input_kind must be 'auto' or one of {INPUT_KINDS}, got {kind!r}")
+    if kind == "affinities" and (pred.channels or 0) < 3:
+        raise VolumeShapeError(f"{pred_path}: affinities need at least 3 channels (z, y, x), got "
+                               f"{pred.channels or 'none'}")
+    resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
+    if resolved not in ("2d", "3d"):
+        raise ConfigError(f"mode must be 'auto', '3d' or '2d', got {mode!r}")
+    grid, n_fragments = _fragment_grid(frag, image, block_size)
+    if context is None:
+        ctx = tuple(min(64, b // 2) for b in grid.block_shape)
+    else:
+        ctx = as_coordinate(context, 3)
+        if any(c < 0 for c in ctx):
+            raise ConfigError(f"context must be non-negative voxels, got {ctx}")
+    if resolved == "2d":
+        ctx = (0, *ctx[1:])
+    frag_status = read_status(image).get("label") or {}
+    params: dict[str, Any] = {
+        "prediction": str(Path(pred.path).resolve()), "fragments": frag_status.get("fingerprint", str(frag.path)),
+        "kind": kind, "mode": resolved, "context": list(ctx), "quantile": quantile, "hierarchical": hierarchical,
+        "block": list(grid.block_shape),
+    }
+    fingerprint = fingerprint_of(params)
+    previous = read_status(image).get(GRAPH_KEY) or {}
+    if previous.get("fingerprint") not in (None, fingerprint):
+        if not overwrite:
+            raise ResumeMismatchError.between(image, "a region graph", previous.get("params", {}), params)
+    if previous.get("fingerprint") != fingerprint:
+        remove_graph(image)
+        update_status(image, **{GRAPH_KEY: {"fingerprint": fingerprint, "params": params, "complete": False}})
+    job = _GraphJob(pred=str(pred.path), fragments=str(frag.path), state=str(image), grid=grid, kind=kind,
+                    mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical)
+    from emseg.cluster import connect
+
+    start = time.perf_counter()
+    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
+        stage = run_blockwise(connection.client, stage="graph", grid=grid, fn=functools.partial(_graph_block, job),
+                              output=image, params=params, overwrite=overwrite or previous.get("fingerprint") != fingerprint,
+                              progress=progress)
+    n_edges = int(sum(int(stage.results[b]["edges"]) for b in range(len(grid))))
+    if n_fragments < 0:
+        n_fragments = max((int(stage.results[b]["max_id"]) for b in range(len(grid))), default=0)
+    update_status(image, **{GRAPH_KEY: {"fingerprint": fingerprint, "params": params, "complete": True,
+                                        "n_edges": n_edges, "n_fragments": n_fragments, "blocks": len(grid)}})
+    report = GraphReport(image, n_fragments, n_edges, len(grid), time.perf_counter() - start, stage)
+    log.info("%s", report.summary())
+    return report
+
+
+def _graph_block(job: _GraphJob, block: Block) -> dict[str, Any]:
+    """Stage 2 on one block: the edges it owns, with their scores, written to its own file."""
+    start = time.perf_counter()
+    total = job.grid.total_roi
+    core = block.write_roi
+    ext = Roi.from_bounds(core.begin, tuple(min(e + 1, t) for e, t in zip(core.end, total.end)))
+    ctx = core.grow(job.context, job.context).intersect(total)
+    frag_vol = open_volume(job.fragments, allow_incomplete=True)
+    pred_vol = open_volume(job.pred, allow_incomplete=True)
+    region = ctx if job.hierarchical else ext
+    fragments = frag_vol.read(region)
+    data = pred_vol.read(region)
+    if job.kind == "affinities":
+        data = data[:3]
+    affs = prediction_affinities(data, job.kind, mode=job.mode)  # type: ignore[arg-type]
+    inner = ext.relative_to(region).to_slices()
+    frag_ext = np.ascontiguousarray(fragments[inner])
+    _check_inside(frag_ext, core.shape, block.block_id)
+    edges = block_edges(frag_ext, np.ascontiguousarray(affs[(slice(None), *inner)]), core.shape,
+                        mode=job.mode, quantile=job.quantile)  # type: ignore[arg-type]
+    if job.hierarchical and len(edges):
+        edges = edges.with_score(merge_scores(fragments, affs, edges.u, edges.v))
+    write_block_edges(job.state, block.block_id, edges.as_arrays())
+    core_ids = frag_ext[tuple(slice(0, c) for c in core.shape)]
+    return {"edges": len(edges), "max_id": int(core_ids.max()) if core_ids.size else 0,
+            "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _check_inside(fragments: npt.NDArray[Any], core_shape: Coordinate, block_id: int) -> None:
+    """Every fragment of the core must end at the core's faces (fragments not merged across blocks)."""
+    for d in range(3):
+        if fragments.shape[d] == core_shape[d]:
+            continue
+        last = [slice(0, c) for c in core_shape]
+        nxt = list(last)
+        last[d] = slice(core_shape[d] - 1, core_shape[d])
+        nxt[d] = slice(core_shape[d], core_shape[d] + 1)
+        a, b = fragments[tuple(last)], fragments[tuple(nxt)]
+        if ((a == b) & (a != 0)).any():
+            raise InvalidDataError(f"block {block_id}: fragment {int(a[(a == b) & (a != 0)][0])} crosses the "
+                                   f"block face along axis {'zyx'[d]}; the region graph needs per-block fragments "
+                                   "(emseg make_fragments / label merge_faces=False) on the same block grid")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages 3 and 4: global agglomeration and relabel
+
+
+@dataclass(frozen=True)
+class _RelabelJob:
+    fragments: str
+    labels: str
+    lookup: str
+
+
+def _graph_status(image: Path) -> dict[str, Any]:
+    graph = read_status(image).get(GRAPH_KEY)
+    if not isinstance(graph, dict) or not graph.get("complete"):
+        what = "an unfinished region graph" if isinstance(graph, dict) else "no region graph"
+        raise GraphNotFoundError(f"{image}: fragments with {what}; build it with `emseg agglomerate PRED` "
+                                 "on the prediction (or emseg.agglomerate.build_graph) first")
+    return graph
+
+
+def global_lookups(
+    image: str | os.PathLike[str], thresholds: Sequence[float], *, score: Score = "hierarchical",
+    n_fragments: int, n_blocks: int,
+) -> dict[float, tuple[npt.NDArray[np.uint64], int]]:
+    """Fragment -> segment lookups (and segment counts) for ascending ``thresholds``: one streaming
+    pass over the blocks' edge files per threshold, unions onto one parent array (O(fragments))."""
+    uf = UnionFind(n_fragments)
+    out: dict[float, tuple[npt.NDArray[np.uint64], int]] = {}
+    below = -np.inf
+    for t in sorted(set(thresholds)):
+        for b in range(n_blocks):
+            if score == "mean":
+                e = read_block_edges(image, b, ("u", "v", "aff_sum", "area"))
+                s = 1.0 - e["aff_sum"] / np.maximum(e["area"], 1)
+            else:
+                e = read_block_edges(image, b, ("u", "v", "score"))
+                s = e["score"]
+            keep = (s < t) & (s >= below)
+            if keep.any():
+                if int(e["v"][keep].max()) > n_fragments:
+                    raise InvalidDataError(f"{image}: block {b}'s graph names fragment {int(e['v'][keep].max())} "
+                                           f"but there are {n_fragments}; rebuild the graph")
+                uf.union(e["u"][keep], e["v"][keep])
+        below = t
+        out[t] = consecutive_lookup(uf.roots())
+    return out
+
+
+def agglomerate(
+    fragments_path: str | os.PathLike[str],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    thresholds: Sequence[float] = (),
+    score: Score = "hierarchical",
+    output: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    cluster: str | os.PathLike[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Any = None,
+) -> AgglomerateReport:
+    """Merge fragments whose edge score is below a threshold; write one label image per threshold.
+
+    Parameters
+    ----------
+    fragments_path : path
+        Fragments with a finished region graph (:func:`build_graph`): ``OUT.zarr/labels/fragments``,
+        or ``OUT.zarr`` itself.
+    threshold : float in (0, 1)
+        Written to ``labels/segments``: edges with ``score < threshold`` are merged.
+    thresholds : floats in (0, 1)
+        Extra thresholds, each written to ``labels/segments_<t>`` (e.g. ``segments_0.50``).
+    score : {"hierarchical", "mean"}
+        The hierarchical merge score (waterz with context), or ``1 - mean affinity`` of the edge.
+    output : path, optional
+        The OME-Zarr image that receives the label images (default: the image holding the
+        fragments, or the fragments image itself when it is not a label image).
+
+    Returns
+    -------
+    AgglomerateReport
+        ``segments[t]`` is the label image of threshold ``t`` (uint64, ids ``1..n_segments[t]``).
+
+    Raises
+    ------
+    ConfigError (thresholds out of range, unknown score), GraphNotFoundError, ResumeMismatchError,
+    OutputExistsError, RunIncompleteError
+    """
+    (threshold,) = check_thresholds([threshold])
+    extra = check_thresholds(thresholds)
+    if score not in SCORES:
+        raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
+    frag, image = _fragments_image(fragments_path)
+    graph = _graph_status(image)
+    if score == "hierarchical" and not graph.get("params", {}).get("hierarchical", True):
+        raise ConfigError(f"{image}: its graph has no hierarchical merge scores; use score='mean' or rebuild "
+                          "the graph with hierarchical=True")
+    n_fragments, n_blocks = int(graph["n_fragments"]), int(graph["blocks"])
+    if output is not None:
+        target = Path(output)
+    elif image.parent.name == "labels":
+        target = image.parent.parent
+    else:
+        target = image
+    names = {threshold: SEGMENTS_NAME, **{t: segments_name(t) for t in extra if t != threshold}}
+    names[threshold] = SEGMENTS_NAME
+    wanted = sorted(set(names))
+
+    start = time.perf_counter()
+    # stage 3: lookups (reused when a resumed run finds them finished)
+    lookups: dict[float, Path] = {}
+    counts: dict[float, int] = {}
+    missing = []
+    for t in wanted:
+        path = lookup_path(image, f"{score}_{t:.6g}")
+        lookups[t] = path
+        attrs = lookup_attrs(path)
+        if attrs.get("graph") == graph["fingerprint"] and attrs.get("complete"):
+            counts[t] = int(attrs["n_segments"])
+        else:
+            missing.append(t)
+    t0 = time.perf_counter()
+    if missing:
+        for t, (lookup, n) in global_lookups(image, missing, score=score, n_fragments=n_fragments,
+                                             n_blocks=n_blocks).items():
+            write_lookup(lookups[t], lookup, attrs={"graph": graph["fingerprint"], "threshold": t, "score": score,
+                                                    "n_segments": n, "complete": True})
+            counts[t] = n
+    seconds_global = time.perf_counter() - t0
+
+    # stage 4: relabel, one label image per threshold
+    grid = plan_blocks(Roi.from_shape(frag.shape), as_coordinate(graph["params"]["block"], 3), 0)
+    stages: list[StageReport] = []
+    segments: dict[float, Path] = {}
+    from emseg.cluster import connect
+
+    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
+        for t in wanted:
+            params = {"graph": graph["fingerprint"], "threshold": t, "score": score, "fragments": str(frag.path)}
+            label_root = target / "labels" / names[t]
+            labels = _prepare_segments(target, label_root, names[t], frag, params, overwrite=overwrite)
+            job = _RelabelJob(fragments=str(frag.path), labels=str(labels), lookup=str(lookups[t]))
+            stages.append(run_blockwise(connection.client, stage="agglomerate-relabel", grid=grid,
+                                        fn=functools.partial(_relabel_block, job), output=label_root,
+                                        params=params, overwrite=overwrite, progress=progress))
+            mark_complete(label_root, threshold=t, **{AGGLOMERATE_KEY: {"fingerprint": fingerprint_of(params),
+                                                                         "params": params, "n_segments": counts[t]}})
+            segments[t] = label_root
+    report = AgglomerateReport(image, threshold, score, n_fragments, segments, counts,
+                               time.perf_counter() - start, tuple(stages), seconds_global)
+    log.info("%s", report.summary())
+    return report
+
+
+def _prepare_segments(target: Path, label_root: Path, name: str, frag: Any, params: dict[str, Any], *,
+                      overwrite: bool) -> Path:
+    """Create the label image ``name`` in ``target``, or reopen the one a run with these parameters left."""
+    fingerprint = fingerprint_of(params)
+    if label_root.exists() and not overwrite:
+        previous = read_status(label_root).get(AGGLOMERATE_KEY)
+        if not isinstance(previous, dict):
+            raise OutputExistsError(f"{label_root} already exists and is not an emseg agglomeration; "
+                                    "pass --overwrite to replace it")
+        if previous.get("fingerprint") != fingerprint:
+            raise ResumeMismatchError.between(label_root, "segments", previous.get("params", {}), params)
+        return Path(open_volume(label_root, allow_incomplete=True).path)
+    volume = create_labels(target, name, dtype=np.uint64, chunks=frag.chunks)
+    update_status(label_root, status="incomplete", **{AGGLOMERATE_KEY: {"fingerprint": fingerprint, "params": params}})
+    return Path(volume.path)
+
+
+def _relabel_block(job: _RelabelJob, block: Block) -> dict[str, Any]:
+    """Stage 4 on one block: fragment ids -> segment ids through the lookup's slice for this block."""
+    fragments = open_volume(job.fragments, allow_incomplete=True).read(block.write_roi)
+    out = np.zeros(fragments.shape, dtype=np.uint64)
+    present = fragments != 0
+    if present.any():
+        ids = fragments[present]
+        lo, hi = int(ids.min()), int(ids.max())
+        table = np.asarray(open_lookup(job.lookup)[lo: hi + 1], dtype=np.uint64)
+        out[present] = table[(ids - lo).astype(np.int64)]
+    open_volume(job.labels, mode="r+", allow_incomplete=True).write(block.write_roi, out)
+    return {"segments_max": int(out.max()) if out.size else 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# all stages
+
+
+def segment_prediction(
+    pred_path: str | os.PathLike[str],
+    *,
+    mode: Mode = "auto",
+    input_kind: InputKind | Literal["auto"] = "auto",
+    fragment_threshold: float = FRAGMENT_THRESHOLD,
+    seeds: Literal["distance", "minima"] = "distance",
+    min_distance: int = 3,
+    min_size: int = 0,
+    block_size: int | Sequence[int] | None = None,
+    context: int | Sequence[int] | None = None,
+    quantile: float | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    thresholds: Sequence[float] = (),
+    score: Score = "hierarchical",
+    overwrite: bool = False,
+    progress: bool = True,
+    cluster: str | os.PathLike[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Any = None,
+) -> tuple[Any, GraphReport, AgglomerateReport]:
+    """Fragments, region graph and agglomeration of a prediction image, in ``PRED/labels/``.
+
+    Returns the fragments' :class:`~emseg.label.LabelReport`, the :class:`GraphReport` and the
+    :class:`AgglomerateReport`.
+    """
+    (threshold,) = check_thresholds([threshold])
+    check_thresholds(thresholds)
+    check_quantile(quantile)
+    if score not in SCORES:
+        raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
+    pred = open_volume(pred_path)
+    if pred.image_path is None:
+        raise NotAVolumeError(f"{pred_path}: agglomeration writes label images into the prediction's OME-Zarr "
+                              "image; pass an image made by emseg predict")
+    kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
+    resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
+    from emseg.cluster import connect
+
+    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
+        fragments = make_fragments(pred_path, pred.image_path, mode=resolved, input_kind=kind,
+                                   threshold=fragment_threshold, seeds=seeds, min_distance=min_distance,
+                                   min_size=min_size, block_size=block_size, overwrite=overwrite, progress=progress,
+                                   client=connection)
+        frag_path = pred.image_path / "labels" / FRAGMENTS_NAME
+        graph = build_graph(pred_path, frag_path, mode=resolved, input_kind=kind, context=context, quantile=quantile,
+                            overwrite=overwrite, progress=progress, client=connection)
+        result = agglomerate(frag_path, threshold=threshold, thresholds=thresholds, score=score,
+                             overwrite=overwrite, progress=progress, client=connection)
+    return fragments, graph, result
