@@ -496,7 +496,9 @@ def _prepare(plan: PredictionPlan, output: Path, overwrite: bool) -> None:
     vol_offset = _volume_offset(plan.volume)
     create_volume(output, shape=plan.volume_shape, dtype=plan.dtype, chunks=plan.chunks, voxel_size=plan.voxel_size,
                   offset_nm=vol_offset, channels=plan.out_channels, overwrite=overwrite, name="predictions")
-    update_status(output, stage=STAGE, source=str(plan.volume), params=plan.params, outputs=list(plan.outputs),
+    # The source is recorded as an absolute path, so that `emseg view` finds it from any folder.
+    update_status(output, stage=STAGE, source=str(plan.volume.resolve()), params=plan.params,
+                  outputs=list(plan.outputs),
                   checkpoint=str(plan.checkpoint))
 
 

@@ -1,20 +1,13 @@
-"""Looking at outputs: a PNG montage of a few slices, and a neuroglancer link to the zarr stores.
+"""Looking at outputs: a PNG montage of a few slices (neuroglancer lives in :mod:`emseg.viewer`).
 
 ``render_preview`` reads only the slices it shows (from a pyramid level near the display size when
-the output has one).  ``neuroglancer_state`` describes raw, prediction and labels as neuroglancer
-layers whose sources are URLs on a local static server; ``serve`` runs that server (CORS enabled,
-bound to 127.0.0.1, serving only the stores being viewed).
+the output has one).  ``find_sources`` finds the raw, prediction and label images of an output.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
-import threading
-import urllib.parse
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,19 +22,8 @@ from emseg.io.volume import Volume, open_volume, read_status
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "DEFAULT_VIEWER",
-    "PreviewSources",
-    "ViewerState",
-    "find_sources",
-    "label_colors",
-    "neuroglancer_state",
-    "neuroglancer_url",
-    "render_preview",
-    "serve",
-]
+__all__ = ["PreviewSources", "find_sources", "label_colors", "recorded_source", "render_preview"]
 
-DEFAULT_VIEWER = "https://neuroglancer-demo.appspot.com"
 MAX_PANEL = 512  # pixels: longest side of one montage panel
 
 
@@ -98,16 +80,35 @@ def find_sources(out_path: str | os.PathLike[str], raw_path: str | os.PathLike[s
         raw = Path(raw_path)
         open_volume(raw)
     else:
-        raw = _recorded_source(image)
+        raw = recorded_source(image)
     return PreviewSources(raw, image, label)
 
 
-def _recorded_source(image: Path) -> Path | None:
+def recorded_source(image: str | os.PathLike[str]) -> Path | None:
+    """The raw source an emseg output records (``attrs["emseg"]["source"]``), as an existing path.
+
+    emseg records it as an absolute path.  Outputs written before that may hold a path relative
+    to the folder the command ran in: it is looked up relative to the output's folder and each of
+    that folder's parents (``demo/isbi.zarr`` recorded for ``demo/isbi_seg.zarr`` is found from any
+    working directory), then relative to the working directory.  None when nothing is recorded.
+
+    Raises
+    ------
+    VolumeNotFoundError
+        A source is recorded but no candidate exists.
+    """
+    image = Path(image)
     source = read_status(image).get("source")
     if not source:
         log.warning("%s records no raw source; pass --raw PATH to show the raw EM", image)
         return None
-    for candidate in (Path(source), image.parent / source):
+    recorded = Path(str(source))
+    if recorded.is_absolute():
+        candidates = [recorded]
+    else:
+        here = image.resolve().parent
+        candidates = [folder / recorded for folder in (here, *here.parents)] + [recorded.resolve()]
+    for candidate in candidates:
         if candidate.exists():
             return candidate
     raise VolumeNotFoundError(
@@ -285,135 +286,10 @@ def _check_png_output(png_path: str | os.PathLike[str], inputs: list[Path], over
     return png
 
 
-# ---------------------------------------------------------------------------------------------
-# neuroglancer
+def __getattr__(name: str) -> Any:
+    # The neuroglancer helpers moved to emseg.viewer; old imports keep working.
+    if name in ("DEFAULT_VIEWER", "ViewerState", "neuroglancer_state", "neuroglancer_url", "serve"):
+        from emseg import viewer
 
-
-class ViewerState(NamedTuple):
-    """A neuroglancer state and the local directories its URLs refer to (URL prefix -> directory)."""
-
-    state: dict[str, Any]
-    mounts: dict[str, Path]
-
-
-def _zarr_scheme(image: Path) -> str:
-    return "zarr3" if (image / "zarr.json").exists() else "zarr2"
-
-
-def neuroglancer_state(
-    out_path: str | os.PathLike[str],
-    *,
-    raw_path: str | os.PathLike[str] | None = None,
-    base_url: str = "http://127.0.0.1:8000",
-) -> ViewerState:
-    """Neuroglancer layers for raw, prediction and labels, read from ``base_url``.
-
-    Each store is mounted at ``base_url/<its directory name>/`` (made unique); :func:`serve`
-    serves exactly these mounts.  Sources are ``zarr3://`` or ``zarr2://`` URLs of the OME-Zarr
-    groups, so neuroglancer reads their multiscales (and every pyramid level).
-    """
-    sources = find_sources(out_path, raw_path)
-    mounts: dict[str, Path] = {}
-    roots: dict[Path, str] = {}
-
-    def url_of(image: Path) -> str:
-        # Mount the top OME-Zarr group (labels live inside it) once, under a unique name.
-        top = image
-        while top.parent.name == "labels":
-            top = top.parent.parent
-        top = top.resolve()
-        if top not in roots:
-            name = top.name
-            i = 1
-            while name in mounts:
-                i += 1
-                name = f"{top.name}-{i}"
-            mounts[name] = top
-            roots[top] = name
-        rel = image.resolve().relative_to(top).as_posix()
-        path = "/".join(p for p in (roots[top], "" if rel == "." else rel) if p)
-        return f"{_zarr_scheme(image)}://{base_url.rstrip('/')}/{urllib.parse.quote(path)}/"
-
-    reference = _reference(sources)
-    layers: list[dict[str, Any]] = []
-    if sources.raw is not None:
-        layers.append({"type": "image", "name": "raw", "source": url_of(sources.raw)})
-    if sources.prediction is not None:
-        layers.append({
-            "type": "image",
-            "name": "prediction",
-            "source": url_of(sources.prediction),
-            "opacity": 0.5,
-            "shader": "#uicontrol invlerp normalized\nvoid main() { emitRGB(vec3(normalized(), 0.0, normalized())); }",
-            "visible": sources.raw is None,
-        })
-    if sources.labels is not None:
-        layers.append({"type": "segmentation", "name": sources.labels.name, "source": url_of(sources.labels),
-                       "selectedAlpha": 0.4})
-    vs = reference.voxel_size
-    state: dict[str, Any] = {
-        "dimensions": {axis: [v * 1e-9, "m"] for axis, v in zip("zyx", vs)},
-        "position": [o / v + s / 2 for o, v, s in zip(reference.offset_nm, vs, reference.shape)],
-        "crossSectionScale": 1,
-        "layers": layers,
-        "selectedLayer": {"layer": layers[-1]["name"], "visible": True},
-        "layout": "4panel",
-    }
-    return ViewerState(state, mounts)
-
-
-def neuroglancer_url(state: dict[str, Any], viewer: str = DEFAULT_VIEWER) -> str:
-    """A neuroglancer link carrying ``state`` in its fragment (``VIEWER/#!<json>``)."""
-    text = json.dumps(state, separators=(",", ":"))
-    return f"{viewer.rstrip('/')}/#!{urllib.parse.quote(text, safe='')}"
-
-
-class _MountHandler(SimpleHTTPRequestHandler):
-    """Static files from a few mounted directories, with CORS headers; no directory listings."""
-
-    mounts: dict[str, Path] = {}
-
-    def translate_path(self, path: str) -> str:
-        parts = [p for p in urllib.parse.unquote(urllib.parse.urlsplit(path).path).split("/") if p]
-        if not parts or parts[0] not in self.mounts or any(p in ("..", ".") for p in parts):
-            return ""  # -> 404
-        return str(self.mounts[parts[0]].joinpath(*parts[1:]))
-
-    def list_directory(self, path: str | os.PathLike[str]) -> None:
-        self.send_error(404, "No directory listings")
-        return None
-
-    def end_headers(self) -> None:
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "*")
-        super().end_headers()
-
-    def do_OPTIONS(self) -> None:  # CORS preflight
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-
-def serve(mounts: dict[str, Path], *, port: int = 8000, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Start (in a daemon thread) a CORS-enabled static file server for ``mounts``.
-
-    ``mounts`` maps a URL prefix to a directory (as in :class:`ViewerState`); nothing outside them is
-    served.  ``port=0`` picks a free port (see ``server.server_address``).  Stop it with
-    ``server.shutdown(); server.server_close()``.
-
-    Raises
-    ------
-    ConfigError
-        The port cannot be bound (in use, or privileged).
-    """
-    handler = type("MountHandler", (_MountHandler,), {"mounts": dict(mounts)})
-    try:
-        server = ThreadingHTTPServer((host, port), functools.partial(handler))
-    except OSError as e:
-        raise ConfigError(f"cannot serve on {host}:{port} ({e.strerror}); pick another port with --serve PORT") from e
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="emseg-view-server", daemon=True).start()
-    return server
+        return getattr(viewer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,48 +1,88 @@
-"""``emseg view``: a neuroglancer link for raw, prediction and labels, optionally served locally."""
+"""``emseg view``: neuroglancer on raw, prediction and labels, offline by default."""
 
 from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import click
+
+
+def _wait(close: Any) -> None:
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        close()
 
 
 @click.command()
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--raw", type=click.Path(path_type=str), default=None,
               help="Raw EM (OME-Zarr image); default: the source recorded in OUT.")
+@click.option("--precomputed", type=click.Path(path_type=str, file_okay=False), default=None,
+              help="Directory from `emseg export --format precomputed --mesh/--skeleton`: show its meshes "
+                   "and skeletons with the segments.")
+@click.option("--public", is_flag=True,
+              help="Print a link to the public neuroglancer site (--viewer) instead of serving the bundled "
+                   "client; add --serve PORT to serve the stores for it.")
 @click.option("--serve", "port", type=click.IntRange(min=0, max=65535), default=None,
-              help="Serve the stores on 127.0.0.1:PORT (CORS enabled) until Ctrl-C; 0 picks a free port.")
+              help="Port of the store server (0 = a free one)  [default: 0 offline; with --public: serve "
+                   "nothing, print where the stores are expected].")
+@click.option("--viewer-port", type=click.IntRange(min=0, max=65535), default=0, show_default=True,
+              help="Port of the offline neuroglancer client (0 = a free one).")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Address the servers listen on; another than 127.0.0.1 makes them reachable from other "
+                   "machines (then name the host they are reached by with --allow-host).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header is NAME (repeatable; loopback names always are).")
 @click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
-              help="Where the stores are served (ignored with --serve).")
+              help="With --public and no --serve: where the stores are served.")
 @click.option("--viewer", default="https://neuroglancer-demo.appspot.com", show_default=True,
-              help="Neuroglancer instance for the link.")
-@click.option("--json", "as_json", is_flag=True, help="Print the neuroglancer state JSON instead of a link.")
-def view(out: str, raw: str | None, port: int | None, base_url: str, viewer: str, as_json: bool) -> None:
-    """Print a neuroglancer link (or state) showing OUT's raw, prediction and segmentation.
+              help="Neuroglancer instance of the --public link.")
+@click.option("--json", "as_json", is_flag=True, help="Print the viewer URL, store URL and state as one JSON line.")
+def view(out: str, raw: str | None, precomputed: str | None, public: bool, port: int | None, viewer_port: int,
+         bind: str, allow_hosts: tuple[str, ...], base_url: str, viewer: str, as_json: bool) -> None:
+    """Show OUT's raw EM, prediction and segments in neuroglancer, in physical units (nm).
 
-    The layer sources are zarr3:// (or zarr2://) URLs under --base-url, each store mounted at
-    /<its name>/.  With --serve PORT, emseg serves exactly those stores on localhost.
+    By default the neuroglancer client bundled with the `neuroglancer` Python package and the
+    stores are served from this machine (127.0.0.1; nothing is downloaded); open the printed link,
+    Ctrl-C stops.  Only the OME-Zarr arrays of OUT and its raw source are served.
     """
-    from emseg.preview import neuroglancer_state, neuroglancer_url, serve
+    from urllib.parse import urlsplit
 
+    from emseg.viewer import neuroglancer_state, neuroglancer_url, serve, start_viewer
+
+    if not public:
+        local = start_viewer(out, raw_path=raw, precomputed=precomputed, port=port or 0, viewer_port=viewer_port,
+                             host=bind, allowed_hosts=allow_hosts)
+        if as_json:
+            click.echo(json.dumps({"url": local.url, "data_url": local.data_url, "state": local.state}))
+        else:
+            click.echo(local.url)
+        click.echo(f"serving neuroglancer at {local.url} and the stores at {local.data_url}; Ctrl-C to stop",
+                   err=True)
+        _wait(local.close)
+        return
     server = None
     if port is not None:
-        probe = neuroglancer_state(out, raw_path=raw)  # validate before binding the port
-        server = serve(probe.mounts, port=port)
-        base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    view_state = neuroglancer_state(out, raw_path=raw, base_url=base_url)
-    click.echo(json.dumps(view_state.state, indent=2) if as_json else neuroglancer_url(view_state.state, viewer))
+        probe = neuroglancer_state(out, raw_path=raw, precomputed=precomputed)  # validate before binding the port
+        parts = urlsplit(viewer)
+        server = serve(probe.mounts, port=port, host=bind, allowed_origins=[f"{parts.scheme}://{parts.netloc}"],
+                       allowed_hosts=allow_hosts)
+        base_url = server.url
+    view_state = neuroglancer_state(out, raw_path=raw, precomputed=precomputed, base_url=base_url)
+    url = neuroglancer_url(view_state.state, viewer)
+    if as_json:
+        click.echo(json.dumps({"url": url, "data_url": base_url, "state": view_state.state,
+                               "mounts": {name: str(path) for name, path in view_state.mounts.items()}}))
+    else:
+        click.echo(url)
     if server is None:
         mounts = ", ".join(f"/{name}/ -> {path}" for name, path in view_state.mounts.items())
         click.echo(f"layer sources expect {base_url} to serve {mounts}; run with --serve PORT to do that", err=True)
         return
     click.echo(f"serving {len(view_state.mounts)} store(s) on {base_url}; Ctrl-C to stop", err=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
-        server.server_close()
+    _wait(server.close)

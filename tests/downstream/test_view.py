@@ -10,12 +10,14 @@ from click.testing import CliRunner
 
 from emseg.cli import cli
 from emseg.errors import ConfigError
-from emseg.preview import neuroglancer_state, neuroglancer_url, serve
+from emseg.viewer import neuroglancer_state, neuroglancer_url, serve
 
 
 def test_state_names_layers_and_sources(output_image: Path, raw_image: Path):
     view = neuroglancer_state(output_image, base_url="http://127.0.0.1:9999")
     layers = {layer["name"]: layer for layer in view.state["layers"]}
+    assert list(view.state["dimensions"]) == ["x", "y", "z"]
+    assert view.state["dimensions"]["z"] == [8e-9, "m"] and view.state["dimensions"]["x"] == [4e-9, "m"]
     assert list(layers) == ["raw", "prediction", "segments"]
     assert layers["raw"]["source"] == "zarr3://http://127.0.0.1:9999/raw.zarr/"
     assert layers["prediction"]["source"] == "zarr3://http://127.0.0.1:9999/out.zarr/"
@@ -28,11 +30,13 @@ def test_state_names_layers_and_sources(output_image: Path, raw_image: Path):
 
 def test_serve_fetches_file_with_cors(output_image: Path):
     view = neuroglancer_state(output_image)
-    server = serve(view.mounts, port=0)
+    server = serve(view.mounts, port=0, allowed_origins=["http://127.0.0.1:9000"])
     try:
         port = server.server_address[1]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/out.zarr/zarr.json", timeout=5) as response:
-            assert response.headers["Access-Control-Allow-Origin"] == "*"
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/out.zarr/zarr.json",
+                                         headers={"Origin": "http://127.0.0.1:9000"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:9000"
             meta = json.loads(response.read())
         assert meta["node_type"] == "group"
         for bad in ("/out.zarr/../raw.zarr/zarr.json", "/elsewhere/zarr.json", "/out.zarr/"):
@@ -49,12 +53,13 @@ def test_serve_fetches_file_with_cors(output_image: Path):
 def test_cli_view(output_image: Path, tmp_path: Path):
     runner = CliRunner()
     assert runner.invoke(cli, ["view", "--help"]).exit_code == 0
-    result = runner.invoke(cli, ["view", str(output_image), "--json", "--base-url", "http://localhost:8123"])
+    result = runner.invoke(cli, ["view", str(output_image), "--public", "--json", "--base-url",
+                                 "http://localhost:8123"])
     assert result.exit_code == 0, result.output
-    state = json.loads(result.stdout)
+    state = json.loads(result.stdout)["state"]
     assert [layer["name"] for layer in state["layers"]] == ["raw", "prediction", "segments"]
     assert "--serve" in result.stderr
-    link = runner.invoke(cli, ["view", str(output_image)])
+    link = runner.invoke(cli, ["view", str(output_image), "--public"])
     assert link.stdout.startswith("https://neuroglancer-demo.appspot.com/#!")
     missing = runner.invoke(cli, ["view", str(tmp_path / "nope.zarr")])
     assert missing.exit_code == 1 and "Error: " in missing.output
