@@ -90,8 +90,10 @@ __all__ = [
     "Score",
     "agglomerate",
     "build_graph",
+    "check_thresholds",
     "choose_mode",
     "input_kind_of",
+    "is_fragments",
     "make_fragments",
     "segment_prediction",
     "segments_name",
@@ -255,7 +257,7 @@ class _GraphJob:
 def _fragments_image(path: str | os.PathLike[str]) -> tuple[Any, Path]:
     """The fragments volume and its image group (where status, graph and markers live)."""
     path = Path(path)
-    if path.is_dir() and (path / "labels" / FRAGMENTS_NAME).is_dir() and not _is_fragments(path):
+    if path.is_dir() and (path / "labels" / FRAGMENTS_NAME).is_dir() and not is_fragments(path, image_only=True):
         path = path / "labels" / FRAGMENTS_NAME
     volume = open_volume(path)
     if volume.has_channels:
@@ -266,12 +268,26 @@ def _fragments_image(path: str | os.PathLike[str]) -> tuple[Any, Path]:
     return volume, (volume.image_path or Path(volume.path))
 
 
-def _is_fragments(path: Path) -> bool:
+def is_fragments(path: str | os.PathLike[str], *, image_only: bool = False) -> bool:
+    """Whether ``path`` is a fragments label image (per-block fragments, or one with a graph) or,
+    unless ``image_only``, an image holding ``labels/fragments`` with a region graph."""
+    path = Path(path)
+    if not image_only and (path / "labels" / FRAGMENTS_NAME).is_dir():
+        inner = path / "labels" / FRAGMENTS_NAME
+        if is_fragments(inner, image_only=True) and isinstance(_status(inner).get(GRAPH_KEY), dict):
+            return True
+    status = _status(path)
+    params = (status.get("label") or {}).get("params") or {}
+    return isinstance(status.get(GRAPH_KEY), dict) or (isinstance(params, dict) and params.get("merge_faces") is False)
+
+
+def _status(path: Path) -> dict[str, Any]:
+    if not any((path / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")):
+        return {}
     try:
-        params = read_status(path).get("label", {}).get("params", {})
-    except Exception:  # noqa: BLE001 - not a zarr group at all: not fragments
-        return False
-    return isinstance(params, dict) and params.get("merge_faces") is False
+        return read_status(path)
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
 
 
 def _fragment_grid(frag: Any, image: Path, block_size: int | Sequence[int] | None) -> tuple[BlockGrid, int]:
@@ -656,6 +672,10 @@ def segment_prediction(
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
     pred = open_volume(pred_path)
+    if not pred.has_channels and np.issubdtype(pred.dtype, np.integer) and pred.dtype.itemsize >= 4:
+        raise GraphNotFoundError(f"{pred_path}: a label volume ({pred.dtype}) without a region graph; pass the "
+                                 "prediction image (fragments and graph are computed from it) or fragments made "
+                                 "by emseg with their graph")
     if pred.image_path is None:
         raise NotAVolumeError(f"{pred_path}: agglomeration writes label images into the prediction's OME-Zarr "
                               "image; pass an image made by emseg predict")

@@ -42,10 +42,13 @@ class LabelOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["cc", "watershed"] = "watershed"
-    """Threshold + connected components, or seeded watershed of the boundary map."""
-    mode: Literal["3d", "2d"] = "3d"
-    """Label in 3-D, or each z-section on its own (anisotropic ssTEM)."""
+    method: Literal["agglomerate", "cc", "watershed"] = "agglomerate"
+    """``agglomerate``: watershed fragments, region graph and hierarchical agglomeration (the
+    ``[agglomerate]`` section); ``watershed``: seeded watershed stitched across block faces;
+    ``cc``: threshold + connected components."""
+    mode: Literal["auto", "3d", "2d"] = "auto"
+    """Label in 3-D, or each z-section on its own (anisotropic ssTEM); ``auto``: per section when
+    the volume's z voxel size is at least 2.5x its y/x size, else 3-D."""
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     """Boundary probability below which a voxel is inside a cell."""
     connectivity: Literal[6, 26] = 6
@@ -54,6 +57,38 @@ class LabelOptions(BaseModel):
     """Fragments smaller than this (voxels) are merged into a neighbour (watershed) or dropped (cc)."""
     block_size: ZYX | None = None
     """Core shape of one labelling block in voxels (z, y, x); default from the output chunks."""
+
+
+class AgglomerateOptions(BaseModel):
+    """Fragments -> region graph -> agglomeration (``label.method = "agglomerate"``).
+
+    The defaults were tuned on ISBI 2012 train sections 0-15 and the CREMI B crop with the bundled
+    2-D model (never on ISBI 16-19 or the gala raveler crop, which are validation).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Merge fragments whose edge score (``1 - mean affinity`` at the merge) is below this; written to
+    ``labels/segments``."""
+    thresholds: tuple[float, ...] = ()
+    """Extra thresholds, each written to ``labels/segments_<t>`` (the graph is reused)."""
+    score: Literal["hierarchical", "mean"] = "hierarchical"
+    """``hierarchical``: waterz's mean-affinity merge score, decided per block plus context;
+    ``mean``: the edge's own ``1 - mean affinity`` (exact on the graph)."""
+    fragment_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Boundary probability below which a voxel is interior (seeds of the fragments)."""
+    seeds: Literal["distance", "minima"] = "distance"
+    """Fragment seeds: maxima of the interior's distance transform, or minima of the boundary map."""
+    min_distance: int = Field(default=3, ge=1)
+    """Radius (voxels, finest axis) of the window in which a seed is a maximum."""
+    min_size: int = Field(default=0, ge=0)
+    """Fragments smaller than this (voxels) are merged into a neighbour."""
+    context: ZYX | None = None
+    """Voxels (z, y, x) added around a block for its hierarchical agglomeration; default half a
+    block, at most 64 (0 along z per section)."""
+    quantile: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Also store this quantile of each edge's contact affinities in the graph."""
 
 
 class PipelineConfig(BaseModel):
@@ -71,6 +106,8 @@ class PipelineConfig(BaseModel):
     """Network inference."""
     label: LabelOptions = LabelOptions()
     """Post-processing into segments."""
+    agglomerate: AgglomerateOptions = AgglomerateOptions()
+    """Fragments, region graph and agglomeration (used when ``label.method = "agglomerate"``)."""
 
 
 def load_pipeline(path: str | os.PathLike[str] | None, overrides: dict[str, dict[str, Any]] | None = None) -> PipelineConfig:

@@ -4,6 +4,9 @@ Output layout (an OME-Zarr image group)::
 
     OUT.zarr/0, 1, ...             the prediction, axes (c, z, y, x), a multiscale pyramid
     OUT.zarr/labels/segments/0, 1, ...  uint64 segment IDs (mode-downsampled levels), image-label metadata
+    OUT.zarr/labels/fragments/...  (label.method = "agglomerate", the default) the per-block watershed
+                                   fragments and their region graph; labels/segments_<t> for extra
+                                   thresholds
     OUT.zarr/emseg_state/...       completion markers (a rerun resumes)
 """
 
@@ -39,6 +42,22 @@ class SegmentReport:
                           f"wrote {self.output} (prediction at 0, segments at labels/segments)"])
 
 
+@dataclass(frozen=True)
+class AgglomerationSteps:
+    """The three reports of ``label.method = "agglomerate"``: fragments, graph, agglomeration."""
+
+    fragments: Any
+    graph: Any
+    agglomerate: Any
+
+    @property
+    def n_segments(self) -> int:
+        return int(self.agglomerate.n_segments[self.agglomerate.threshold])
+
+    def summary(self) -> str:
+        return "\n".join([self.fragments.summary(), self.graph.summary(), self.agglomerate.summary()])
+
+
 def segment(
     volume: str | os.PathLike[str],
     output: str | os.PathLike[str] | None,
@@ -56,6 +75,7 @@ def segment(
 
     Returns the prediction plan instead when ``dry_run``.
     """
+    from emseg.agglomerate import check_thresholds, choose_mode, segment_prediction
     from emseg.cluster import connect
     from emseg.io.pyramid import build_pyramids
     from emseg.label import label
@@ -67,7 +87,10 @@ def segment(
     if config.voxel_size is not None and tuple(config.voxel_size) != tuple(source.voxel_size):
         log.warning("%s: voxel size %s nm differs from the %s recipe's %s nm", volume, source.voxel_size,
                     config.name, config.voxel_size)
-    p, lab = config.predict, config.label
+    p, lab, agg = config.predict, config.label, config.agglomerate
+    mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
+    if lab.method == "agglomerate":
+        check_thresholds((agg.threshold, *agg.thresholds))  # before hours of prediction
     checkpoint = p.model if p.model is not None else default_checkpoint()
     predict_kwargs = dict(checkpoint=checkpoint, block_size=p.block_size, batch_size=p.batch_size, tta=p.tta,
                           precision=p.precision, dtype=p.dtype)
@@ -78,9 +101,17 @@ def segment(
     with run_lock(out, "segment"):
         with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
             predicted = predict(volume, out, **predict_kwargs, overwrite=overwrite, progress=progress, client=connection)
-            labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
-                             mode=lab.mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
-                             progress=progress, client=connection)
+            labelled: Any
+            if lab.method == "agglomerate":
+                labelled = AgglomerationSteps(*segment_prediction(
+                    out, mode=mode, fragment_threshold=agg.fragment_threshold, seeds=agg.seeds,
+                    min_distance=agg.min_distance, min_size=agg.min_size, block_size=lab.block_size,
+                    context=agg.context, quantile=agg.quantile, threshold=agg.threshold, thresholds=agg.thresholds,
+                    score=agg.score, overwrite=overwrite, progress=progress, client=connection))
+            else:
+                labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
+                                 mode=mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
+                                 progress=progress, client=connection)
         build_pyramids(out, progress=progress)
         update_status(out, pipeline=config.model_dump(mode="json"))
     return SegmentReport(out, predicted, labelled)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "predict": "emseg.cli.predict:predict",
     "label": "emseg.cli.label:label",
     "segment": "emseg.cli.segment:segment",
+    "agglomerate": "emseg.cli.agglomerate:agglomerate",
     "evaluate": "emseg.cli.evaluate:evaluate",
     "train": "emseg.cli.train:train",
     "preview": "emseg.cli.preview:preview",

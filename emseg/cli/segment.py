@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from emseg.cli.types import INDEX_LIST, INT_ZYX
+from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 
 
 @click.command()
@@ -18,7 +18,11 @@ from emseg.cli.types import INDEX_LIST, INT_ZYX
 @click.option("--batch-size", type=int, help="Tiles per forward pass.")
 @click.option("--tta", is_flag=True, default=None, help="Flip test-time augmentation.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Arithmetic on the device.")
-@click.option("--method", type=click.Choice(["cc", "watershed"]), help="Labelling method.")
+@click.option("--method", type=click.Choice(["agglomerate", "cc", "watershed"]),
+              help="Labelling method [default: agglomerate: fragments, region graph, hierarchical merging].")
+@click.option("--merge-threshold", type=float, help="agglomerate: merge edges scoring below this (0..1).")
+@click.option("--thresholds", type=ZYX(float, minimum=float("-inf"), name="T,T,..."),
+              help="agglomerate: extra thresholds, one label image labels/segments_<t> each.")
 @click.option("--threshold", type=float, help="Boundary probability below which a voxel is inside a cell.")
 @click.option("--2d/--3d", "two_d", default=None, help="Label each section on its own, or in 3-D.")
 @click.option("--min-size", type=int, help="Smallest fragment kept (voxels).")
@@ -31,7 +35,7 @@ from emseg.cli.types import INDEX_LIST, INT_ZYX
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def segment(volume: str, output: str | None, pipeline: str | None, model: str | None, block_size: tuple[int, ...] | None,
             batch_size: int | None, tta: bool | None, precision: str | None, method: str | None,
-            threshold: float | None, two_d: bool | None, min_size: int | None, workers: int | None,
+            merge_threshold: float | None, thresholds: tuple[float, ...] | None, threshold: float | None, two_d: bool | None, min_size: int | None, workers: int | None,
             devices: tuple[int, ...] | None, cluster: str | None, scheduler: str | None, overwrite: bool,
             dry_run: bool, no_progress: bool) -> None:
     """Segment VOLUME (an OME-Zarr image or zarr array): predict membranes, then label segments.
@@ -46,6 +50,7 @@ def segment(volume: str, output: str | None, pipeline: str | None, model: str | 
                     "precision": precision},
         "label": {"method": method, "threshold": threshold, "min_size": min_size,
                   "mode": None if two_d is None else ("2d" if two_d else "3d")},
+        "agglomerate": {"threshold": merge_threshold, "thresholds": thresholds},
     })
     report = run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
                          devices=devices, overwrite=overwrite, dry_run=dry_run, progress=not no_progress)
