@@ -566,7 +566,7 @@ def predict(
         Some blocks failed otherwise; a rerun resumes.
     """
     from emseg.io import check_distinct, mark_complete
-    from emseg.runner import run_blockwise
+    from emseg.runner import WriteSpec, run_blockwise
 
     plan = plan_prediction(volume_path, checkpoint=checkpoint, block_size=block_size, tile_size=tile_size, halo=halo,
                            chunks=chunks, batch_size=batch_size, tta=tta, precision=precision, dtype=dtype)
@@ -587,7 +587,7 @@ def predict(
             stage = run_blockwise(
                 connection.client, stage=STAGE, grid=plan.grid, fn=functools.partial(predict_block_task, config),
                 output=output, params=plan.params, overwrite=overwrite, resources=connection.resources,
-                progress=progress,
+                progress=progress, writes=[WriteSpec(str(output / "0"))],
             )
         except RunIncompleteError as e:
             if isinstance(e.__cause__, InvalidDataError):

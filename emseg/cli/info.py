@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
 @click.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(path: str, as_json: bool) -> None:
+@click.option("--verify", is_flag=True,
+              help="Check every block an emseg run recorded against the chunks on disk (reads them all); "
+                   "damaged blocks are marked for recomputation by a rerun.")
+def info(path: str, as_json: bool, verify: bool) -> None:
     """Show shape, dtype, chunks, axes, voxel size, compressor, size on disk and levels of PATH.
 
     PATH is an OME-Zarr image (image.zarr), one of its levels (image.zarr/0) or a zarr array.
     """
     from emseg.io.convert import describe
 
+    if verify:
+        _verify(path)
     report = describe(path)
     click.echo(report.to_json() if as_json else report.summary())
+
+
+def _verify(path: str) -> None:
+    from emseg.errors import IncompleteOutputError, VolumeNotFoundError
+    from emseg.io.ledger import verify_output
+
+    if not Path(path).exists():
+        raise VolumeNotFoundError(f"{path}: no such file or directory")
+    found = verify_output(path)
+    bad = [d for d in found if d.block_ids]
+    if bad:
+        parts = "; ".join(f"{d.output.name} {d.stage}: {len(d.block_ids)} of {d.checked} blocks "
+                          f"(first {list(d.block_ids)[:5]})" for d in bad)
+        raise IncompleteOutputError(f"{path}: stored chunks are missing or damaged ({parts}); marked for "
+                                    "recomputation: rerun the command that made it")
+    checked = sum(d.checked for d in found)
+    click.echo(f"verified {checked} blocks of {len(found)} stage(s): all chunks match their records", err=True)

@@ -395,3 +395,29 @@ def forget_blocks(output: str | os.PathLike[str], stage: str, block_ids: Sequenc
     array = Ledger(output, stage).open("r+")
     for block_id in block_ids:
         array[int(block_id)] = ""
+
+
+def verify_output(path: str | os.PathLike[str], mode: Verify = "full") -> list[Damage]:
+    """Check every recorded block of an output (an image and its label images) against its chunks.
+
+    Blocks that fail are marked not done and their image incomplete, so that readers refuse the
+    output and rerunning the command that made it recomputes exactly those blocks.  Returns the
+    damage found per stage (empty lists of blocks when all is well).
+    """
+    root = Path(path)
+    roots = [root]
+    labels = root / "labels"
+    if labels.is_dir():
+        roots += sorted(p for p in labels.iterdir() if (p / STATE_GROUP).is_dir())
+    found: list[Damage] = []
+    for image in roots:
+        for stage in stages_of(image):
+            damage = verify_stage(image, stage, mode)
+            found.append(damage)
+            if damage.block_ids:
+                forget_blocks(image, stage, damage.block_ids)
+                group = zarr.open_group(str(image), mode="a")
+                status = dict(group.attrs.get(STATUS_KEY) or {})
+                status.update(status="incomplete", damaged={stage: list(damage.block_ids)[:100]})
+                group.attrs[STATUS_KEY] = status
+    return found

@@ -29,6 +29,7 @@ from emseg.errors import (
     VolumeShapeError,
 )
 from emseg.geometry import Coordinate, Roi
+from emseg.io.ledger import check_census
 from emseg.io.ome import (
     Multiscale,
     image_label_attrs,
@@ -243,6 +244,8 @@ def open_volume(
             raise NotAVolumeError(f"{path}: no multiscale level {level!r}; levels are {list(paths)}")
         array = node[key]
         array_path = path / key
+        if not allow_incomplete:
+            check_census(path, key)
     else:
         array = node
         array_path = path
@@ -254,6 +257,8 @@ def open_volume(
             if ms is not None and path.name in ms.paths:
                 multiscale, image_path, key = ms, parent, path.name
                 _check_status(parent_node.attrs, parent, allow_incomplete)
+                if not allow_incomplete:
+                    check_census(parent, key)
     if not isinstance(array, zarr.Array):
         raise NotAVolumeError(f"{array_path}: expected a zarr array, found a group")
     dtype = np.dtype(array.dtype)
