@@ -1,8 +1,78 @@
-"""emseg: distributed segmentation of terabyte-scale electron-microscopy volumes."""
+"""emseg: distributed segmentation of terabyte-scale electron-microscopy volumes.
 
-from emseg.errors import EmsegError
-from emseg.geometry import Block, BlockGrid, Roi, plan_blocks
+The Python API (paths, numpy or dask arrays in; see :mod:`emseg.api` and the README)::
+
+    import emseg
+    probabilities = emseg.predict(raw)                        # (c, z, y, x) uint8, 255 = membrane
+    segments = emseg.label(probabilities, voxel_size=(50, 4, 4))
+    prediction, segments = emseg.segment(raw, voxel_size=(50, 4, 4))
+
+Names are imported on first use, so ``import emseg`` stays fast (no torch, no dask).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Block", "BlockGrid", "EmsegError", "Roi", "__version__", "plan_blocks"]
+__all__ = [
+    "Block",
+    "BlockGrid",
+    "EmsegError",
+    "Roi",
+    "Segmentation",
+    "__version__",
+    "label",
+    "plan_blocks",
+    "predict",
+    "segment",
+]
+
+# public name -> module that defines it
+_LAZY = {
+    "Block": "emseg.geometry",
+    "BlockGrid": "emseg.geometry",
+    "Roi": "emseg.geometry",
+    "plan_blocks": "emseg.geometry",
+    "EmsegError": "emseg.errors",
+    "Segmentation": "emseg.api",
+    "label": "emseg.api",
+    "predict": "emseg.api",
+    "segment": "emseg.api",
+}
+# The API functions share their names with submodules (emseg/predict.py, emseg/label.py,
+# emseg/segment/): importing such a submodule must not replace the function on the package.
+_FUNCTIONS = frozenset({"label", "predict", "segment"})
+
+if TYPE_CHECKING:
+    from emseg.api import Segmentation, label, predict, segment
+    from emseg.errors import EmsegError
+    from emseg.geometry import Block, BlockGrid, Roi, plan_blocks
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'emseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    if name not in _FUNCTIONS:
+        globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
+            return  # the submodule stays importable (sys.modules); emseg.<name> stays the function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

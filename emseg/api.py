@@ -1,0 +1,408 @@
+"""The Python API: ``emseg.predict``, ``emseg.segment``, ``emseg.label`` on paths *or* arrays.
+
+Each function takes what the command of the same name takes, with the same option names and
+meanings (``emseg predict --block-size 16,256,256`` is ``emseg.predict(..., block_size=(16, 256,
+256))``), and one more kind of input:
+
+* a **path** (an OME-Zarr image or zarr array): the command's run, on the cluster it names
+  (``cluster``, ``scheduler``, ``workers``; default a local one), written to ``output``; returns the
+  command's report.
+* a **numpy array** ``(z, y, x)`` or ``(c, z, y, x)``: the same blockwise run (same blocks, halos,
+  stitching) on a temporary OME-Zarr copy, on Dask in this process unless ``cluster`` or
+  ``scheduler`` is given; returns numpy arrays.  Give ``voxel_size`` (nm, ``z, y, x``) where it
+  matters (the label method's 2-D/3-D choice, a model trained at another resolution).
+* a **dask array**: ``predict`` is lazy, one task per block of the command's block plan (the model's
+  halo read from the mirrored input); ``label`` and ``segment`` need the whole volume to stitch
+  segment IDs, so they compute on call and return dask arrays reading the result store
+  (``output``, or a temporary store removed when Python exits).
+
+Array inputs never touch the caller's files unless ``output`` is given.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from emseg.errors import ConfigError, VolumeShapeError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Segmentation", "label", "predict", "segment"]
+
+PathLike = str | os.PathLike[str]
+_TEMP_DIRS: list[str] = []
+
+
+class Segmentation(NamedTuple):
+    """What :func:`segment` returns for an array: the prediction ``(c, z, y, x)`` and the segments ``(z, y, x)``."""
+
+    prediction: Any
+    segments: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _kind(data: Any) -> Literal["path", "numpy", "dask"]:
+    if isinstance(data, (str, os.PathLike)):
+        return "path"
+    if isinstance(data, np.ndarray):
+        return "numpy"
+    if type(data).__module__.startswith("dask.array") and hasattr(data, "chunks"):
+        return "dask"
+    raise ConfigError(f"expected a path, a numpy array or a dask array, got {type(data).__name__}")
+
+
+def _check_array(data: Any) -> None:
+    if data.ndim not in (3, 4):
+        raise VolumeShapeError(f"expected a (z, y, x) or (c, z, y, x) array, got shape {tuple(data.shape)}")
+    if 0 in data.shape:
+        raise VolumeShapeError(f"expected a non-empty array, got shape {tuple(data.shape)}")
+
+
+def _cleanup() -> None:
+    for path in _TEMP_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _temp_dir(keep: bool) -> Path:
+    """A scratch folder: removed at interpreter exit when ``keep`` (its arrays are returned lazily)."""
+    path = tempfile.mkdtemp(prefix="emseg-")
+    if keep:
+        if not _TEMP_DIRS:
+            atexit.register(_cleanup)
+        _TEMP_DIRS.append(path)
+    return Path(path)
+
+
+def _chunks(shape: Sequence[int]) -> tuple[int, int, int]:
+    z, y, x = shape[-3:]
+    return (min(z, 16), min(y, 256), min(x, 256))
+
+
+def _write_image(path: Path, data: Any, voxel_size: Sequence[float] | None) -> Path:
+    """``data`` (numpy or dask, ``(z, y, x)`` or ``(c, z, y, x)``) as a complete OME-Zarr image."""
+    from emseg.io import create_volume, mark_complete
+
+    _check_array(data)
+    spatial = tuple(int(s) for s in data.shape[-3:])
+    chunks = _chunks(spatial)
+    volume = create_volume(path, shape=spatial, dtype=np.dtype(data.dtype), chunks=chunks,
+                           voxel_size=tuple(voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0),
+                           channels=int(data.shape[0]) if data.ndim == 4 else None)
+    if isinstance(data, np.ndarray):
+        volume.array[...] = data
+    else:
+        import dask.array as da
+
+        da.store(data.rechunk(volume.array.chunks), volume.array, lock=False)
+    mark_complete(path)
+    return path
+
+
+def _read(path: Path, lazy: bool) -> Any:
+    from emseg.io import open_volume
+
+    array = open_volume(path).array
+    if lazy:
+        import dask.array as da
+
+        return da.from_array(array, chunks=array.chunks)
+    return np.asarray(array[...])
+
+
+@contextlib.contextmanager
+def _scheduler(cluster: str | None, scheduler: str | None) -> Iterator[dict[str, Any]]:
+    """Where an array run goes: the caller's choice, else a Dask cluster inside this process."""
+    if cluster is not None or scheduler is not None:
+        yield {"cluster": cluster, "scheduler": scheduler}
+        return
+    from distributed import LocalCluster
+
+    # Threads in this process (inproc transport: nothing listens on the network).
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                      scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"}) as local:
+        yield {"scheduler": local.scheduler_address}
+
+
+def _need_output(output: PathLike | None, what: str) -> PathLike:
+    if output is None:
+        raise ConfigError(f"{what} of a path needs output=PATH (arrays in give arrays out)")
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+
+
+def predict(
+    volume: Any,
+    output: PathLike | None = None,
+    *,
+    model: PathLike | None = None,
+    block_size: Sequence[int] | None = None,
+    tile_size: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    chunks: Sequence[int] | None = None,
+    batch_size: int = 4,
+    tta: bool = False,
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+    dtype: Literal["uint8", "float16", "float32"] = "uint8",
+    voxel_size: Sequence[float] | None = None,
+    cluster: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    devices: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Membrane (boundary) probabilities of a model for every voxel, as ``emseg predict``.
+
+    Parameters
+    ----------
+    volume : path, numpy array or dask array
+        Raw EM, ``(z, y, x)`` or ``(c, z, y, x)``, uint8, uint16 or float.
+    output : path, optional
+        Output OME-Zarr image; required for a path, optional for an array.
+    model : path, optional
+        Checkpoint directory (default: the bundled ISBI 2012 membrane model).
+    block_size, tile_size, halo, chunks, batch_size, tta, precision, dtype
+        As ``emseg predict --block-size ...`` (voxels, ``z, y, x``).
+    voxel_size : (z, y, x) floats, optional
+        Nanometres per voxel of an array input (a path carries its own).
+    cluster, scheduler, workers, devices, overwrite, progress
+        As the command's options.
+
+    Returns
+    -------
+    PredictReport for a path; a numpy array ``(c, z, y, x)`` of ``dtype`` for a numpy array
+    (``uint8`` is ``round(255 p)``); a lazy dask array of the same for a dask array.
+    """
+    from emseg.predict import predict as run_predict
+
+    options = dict(checkpoint=model, block_size=block_size, tile_size=tile_size, halo=halo, chunks=chunks,
+                   batch_size=batch_size, tta=tta, precision=precision, dtype=dtype)
+    kind = _kind(volume)
+    if kind == "path":
+        return run_predict(volume, _need_output(output, "predict"), **options, cluster=cluster,  # type: ignore[arg-type]
+                           scheduler=scheduler, workers=workers, devices=devices, overwrite=overwrite,
+                           progress=progress)
+    _check_array(volume)
+    if kind == "dask" and output is None:
+        return _predict_lazy(volume, voxel_size, options)
+    work = _temp_dir(keep=False)
+    try:
+        raw = _write_image(work / "raw.zarr", volume, voxel_size)
+        out = Path(output) if output is not None else work / "prediction.zarr"
+        with _scheduler(cluster, scheduler) as where:
+            run_predict(raw, out, **options, **where, workers=workers, devices=devices,  # type: ignore[arg-type]
+                        overwrite=overwrite, progress=progress)
+        return _read(out, lazy=kind == "dask")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: dict[str, Any]) -> Any:
+    """One dask task per block of the run's block plan: read the block's tiles (mirrored), run the model."""
+    import dask
+    import dask.array as da
+
+    from emseg.io import create_volume, mark_complete
+    from emseg.predict import PredictConfig, plan_prediction
+
+    shape = tuple(int(s) for s in volume.shape[-3:])
+    channels = int(volume.shape[0]) if volume.ndim == 4 else None
+    work = _temp_dir(keep=False)
+    try:  # the plan validates the options exactly as a run does; it reads only the metadata
+        create_volume(work / "shape.zarr", shape=shape, dtype=np.dtype(volume.dtype), chunks=_chunks(shape),
+                      voxel_size=tuple(voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0), channels=channels)
+        mark_complete(work / "shape.zarr")
+        plan = plan_prediction(work / "shape.zarr", **options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    config = PredictConfig(
+        input="<dask array>", output="<dask array>", checkpoint=str(plan.checkpoint.resolve()),
+        checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
+        batch_size=plan.batch_size, tta=plan.tta, precision=plan.precision, dtype=plan.dtype,
+        threads=max(1, min(2, os.cpu_count() or 1)),
+    )
+    data = volume if volume.ndim == 4 else volume[None]
+    reads = [plan.tiling.read_roi(block.write_roi) for block in plan.grid]
+    lo = [max(0, -min(r.begin[a] for r in reads)) for a in range(3)]
+    hi = [max(0, max(r.end[a] for r in reads) - shape[a]) for a in range(3)]
+    padded = da.pad(data, [(0, 0)] + list(zip(lo, hi)), mode="reflect") if any(lo + hi) else data
+    out_dtype = np.dtype(plan.dtype)
+    grid = plan.grid.grid_shape
+    nested: Any = np.empty(grid, dtype=object)
+    for block, read in zip(plan.grid, reads):
+        index = tuple(slice(b + o, e + o) for b, e, o in zip(read.begin, read.end, lo))
+        task = dask.delayed(_predict_block, pure=True)(config, padded[(slice(None), *index)], read, block.write_roi,
+                                                       channels is not None)
+        nested[block.block_index] = da.from_delayed(task, (plan.out_channels, *block.write_roi.shape), out_dtype)
+    return da.block(nested.tolist())
+
+
+def _predict_block(config: Any, raw: npt.NDArray[Any], read_roi: Any, write_roi: Any, has_channels: bool) -> Any:
+    from emseg.inference import predict_block, to_output_dtype
+    from emseg.predict import _worker_model
+
+    model, cfg = _worker_model(config)
+    values = predict_block(
+        model, raw if has_channels else raw[0], raw_roi=read_roi, write_roi=write_roi, tiling=config.tiling,
+        mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
+        batch_size=config.batch_size, tta=config.tta, precision=config.precision,
+    )
+    return to_output_dtype(values, config.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# label
+
+
+def label(
+    prediction: Any,
+    output: PathLike | None = None,
+    *,
+    method: Literal["cc", "watershed"] = "cc",
+    threshold: float = 0.5,
+    foreground: Literal["auto", "below", "above", "nonzero"] = "auto",
+    connectivity: int = 6,
+    mode: Literal["3d", "2d"] = "3d",
+    min_size: int = 0,
+    seeds: Literal["distance", "minima"] = "distance",
+    min_distance: int = 3,
+    block_size: Sequence[int] | None = None,
+    voxel_size: Sequence[float] | None = None,
+    cluster: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Globally consistent uint64 segment IDs from a boundary prediction, as ``emseg label``.
+
+    Parameters
+    ----------
+    prediction : path, numpy array or dask array
+        ``(c, z, y, x)`` with channel 0 the boundary probability (uint8 ``255 p`` or float), or a
+        ``(z, y, x)`` probability map or mask.
+    output : path, optional
+        Where the labels go (required for a path input: a new OME-Zarr image, or the prediction's
+        own image for ``labels/segments``).
+    method, threshold, foreground, connectivity, mode, min_size, seeds, min_distance, block_size
+        As the command's options (``mode="2d"`` is ``--2d``).
+    voxel_size, cluster, scheduler, workers, overwrite, progress
+        See :func:`predict`.
+
+    Returns
+    -------
+    LabelReport for a path; for an array, ``(z, y, x)`` uint64 IDs ``1..n`` (0 = background) as
+    numpy, or as a dask array over the result store for a dask input.
+    """
+    from emseg.label import label as run_label
+
+    options = dict(method=method, threshold=threshold, foreground=foreground, connectivity=connectivity, mode=mode,
+                   min_size=min_size, seeds=seeds, min_distance=min_distance, block_size=block_size)
+    kind = _kind(prediction)
+    if kind == "path":
+        return run_label(prediction, _need_output(output, "label"), **options, cluster=cluster,  # type: ignore[arg-type]
+                         scheduler=scheduler, workers=workers, overwrite=overwrite, progress=progress)
+    _check_array(prediction)
+    lazy = kind == "dask"
+    work = _temp_dir(keep=lazy and output is None)
+    try:
+        pred = _write_image(work / "prediction.zarr", prediction, voxel_size)
+        target = Path(output) if output is not None else pred
+        with _scheduler(cluster, scheduler) as where:
+            run_label(pred, target, **options, **where, workers=workers, overwrite=overwrite,  # type: ignore[arg-type]
+                      progress=progress)
+        return _read(target if output is not None else pred / "labels" / "segments", lazy=lazy)
+    finally:
+        if not (lazy and output is None):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# segment
+
+
+def segment(
+    volume: Any,
+    output: PathLike | None = None,
+    *,
+    pipeline: PathLike | None = None,
+    model: PathLike | None = None,
+    block_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    tta: bool | None = None,
+    precision: Literal["fp32", "bf16", "fp16"] | None = None,
+    method: str | None = None,
+    threshold: float | None = None,
+    mode: Literal["3d", "2d"] | None = None,
+    min_size: int | None = None,
+    voxel_size: Sequence[float] | None = None,
+    cluster: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    devices: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Predict and label in one run, as ``emseg segment`` (a ``pipeline`` recipe plus overrides).
+
+    Parameters
+    ----------
+    volume : path, numpy array or dask array
+        Raw EM, ``(z, y, x)`` (or ``(c, z, y, x)``).
+    output : path, optional
+        Output OME-Zarr (default for a path: ``<volume stem>_seg.zarr`` beside it).
+    pipeline : path, optional
+        A recipe (``pipelines/isbi2012.toml``); the other options override its fields, None keeps them.
+    model, block_size, batch_size, tta, precision, method, threshold, mode, min_size
+        As the command's options (``mode="2d"`` is ``--2d``).
+    voxel_size, cluster, scheduler, workers, devices, overwrite, progress
+        See :func:`predict`.
+
+    Returns
+    -------
+    SegmentReport for a path; :class:`Segmentation` ``(prediction, segments)`` for an array: numpy
+    arrays for numpy input, dask arrays over the result store for dask input.
+    """
+    from emseg.config import load_pipeline
+    from emseg.pipeline import segment as run_segment
+
+    config = load_pipeline(pipeline, {
+        "predict": {"model": None if model is None else str(model), "block_size": block_size,
+                    "batch_size": batch_size, "tta": tta, "precision": precision},
+        "label": {"method": method, "threshold": threshold, "min_size": min_size, "mode": mode},
+    })
+    kind = _kind(volume)
+    if kind == "path":
+        return run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
+                           devices=tuple(devices) if devices is not None else None, overwrite=overwrite,
+                           progress=progress)
+    _check_array(volume)
+    lazy = kind == "dask"
+    work = _temp_dir(keep=lazy and output is None)
+    try:
+        raw = _write_image(work / "raw.zarr", volume, voxel_size)
+        out = Path(output) if output is not None else work / "segmented.zarr"
+        with _scheduler(cluster, scheduler) as where:
+            run_segment(raw, out, config, **where, workers=workers, overwrite=overwrite, progress=progress)
+        return Segmentation(_read(out, lazy), _read(out / "labels" / "segments", lazy))
+    finally:
+        if not (lazy and output is None):
+            shutil.rmtree(work, ignore_errors=True)
+
