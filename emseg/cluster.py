@@ -23,6 +23,19 @@ from emseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: glibc malloc settings of every worker process emseg starts (local, local-gpu, SLURM).  glibc reads
+#: them once, when the process starts, so they go into the nanny's pre-spawn environment.
+#: distributed's default ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``)
+#: also turns off glibc's dynamic mmap threshold: every large torch buffer is then mmap'ed, handed
+#: back to the OS after the layer and page-faulted in again by the next one (issue 15: forward
+#: passes 2.7x slower than in a plain process).  Here the heap keeps what it frees, and buffers up to
+#: 32 MiB (glibc's own ceiling for its dynamic threshold) come from the heap.
+WORKER_MALLOC_ENV: dict[str, str] = {"MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+#: Memory one CPU inference worker may need for a default block (model, raw block, float32 core,
+#: activations of one batch of 1116x1116 tiles), bytes; bounds the number of workers on small-memory nodes.
+WORKER_MEMORY = 2 << 30
+
 
 class SlurmOptions(BaseModel):
     """dask-jobqueue ``SLURMCluster`` settings: worker jobs of one worker per GPU (or one CPU worker).
@@ -95,9 +108,9 @@ class ClusterProfile(BaseModel):
     kind: Literal["local", "local-gpu", "slurm"] = "local"
     """Cluster type."""
     workers: int | None = Field(default=None, ge=1)
-    """Local worker processes (default: one per GPU, else up to 2 CPU workers)."""
-    threads_per_worker: int = Field(default=1, ge=1)
-    """Threads (and torch threads) per worker."""
+    """Local worker processes (default: one per GPU, else the layout of :func:`default_layout`)."""
+    threads_per_worker: int | None = Field(default=None, ge=1)
+    """Threads (and torch threads) per worker (default: :func:`default_layout`: every core is used)."""
     memory_limit: str | None = None
     """Memory limit per local worker (Dask syntax, e.g. ``4GB``); default: share of the machine."""
     devices: tuple[int, ...] | None = None
@@ -132,6 +145,128 @@ def _first_error(e: Exception) -> str:
         err = e.errors()[0]
         return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
     return str(e).splitlines()[0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Worker processes x threads (= torch threads) per worker of a local cluster."""
+
+    workers: int
+    threads_per_worker: int
+
+
+def default_layout(cores: int | None = None, memory: int | None = None) -> Layout:
+    """The CPU worker layout for ``cores`` cores and ``memory`` bytes (default: this machine).
+
+    One single-threaded worker process per core (N x 1), as long as each gets
+    :data:`WORKER_MEMORY`; otherwise fewer workers with more threads each.  N x 1 measured faster
+    than 1 x N for the bundled 2-D U-Net in bf16 + channels_last, and it keeps every core busy in
+    the labelling stages, which are single-threaded per block (``benchmarks/README.md``, issue 15).
+    Override with ``--workers`` / the profile's ``workers`` and ``threads_per_worker``.
+    """
+    cores = max(1, cores if cores is not None else _cpu_count())
+    memory = memory if memory is not None else _memory_bytes()
+    workers = max(1, min(cores, memory // WORKER_MEMORY)) if memory else cores
+    return Layout(workers, max(1, cores // workers))
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 0
+
+
+def _layout(profile: ClusterProfile) -> Layout:
+    """The profile's layout; unset fields from :func:`default_layout`."""
+    cores = _cpu_count()
+    if profile.workers and profile.threads_per_worker:
+        return Layout(profile.workers, profile.threads_per_worker)
+    if profile.threads_per_worker:
+        return Layout(max(1, cores // profile.threads_per_worker), profile.threads_per_worker)
+    if profile.workers:
+        return Layout(profile.workers, max(1, cores // profile.workers))
+    return default_layout(cores)
+
+
+def _nanny_class() -> Any:
+    """``distributed.Nanny`` whose worker processes start with :data:`WORKER_MALLOC_ENV`."""
+    global _NANNY
+    if _NANNY is None:
+        from distributed import Nanny
+
+        class TorchNanny(Nanny):  # type: ignore[misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                # after the config/environment merge: emseg's values win over distributed's default
+                self.pre_spawn_env.update(WORKER_MALLOC_ENV)
+                self.env.update(WORKER_MALLOC_ENV)
+
+        _NANNY = TorchNanny
+    return _NANNY
+
+
+_NANNY: Any = None
+
+
+def _fast_exit_plugin() -> Any:
+    """A worker plugin: once its worker has closed, the process ends without interpreter teardown.
+
+    torch's teardown takes seconds on a busy machine, longer than the nanny's 4 s grace period, which
+    then kills the process and logs "Worker process still alive after 4.0 seconds, killing".  All
+    output is written (and synced by zarr) before a task returns, so nothing is lost.
+    """
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class FastExit(WorkerPlugin):  # type: ignore[misc]
+        name = "emseg-fast-exit"
+
+        def setup(self, worker: Any) -> None:
+            import atexit
+
+            atexit.register(_exit_now)
+
+    return FastExit()
+
+
+def _exit_now() -> None:
+    """Last atexit handler of a worker process: flush the logs and streams, then end the process."""
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+
+
+def _configure(client: Any) -> None:
+    """What every cluster emseg starts gets: workers that exit at once when closed."""
+    client.register_plugin(_fast_exit_plugin())
+
+
+def _quiet_dask_logs() -> None:
+    """Dask's own log lines only with ``-vv`` (root logger at DEBUG).
+
+    Importing distributed sets its loggers to INFO (dask config ``logging``), after the CLI chose
+    the levels, and the nannies log worker shutdowns as warnings: at default verbosity (and ``-v``,
+    emseg's INFO) a run prints no ``distributed`` line; failed blocks are reported by emseg itself.
+    """
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    for name in ("distributed", "dask_jobqueue"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.ERROR:
+            logger.setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -176,6 +311,7 @@ def connect(
     """
     from distributed import Client
 
+    _quiet_dask_logs()
     if isinstance(client, Connection):
         yield client
         return
@@ -200,49 +336,64 @@ def connect(
         from emseg.slurm import slurm_cluster
 
         with slurm_cluster(profile) as connection:
+            _configure(connection.client)
             yield connection
         return
     gpus = list(profile.devices) if profile.devices is not None else visible_gpus()
     if profile.kind == "local-gpu" and not gpus:
         raise ConfigError("--cluster local-gpu: no CUDA device is visible; use --cluster local")
     if gpus:  # local or local-gpu: one pinned worker per GPU wherever GPUs are visible or named
-        cluster_obj = _gpu_cluster(gpus[: profile.workers] if profile.workers else gpus, profile)
+        gpus = gpus[: profile.workers] if profile.workers else gpus
+        threads = profile.threads_per_worker or max(1, _cpu_count() // len(gpus))
+        cluster_obj = _gpu_cluster(gpus, profile, threads)
         resources: dict[str, float] | None = {"GPU": 1}
+        log.info("local cluster: %d GPU worker(s) x %d thread(s)", len(gpus), threads)
     else:
-        cluster_obj = _cpu_cluster(profile)
+        layout = _layout(profile)
+        threads = layout.threads_per_worker
+        cluster_obj = _cpu_cluster(profile, layout)
         resources = None
+        log.info("local cluster: %d worker(s) x %d thread(s)", layout.workers, threads)
     with cluster_obj, Client(cluster_obj) as client:
-        yield Connection(client, resources, profile.threads_per_worker)
+        _configure(client)
+        yield Connection(client, resources, threads)
 
 
-def _cpu_cluster(profile: ClusterProfile) -> Any:
+def _silence() -> int:
+    """Log level of the worker processes' own loggers (Dask's lines only with ``-vv``)."""
+    return logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.ERROR
+
+
+def _cpu_cluster(profile: ClusterProfile, layout: Layout) -> Any:
     from distributed import LocalCluster
 
-    n_workers = profile.workers or max(1, min(2, (os.cpu_count() or 1) // profile.threads_per_worker))
     return LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=profile.threads_per_worker,
+        n_workers=layout.workers,
+        threads_per_worker=layout.threads_per_worker,
         processes=True,
+        worker_class=_nanny_class(),
+        silence_logs=_silence(),
         memory_limit=profile.memory_limit or "auto",
         dashboard_address=None,
         # no dashboard; its HTTP server (health checks) on a free port: the default 8787 warns when taken
         scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
         **_listen(profile),
-        env={"OMP_NUM_THREADS": str(profile.threads_per_worker)},
+        env={"OMP_NUM_THREADS": str(layout.threads_per_worker)},
     )
 
 
-def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile) -> Any:
+def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile, threads: int) -> Any:
     """One Nanny per GPU, pinned with CUDA_VISIBLE_DEVICES, advertising resource GPU=1."""
-    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed import Scheduler, SpecCluster
 
     workers = {
         f"gpu-{gpu}": {
-            "cls": Nanny,
+            "cls": _nanny_class(),
             "options": {
-                "nthreads": profile.threads_per_worker,
+                "nthreads": threads,
                 "resources": {"GPU": 1},
-                "env": {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(profile.threads_per_worker)},
+                "silence_logs": _silence(),
+                "env": {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(threads)},
                 **({"memory_limit": profile.memory_limit} if profile.memory_limit else {}),
                 **_listen(profile),
             },

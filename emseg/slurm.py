@@ -167,6 +167,8 @@ def default_log_directory() -> Path:
 
 def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
     """``SLURMCluster`` keyword arguments for ``profile`` (one job: ``max(1, gpus_per_job)`` workers)."""
+    from emseg.cluster import WORKER_MALLOC_ENV
+
     opts = profile.slurm
     processes = max(1, opts.gpus_per_job)
     threads = max(1, opts.cores // processes)
@@ -198,7 +200,9 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
         "local_directory": opts.local_directory,
         "python": opts.python or sys.executable,
         "death_timeout": opts.death_timeout,
-        "job_script_prologue": [f"export OMP_NUM_THREADS={threads}", *opts.job_script_prologue],
+        "job_script_prologue": [f"export OMP_NUM_THREADS={threads}",
+                                *(f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items()),  # see emseg.cluster
+                                *opts.job_script_prologue],
         "scheduler_options": {"dashboard": False},  # no web server: nothing to collide on login nodes
         **_security_kwargs(opts.security, log_directory),
     }
