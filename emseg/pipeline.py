@@ -79,7 +79,7 @@ def segment(
     from emseg.cluster import connect
     from emseg.io.pyramid import build_pyramids
     from emseg.label import label
-    from emseg.predict import default_checkpoint, plan_prediction, predict
+    from emseg.predict import plan_prediction, predict
 
     out = Path(output) if output is not None else default_output(volume)
     check_distinct(volume, out)
@@ -91,7 +91,7 @@ def segment(
     mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
     if lab.method == "agglomerate":
         check_thresholds((agg.threshold, *agg.thresholds))  # before hours of prediction
-    checkpoint = p.model if p.model is not None else default_checkpoint()
+    checkpoint = p.model  # None: predict picks the bundled model from the voxel size
     predict_kwargs = dict(checkpoint=checkpoint, block_size=p.block_size, batch_size=p.batch_size, tta=p.tta,
                           precision=p.precision, dtype=p.dtype)
     if dry_run:

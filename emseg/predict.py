@@ -36,7 +36,15 @@ from emseg.errors import (
     VolumeShapeError,
 )
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, plan_blocks, round_up
-from emseg.inference import OutputDtype, Precision, Tiling, make_tiling, tiles_in_block
+from emseg.inference import (
+    OutputDtype,
+    Precision,
+    PrecisionChoice,
+    Tiling,
+    make_tiling,
+    resolve_precision,
+    tiles_in_block,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +64,63 @@ DEFAULT_BLOCK_2D = (16, 512, 512)
 DEFAULT_CHUNKS_3D = (64, 128, 128)
 DEFAULT_CHUNKS_2D = (16, 256, 256)
 DEFAULT_BATCH_SIZE = 4
+#: Automatic batch size: about this many model input voxels per forward pass (CPU, CUDA).  On a CPU a
+#: large tile already fills the cores (batch 1 for 1116^2 tiles); a GPU wants several.
+BATCH_INPUT_VOXELS = {"cpu": 1_000_000, "cuda": 8_000_000}
 
 
-def default_checkpoint() -> Path:
-    """The bundled checkpoint directory (``emseg/models/bundled``).
+def default_batch_size(tiling: Tiling, device: str, tiles_per_block: int) -> int:
+    """Tiles per forward pass: about :data:`BATCH_INPUT_VOXELS` input voxels, at most one block's tiles.
+
+    Constant for a run (it is a plan parameter), so that every tile sees the same batch shape and the
+    output is bit-identical for any block shape and worker count.
+    """
+    target = BATCH_INPUT_VOXELS["cuda" if device.startswith("cuda") else "cpu"]
+    return max(1, min(tiles_per_block, round(target / math.prod(tiling.input_shape))))
+
+
+def target_device(cluster: str | os.PathLike[str] | None = None, devices: Sequence[int] | None = None,
+                  client: Any = None) -> str:
+    """Where the blocks will run, ``"cuda"`` or ``"cpu"``, to choose the automatic precision and batch."""
+    from emseg.cluster import Connection, load_profile, visible_gpus
+
+    if isinstance(client, Connection):
+        return "cuda" if client.resources and "GPU" in client.resources else "cpu"
+    if devices:
+        return "cuda"
+    if cluster is not None:
+        profile = load_profile(cluster)
+        if profile.kind == "local-gpu":
+            return "cuda"
+        if profile.kind == "slurm":
+            return "cuda" if profile.slurm.gpus_per_job else "cpu"
+    return "cuda" if visible_gpus() else "cpu"
+
+
+def default_checkpoint(voxel_size: Sequence[float] | None = None) -> Path:
+    """The bundled checkpoint for a volume of ``voxel_size`` ``(z, y, x)`` nm (``None``: unknown).
+
+    Strongly anisotropic volumes get the 2-D ssTEM membrane model (``emseg/models/bundled``),
+    near-isotropic ones the 3-D FIB-SEM affinity model (``bundled/fib3d``); see
+    :func:`emseg.models.zoo.choose_bundled`, which also warns when the voxel size is far from the
+    chosen model's training resolution.
 
     Raises
     ------
     ConfigError
         No bundled model is installed.
     """
-    if (BUNDLED / "model.safetensors").is_file() and (BUNDLED / "config.json").is_file():
-        return BUNDLED
-    raise ConfigError("no --model given and no bundled model installed")
+    return _choose_bundled(voxel_size)[0]
+
+
+def _choose_bundled(voxel_size: Sequence[float] | None) -> tuple[Path, str]:
+    from emseg.models.zoo import choose_bundled
+
+    choice = choose_bundled(voxel_size, root=BUNDLED)
+    log.info("bundled model %s: %s", choice.model.path, choice.reason)
+    if choice.warning:
+        log.warning("%s", choice.warning)
+    return choice.model.path, f"bundled {choice.model.name} ({choice.reason})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +176,8 @@ class PredictionPlan:
     tiles: int
     memory_per_block: int
     params: dict[str, Any] = field(repr=False)
+    model_choice: str | None = None
+    """Why this model, when it was chosen from the bundled ones (no ``--model``)."""
 
     @property
     def out_channels(self) -> int:
@@ -140,7 +194,8 @@ class PredictionPlan:
             f"input      {self.volume}  {fmt(self.volume_shape)} {self.volume_dtype}, voxel size "
             f"{','.join(f'{v:g}' for v in self.voxel_size)} nm",
             f"model      {self.checkpoint}  {self.model_name} ({t.model_ndim}D, {self.padding}), outputs "
-            f"{','.join(self.outputs)} ({self.activation})",
+            f"{','.join(self.outputs)} ({self.activation})"
+            + (f"\n           {self.model_choice}" if self.model_choice else ""),
             f"blocks     {len(self.grid)} of {fmt(self.grid.block_shape)} (grid {fmt(self.grid.grid_shape)}), "
             f"output chunks {fmt(self.chunks)}",
             f"tiles      {self.tiles} of core {fmt(t.tile_shape)}, model input {fmt(t.input_shape)}, output "
@@ -174,10 +229,11 @@ def plan_prediction(
     tile_size: Sequence[int] | None = None,
     halo: Sequence[int] | None = None,
     chunks: Sequence[int] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     tta: bool = False,
-    precision: Precision = "fp32",
+    precision: PrecisionChoice = "auto",
     dtype: OutputDtype = "uint8",
+    device: str | None = None,
 ) -> PredictionPlan:
     """Plan a prediction run without computing anything.
 
@@ -197,10 +253,18 @@ def plan_prediction(
         "same"-padded models only; derived from the model by default.
     chunks : Coordinate, optional
         Output chunk shape; default ``64,128,128`` (3D) or ``16,256,256`` (2D), clipped to the block.
-    batch_size : int
-        Tiles per forward pass.
-    tta, precision, dtype
-        Flip test-time augmentation, autocast precision, output dtype.
+    batch_size : int, optional
+        Tiles per forward pass; default :func:`default_batch_size`.
+    tta : bool
+        Flip test-time augmentation.
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Autocast precision; ``"auto"``: bf16 on CUDA and on CPUs with native bf16, else fp32
+        (:func:`emseg.inference.default_precision`).
+    dtype : {"uint8", "float16", "float32"}
+        Output dtype.
+    device : {"cpu", "cuda"}, optional
+        Where the blocks will run (for the automatic precision and batch size); default: CUDA if
+        this process sees a GPU.
 
     Raises
     ------
@@ -210,14 +274,20 @@ def plan_prediction(
     from emseg.io import open_volume
     from emseg.models import load_checkpoint
 
-    ckpt_dir = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    device = device or target_device()
+    precision = resolve_precision(precision, device)
     if dtype not in ("uint8", "float16", "float32"):
         raise ConfigError(f"--dtype must be uint8, float16 or float32, got {dtype!r}")
     volume = open_volume(volume_path)
+    model_choice = None  # no --model: the bundled model matching the volume's voxel size
+    if checkpoint is None:
+        ckpt_dir, model_choice = _choose_bundled(volume.voxel_size)
+    else:
+        ckpt_dir = Path(checkpoint)
     ckpt = load_checkpoint(ckpt_dir)
     model, cfg = ckpt.model, ckpt.config
     ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent
@@ -263,6 +333,8 @@ def plan_prediction(
     grid = plan_blocks(Roi.from_shape(volume.shape), block, tiling.input_offset,
                        chunk_shape=chunk, multiple=tiling.tile_shape)
     chunk = tuple(min(c, b) for c, b in zip(chunk, grid.block_shape))
+    if batch_size is None:
+        batch_size = default_batch_size(tiling, device, tiles_in_block(tiling, grid.block(0).write_roi))
     tiles, computed = _count_tiles(grid, tiling, batch_size, tta)
     params = {
         "stage": STAGE,
@@ -291,7 +363,7 @@ def plan_prediction(
         std=cfg.normalization.std, output_voxels=math.prod(volume.shape), computed_voxels=computed, tiles=tiles,
         memory_per_block=_memory_estimate(grid, tiling, batch_size, tta, in_channels, len(cfg.outputs),
                                           volume.dtype.itemsize, dtype, cfg.model),
-        params=params,
+        params=params, model_choice=model_choice,
     )
 
 
@@ -382,6 +454,7 @@ def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
     """The checkpoint's model on this worker's device, loaded once per worker process."""
     import torch
 
+    from emseg.inference import prepare_model
     from emseg.models import load_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -391,7 +464,7 @@ def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model per worker
         ckpt = load_checkpoint(config.checkpoint)
-        _MODEL_CACHE[key] = (ckpt.model.to(device), ckpt.config)
+        _MODEL_CACHE[key] = (prepare_model(ckpt.model, device), ckpt.config)
         log.info("loaded %s on %s", config.checkpoint, device)
     return _MODEL_CACHE[key]
 
@@ -518,9 +591,9 @@ def predict(
     tile_size: Sequence[int] | None = None,
     halo: Sequence[int] | None = None,
     chunks: Sequence[int] | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     tta: bool = False,
-    precision: Precision = "fp32",
+    precision: PrecisionChoice = "auto",
     dtype: OutputDtype = "uint8",
     cluster: str | None = None,
     scheduler: str | None = None,
@@ -569,7 +642,8 @@ def predict(
     from emseg.runner import WriteSpec, run_blockwise
 
     plan = plan_prediction(volume_path, checkpoint=checkpoint, block_size=block_size, tile_size=tile_size, halo=halo,
-                           chunks=chunks, batch_size=batch_size, tta=tta, precision=precision, dtype=dtype)
+                           chunks=chunks, batch_size=batch_size, tta=tta, precision=precision, dtype=dtype,
+                           device=target_device(cluster, devices, client))
     output = Path(output_path)
     if dry_run:
         return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
@@ -581,7 +655,8 @@ def predict(
         config = PredictConfig(
             input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
             checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
-            batch_size=batch_size, tta=tta, precision=precision, dtype=dtype, threads=connection.threads_per_worker,
+            batch_size=plan.batch_size, tta=tta, precision=plan.precision, dtype=dtype,
+            threads=connection.threads_per_worker,
         )
         try:
             stage = run_blockwise(

@@ -22,7 +22,10 @@ _FIELDS = {
     "loss": "loss", "deep_supervision": "deep_supervision", "augment": "augment", "val_every": "val_every",
     "checkpoint_every": "checkpoint_every", "patience": "patience", "seed": "seed", "nproc": "nproc",
     "resume": "resume", "overwrite": "overwrite", "device": "device", "threads": "threads",
-    "foreground_prob": "foreground_prob", "voxel_size": "voxel_size_nm",
+    "foreground_prob": "foreground_prob", "voxel_size": "voxel_size_nm", "precision": "precision",
+    "channels_last": "channels_last", "init": "init", "elastic_sigma": "elastic_sigma",
+    "isotropic": "isotropic", "log_every": "log_every", "defect_prob": "defect_prob", "time_limit": "time_limit_min",
+    "select_by": "select_by", "keep_checkpoints": "keep_checkpoints",
 }
 
 
@@ -60,6 +63,20 @@ _FIELDS = {
 @click.option("--nproc", type=click.IntRange(min=1), help="DDP processes on this node (ignored under srun/torchrun). [default: 1]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
 @click.option("--threads", type=click.IntRange(min=0), help="torch CPU threads per process (0: default).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Forward/backward arithmetic: bf16 autocast or fp32. [default: bf16]")
+@click.option("--channels-last/--no-channels-last", default=None, help="Channels-last memory format. [default: off]")
+@click.option("--init", type=click.Path(exists=True), help="Checkpoint whose weights start the run (warm start, same architecture).")
+@click.option("--elastic-sigma", type=click.FloatRange(min=0), help="Elastic deformation strength, voxels (0: off). [default: 10]")
+@click.option("--isotropic/--anisotropic", default=None,
+              help="3D: isotropic data (FIB-SEM): random axis transposes (xy/xz/yz views) and a 3D elastic field. [default: anisotropic]")
+@click.option("--affinity-offsets", help="Affinity target: partner offsets z,y,x separated by ';', e.g. "
+              "'-1,0,0;0,-1,0;0,0,-1;-3,0,0;0,-9,0;0,0,-9'. [default: nearest neighbours]")
+@click.option("--defect-prob", type=click.FloatRange(0, 1), help="3D: probability per section of a missing or dark section. [default: 0.05]")
+@click.option("--select-by", type=click.Choice(["loss", "adapted_rand_error", "pixel_error"]),
+              help="Validation score that picks the best model. [default: loss]")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), help="Resumable checkpoints kept. [default: 2]")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), help="Stop (with a checkpoint) after this many minutes.")
+@click.option("--log-every", type=click.IntRange(min=1), help="Training-loss log line every N steps. [default: 10]")
 @click.option("--voxel-size", type=click.Tuple([float, float, float]), help="Voxel size z y x in nm, recorded in the checkpoint.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in -o.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in -o.")
@@ -87,6 +104,8 @@ def train(ctx: click.Context, /, raws: tuple[str, ...], labels: tuple[str, ...],
 
     overrides: dict[str, Any] = {}
     for name, value in options.items():
+        if name == "affinity_offsets":
+            continue
         if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT) and value is not None:
             overrides[_FIELDS[name]] = value
     for flag, what, raw_list, label_list in (("--raw", "train", raws, labels), ("--val-raw", "val", val_raws, val_labels)):
@@ -98,6 +117,12 @@ def train(ctx: click.Context, /, raws: tuple[str, ...], labels: tuple[str, ...],
         raise click.UsageError("give --raw and --labels (or --config FILE)")
     if config_file is None and "output" not in overrides:
         raise click.UsageError("give -o/--output (or --config FILE)")
+    offsets = options.get("affinity_offsets")
+    if offsets is not None:
+        try:
+            overrides["affinity_offsets"] = [[int(v) for v in part.split(",")] for part in offsets.split(";") if part.strip()]
+        except ValueError as e:
+            raise ConfigError(f"--affinity-offsets {offsets!r}: expected integers like '-1,0,0;0,-1,0' ({e})") from e
     cfg = load_train_config(config_file, overrides)
     if cluster is not None:
         _submit_to_slurm(cfg, cluster, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,

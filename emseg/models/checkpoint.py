@@ -86,6 +86,10 @@ class CheckpointConfig(BaseModel):
     """How raw input is normalised before the forward pass."""
     voxel_size_nm: tuple[float, ...] | None = None
     """Voxel size the model was trained at, nanometres, axis order (z, y, x); ``None`` if unknown."""
+    offsets: tuple[tuple[int, ...], ...] | None = None
+    """Affinity models: the partner offset of each output channel, voxels, axis order (z, y, x):
+    channel ``c`` at voxel ``p`` is the affinity of ``p`` and ``p + offsets[c]`` (so ``(-1, 0, 0)`` is
+    ``aff_z``: the voxel and its z-1 neighbour).  ``None`` for non-affinity outputs."""
     provenance: dict[str, Any] = Field(default_factory=dict)
     """Free-form training provenance: data, command, steps, metrics, ..."""
 
@@ -105,6 +109,7 @@ def save_checkpoint(
     activation: Activation = "sigmoid",
     normalization: Mapping[str, float] | Normalization | None = None,
     voxel_size_nm: Sequence[float] | None = None,
+    offsets: Sequence[Sequence[int]] | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` to the checkpoint directory ``path`` (created; existing files are replaced).
@@ -124,6 +129,8 @@ def save_checkpoint(
         default mean 0.5, std 0.5.
     voxel_size_nm : sequence of float, optional
         Training voxel size in nm, (z, y, x) or (y, x).
+    offsets : sequence of int sequences, optional
+        Affinity models: each channel's partner offset, (z, y, x) voxels; one per output.
     provenance : mapping, optional
         JSON-able training provenance (data, command, steps, metrics ...).
 
@@ -142,6 +149,8 @@ def save_checkpoint(
         raise ConfigError(
             f"outputs names {len(outputs)} channel(s) {outputs} but the model has out_channels={model.out_channels}"
         )
+    if offsets is not None and len(offsets) != len(outputs):
+        raise ConfigError(f"offsets names {len(offsets)} channel(s) but the model has {len(outputs)} output(s)")
     try:
         config = CheckpointConfig(
             model=model.config,
@@ -153,6 +162,7 @@ def save_checkpoint(
             if normalization is not None
             else Normalization(),
             voxel_size_nm=None if voxel_size_nm is None else tuple(float(v) for v in voxel_size_nm),
+            offsets=None if offsets is None else tuple(tuple(int(v) for v in o) for o in offsets),
             provenance=dict(provenance or {}),
         )
         text = json.dumps(config.model_dump(mode="json"), indent=2, allow_nan=False)

@@ -5,7 +5,8 @@
   smoothly (cubic spline, ``scipy.ndimage.zoom(order=3)``) to a dense per-pixel field.  Every array
   of a sample is resampled with the *same* field (raw and weights linearly, labels by nearest
   neighbour), so labels stay aligned with the raw.  3D samples get one in-plane (y, x) field applied
-  to every section (ssTEM is anisotropic).
+  to every section (ssTEM is anisotropic); isotropic 3D samples get a 3D field.
+* :func:`transpose_axes`: isotropic 3D only: random permutation of (z, y, x) (xy/xz/yz views).
 * :func:`flip_rotate`: random flips of every axis and rot90 in (y, x) when square.
 * :func:`intensity`: contrast, brightness, gamma, Gaussian noise on raw scaled to [0, 1].
 * :func:`section_defects`: 3D only: missing (black) and dark sections, as in serial-section EM.
@@ -19,30 +20,31 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-__all__ = ["deform", "elastic_field", "flip_rotate", "intensity", "section_defects"]
+__all__ = ["deform", "elastic_field", "flip_rotate", "intensity", "section_defects", "transpose_axes"]
 
 FloatArray = npt.NDArray[np.float32]
 
 
 def elastic_field(shape: Sequence[int], rng: np.random.Generator, *, sigma: float = 10.0, grid: int = 3) -> FloatArray:
-    """Dense 2D displacement field ``(2, y, x)`` in pixels, from a coarse random grid.
+    """Dense displacement field ``(2, y, x)`` (or ``(3, z, y, x)``) in pixels, from a coarse random grid.
 
     Parameters
     ----------
-    shape : (y, x)
-        Field shape, pixels.
+    shape : (y, x) or (z, y, x)
+        Field shape, pixels; a 3-value shape gives a 3D field (isotropic volumes).
     sigma : float
         Standard deviation of each control point's displacement, pixels.
     grid : int
         Control points per axis (the paper: 3 x 3).
     """
     shape = tuple(int(s) for s in shape)
-    coarse = rng.normal(0.0, sigma, size=(2, grid, grid))
-    field = np.empty((2, *shape), dtype=np.float32)
-    for axis in range(2):
+    nd = len(shape)
+    coarse = rng.normal(0.0, sigma, size=(nd, *([grid] * nd)))
+    field = np.empty((nd, *shape), dtype=np.float32)
+    for axis in range(nd):
         zoom = [s / grid for s in shape]
         dense = ndimage.zoom(coarse[axis], zoom, order=3, mode="nearest", grid_mode=True)
-        field[axis] = dense[: shape[0], : shape[1]]
+        field[axis] = dense[tuple(slice(0, s) for s in shape)]
     return field
 
 
@@ -54,6 +56,12 @@ def deform(array: npt.NDArray[np.generic], field: FloatArray, *, order: int) -> 
     """
     if array.ndim not in (2, 3):
         raise ValueError(f"deform expects (y, x) or (z, y, x), got shape {array.shape}")
+    if field.shape[0] == 3:  # a 3D field: resample the whole volume
+        if array.shape != field.shape[1:]:
+            raise ValueError(f"a 3D field {field.shape[1:]} needs a volume of that shape, got {array.shape}")
+        grid = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in array.shape), indexing="ij")
+        coords = np.stack([g + f for g, f in zip(grid, field, strict=True)])
+        return ndimage.map_coordinates(array, coords, order=order, mode="mirror")
     ys, xs = np.meshgrid(np.arange(array.shape[-2]), np.arange(array.shape[-1]), indexing="ij")
     coords = np.stack([ys + field[0], xs + field[1]])
     sections = array[None] if array.ndim == 2 else array
@@ -73,6 +81,22 @@ def flip_rotate(arrays: Sequence[npt.NDArray[np.generic]], rng: np.random.Genera
         if a.shape[-1] == a.shape[-2]:
             a = np.rot90(a, k, axes=(a.ndim - 2, a.ndim - 1))
         out.append(np.ascontiguousarray(a))
+    return out
+
+
+def transpose_axes(arrays: Sequence[npt.NDArray[np.generic]], rng: np.random.Generator) -> list[npt.NDArray[np.generic]]:
+    """One random permutation of the last three (z, y, x) axes, the same for every array.
+
+    For isotropic volumes: a patch is then seen in its xy, xz or yz orientation.  Arrays whose
+    spatial shape is not a cube keep their axes.
+    """
+    perm = [int(p) for p in rng.permutation(3)]
+    out = []
+    for a in arrays:
+        if len(set(a.shape[-3:])) == 1:
+            lead = list(range(a.ndim - 3))
+            a = np.ascontiguousarray(a.transpose(*lead, *(len(lead) + p for p in perm)))
+        out.append(a)
     return out
 
 

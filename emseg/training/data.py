@@ -7,8 +7,14 @@ the instances of each (augmented) patch:
 * ``membrane``: 1 where the id is 0, or where a 4-connected in-plane neighbour has another non-zero
   id (touching cells: both sides of the contact are marked);
 * ``mask``: 1 where the id is non-zero;
-* ``affinities``: channel ``a`` is 1 where a voxel and its predecessor along axis ``a`` share a
-  non-zero id (``ndim`` channels; the first voxel along each axis is 0).
+* ``affinities``: one channel per offset (default: the nearest neighbours ``(-1, 0, 0)``,
+  ``(0, -1, 0)``, ``(0, 0, -1)`` in 3D, i.e. channels ``aff_z, aff_y, aff_x``): channel ``c`` at voxel
+  ``p`` is 1 where ``p`` and ``p + offset_c`` hold the same non-zero id, else 0.  So
+  ``aff_z[z, y, x]`` is the affinity of ``(z, y, x)`` and ``(z - 1, y, x)``.  A mask
+  (:func:`affinity_mask`) leaves out of the loss the pairs whose both voxels are 0 (boundary or
+  unlabelled: nothing is known about them) and the pairs whose partner lies outside the patch.
+  Pairs of a cell voxel and a 0 voxel are kept, as affinity 0 (0 marks the thin boundaries of
+  FIB-SEM instance labels such as gala's).
 
 For ``membrane``/``mask`` targets with a 2D model, instances are per-section connected components
 (2D); for 3D models they are 3D components (or the given ids).
@@ -37,10 +43,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Batch",
     "PreparedVolume",
+    "affinities_from_instances",
+    "affinity_mask",
     "instances_from_labels",
     "load_source",
-    "mirrored_window",
     "membrane_from_instances",
+    "mirrored_window",
+    "nearest_offsets",
     "parse_data_path",
     "sample_batch",
     "targets_from_instances",
@@ -145,20 +154,75 @@ def membrane_from_instances(instances: npt.NDArray[np.integer[Any]]) -> npt.NDAr
     return np.asarray(m, dtype=np.uint8)
 
 
-def targets_from_instances(instances: npt.NDArray[np.integer[Any]], target: str, ndim: int) -> npt.NDArray[np.float32]:
+def nearest_offsets(ndim: int) -> tuple[tuple[int, ...], ...]:
+    """The nearest-neighbour affinity offsets of ``ndim`` axes: ``((-1, 0, 0), (0, -1, 0), (0, 0, -1))`` in 3D."""
+    return tuple(tuple(-1 if i == a else 0 for i in range(ndim)) for a in range(ndim))
+
+
+def _pair_views(shape: Sequence[int], offset: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Slices ``(here, there)`` of the voxels ``p`` whose partner ``p + offset`` is inside ``shape``."""
+    here, there = [], []
+    for o, n in zip(offset, shape, strict=True):
+        if o >= 0:
+            here.append(slice(0, max(n - o, 0)))
+            there.append(slice(o, n))
+        else:
+            here.append(slice(-o, n))
+            there.append(slice(0, max(n + o, 0)))
+    return tuple(here), tuple(there)
+
+
+def _offsets_for(instances: npt.NDArray[Any], ndim: int, offsets: Sequence[Sequence[int]] | None) -> list[tuple[int, ...]]:
+    """Offsets over every axis of ``instances`` (2D offsets get a leading 0 for the section axis)."""
+    offs = [tuple(int(v) for v in o) for o in (offsets if offsets is not None else nearest_offsets(ndim))]
+    for o in offs:
+        if len(o) != ndim:
+            raise ValueError(f"affinity offset {o} must have {ndim} values for a {ndim}D model")
+    return [(0,) * (instances.ndim - ndim) + o for o in offs]
+
+
+def affinities_from_instances(
+    instances: npt.NDArray[np.integer[Any]], ndim: int, offsets: Sequence[Sequence[int]] | None = None
+) -> npt.NDArray[np.float32]:
+    """Affinities ``(c, *spatial)``: 1 where a voxel and its partner at ``offsets[c]`` share a non-zero id.
+
+    Partners outside the array count as 0 (see :func:`affinity_mask`, which masks them out).
+    """
+    channels = []
+    for o in _offsets_for(instances, ndim, offsets):
+        here, there = _pair_views(instances.shape, o)
+        aff = np.zeros(instances.shape, np.float32)
+        a, b = instances[here], instances[there]
+        aff[here] = (a == b) & (a != 0)
+        channels.append(aff)
+    return np.stack(channels)
+
+
+def affinity_mask(
+    instances: npt.NDArray[np.integer[Any]], ndim: int, offsets: Sequence[Sequence[int]] | None = None
+) -> npt.NDArray[np.float32]:
+    """Loss mask of :func:`affinities_from_instances`: 1 where the pair is known.
+
+    0 where the partner lies outside the array, or where both voxels are 0 (boundary / unlabelled).
+    """
+    channels = []
+    for o in _offsets_for(instances, ndim, offsets):
+        here, there = _pair_views(instances.shape, o)
+        m = np.zeros(instances.shape, np.float32)
+        m[here] = (instances[here] != 0) | (instances[there] != 0)
+        channels.append(m)
+    return np.stack(channels)
+
+
+def targets_from_instances(
+    instances: npt.NDArray[np.integer[Any]], target: str, ndim: int, offsets: Sequence[Sequence[int]] | None = None
+) -> npt.NDArray[np.float32]:
     """Target channels ``(c, *spatial)`` of one patch's instances (see the module docstring)."""
     if target == "membrane":
         return np.asarray(membrane_from_instances(instances)[None], dtype=np.float32)
     if target == "mask":
         return np.asarray((instances != 0)[None], dtype=np.float32)
-    channels = []
-    for axis in range(ndim):
-        ax = instances.ndim - ndim + axis
-        a = np.moveaxis(instances, ax, 0)
-        aff = np.zeros(a.shape, np.float32)
-        aff[1:] = (a[1:] == a[:-1]) & (a[1:] != 0)
-        channels.append(np.moveaxis(aff, 0, ax))
-    return np.stack(channels)
+    return affinities_from_instances(instances, ndim, offsets)
 
 
 @dataclass
@@ -225,7 +289,8 @@ def sample_patch(
     rng: np.random.Generator,
     normalization: tuple[float, float],
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
-    """One augmented sample: raw ``(1, *in)``, target ``(c, *out)``, weight ``(1, *out)`` or None."""
+    """One augmented sample: raw ``(1, *in)``, target ``(c, *out)``, weight ``(1, *out)`` (weight map),
+    ``(c, *out)`` (affinity mask) or None."""
     # every source is equally likely (a small volume is not drowned by a large one), then any voxel
     vol = volumes[int(rng.integers(len(volumes)))]
     ndim = cfg.ndim
@@ -251,8 +316,11 @@ def sample_patch(
     context = [(i - o) // 2 for i, o in zip(full_in, full_out, strict=True)]
     margin = [0] * 3
     elastic = cfg.augment and cfg.elastic_sigma > 0
+    # isotropic 3D: a 3D displacement field; 2D models and anisotropic 3D: one in-plane field
+    elastic_3d = ndim == 3 and cfg.isotropic
     if elastic:
-        margin = [0, int(np.ceil(3 * cfg.elastic_sigma)), int(np.ceil(3 * cfg.elastic_sigma))]
+        m = int(np.ceil(3 * cfg.elastic_sigma))
+        margin = [m if elastic_3d else 0, m, m]
     read_offset = [o - c - m for o, c, m in zip(out_offset, context, margin, strict=True)]
     read_shape = [i + 2 * m for i, m in zip(full_in, margin, strict=True)]
 
@@ -261,7 +329,8 @@ def sample_patch(
     weight: npt.NDArray[Any] | None = mirrored_window(vol.weights, read_offset, read_shape) if vol.weights is not None else None
 
     if elastic:
-        field = augment.elastic_field(read_shape[1:], rng, sigma=cfg.elastic_sigma, grid=cfg.elastic_grid)
+        field_shape = read_shape if elastic_3d else read_shape[1:]
+        field = augment.elastic_field(field_shape, rng, sigma=cfg.elastic_sigma, grid=cfg.elastic_grid)
         raw = augment.deform(raw, field, order=1)
         inst = augment.deform(inst, field, order=0)
         if weight is not None:
@@ -271,6 +340,8 @@ def sample_patch(
         weight = weight[crop] if weight is not None else None
     if cfg.augment:
         arrays: list[npt.NDArray[Any]] = [raw, inst] + ([weight] if weight is not None else [])
+        if ndim == 3 and cfg.isotropic:
+            arrays = augment.transpose_axes(arrays, rng)
         arrays = augment.flip_rotate(arrays, rng, ndim=ndim)
         raw, inst = arrays[0], arrays[1]
         weight = arrays[2] if weight is not None else None
@@ -280,20 +351,24 @@ def sample_patch(
             raw = augment.section_defects(np.asarray(raw, dtype=np.float32), rng, prob=cfg.defect_prob)
 
     out_crop = tuple(slice(c, c + o) for c, o in zip(context, full_out, strict=True))
-    target = targets_from_instances(inst, cfg.target, ndim)
+    target = targets_from_instances(inst, cfg.target, ndim, cfg.affinity_offsets)
     # targets are computed on the input window (neighbours known) and cropped to the output
     target = target[(slice(None), *out_crop)]
     if weight is not None:
         weight = weight[out_crop]
+    elif cfg.target == "affinities":
+        weight = affinity_mask(inst, ndim, cfg.affinity_offsets)[(slice(None), *out_crop)]
     mean, std = normalization
     raw = (raw - mean) / std
+    if weight is not None and weight.ndim == 3:  # a weight map (z, y, x), not per-channel masks
+        weight = weight[None]
     if ndim == 2:
         raw, target = raw[0], target[:, 0]
-        weight = weight[0] if weight is not None else None
+        weight = weight[:, 0] if weight is not None else None
     return (
         raw[None].astype(np.float32),
         np.ascontiguousarray(target, dtype=np.float32),
-        weight[None].astype(np.float32) if weight is not None else None,
+        np.ascontiguousarray(weight, dtype=np.float32) if weight is not None else None,
     )
 
 

@@ -36,7 +36,16 @@ from torch import nn
 from emseg.errors import CheckpointError, ConfigError, OutputExistsError
 from emseg.training import state as ckpt_state
 from emseg.training.config import TrainConfig
-from emseg.training.data import PreparedVolume, load_source, mirrored_window, normalization_of, sample_batch, targets_from_instances
+from emseg.training.data import (
+    PreparedVolume,
+    affinity_mask,
+    load_source,
+    mirrored_window,
+    nearest_offsets,
+    normalization_of,
+    sample_batch,
+    targets_from_instances,
+)
 from emseg.training.distributed import DistInfo, free_port, launcher_env
 from emseg.training.losses import total_loss
 from emseg.training.metrics import membrane_scores
@@ -63,7 +72,7 @@ class TrainReport:
     final_train_loss: float | None
     """Mean training loss of the last logged steps (all ranks)."""
     best_step: int | None
-    """Step of the lowest validation loss (the model at the output's top level)."""
+    """Step of the best validation score (``select_by``; the model at the output's top level)."""
     best_val: dict[str, float] = field(default_factory=dict)
     """Validation loss and scores at ``best_step``."""
     seconds: float = 0.0
@@ -281,9 +290,25 @@ def _build_model(cfg: TrainConfig) -> Any:
     return build(cfg.model, **kwargs)
 
 
+def _offsets(cfg: TrainConfig) -> tuple[tuple[int, ...], ...] | None:
+    if cfg.target != "affinities":
+        return None
+    return cfg.affinity_offsets if cfg.affinity_offsets is not None else nearest_offsets(cfg.ndim)
+
+
 def _outputs(cfg: TrainConfig) -> tuple[str, ...]:
-    if cfg.target == "affinities":
-        return tuple(f"aff_{a}" for a in ("zyx"[-cfg.ndim :]))
+    """Channel names: ``aff_z, aff_y, aff_x`` for the nearest neighbours, ``aff_z3`` for ``(-3, 0, 0)``."""
+    offsets = _offsets(cfg)
+    if offsets is not None:
+        axes = "zyx"[-cfg.ndim :]
+        names = []
+        for o in offsets:
+            nonzero = [(a, v) for a, v in zip(axes, o, strict=True) if v]
+            if len(nonzero) == 1 and nonzero[0][1] == -1:
+                names.append(f"aff_{nonzero[0][0]}")
+            else:
+                names.append("aff_" + "_".join(f"{a}{-v}" for a, v in zip(axes, o, strict=True)))
+        return tuple(names)
     return ("membrane",) if cfg.target == "membrane" else ("mask",)
 
 
@@ -411,15 +436,21 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
             scores = _validate(model, val_volumes, cfg, normalization, device)
             _append_metrics(out, {"step": step, "split": "val", **scores})
             log.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            best = loop_state["best_val_loss"]
-            if best is None or scores["loss"] < best:
-                loop_state.update(best_val_loss=scores["loss"], best_step=step, best_val=scores, bad_validations=0)
+            best = loop_state["best_val_loss"]  # the best select_by score so far (the loss by default)
+            if best is None or scores[cfg.select_by] < best:
+                loop_state.update(best_val_loss=scores[cfg.select_by], best_step=step, best_val=scores, bad_validations=0)
                 improved = True
             else:
                 loop_state["bad_validations"] += 1
                 if cfg.patience and loop_state["bad_validations"] >= cfg.patience:
                     stop[0] = 1
         if validate and world > 1:
+            dist.broadcast(stop, src=0)
+        if cfg.time_limit_min is not None and time.time() - started > 60.0 * cfg.time_limit_min:
+            stop[0] = 1  # every rank measures its own clock; rank 0's decision is broadcast below
+            if main:
+                log.info("time limit of %g min reached at step %d", cfg.time_limit_min, step)
+        if cfg.time_limit_min is not None and world > 1:
             dist.broadcast(stop, src=0)
         stopped_early = bool(stop[0])
         checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopped_early
@@ -433,7 +464,7 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
             if world > 1:
                 dist.barrier()
         if stopped_early:
-            if main:
+            if main and cfg.patience and loop_state["bad_validations"] >= cfg.patience:
                 log.info("early stopping at step %d: no lower validation loss in %d validations", step, cfg.patience)
             break
 
@@ -485,12 +516,19 @@ def _validate(
     losses, probs, membranes, instances = [], [], [], []
     for vol in volumes:
         logits = predict_volume(model, vol.raw, normalization, ndim=cfg.ndim, device=device)
+        offsets = cfg.affinity_offsets
         if cfg.ndim == 2:
-            targets = np.stack([targets_from_instances(vol.instances[z], cfg.target, 2) for z in range(len(vol.instances))], axis=1)
+            targets = np.stack([targets_from_instances(vol.instances[z], cfg.target, 2, offsets) for z in range(len(vol.instances))], axis=1)
         else:
-            targets = targets_from_instances(vol.instances, cfg.target, 3)
+            targets = targets_from_instances(vol.instances, cfg.target, 3, offsets)
         target = torch.from_numpy(targets)
         weight = torch.from_numpy(vol.weights)[None] if vol.weights is not None else None
+        if cfg.target == "affinities":
+            if cfg.ndim == 2:
+                mask = np.stack([affinity_mask(vol.instances[z], 2, offsets) for z in range(len(vol.instances))], axis=1)
+            else:
+                mask = affinity_mask(vol.instances, 3, offsets)
+            weight = torch.from_numpy(mask)
         # (c, z, y, x) -> a batch of sections (z, c, y, x) so each section is one sample
         def as_batch(t: torch.Tensor) -> torch.Tensor:
             return t.transpose(0, 1) if cfg.ndim == 2 else t[None]
@@ -545,6 +583,7 @@ def _save_checkpoint_files(
         activation=activation,
         normalization={"mean": normalization[0], "std": normalization[1]},
         voxel_size_nm=cfg.voxel_size_nm,
+        offsets=_offsets(cfg),
         provenance=_provenance(cfg, step, loop_state),
     )
 

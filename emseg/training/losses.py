@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-__all__ = ["bce_dice_loss", "soft_dice_loss", "total_loss", "weight_map", "weighted_cross_entropy"]
+__all__ = ["bce_dice_loss", "masked_bce", "soft_dice_loss", "total_loss", "weight_map", "weighted_cross_entropy"]
 
 
 def weight_map(
@@ -100,33 +100,54 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: t
     return ce.mean()
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice of sigmoid(logits) and target, per channel over batch and space, averaged."""
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - soft Dice of sigmoid(logits) and target, per channel over batch and space, averaged.
+
+    ``mask`` (broadcastable to ``logits``, 0/1): only voxels where it is 1 count.
+    """
     prob = torch.sigmoid(logits)
+    if mask is not None:
+        prob, target = prob * mask, target * mask
     dims = [0, *range(2, logits.ndim)]
     inter = (prob * target).sum(dims)
     denom = prob.sum(dims) + target.sum(dims)
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """UNet++'s loss: BCE + soft Dice."""
-    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(logits, target)
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid BCE averaged over the voxels where ``mask`` is non-zero (all voxels without a mask).
+
+    ``mask`` may be a 0/1 mask or non-negative weights: the result is ``sum(w * bce) / sum(w)``.
+    """
+    if mask is None:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    mask = mask.expand_as(bce)
+    return (bce * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """UNet++'s loss: BCE + soft Dice, both over the voxels where ``mask`` is 1 (all without a mask)."""
+    return masked_bce(logits, target, mask) + soft_dice_loss(logits, target, mask=mask)
 
 
 def total_loss(
     name: str, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor, weight: torch.Tensor | None
 ) -> torch.Tensor:
-    """``name`` loss of one output, or the mean over deep-supervision heads when given a sequence."""
+    """``name`` loss of one output, or the mean over deep-supervision heads when given a sequence.
+
+    ``weight``: the U-Net weight map for ``weighted-ce``; for ``bce``/``bce-dice`` a loss mask
+    (e.g. :func:`emseg.training.data.affinity_mask`), or None.
+    """
     heads = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     losses = []
     for logits in heads:
         if name == "weighted-ce":
             losses.append(weighted_cross_entropy(logits, target, weight))
         elif name == "bce-dice":
-            losses.append(bce_dice_loss(logits, target))
+            losses.append(bce_dice_loss(logits, target, weight))
         elif name == "bce":
-            losses.append(F.binary_cross_entropy_with_logits(logits, target))
+            losses.append(masked_bce(logits, target, weight))
         else:
             raise ValueError(f"unknown loss {name!r}")
     return torch.stack(losses).mean()
