@@ -6,7 +6,7 @@ the same command skips done blocks; a rerun with other parameters is detected fr
 the layout and parameters and refused unless ``overwrite``.
 
 Scale: one task runs the blocks of one ledger chunk (:func:`emseg.io.ledger.blocks_per_chunk`: one
-block per task up to 2,048 blocks, then about 2,048 tasks per stage), tasks are generated lazily
+block per task up to 1,024 blocks, then 513 to 1,024 tasks per stage), tasks are generated lazily
 and at most ``window`` are in flight, and per-block results come back as numpy columns
 (:class:`BlockResults`), so client and scheduler memory stay flat as the block count grows.  The
 task owning a chunk is its only writer; it records finished blocks at most every
@@ -23,6 +23,7 @@ run in this process on a few threads (small jobs, tests, tools without a cluster
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -58,7 +59,7 @@ BlockFn = Callable[[Block], Any]
 FLUSH_SECONDS = 0.5
 """A task rewrites its ledger chunk at most this often (and when it ends)."""
 
-__all__ = ["BlockResults", "StageReport", "WriteSpec", "fingerprint_of", "run_blockwise"]
+__all__ = ["BlockResults", "StageReport", "WriteSpec", "fingerprint_of", "run_blockwise", "stage_fingerprint"]
 
 
 class BlockResults(Mapping[int, Any]):
@@ -175,6 +176,16 @@ def fingerprint_of(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _with_grid(params: Mapping[str, Any], grid: BlockGrid) -> dict[str, Any]:
+    return {**params, "grid": [list(grid.total_roi.offset), list(grid.total_roi.shape), list(grid.block_shape),
+                               list(grid.halo)]}
+
+
+def stage_fingerprint(params: Mapping[str, Any], grid: BlockGrid) -> str:
+    """The fingerprint :func:`run_blockwise` binds a stage's records to (to test for a resumable stage)."""
+    return fingerprint_of(_with_grid(params, grid))
+
+
 # ---------------------------------------------------------------------------------------------
 # worker side
 
@@ -198,14 +209,20 @@ def _picklable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+@functools.lru_cache(maxsize=16)
+def _ledger_array(output: str, stage: str, token: str) -> tuple[Any, bool]:
+    """The ledger array a worker opened for the run ``token`` (opening costs more than a chunk write)."""
+    array = Ledger(output, stage).open("r+")
+    return array, array.attrs.get("format") == RECORD_FORMAT
+
+
 def _run_batch(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int, ids: npt.NDArray[np.int64] | None,
-               writes: tuple[WriteSpec, ...], verify: Verify, retries: int) -> _Batch:
+               writes: tuple[WriteSpec, ...], verify: Verify, retries: int, token: str = "") -> _Batch:
     """Worker side: run the not-done (or failing verification) blocks of one ledger chunk.
 
     A block is recorded only after ``fn`` returned, i.e. after its data is written.
     """
-    array = Ledger(output, stage).open("r+")
-    wrapped = array.attrs.get("format") == RECORD_FORMAT
+    array, wrapped = _ledger_array(output, stage, token)
     k, n = int(array.chunks[0]), int(array.shape[0])
     c0, c1 = chunk * k, min((chunk + 1) * k, n)
     values = np.asarray(array[c0:c1], dtype=object)
@@ -346,8 +363,7 @@ def run_blockwise(
 
     specs = tuple(w if isinstance(w, WriteSpec) else WriteSpec(str(w)) for w in writes)
     ledger = Ledger(output, stage)
-    params = {**params, "grid": [list(grid.total_roi.offset), list(grid.total_roi.shape), list(grid.block_shape),
-                                 list(grid.halo)]}
+    params = _with_grid(params, grid)
     n = len(grid)
     ledger.claim(n, fingerprint_of(params), params, overwrite=overwrite, writes=specs)
     array = ledger.open()
@@ -394,7 +410,7 @@ def run_blockwise(
         if task is None:
             return None
         c, sel = task
-        args = (_run_batch, fn, grid, str(output), stage, c, sel, specs, verify, retries)
+        args = (_run_batch, fn, grid, str(output), stage, c, sel, specs, verify, retries, token)
         if in_process:
             future = runner.submit(*args)
         else:

@@ -2,7 +2,7 @@
 
 ``OUT.zarr/emseg_state/<stage>`` is a 1-D string array with one entry per block: the JSON record
 of a finished block, or ``""`` while it is not done.  Entries are chunked by
-:func:`blocks_per_chunk` blocks (1 up to 2,048 blocks, then a power of two keeping about 2,048
+:func:`blocks_per_chunk` blocks (1 up to 1,024 blocks, then a power of two keeping 513 to 1,024
 chunks), and one runner task owns one chunk: it is the only writer of that chunk, and zarr writes a
 chunk atomically (write + rename), so a task killed mid-write leaves the previous chunk intact.
 Checking which of ``n`` wanted blocks are done reads ``n / blocks_per_chunk`` files, never a
@@ -41,7 +41,7 @@ from emseg.errors import IncompleteOutputError, ResumeMismatchError
 from emseg.geometry import Roi
 
 STATE_GROUP = "emseg_state"
-TARGET_CHUNKS = 2048
+TARGET_CHUNKS = 1024
 RECORD_FORMAT = 2
 STATUS_KEY = "emseg"
 Verify = Literal["none", "sizes", "full"]

@@ -19,21 +19,25 @@ The info files and chunk encodings are written by tensorstore; only the mesh man
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+import zarr
+import zarr.errors
 
 from emseg.io.lock import locked
 from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
-from emseg.geometry import Coordinate, Roi, plan_blocks
+from emseg.geometry import Block, Coordinate, plan_blocks
 from emseg.io.pyramid import is_label_image, label_image_paths
 from emseg.io.volume import Volume, check_distinct, open_volume, prepare_output
 
@@ -90,6 +94,7 @@ def export_precomputed(
     mesh: bool = False,
     skeleton: bool = False,
     progress: bool = True,
+    client: Any = None,
 ) -> ExportReport:
     """Write an OME-Zarr image and its label images as neuroglancer precomputed layers.
 
@@ -108,6 +113,10 @@ def export_precomputed(
         Skeletons (kimimaro) are not implemented yet: ``True`` raises :class:`ConfigError`.
     progress : bool
         Progress bars on stderr.
+    client : distributed.Client or emseg.cluster.Connection, optional
+        Write on this cluster's workers (default: threads in this process).  Either way every
+        scale is a resumable blockwise stage: rerunning an interrupted export (same source and
+        options, no ``overwrite``) writes only the blocks that are missing.
 
     Raises
     ------
@@ -130,7 +139,14 @@ def export_precomputed(
     if skeleton:
         raise ConfigError("skeleton export (kimimaro) is not implemented yet; export without --skeleton")
     check_distinct(image_path, dst)
-    dst_path = prepare_output(dst, overwrite=overwrite)
+    record = {"source": str(image_path.resolve()), "mesh": bool(mesh)}
+    if not overwrite and _export_record(Path(dst)) == record:
+        dst_path = Path(dst)  # an earlier export of the same source: resume it
+        log.info("%s: resuming an earlier export", dst_path)
+    else:
+        dst_path = prepare_output(dst, overwrite=overwrite)
+    root = zarr.open_group(str(dst_path), mode="a")
+    root.attrs["emseg"] = {"export": record, "status": "incomplete"}
     layers: list[ExportedLayer] = []
     if is_label_image(image_path):
         jobs = [(image_path, dst_path / "labels" / image_path.name, "segmentation")]
@@ -140,9 +156,21 @@ def export_precomputed(
     for path, out, kind in jobs:
         layers.append(
             export_layer(path, out, layer_type=kind, mesh=mesh and kind == "segmentation",  # type: ignore[arg-type]
-                         progress=progress)
+                         progress=progress, client=client, state_root=dst_path)
         )
+    root.attrs["emseg"] = {"export": record, "status": "complete"}
     return ExportReport(dst_path, tuple(layers))
+
+
+def _export_record(dst: Path) -> Any:
+    """The ``export`` record of an interrupted emseg export at ``dst`` (None if there is none)."""
+    if not (dst / "zarr.json").is_file():
+        return None
+    try:
+        status = zarr.open_group(str(dst), mode="r").attrs.get("emseg") or {}
+        return status.get("export") if status.get("status") == "incomplete" else None
+    except (ValueError, OSError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
 
 
 def _require(module: str, what: str) -> None:
@@ -184,13 +212,13 @@ def _to_xyzc(data: npt.NDArray[Any], has_channels: bool, dtype: np.dtype[Any], w
     return np.asarray(arr.transpose(3, 2, 1, 0).astype(dtype, copy=False))
 
 
-def _blocks(volume: Volume, chunk: Coordinate) -> Iterator[Roi]:
+def _block_of(volume: Volume, chunk: Coordinate) -> Coordinate:
+    """Write block: whole precomputed chunks, about BLOCK_VOXELS voxels."""
     block = list(chunk)
     for axis in (2, 1, 0):
         while block[axis] < volume.shape[axis] and math.prod(block) * 2 <= BLOCK_VOXELS:
             block[axis] *= 2
-    for b in plan_blocks(volume.roi, tuple(block), chunk_shape=chunk):
-        yield b.write_roi
+    return tuple(block)
 
 
 def export_layer(
@@ -200,11 +228,27 @@ def export_layer(
     layer_type: LayerType,
     mesh: bool = False,
     progress: bool = True,
+    client: Any = None,
+    state_root: str | os.PathLike[str] | None = None,
 ) -> ExportedLayer:
-    """Write one OME-Zarr image (every multiscale level) as one precomputed layer at ``dst``."""
+    """Write one OME-Zarr image (every multiscale level) as one precomputed layer at ``dst``.
+
+    Each scale is a stage of :func:`emseg.runner.run_blockwise` (on ``client``'s workers, or on
+    threads here): blocks of whole precomputed chunks, completion records in ``state_root``
+    (default: the layer itself), so an interrupted export resumes where it stopped.
+    """
+    from emseg.runner import run_blockwise
+
     ts = _ts()
     path = Path(image_path)
     dst_path = Path(dst)
+    root = Path(state_root) if state_root is not None else dst_path
+    zarr.open_group(str(root), mode="a")  # the records' group (neuroglancer ignores it)
+    try:
+        layer_name = str(dst_path.resolve().relative_to(root.resolve())).replace("/", "-")
+    except ValueError:
+        layer_name = dst_path.name
+    layer_name = layer_name if layer_name not in ("", ".") else "layer"
     levels = _levels(path)
     base = levels[0]
     dtype = _data_type(base.dtype, layer_type, base.path)
@@ -212,7 +256,6 @@ def export_layer(
     if layer_type == "segmentation" and channels != 1:
         raise NotAVolumeError(f"{path}: a label image has one channel, got {channels}")
     origin = base.offset_nm
-    stores = []
     for index, volume in enumerate(levels):
         resolution = [float(v) for v in reversed(volume.voxel_size)]
         offset_zyx = [round(o / v) for o, v in zip(origin, volume.voxel_size)]
@@ -232,33 +275,64 @@ def export_layer(
             "multiscale_metadata": {"type": layer_type, "data_type": dtype.name, "num_channels": channels},
             "scale_metadata": scale,
             "create": True,
+            "open": True,
         }
-        store = ts.open(spec).result()
-        # Index from 0 like the zarr array, whatever the voxel offset.
-        store = store[ts.d["x", "y", "z"].translate_to[0, 0, 0]]
-        _copy(volume, store, dtype, progress, f"{dst_path.name} scale {index}")
-        stores.append(store)
+        ts.open(spec).result()  # writes (or checks) the info file's scale
+        chunk = _chunk_size(volume)
+        grid = plan_blocks(volume.roi, _block_of(volume, chunk), chunk_shape=chunk)
+        job = _ExportJob(str(volume.path), volume.has_channels, str(dst_path.resolve()), index, dtype.name,
+                         uuid.uuid4().hex)
+        params = {"source": str(Path(volume.path).resolve()), "scale": scale, "data_type": dtype.name,
+                  "layer": layer_type}
+        run_blockwise(client, stage=f"export-{layer_name}-{index}", grid=grid,
+                      fn=functools.partial(_export_block, job), output=root, params=params, overwrite=True
+                      if not _resumable_stage(root, f"export-{layer_name}-{index}", params, grid) else False,
+                      progress=progress)
     meshes = _write_meshes(base, dst_path, progress) if mesh else 0
     log.info("%s -> %s (%d scales)", path, dst_path, len(levels))
     return ExportedLayer(dst_path, layer_type, dtype.name, len(levels), meshes)
 
 
-def _copy(volume: Volume, store: Any, dtype: np.dtype[Any], progress: bool, label: str) -> None:
-    rois = list(_blocks(volume, _chunk_size(volume)))
-    iterator: Any = rois
-    if progress:
-        from tqdm import tqdm
+def _resumable_stage(root: Path, stage: str, params: dict[str, Any], grid: Any) -> bool:
+    from emseg.io.ledger import Ledger
+    from emseg.runner import stage_fingerprint
 
-        iterator = tqdm(rois, desc=label, unit="block")
-    pending: list[Any] = []
-    for roi in iterator:
-        data = _to_xyzc(volume.read(roi), volume.has_channels, dtype, volume.path)
-        (z0, y0, x0), (z1, y1, x1) = roi.begin, roi.end
-        pending.append(store[x0:x1, y0:y1, z0:z1, :].write(data))
-        if len(pending) >= 4:  # a few writes in flight, memory bounded
-            pending.pop(0).result()
-    for future in pending:
-        future.result()
+    return Ledger(root, stage).matches(stage_fingerprint(params, grid), len(grid))
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """What a worker needs to write blocks of one scale (sent by value)."""
+
+    source: str
+    has_channels: bool
+    layer: str
+    scale_index: int
+    data_type: str
+    token: str
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_store(layer: str, scale_index: int, token: str) -> Any:
+    """One scale of a precomputed layer opened by a worker for the export ``token``, indexed from 0."""
+    ts = _ts()
+    store = open_precomputed(layer, scale_index=scale_index)
+    return store[ts.d["x", "y", "z"].translate_to[0, 0, 0]]
+
+
+@functools.lru_cache(maxsize=16)
+def _source(path: str, token: str) -> Volume:
+    return open_volume(path, allow_incomplete=True)
+
+
+def _export_block(job: _ExportJob, block: Block) -> dict[str, int]:
+    """Copy one block (whole precomputed chunks) of a level into its scale."""
+    volume = _source(job.source, job.token)
+    roi = block.write_roi
+    data = _to_xyzc(volume.read(roi), job.has_channels, np.dtype(job.data_type), volume.path)
+    (z0, y0, x0), (z1, y1, x1) = roi.begin, roi.end
+    _scale_store(job.layer, job.scale_index, job.token)[x0:x1, y0:y1, z0:z1, :].write(data).result()
+    return {"voxels": roi.size}
 
 
 def open_precomputed(path: str | os.PathLike[str], *, scale_index: int = 0) -> Any:

@@ -23,7 +23,9 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import functools
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -32,7 +34,8 @@ import numpy.typing as npt
 import zarr
 
 from emseg.errors import ConfigError, NotAVolumeError
-from emseg.geometry import Coordinate, Roi, plan_blocks
+from emseg.geometry import Block, Coordinate, Roi, plan_blocks
+from emseg.io.ledger import STATE_GROUP, Ledger, WriteSpec
 from emseg.io.ome import ome_attrs, parse_multiscale
 from emseg.io.volume import Volume, open_volume
 
@@ -57,6 +60,8 @@ DEFAULT_MIN_EXTENT = 256
 MAX_LEVELS = 16
 # Target voxels per block of the coarse level (each block reads factor^3 times as many).
 BLOCK_VOXELS = 1 << 18
+# Source voxels one block of a pass reads at most (passes chain levels while a write unit fits).
+PASS_READ_VOXELS = 1 << 24
 # Output voxels per vectorised mode batch (temporaries: 64 bytes per output voxel).
 MODE_BATCH = 1 << 18
 
@@ -241,11 +246,11 @@ def _plan_levels(
     return out
 
 
-def _block_shape(unit: Coordinate, shape: Coordinate) -> Coordinate:
-    """A multiple of the write unit holding about BLOCK_VOXELS voxels (grown x, then y, then z)."""
+def _block_shape(unit: Coordinate, shape: Coordinate, budget: int = BLOCK_VOXELS) -> Coordinate:
+    """A multiple of the write unit holding about ``budget`` voxels (grown x, then y, then z)."""
     block = list(unit)
     for axis in (2, 1, 0):
-        while block[axis] < shape[axis] and math.prod(block) * 2 <= BLOCK_VOXELS:
+        while block[axis] < shape[axis] and math.prod(block) * 2 <= budget:
             block[axis] *= 2
     return tuple(block)
 
@@ -269,39 +274,86 @@ def _create_level(group: zarr.Group, name: str, source: Volume, shape: Coordinat
     return group.create_array(name, **kwargs)
 
 
-def _downsample_level(
-    source: Volume,
-    target: Volume,
-    factor: Coordinate,
-    method: Method,
-    progress: bool,
-    label: str,
-) -> None:
-    grid = plan_blocks(target.roi, _block_shape(target.write_unit, target.shape), chunk_shape=target.write_unit)
+def _passes(unit: Coordinate, factors: Sequence[Coordinate]) -> list[tuple[int, int]]:
+    """Levels ``[(first, last)]`` (1-based) computed together from one read of level ``first - 1``.
+
+    A pass grows while one write unit of its coarsest level reads at most ``PASS_READ_VOXELS``.
+    """
+    passes: list[tuple[int, int]] = []
+    level = 1
+    while level <= len(factors):
+        last = level
+        cum = tuple(factors[level - 1])
+        while last < len(factors):
+            nxt = tuple(c * f for c, f in zip(cum, factors[last]))
+            if math.prod(u * c for u, c in zip(unit, nxt)) > PASS_READ_VOXELS:
+                break
+            cum, last = nxt, last + 1
+        passes.append((level, last))
+        level = last + 1
+    return passes
+
+
+@dataclass(frozen=True)
+class _PassJob:
+    """What a worker needs for one block of one pass (sent by value)."""
+
+    image: str
+    names: tuple[str, ...]
+    """Level arrays: the pass's source level first, then each level it writes."""
+    factors: tuple[Coordinate, ...]
+    """Factor of each written level relative to the one before it."""
+    shapes: tuple[Coordinate, ...]
+    """Spatial shape of every level in ``names``."""
+    method: str
+    token: str
+
+
+@functools.lru_cache(maxsize=32)
+def _level(path: str, mode: Literal["r", "r+"], token: str) -> Volume:
+    """A level array a worker opened for the pass ``token``."""
+    return open_volume(path, mode=mode, allow_incomplete=True)
+
+
+def _pyramid_block(job: _PassJob, block: Block) -> dict[str, int]:
+    """One block of a pass: read the source region once, write every level of the pass."""
     func: Callable[[npt.NDArray[Any], Sequence[int]], npt.NDArray[Any]]
-    func = downsample_mode if method == "mode" else downsample_mean
-
-    def one(write_roi: Roi) -> None:
-        src_roi = Roi(
-            tuple(o * f for o, f in zip(write_roi.offset, factor)),
-            tuple(s * f for s, f in zip(write_roi.shape, factor)),
-        ).intersect(source.roi)
-        data = source.read(src_roi)
-        if source.has_channels:
-            out = np.stack([func(c, factor) for c in data]) if method == "mode" else func(data, factor)
+    func = downsample_mode if job.method == "mode" else downsample_mean
+    regions = [block.write_roi]  # coarsest first
+    for factor, shape in zip(reversed(job.factors), reversed(job.shapes[:-1])):
+        finer = regions[-1]
+        regions.append(Roi(tuple(o * f for o, f in zip(finer.offset, factor)),
+                           tuple(s * f for s, f in zip(finer.shape, factor))).intersect(Roi.from_shape(shape)))
+    regions.reverse()  # regions[k]: the block's region in level names[k]
+    source = _level(str(Path(job.image) / job.names[0]), "r", job.token)
+    data = source.read(regions[0])
+    for k, factor in enumerate(job.factors, start=1):
+        if source.has_channels and job.method == "mode":
+            data = np.stack([func(c, factor) for c in data])
         else:
-            out = func(data, factor)
-        target.write(write_roi, out)
+            data = func(data, factor)
+        _level(str(Path(job.image) / job.names[k]), "r+", job.token).write(regions[k], data)
+    return {"voxels": int(regions[-1].size)}
 
-    rois = [block.write_roi for block in grid]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        results = pool.map(one, rois)
-        if progress:
-            from tqdm import tqdm
 
-            results = tqdm(results, total=len(rois), desc=label, unit="block")
-        for _ in results:
-            pass
+def _level_matches(group: zarr.Group, name: str, source: Volume, shape: Coordinate) -> bool:
+    """Whether ``group[name]`` is a level array this pyramid would create (kept when resuming)."""
+    if name not in group:
+        return False
+    array = group[name]
+    lead = (source.channels,) if source.has_channels else ()
+    return (isinstance(array, zarr.Array) and tuple(array.shape) == lead + tuple(shape)
+            and array.dtype == source.array.dtype and tuple(array.chunks) == tuple(source.array.chunks))
+
+
+def _drop_stale_stages(path: Path, keep: set[str]) -> None:
+    """Forget the completion records of pyramid passes that the current plan does not have."""
+    state = path / STATE_GROUP
+    if not state.is_dir():
+        return
+    for entry in state.iterdir():
+        if entry.name.startswith("pyramid-") and entry.name not in keep:
+            Ledger(path, entry.name).clear()
 
 
 def _multiscale_dict(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -319,10 +371,16 @@ def build_pyramid(
     method: Method | None = None,
     progress: bool = True,
     allow_incomplete: bool = False,
+    client: Any = None,
 ) -> Pyramid:
     """Write levels ``1..N`` of an OME-Zarr image from its level 0, block by block.
 
-    Existing levels other than 0 are replaced.  Arrays ``"1"``..``"N"`` go next to ``"0"`` with the
+    Levels are written in passes (:func:`_passes`): each block of a pass reads its region of the
+    pass's source level once and writes it downsampled at every level of the pass.  Each pass is
+    a stage of :func:`emseg.runner.run_blockwise` (on ``client``'s workers, or on threads in this
+    process without one) with its completion records in the image, so a killed build resumes;
+    levels are listed in the multiscales metadata only once all are written.  Existing levels
+    other than 0 are replaced unless they hold this very pyramid (resume).  Arrays ``"1"``..``"N"`` go next to ``"0"`` with the
     same chunks, shards and compressor, and the group's ``multiscales`` lists them with their scale
     and translation (see the module docstring for the convention).
 
@@ -341,6 +399,8 @@ def build_pyramid(
         Show a progress bar on stderr.
     allow_incomplete : bool
         Build on an image still marked incomplete (a run that adds its pyramid before finishing).
+    client : distributed.Client or emseg.cluster.Connection, optional
+        Run the passes on this cluster (``emseg segment`` passes its own).
 
     Returns
     -------
@@ -354,6 +414,7 @@ def build_pyramid(
     ConfigError
         Bad ``levels``, ``factors`` or ``method`` (e.g. mode on float data).
     """
+    client = getattr(client, "client", client)  # a Connection or a bare Client
     path = Path(image_path)
     base = open_volume(path, level=0, allow_incomplete=allow_incomplete)
     if base.image_path is None:
@@ -372,7 +433,8 @@ def build_pyramid(
     multiscale = parse_multiscale(attrs, str(path))
     assert multiscale is not None  # open_volume found it
     level0_path = multiscale.paths[0]
-    for stale in multiscale.paths[1:]:
+    names = [level0_path] + [str(i) if str(i) != level0_path else f"s{i}" for i in range(1, len(plan) + 1)]
+    for stale in set(multiscale.paths[1:]) - set(names):
         if stale in group:
             del group[stale]
 
@@ -381,24 +443,51 @@ def build_pyramid(
     translation0 = multiscale.translations[0]
     result = [PyramidLevel(level0_path, base.shape, base.voxel_size, base.offset_nm, (1, 1, 1))]
     datasets = [_dataset(level0_path, scale0, translation0)]
-    source = base
+    shapes = [base.shape] + [shape for _, shape, _ in plan]
     cumulative: Coordinate = (1, 1, 1)
-    for index, (factor, shape, voxel_size) in enumerate(plan, start=1):
-        name = str(index) if str(index) != level0_path else f"s{index}"
-        array = _create_level(group, name, source, shape)
+    for index, (factor, shape, _) in enumerate(plan, start=1):
         cumulative = tuple(c * f for c, f in zip(cumulative, factor))
         scale = list(scale0)
         translation = list(translation0)
         for axis, cum in zip(spatial, cumulative):
             scale[axis] = scale0[axis] * cum
             translation[axis] = translation0[axis] + (cum - 1) / 2 * scale0[axis]
-        target = Volume(path / name, array, source.axes, tuple(scale[i] for i in spatial),
-                        tuple(translation[i] for i in spatial), path, ())
-        _downsample_level(source, target, factor, method, progress, f"{path.name} level {index}")
-        log.info("%s: level %s %s at %s nm", path, name, shape, target.voxel_size)
-        result.append(PyramidLevel(name, shape, target.voxel_size, target.offset_nm, cumulative))
-        datasets.append(_dataset(name, scale, translation))
-        source = target
+        result.append(PyramidLevel(names[index], shape, tuple(scale[i] for i in spatial),
+                                   tuple(translation[i] for i in spatial), cumulative))
+        datasets.append(_dataset(names[index], scale, translation))
+
+    from emseg.runner import run_blockwise, stage_fingerprint
+
+    passes = _passes(base.write_unit, [f for f, _, _ in plan])
+    stages = {f"pyramid-{first}-{last}" for first, last in passes}
+    _drop_stale_stages(path, stages)
+    source = base
+    for first, last in passes:
+        stage = f"pyramid-{first}-{last}"
+        level_names = tuple(names[first - 1: last + 1])
+        pass_shapes = tuple(shapes[first - 1: last + 1])
+        factors = tuple(plan[i - 1][0] for i in range(first, last + 1))
+        unit = base.write_unit
+        coarse = pass_shapes[-1]
+        reads = math.prod(math.prod(f) for f in factors)  # source voxels per coarse voxel
+        block = _block_shape(unit, coarse, max(math.prod(unit), PASS_READ_VOXELS // reads))
+        grid = plan_blocks(Roi.from_shape(coarse), block, chunk_shape=unit)
+        params = {"levels": list(level_names), "factors": [list(f) for f in factors],
+                  "shapes": [list(x) for x in pass_shapes], "method": method, "dtype": str(base.dtype)}
+        fresh = not Ledger(path, stage).matches(stage_fingerprint(params, grid), len(grid)) or any(
+            not _level_matches(group, name, source, shape) for name, shape in zip(level_names[1:], pass_shapes[1:]))
+        if fresh:
+            for name, shape in zip(level_names[1:], pass_shapes[1:]):
+                _create_level(group, name, base, shape)
+        scales = []
+        for k in range(1, len(level_names)):
+            rest = factors[k:]
+            scales.append(tuple(math.prod(f[a] for f in rest) for a in range(3)))
+        job = _PassJob(str(path), level_names, factors, pass_shapes, method, uuid.uuid4().hex)
+        run_blockwise(client, stage=stage, grid=grid, fn=functools.partial(_pyramid_block, job), output=path,
+                      params=params, overwrite=fresh, progress=progress,
+                      writes=[WriteSpec(str(path / name), scale) for name, scale in zip(level_names[1:], scales)])
+        log.info("%s: levels %s written", path, ", ".join(level_names[1:]))
 
     attrs = dict(group.attrs)  # re-read: nothing else may have changed, but keep what is there
     ms = _multiscale_dict(attrs)
@@ -442,14 +531,18 @@ def build_pyramids(
     levels: int | None = None,
     progress: bool = True,
     allow_incomplete: bool = False,
+    client: Any = None,
 ) -> list[Pyramid]:
     """:func:`build_pyramid` for an image (mean) and each of its label images (mode).
 
-    The label images get the same number of levels as the image, so the two stay aligned.
+    The label images get the same number of levels as the image, so the two stay aligned.  With
+    ``client`` (a Dask client or :class:`emseg.cluster.Connection`) the passes run on its workers.
     """
-    image = build_pyramid(image_path, levels=levels, progress=progress, allow_incomplete=allow_incomplete)
+    client = getattr(client, "client", client)  # a Connection or a bare Client
+    image = build_pyramid(image_path, levels=levels, progress=progress, allow_incomplete=allow_incomplete,
+                          client=client)
     out = [image]
     for label_path in label_image_paths(image.image_path):
         # Same voxel size and level count, so choose_factors picks the same factors per level.
-        out.append(build_pyramid(label_path, levels=len(image.levels) - 1, progress=progress))
+        out.append(build_pyramid(label_path, levels=len(image.levels) - 1, progress=progress, client=client))
     return out
