@@ -226,6 +226,10 @@ class BlockGrid:
                     yield block, self.block_at(up), axis
 
 
+MAX_BLOCKS = 1_000_000
+"""Most blocks one run may have: each is a scheduler task (a few kB) and a completion marker file."""
+
+
 def plan_blocks(
     total_roi: Roi,
     block_shape: int | Sequence[int],
@@ -264,6 +268,14 @@ def plan_blocks(
         raise GeometryError(f"halo must be non-negative on every axis, got {halo_c}")
     # A block larger than the volume is one block (its core is the volume) on that axis.
     block = tuple(min(b, max(s, 1)) if s < b else b for b, s in zip(block, total_roi.shape))
+    n_blocks = math.prod(-(-s // b) for s, b in zip(total_roi.shape, block))
+    if n_blocks > MAX_BLOCKS:
+        from emseg.errors import ResourceLimitError
+
+        raise ResourceLimitError(
+            f"block shape {block} cuts {total_roi.shape} into {n_blocks:,} blocks, more than the {MAX_BLOCKS:,} "
+            "one run can track (each block is a task and a completion marker); use a larger --block-size"
+        )
     for name, required in (("output chunk shape", chunk_shape), ("required multiple", multiple)):
         if required is None:
             continue

@@ -277,6 +277,14 @@ def label(
     chunks = tuple(c if b % c == 0 else b for b, c in zip(block, pred.chunks))
     halo = ws.halo(mode, pred.voxel_size) if method == "watershed" else (0, 0, 0)
     grid = plan_blocks(Roi.from_shape(shape), block, halo, chunk_shape=chunks)
+    from emseg.resources import check_memory, worker_memory
+
+    read_voxels = int(np.prod([b + 2 * h for b, h in zip(grid.block_shape, halo)]))
+    # prediction + float boundary map + mask + local and global ids (+ watershed's distance map and queue)
+    per_voxel = pred.dtype.itemsize * (pred.channels or 1) + 4 + 1 + 8 + 8 + (16 if method == "watershed" else 0)
+    check_memory(read_voxels * per_voxel, worker_memory(cluster, workers=workers, scheduler=scheduler, client=client),
+                 f"a {method} block of {'x'.join(map(str, grid.block_shape))} voxels",
+                 "use a smaller --block-size, or workers with more memory")
     params: dict[str, Any] = {
         "method": method, "threshold": threshold, "connectivity": connectivity, "mode": mode, "foreground": rule,
         "prediction": str(Path(pred.path).resolve()), "shape": list(shape), "block": list(grid.block_shape),

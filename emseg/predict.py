@@ -648,6 +648,12 @@ def predict(
     if dry_run:
         return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
     check_distinct(volume_path, output)
+    from emseg.resources import check_memory, worker_memory
+
+    check_memory(plan.memory_per_block, worker_memory(cluster, workers=workers, devices=devices, scheduler=scheduler,
+                                                      client=client),
+                 f"a prediction block of {'x'.join(map(str, plan.grid.block_shape))} voxels",
+                 "use a smaller --block-size, --tile-size or --batch-size, or workers with more memory")
     _prepare(plan, output, overwrite)
     from emseg.cluster import connect
 
