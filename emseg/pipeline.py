@@ -112,6 +112,7 @@ def segment(
                 labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
                                  mode=mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
                                  progress=progress, client=connection)
-        build_pyramids(out, progress=progress)
+            # on the run's workers, resumable like the other stages
+            build_pyramids(out, progress=progress, client=connection)
         update_status(out, pipeline=config.model_dump(mode="json"))
     return SegmentReport(out, predicted, labelled)

@@ -5,9 +5,11 @@ computes, writes its core to the output store, and only then records the block a
 the same command skips done blocks; a rerun with other parameters is detected from a fingerprint of
 the layout and parameters and refused unless ``overwrite``.
 
-Scale: one task runs the blocks of one ledger chunk (:func:`emseg.io.ledger.blocks_per_chunk`: one
-block per task up to 1,024 blocks, then 513 to 1,024 tasks per stage), tasks are generated lazily
-and at most ``window`` are in flight, and per-block results come back as numpy columns
+Scale: a task runs the blocks of one or more whole ledger chunks (:func:`emseg.io.ledger.blocks_per_chunk`:
+one block per chunk up to 1,024 blocks, then 513 to 1,024 chunks per stage); the first tasks
+take one chunk each and later ones as many as make about ``TASK_SECONDS`` of work (cheap blocks
+get big tasks, expensive ones stay one chunk per task), tasks are generated lazily and at most
+``window`` are in flight, and per-block results come back as numpy columns
 (:class:`BlockResults`), so client and scheduler memory stay flat as the block count grows.  The
 task owning a chunk is its only writer; it records finished blocks at most every
 ``FLUSH_SECONDS`` and when it ends, so a killed task loses at most that much work.
@@ -199,6 +201,7 @@ class _Batch(NamedTuple):
     failures: list[tuple[int, BaseException]]
     repaired: int
     voxels: int
+    seconds: float
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -216,9 +219,23 @@ def _ledger_array(output: str, stage: str, token: str) -> tuple[Any, bool]:
     return array, array.attrs.get("format") == RECORD_FORMAT
 
 
-def _run_batch(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int, ids: npt.NDArray[np.int64] | None,
-               writes: tuple[WriteSpec, ...], verify: Verify, retries: int, token: str = "") -> _Batch:
-    """Worker side: run the not-done (or failing verification) blocks of one ledger chunk.
+def _run_batch(fn: BlockFn, grid: BlockGrid, output: str, stage: str,
+               chunks: tuple[tuple[int, npt.NDArray[np.int64] | None], ...], writes: tuple[WriteSpec, ...],
+               verify: Verify, retries: int, token: str) -> _Batch:
+    """Worker side: the ledger chunks of one task, one after the other (see :func:`_run_chunk`)."""
+    start = time.perf_counter()
+    parts = [_run_chunk(fn, grid, output, stage, c, sel, writes, verify, retries, token) for c, sel in chunks]
+    records = [p.records for p in parts if p.records is not None and len(p.records)]
+    return _Batch(np.concatenate([p.ids for p in parts]), [r for p in parts for r in p.results],
+                  np.concatenate(records) if records else (np.zeros((0, 2 + 2 * len(writes)), np.int64)
+                                                           if writes else None),
+                  [f for p in parts for f in p.failures], sum(p.repaired for p in parts),
+                  sum(p.voxels for p in parts), time.perf_counter() - start)
+
+
+def _run_chunk(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int, ids: npt.NDArray[np.int64] | None,
+               writes: tuple[WriteSpec, ...], verify: Verify, retries: int, token: str) -> _Batch:
+    """Run the not-done (or failing verification) blocks of one ledger chunk, this task its only writer.
 
     A block is recorded only after ``fn`` returned, i.e. after its data is written.
     """
@@ -275,7 +292,7 @@ def _run_batch(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int
     if dirty:
         array[c0:c1] = values
     return _Batch(np.asarray(done_ids, dtype=np.int64), results,
-                  np.asarray(records, dtype=np.int64) if writes else None, failures, repaired, voxels)
+                  np.asarray(records, dtype=np.int64) if writes else None, failures, repaired, voxels, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,20 +420,25 @@ def run_blockwise(
     computed = repaired = voxels = n_failed = 0
     failures: list[tuple[int, BaseException]] = []
     queue = iter(tasks)
-    in_flight: dict[Any, tuple[int, npt.NDArray[np.int64] | None]] = {}
+    left = len(tasks)
+    in_flight: dict[Any, tuple[tuple[int, npt.NDArray[np.int64] | None], ...]] = {}
+    per_chunk = [0.0, 0]  # task seconds and chunks finished: sizes the next tasks
+    parallel = max(1, window // 4)
 
     def submit_next() -> Any:
-        task = next(queue, None)
-        if task is None:
+        nonlocal left
+        group = _group_size(per_chunk, left, parallel)
+        chunks = tuple(t for _, t in zip(range(group), queue))
+        if not chunks:
             return None
-        c, sel = task
-        args = (_run_batch, fn, grid, str(output), stage, c, sel, specs, verify, retries, token)
+        left -= len(chunks)
+        args = (_run_batch, fn, grid, str(output), stage, chunks, specs, verify, retries, token)
         if in_process:
             future = runner.submit(*args)
         else:
-            future = runner.submit(*args, key=f"{stage}-{c}-{token}", pure=False, retries=retries,
+            future = runner.submit(*args, key=f"{stage}-{chunks[0][0]}-{token}", pure=False, retries=retries,
                                    resources=dict(resources) if resources else None)
-        in_flight[future] = task
+        in_flight[future] = chunks
         return future
 
     completed: Any
@@ -424,33 +446,38 @@ def run_blockwise(
         from concurrent.futures import FIRST_COMPLETED, wait
 
         def completed_iter() -> Iterator[Any]:
-            pending = {f for f in (submit_next() for _ in range(window)) if f is not None}
+            pending = {f for f in (submit_next() for _ in range(parallel)) if f is not None}
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     yield f
-                    nxt = submit_next()
-                    if nxt is not None:
+                    for _ in range(window - len(pending)):
+                        nxt = submit_next()
+                        if nxt is None:
+                            break
                         pending.add(nxt)
 
         completed = completed_iter()
     else:
         from distributed import as_completed
 
-        completed = as_completed([f for f in (submit_next() for _ in range(window)) if f is not None])
+        # one task per thread until the first ones are timed, then up to ``window`` in flight
+        completed = as_completed([f for f in (submit_next() for _ in range(parallel)) if f is not None])
     try:
         for future in completed:
-            c, sel = in_flight.pop(future)
+            chunks = in_flight.pop(future)
             error = future.exception() if (in_process or future.status == "error") else None
             if error is not None:
-                lost = len(sel) if sel is not None else min(k, n - c * k)
+                lost = sum(len(sel) if sel is not None else min(k, n - c * k) for c, sel in chunks)
                 n_failed += lost
-                first = int(sel[0]) if sel is not None else c * k
-                failures.append((first, error))
-                log.error("%s: blocks of ledger chunk %d failed: %s", stage, c, error)
+                c, sel = chunks[0]
+                failures.append((int(sel[0]) if sel is not None else c * k, error))
+                log.error("%s: blocks of ledger chunks %d.. failed: %s", stage, c, error)
                 bar.update(lost)
             else:
                 batch: _Batch = future.result()
+                per_chunk[0] += batch.seconds
+                per_chunk[1] += len(chunks)
                 results.update(batch.ids, batch.results)
                 if batch.records is not None and len(batch.ids) and files is not None and nbytes is not None:
                     _add_census(files, nbytes, batch.ids, batch.records.tolist(), len(specs))
@@ -466,8 +493,10 @@ def run_blockwise(
             bar.set_postfix_str(f"{voxels / max(elapsed, 1e-9) / 1e6:.2f} Mvox/s", refresh=False)
             if not in_process:
                 future.release()
-                nxt = submit_next()
-                if nxt is not None:
+                for _ in range(window - len(in_flight)):
+                    nxt = submit_next()
+                    if nxt is None:
+                        break
                     completed.add(nxt)
     except BaseException:
         if in_process:
@@ -489,6 +518,21 @@ def run_blockwise(
     if specs and files is not None and nbytes is not None and ids is None:
         store_census(specs, files.sum(axis=0).tolist(), nbytes.sum(axis=0).tolist())
     return StageReport(stage, total, computed, skipped - repaired, seconds, voxels, results, repaired)
+
+
+TASK_SECONDS = 2.0
+"""Chunks are grouped into tasks of about this many seconds, once the first tasks have been timed."""
+
+
+def _group_size(per_chunk: list[float], left: int, parallel: int) -> int:
+    """Ledger chunks in the next task: 1 until timed, then ~TASK_SECONDS of work, keeping the
+    remaining work spread over at least 4 tasks per worker thread (``parallel``)."""
+    seconds, finished = per_chunk
+    if not finished:
+        return 1
+    per = seconds / finished
+    size = int(TASK_SECONDS / per) if per > 0 else left
+    return max(1, min(size, left // (4 * parallel) if left >= 4 * parallel else 1, 256))
 
 
 def _add_census(files: npt.NDArray[np.int64], nbytes: npt.NDArray[np.int64], ids: npt.NDArray[np.int64],
