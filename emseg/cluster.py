@@ -136,7 +136,7 @@ def load_profile(name_or_path: str | os.PathLike[str] | None) -> ClusterProfile:
     try:
         data = yaml.safe_load(path.read_text()) or {}
         return ClusterProfile.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as e:
+    except (yaml.YAMLError, ValidationError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid cluster profile: {_first_error(e)}") from e
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from emseg.errors import ConfigError
 
 ZYX = tuple[int, int, int]
+PositiveVoxel = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A voxel size along one axis, nanometres: positive and finite."""
 
 
 class PredictOptions(BaseModel):
@@ -27,12 +29,12 @@ class PredictOptions(BaseModel):
     """Checkpoint directory; None uses the model bundled with emseg (a 2-D membrane U-Net)."""
     block_size: ZYX | None = None
     """Core shape of one block in voxels (z, y, x); default chosen from the model and the chunks."""
-    batch_size: int = Field(default=4, ge=1)
-    """Tiles per forward pass."""
+    batch_size: int | None = Field(default=None, ge=1)
+    """Tiles per forward pass; default: about 1 Mvoxel of model input on a CPU, 8 on a GPU."""
     tta: bool = False
     """Average over flips (8x the compute in 2-D, 16x in 3-D)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Arithmetic on the device (bf16/fp16 are for GPUs)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Arithmetic on the device; auto: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32."""
     dtype: Literal["uint8", "float16"] = "uint8"
     """Stored prediction: probability x 255 as uint8, or float16."""
 
@@ -100,7 +102,7 @@ class PipelineConfig(BaseModel):
     """Short name of the recipe."""
     description: str = ""
     """What data the recipe is for and what it produces."""
-    voxel_size: tuple[float, float, float] | None = None
+    voxel_size: tuple[PositiveVoxel, PositiveVoxel, PositiveVoxel] | None = None
     """Voxel size (nm, z, y, x) the recipe expects; a warning is logged when the input differs."""
     predict: PredictOptions = PredictOptions()
     """Network inference."""
@@ -123,7 +125,7 @@ def load_pipeline(path: str | os.PathLike[str] | None, overrides: dict[str, dict
             raise ConfigError(f"--pipeline {path}: no such recipe file")
         try:
             data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from e
     for section, values in (overrides or {}).items():
         merged = dict(data.get(section, {}))

@@ -10,6 +10,8 @@ import click
 from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 
 T = TypeVar("T", int, float)
+CONFIRM_BYTES = 16 * 2**30
+"""Volumes larger than this (uncompressed image + labels) are written only after a yes."""
 
 
 @click.command()
@@ -27,6 +29,8 @@ T = TypeVar("T", int, float)
 @click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.option("-y", "--yes", is_flag=True,
+              help=f"Write volumes over {CONFIRM_BYTES // 2**30} GiB without asking (needed where no one can answer).")
 def synth(
     dst: str,
     shape: tuple[int, ...],
@@ -38,6 +42,7 @@ def synth(
     zarr_format: str,
     overwrite: bool,
     progress: bool,
+    yes: bool,
 ) -> None:
     """Write a synthetic EM volume to DST (OME-Zarr) with its labels at DST/labels/ground_truth.
 
@@ -48,6 +53,7 @@ def synth(
     from emseg.synth import LABEL_NAME, SynthParams, write_synth
 
     params = SynthParams(voxel_size=_three(voxel_size, "--voxel-size"), cell_size=cell_size)
+    _confirm_size(dst, _three(shape, "--shape"), yes)
     start = time.perf_counter()
     write_synth(
         dst, shape=_three(shape, "--shape"), seed=seed, params=params, chunks=_three(chunks, "--chunks"),
@@ -59,6 +65,31 @@ def synth(
         f"wrote {dst}: {'x'.join(map(str, shape))} uint8 image + uint64 labels/{LABEL_NAME}, "
         f"seed {seed}, voxel size {','.join(f'{v:g}' for v in params.voxel_size)} nm, {elapsed:.1f} s"
     )
+
+
+def _confirm_size(dst: str, shape: tuple[int, int, int], yes: bool) -> None:
+    """Ask before writing more than CONFIRM_BYTES (uint8 image + uint64 labels, uncompressed)."""
+    import math
+    import sys
+
+    from emseg.errors import ConfigError
+
+    size = math.prod(shape) * 9
+    if size <= CONFIRM_BYTES or yes:
+        return
+    what = f"{'x'.join(map(str, shape))} voxels are about {_human(size)} uncompressed (image + labels) in {dst}"
+    if not sys.stdin.isatty():
+        raise ConfigError(f"{what}; nobody can confirm here: pass --yes to write it, or a smaller --shape")
+    if not click.confirm(f"{what}. Write it?", default=False, err=True):
+        raise ConfigError("synth cancelled: nothing written")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"
 
 
 def _three(value: tuple[T, ...], option: str) -> tuple[T, T, T]:

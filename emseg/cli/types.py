@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
@@ -26,6 +27,8 @@ class ZYX(click.ParamType):
             self.fail(f"expected comma-separated {self.kind.__name__}s like 64,256,256, got {value!r}", param, ctx)
         if not parts:
             self.fail(f"expected comma-separated {self.kind.__name__}s like 64,256,256, got {value!r}", param, ctx)
+        if any(not math.isfinite(p) for p in parts):
+            self.fail(f"every value must be a finite number, got {value!r}", param, ctx)
         if self.minimum is None and any(p <= 0 for p in parts):
             self.fail(f"every value must be positive, got {value!r}", param, ctx)
         if self.minimum is not None and any(p < self.minimum for p in parts):

@@ -15,7 +15,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -167,8 +167,8 @@ class TrainConfig(BaseModel):
     init: str | None = None
     """Checkpoint directory whose weights initialise the model (warm start; same architecture).  The
     optimiser starts fresh; unlike ``resume`` this begins a new run at step 0."""
-    voxel_size_nm: tuple[float, ...] | None = None
-    """Voxel size of the training data, nanometres, recorded in the checkpoint."""
+    voxel_size_nm: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...] | None = None
+    """Voxel size of the training data, nanometres (positive, finite), recorded in the checkpoint."""
 
     @field_validator("patch_shape")
     @classmethod
@@ -221,7 +221,7 @@ def _read_file(path: Path) -> dict[str, Any]:
             data = json.loads(path.read_text())
         else:
             data = yaml.safe_load(path.read_text()) or {}
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot parse config: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table of options at the top level, got {type(data).__name__}")
