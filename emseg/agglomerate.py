@@ -115,7 +115,7 @@ def input_kind_of(pred_path: str | os.PathLike[str]) -> InputKind:
     pred = open_volume(pred_path)
     status = read_status(pred.image_path) if pred.image_path is not None else {}
     outputs = [str(o) for o in status.get("outputs") or []]
-    if status.get("offsets") or (len(outputs) >= 3 and all(o.startswith("aff") for o in outputs[:3])):
+    if status.get("offsets") or (outputs and all(o.startswith("aff") for o in outputs)):
         if (pred.channels or 0) < 3:
             raise VolumeShapeError(f"{pred_path}: affinities need at least 3 channels (z, y, x), got "
                                    f"{pred.channels or 'none'}")

@@ -23,7 +23,7 @@ def connection():
 
 
 def cells(shape: tuple[int, int, int], n: int, seed: int, *, gaps: float = 0.15,
-          noise: float = 0.08) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.float32]]:
+          noise: float = 0.08, blur: float = 0.8) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.float32]]:
     """Voronoi cells and a boundary map of them: smoothed membranes with holes and noise.
 
     Returns the ground-truth cells (ids 1..n) and the boundary probability (float32 in [0, 1]).
@@ -36,7 +36,7 @@ def cells(shape: tuple[int, int, int], n: int, seed: int, *, gaps: float = 0.15,
     membrane = find_boundaries(gt, mode="inner").astype(np.float32)
     holes = ndimage.gaussian_filter(rng.uniform(size=shape).astype(np.float32), 2.0)
     membrane[holes < np.quantile(holes, gaps)] *= 0.3  # weak spots: fragments leak, agglomeration decides
-    boundary = ndimage.gaussian_filter(membrane, 0.8) * 1.8 + rng.normal(0, noise, size=shape).astype(np.float32)
+    boundary = ndimage.gaussian_filter(membrane, blur) * 1.8 + rng.normal(0, noise, size=shape).astype(np.float32)
     return gt, np.clip(boundary, 0, 1).astype(np.float32)
 
 
