@@ -166,7 +166,10 @@ def _is_group(path: Path) -> bool:
     if (path / ".zgroup").exists():
         return True
     meta = path / "zarr.json"
-    return meta.exists() and json.loads(meta.read_text()).get("node_type") == "group"
+    try:
+        return meta.exists() and json.loads(meta.read_text()).get("node_type") == "group"
+    except (OSError, ValueError, AttributeError):  # unreadable metadata: not a group (open_volume says why)
+        return False
 
 
 def _slab_reader(path: Path) -> tuple[Coordinate, Reader]:
@@ -387,5 +390,7 @@ def plot_sweep(report: SweepReport, path: str | os.PathLike[str], *, title: str 
                           f"{'per section' if report.mode == 'section' else 'as a volume'}", fontsize=10)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out)
+    from emseg.io.safety import SOFTWARE
+
+    fig.savefig(out, metadata={"Software": SOFTWARE} if out.suffix.lower() == ".png" else None)
     return out

@@ -271,19 +271,9 @@ def render_preview(
 
 def _check_png_output(png_path: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
     """Refuse a PNG path inside an input, or an existing file without ``overwrite`` (or not emseg's)."""
-    from emseg.errors import OutputExistsError
-    from emseg.io.safety import made_by_emseg, overwrite_hint
-    from emseg.io.volume import check_distinct
+    from emseg.io.safety import check_file_output
 
-    png = Path(png_path)
-    for source in inputs:
-        check_distinct(source, png)
-    if png.exists() or png.is_symlink():
-        if png.is_dir():
-            raise OutputExistsError(f"{png} is a folder; give the path of a PNG file with -o")
-        if not overwrite or not made_by_emseg(png):
-            raise OutputExistsError(f"{png} already exists; {overwrite_hint(png)}")
-    return png
+    return check_file_output(png_path, inputs, overwrite)
 
 
 def __getattr__(name: str) -> Any:

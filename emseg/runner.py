@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from emseg.errors import RunIncompleteError
+from emseg.errors import InvalidDataError, RunIncompleteError
 from emseg.geometry import Block, BlockGrid
 from emseg.io.ledger import (
     RECORD_FORMAT,
@@ -511,6 +511,11 @@ def run_blockwise(
     seconds = time.perf_counter() - start
     if failures:
         block_id, exc = failures[0]
+        if all(isinstance(e, InvalidDataError) for _, e in failures):  # bad data: a rerun cannot help
+            raise InvalidDataError(
+                f"{stage}: {n_failed} of {total} blocks cannot be computed from their input (first: block "
+                f"{block_id}: {exc}); the other blocks are kept"
+            ) from exc
         raise RunIncompleteError(
             f"{stage}: {n_failed} of {total} blocks failed (first: block {block_id}: "
             f"{type(exc).__name__}: {exc}); finished blocks are kept, rerun the same command to resume"

@@ -21,7 +21,9 @@ import click
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the split-vs-merge curve (and scores per threshold) as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(segs: tuple[str, ...], gt: str, gt_kind: str, mode: str, plot: str | None, as_json: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the --plot file if it exists (only one emseg wrote).")
+def evaluate(segs: tuple[str, ...], gt: str, gt_kind: str, mode: str, plot: str | None, as_json: bool,
+             overwrite: bool) -> None:
     """Score the segmentation(s) SEG... against the ground truth GT (label volumes of the same shape).
 
     SEG and GT are OME-Zarr (label) images, zarr arrays or TIFF stacks.  A SEG that is a run output
@@ -40,6 +42,15 @@ def evaluate(segs: tuple[str, ...], gt: str, gt_kind: str, mode: str, plot: str 
     """
     from emseg.evaluate import evaluate_sweep, plot_sweep
 
+    if plot:  # refuse a bad plot path before scoring
+        from pathlib import Path
+
+        from emseg.errors import ConfigError
+        from emseg.io.safety import check_file_output
+
+        if Path(plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise ConfigError(f"--plot {plot}: expected a .png, .pdf or .svg file")
+        check_file_output(plot, [Path(p) for p in (*segs, gt)], overwrite)
     report = evaluate_sweep(list(segs), gt, gt_kind=gt_kind, mode=mode)  # type: ignore[arg-type]
     if plot:
         plot_sweep(report, plot)

@@ -74,6 +74,10 @@ def import_volume(
     size = tuple(float(v) for v in (voxel_size or src.voxel_size or (1.0, 1.0, 1.0)))
     if len(size) != 3:
         raise VolumeShapeError(f"--voxel-size needs 3 values (z, y, x), got {size}")
+    if chunks is not None and len(chunks) != 3:
+        if len(chunks) != 1:
+            raise VolumeShapeError(f"--chunks needs 1 or 3 values (z, y, x), got {tuple(chunks)}")
+        chunks = tuple(chunks) * 3
     chunk_shape = default_chunks(src.shape, chunks)
     volume = create_volume(output, shape=src.shape, dtype=src.dtype, chunks=chunk_shape, voxel_size=size,
                            zarr_format=zarr_format, name=Path(source).stem, overwrite=overwrite)

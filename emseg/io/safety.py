@@ -136,3 +136,24 @@ def recorded_sources(path: str | os.PathLike[str], depth: int = 4) -> list[Path]
         if not current:
             break
     return found
+
+
+def check_file_output(path: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse a file output inside an input, or an existing one without ``overwrite`` (or not emseg's)."""
+    from emseg.errors import OutputExistsError
+    from emseg.io.volume import check_distinct
+
+    out = Path(path)
+    for source in inputs:
+        check_distinct(source, out)
+    for parent in Path(os.path.abspath(out)).parents:
+        if any((parent / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
+            from emseg.errors import SameInputOutputError
+
+            raise SameInputOutputError(f"{out} lies inside the zarr store {parent}; write it beside the store instead")
+    if out.exists() or out.is_symlink():
+        if out.is_dir():
+            raise OutputExistsError(f"{out} is a folder; give the path of a file")
+        if not overwrite or not made_by_emseg(out):
+            raise OutputExistsError(f"{out} already exists; {overwrite_hint(out)}")
+    return out

@@ -21,6 +21,7 @@ import zarr.errors
 
 from emseg.errors import (
     IncompleteOutputError,
+    InvalidDataError,
     NotAVolumeError,
     OutputExistsError,
     SameInputOutputError,
@@ -120,6 +121,15 @@ class Volume:
         """
         if roi.ndim != len(self.shape):
             raise VolumeShapeError(f"{self.path}: cannot read a {roi.ndim}-D roi from a {len(self.shape)}-D volume")
+        try:
+            return self._read(roi, pad)
+        except (RuntimeError, ValueError) as e:  # codec errors: a damaged or truncated chunk
+            if isinstance(e, (VolumeShapeError, NotAVolumeError)):
+                raise
+            raise InvalidDataError(f"{self.path}: cannot read {roi}: a stored chunk is damaged or unreadable "
+                                   f"({type(e).__name__}: {e})") from e
+
+    def _read(self, roi: Roi, pad: PadMode | None) -> npt.NDArray[Any]:
         lead: tuple[slice, ...] = (slice(None),) if self.has_channels else ()
         if self.roi.contains(roi):
             return np.asarray(self.array[lead + roi.to_slices()])
@@ -293,6 +303,8 @@ def open_volume(
             f"{array_path}: expected 3 spatial axes (z, y, x), optionally after a channel axis; "
             f"got shape {tuple(array.shape)}" + (f" with axes {axes}" if axes else "")
         )
+    if 0 in tuple(array.shape):
+        raise VolumeShapeError(f"{array_path}: shape {tuple(array.shape)} has an empty axis; there is nothing to process")
     return Volume(array_path, array, axes, voxel_size, offset, image_path, levels)
 
 
@@ -322,6 +334,9 @@ def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     from emseg.io.safety import made_by_emseg, overwrite_hint
 
     path = Path(path)
+    for parent in Path(os.path.abspath(path)).parents:
+        if any((parent / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
+            raise SameInputOutputError(f"{path} lies inside the zarr store {parent}; write it beside the store instead")
     if path.exists() or path.is_symlink():
         if not overwrite or not made_by_emseg(path):
             raise OutputExistsError(f"{path} already exists; {overwrite_hint(path)}")
@@ -381,8 +396,9 @@ def create_volume(
     channels : int, optional
         Adds a leading channel axis ``c`` of this length (chunked whole).
     """
+    dtype = np.dtype(np.dtype(dtype).str)  # tifffile's longlong 'q' -> int64: zarr knows only the canonical types
+    _check_dtype(dtype, Path(path))
     path = prepare_output(path, overwrite=overwrite)
-    _check_dtype(dtype, path)
     group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
     volume = _create_image(group, path, shape=shape, dtype=dtype, chunks=chunks, voxel_size=voxel_size,
                            offset_nm=offset_nm, channels=channels, shards=shards, zarr_format=zarr_format, name=name)
