@@ -231,7 +231,7 @@ def _lookup(ids: npt.NDArray[np.uint64], keys: npt.NDArray[np.uint64], values: n
 
 
 def resolve_merges_streamed(
-    batches: Iterable[npt.NDArray[np.uint64]], n_fragments: int, *, batch_pairs: int = 1 << 18
+    batches: Iterable[npt.NDArray[np.uint64]], n_fragments: int, *, batch_pairs: int = 1 << 16
 ) -> MergeTable:
     """:func:`resolve_merges` over pairs that arrive in batches (e.g. read block by block from storage).
 
@@ -267,15 +267,16 @@ def resolve_merges_streamed(
         order = np.argsort(ids, kind="stable")
         ids, rep = ids[order], rep[order]
 
-    for part in batches:
-        part = np.asarray(part, dtype=np.uint64).reshape(-1, 2)
-        if not len(part):
-            continue
-        pending.append(part)
-        held += len(part)
-        if held >= max(batch_pairs, len(ids)):
-            absorb(np.concatenate(pending) if len(pending) > 1 else pending[0])
-            pending, held = [], 0
+    for arrived in batches:
+        arrived = np.asarray(arrived, dtype=np.uint64).reshape(-1, 2)
+        step = max(batch_pairs, len(ids))
+        for start in range(0, len(arrived), step):  # a big part in slices: temporaries stay ~6x a slice
+            part = arrived[start: start + step]
+            pending.append(part)
+            held += len(part)
+            if held >= max(batch_pairs, len(ids)):
+                absorb(np.concatenate(pending) if len(pending) > 1 else pending[0])
+                pending, held = [], 0
     if pending:
         absorb(np.concatenate(pending) if len(pending) > 1 else pending[0])
     return _merge_table(ids, rep, n_fragments)
