@@ -5,7 +5,8 @@ Layout of the destination (a directory of layers, one per OME-Zarr image)::
     DST/
       image/              the source image: "image" layer, raw encoding, one scale per level
       labels/<name>/      each label image: "segmentation" layer, compressed_segmentation
-        mesh/             optional legacy meshes (zmesh), one fragment per block
+        mesh/             optional legacy meshes (zmesh), one fragment per segment and block
+        skeletons/        optional skeletons (kimimaro), one per segment (see emseg.io.meshes)
 
 Axes: precomputed stores ``(x, y, z, channel)``; OME-Zarr ``([c,] z, y, x)`` is transposed on write.
 Resolution is the OME voxel size in nanometres.  Every multiscale level becomes a scale, and
@@ -20,12 +21,10 @@ The info files and chunk encodings are written by tensorstore; only the mesh man
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -60,6 +59,7 @@ class ExportedLayer(NamedTuple):
     data_type: str
     scales: int
     meshes: int
+    skeletons: int = 0
 
 
 class ExportReport(NamedTuple):
@@ -72,6 +72,7 @@ class ExportReport(NamedTuple):
         lines = [f"wrote {len(self.layers)} precomputed layer(s) to {self.dst}"]
         for layer in self.layers:
             extra = f", {layer.meshes} meshes" if layer.meshes else ""
+            extra += f", {layer.skeletons} skeletons" if layer.skeletons else ""
             lines.append(
                 f"  precomputed://file://{layer.path.resolve()}  ({layer.type}, {layer.data_type}, "
                 f"{layer.scales} scale(s){extra})"
@@ -108,9 +109,11 @@ def export_precomputed(
     overwrite : bool
         Replace an existing ``dst``.
     mesh : bool
-        Also write legacy meshes (zmesh) for segmentation layers, from their finest scale.
+        Also write legacy meshes (zmesh) for segmentation layers, from their finest scale, blockwise
+        (:func:`emseg.io.meshes.write_meshes`).
     skeleton : bool
-        Skeletons (kimimaro) are not implemented yet: ``True`` raises :class:`ConfigError`.
+        Also write skeletons (kimimaro TEASAR) for segmentation layers, blockwise and merged per
+        segment (:func:`emseg.io.meshes.write_skeletons`).
     progress : bool
         Progress bars on stderr.
     client : distributed.Client or emseg.cluster.Connection, optional
@@ -127,7 +130,7 @@ def export_precomputed(
     UnsupportedDtypeError, InvalidDataError
         Data precomputed cannot hold (e.g. negative label IDs).
     ConfigError
-        ``mesh`` asked for but zmesh is not installed; ``skeleton`` asked for.
+        ``mesh`` or ``skeleton`` asked for but zmesh or kimimaro is not installed.
     """
     src_path = Path(src)
     base = open_volume(src_path)  # raises VolumeNotFoundError / NotAVolumeError / IncompleteOutputError
@@ -137,9 +140,9 @@ def export_precomputed(
     if mesh:
         _require("zmesh", "meshes")
     if skeleton:
-        raise ConfigError("skeleton export (kimimaro) is not implemented yet; export without --skeleton")
+        _require("kimimaro", "skeletons")
     check_distinct(image_path, dst)
-    record = {"source": str(image_path.resolve()), "mesh": bool(mesh)}
+    record = {"source": str(image_path.resolve()), "mesh": bool(mesh), "skeleton": bool(skeleton)}
     if not overwrite and _export_record(Path(dst)) == record:
         dst_path = Path(dst)  # an earlier export of the same source: resume it
         log.info("%s: resuming an earlier export", dst_path)
@@ -156,7 +159,8 @@ def export_precomputed(
     for path, out, kind in jobs:
         layers.append(
             export_layer(path, out, layer_type=kind, mesh=mesh and kind == "segmentation",  # type: ignore[arg-type]
-                         progress=progress, client=client, state_root=dst_path)
+                         skeleton=skeleton and kind == "segmentation", progress=progress, client=client,
+                         state_root=dst_path)
         )
     root.attrs["emseg"] = {"export": record, "status": "complete"}
     return ExportReport(dst_path, tuple(layers))
@@ -227,6 +231,7 @@ def export_layer(
     *,
     layer_type: LayerType,
     mesh: bool = False,
+    skeleton: bool = False,
     progress: bool = True,
     client: Any = None,
     state_root: str | os.PathLike[str] | None = None,
@@ -288,9 +293,13 @@ def export_layer(
                       fn=functools.partial(_export_block, job), output=root, params=params, overwrite=True
                       if not _resumable_stage(root, f"export-{layer_name}-{index}", params, grid) else False,
                       progress=progress)
-    meshes = _write_meshes(base, dst_path, progress) if mesh else 0
+    from emseg.io.meshes import write_meshes, write_skeletons
+
+    meshes = write_meshes(base, dst_path, state_root=root, client=client, progress=progress) if mesh else 0
+    skeletons = (write_skeletons(base, dst_path, state_root=root, client=client, progress=progress)
+                 if skeleton else 0)
     log.info("%s -> %s (%d scales)", path, dst_path, len(levels))
-    return ExportedLayer(dst_path, layer_type, dtype.name, len(levels), meshes)
+    return ExportedLayer(dst_path, layer_type, dtype.name, len(levels), meshes, skeletons)
 
 
 def _resumable_stage(root: Path, stage: str, params: dict[str, Any], grid: Any) -> bool:
@@ -339,69 +348,7 @@ def open_precomputed(path: str | os.PathLike[str], *, scale_index: int = 0) -> A
     """Open one scale of a precomputed layer with tensorstore (axes ``x, y, z, channel``)."""
     return _ts().open(
         {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(Path(path).resolve())},
-         "scale_index": scale_index, "open": True}
+         "scale_index": scale_index, "open": True,
+         # every chunk on disk, zeros too: CloudVolume and igneous take a missing chunk for an error
+         "store_data_equal_to_fill_value": True}
     ).result()
-
-
-# ---------------------------------------------------------------------------------------------
-# meshes
-
-
-def _update_info(layer: Path, **keys: Any) -> None:
-    info_path = layer / "info"
-    info = json.loads(info_path.read_text())
-    info.update(keys)
-    info_path.write_text(json.dumps(info))
-
-
-def _write_meshes(volume: Volume, layer: Path, progress: bool) -> int:
-    """Legacy precomputed meshes: zmesh per block (one voxel of overlap), one fragment per block.
-
-    Vertices are in nanometres in the layer's model space (voxel centres at ``(i + 0.5) * res``).
-    """
-    from zmesh import Mesher
-
-    resolution = tuple(reversed(volume.voxel_size))  # x, y, z
-    origin = np.array([round(o / v) * v for o, v in reversed(list(zip(volume.offset_nm, volume.voxel_size)))])
-    mesh_dir = layer / "mesh"
-    mesh_dir.mkdir(parents=True, exist_ok=True)
-    fragments: dict[int, list[str]] = defaultdict(list)
-    mesher = Mesher(resolution)
-    grid = plan_blocks(volume.roi, _mesh_block(volume), chunk_shape=None)
-    iterator: Any = grid
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(grid, total=len(grid), desc=f"{layer.name} meshes", unit="block")
-    for block in iterator:
-        # One voxel past the high faces so fragments of neighbouring blocks meet.
-        read_roi = block.write_roi.grow(0, 1).intersect(volume.roi)
-        labels = volume.read(read_roi)
-        mesher.mesh(np.asfortranarray(labels.transpose(2, 1, 0)))
-        shift = origin + np.array(list(reversed(read_roi.offset)), dtype=np.float64) * np.array(resolution)
-        for seg_id in mesher.ids():
-            if seg_id == 0:
-                continue
-            m = mesher.get(int(seg_id), normals=False, voxel_centered=True)
-            mesher.erase(seg_id)
-            if len(m.faces) == 0:
-                continue
-            m.vertices = (m.vertices + shift).astype(np.float32)
-            name = f"{int(seg_id)}:0:{block.block_id}"
-            (mesh_dir / name).write_bytes(m.to_precomputed())
-            fragments[int(seg_id)].append(name)
-        mesher.clear()
-    for seg_id, names in fragments.items():
-        (mesh_dir / f"{seg_id}:0").write_text(json.dumps({"fragments": names}))
-    (mesh_dir / "info").write_text(json.dumps({"@type": "neuroglancer_legacy_mesh"}))
-    _update_info(layer, mesh="mesh")
-    return len(fragments)
-
-
-def _mesh_block(volume: Volume) -> Coordinate:
-    block = list(_chunk_size(volume))
-    for axis in (2, 1, 0):
-        while block[axis] < volume.shape[axis] and math.prod(block) * 2 <= BLOCK_VOXELS:
-            block[axis] *= 2
-    return tuple(block)
-

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from emseg.errors import ConfigError, OutputExistsError, SameInputOutputError, VolumeNotFoundError
+from emseg.errors import OutputExistsError, SameInputOutputError, VolumeNotFoundError
 from emseg.io import open_volume
 from emseg.io.precomputed import export_precomputed, open_precomputed
 from emseg.io.pyramid import build_pyramids
@@ -87,5 +87,3 @@ def test_export_errors(output_image: Path, tmp_path: Path):
         export_precomputed(output_image, tmp_path / "pc", overwrite=False, progress=False)
     with pytest.raises(SameInputOutputError):
         export_precomputed(output_image, output_image / "pc", overwrite=True, progress=False)
-    with pytest.raises(ConfigError, match="skeleton export .* is not implemented"):
-        export_precomputed(output_image, tmp_path / "pc", overwrite=True, skeleton=True, progress=False)
