@@ -65,7 +65,7 @@ def describe_os_error(e: OSError) -> str:
     reason = e.strerror or type(e).__name__
     paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
     hint = {
-        errno.ENOSPC: "free some space or write the output elsewhere; a rerun resumes where blockwise runs stopped",
+        errno.ENOSPC: "free some space or write the output elsewhere, then run the command again",
         errno.EDQUOT: "free some space or write the output elsewhere",
         errno.EACCES: "check the permissions of the path or choose another output",
         errno.EPERM: "check the permissions of the path or choose another output",

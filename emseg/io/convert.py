@@ -125,9 +125,11 @@ def export_tiff(
 
     from emseg.io.safety import SOFTWARE
 
+    from emseg.io.volume import storage_errors
+
     partial = Path(output).with_name(f".{Path(output).name}.partial")
     try:
-        with tifffile.TiffWriter(partial, bigtiff=nbytes > 2**31 - 2**25) as tw:
+        with storage_errors(output, "write the TIFF"), tifffile.TiffWriter(partial, bigtiff=nbytes > 2**31 - 2**25) as tw:
             tw.write(sections(), shape=shape, dtype=volume.dtype, compression=compression, software=SOFTWARE,
                      metadata={"axes": "".join(volume.axes).upper(), "voxel_size_nm": list(volume.voxel_size)})
         os.replace(partial, output)

@@ -6,10 +6,11 @@ axes ``(c, z, y, x)`` when the volume has a channel axis and ``(z, y, x)`` other
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ import zarr.errors
 
 from emseg.errors import (
     IncompleteOutputError,
+    StorageError,
     InvalidDataError,
     NotAVolumeError,
     OutputExistsError,
@@ -158,13 +160,30 @@ class Volume:
         if tuple(data.shape) != expected:
             raise VolumeShapeError(f"{self.path}: data of shape {data.shape} does not fit {roi} (expected {expected})")
         lead: tuple[slice, ...] = (slice(None),) if self.has_channels else ()
-        self.array[lead + roi.to_slices()] = data
+        with storage_errors(self.path, f"write {roi}"):
+            self.array[lead + roi.to_slices()] = data
 
     def to_dask(self) -> Any:
         """The volume as a lazy dask array, chunked like the storage."""
         import dask.array as da
 
         return da.from_zarr(self.array)
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Re-raise an OSError without a path (zarr's stores drop it) as a StorageError naming ``path``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        reason = e.strerror or str(e) or type(e).__name__
+        err = StorageError(f"{path}: cannot {what}: {reason}")
+        err.errno = e.errno
+        raise err from e
 
 
 def _reflect_indices(begin: int, end: int, n: int) -> npt.NDArray[np.int64]:
@@ -399,12 +418,13 @@ def create_volume(
     dtype = np.dtype(np.dtype(dtype).str)  # tifffile's longlong 'q' -> int64: zarr knows only the canonical types
     _check_dtype(dtype, Path(path))
     path = prepare_output(path, overwrite=overwrite)
-    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
-    volume = _create_image(group, path, shape=shape, dtype=dtype, chunks=chunks, voxel_size=voxel_size,
-                           offset_nm=offset_nm, channels=channels, shards=shards, zarr_format=zarr_format, name=name)
-    attrs = dict(group.attrs)
-    attrs[STATUS_KEY] = {"status": "incomplete", **(extra_attrs or {})}
-    group.attrs.put(attrs)
+    with storage_errors(path, "create the image"):
+        group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+        volume = _create_image(group, path, shape=shape, dtype=dtype, chunks=chunks, voxel_size=voxel_size,
+                               offset_nm=offset_nm, channels=channels, shards=shards, zarr_format=zarr_format, name=name)
+        attrs = dict(group.attrs)
+        attrs[STATUS_KEY] = {"status": "incomplete", **(extra_attrs or {})}
+        group.attrs.put(attrs)
     return volume
 
 
@@ -486,10 +506,11 @@ def _label_names(attrs: Any) -> list[str]:
 
 def mark_complete(image_path: str | os.PathLike[str], **extra: Any) -> None:
     """Mark an image created by :func:`create_volume` as finished (after every block is written)."""
-    group = zarr.open_group(str(image_path), mode="a")
-    status = dict(group.attrs.get(STATUS_KEY) or {})
-    status.update(extra, status="complete")
-    group.attrs[STATUS_KEY] = status
+    with storage_errors(image_path, "mark it complete"):
+        group = zarr.open_group(str(image_path), mode="a")
+        status = dict(group.attrs.get(STATUS_KEY) or {})
+        status.update(extra, status="complete")
+        group.attrs[STATUS_KEY] = status
 
 
 def read_status(image_path: str | os.PathLike[str]) -> dict[str, Any]:
