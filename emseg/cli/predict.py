@@ -46,15 +46,16 @@ def _devices(value: str | None) -> tuple[int, ...] | None:
               help="Context around each tile, 'same'-padded models only  [default: from the model's receptive "
                    "field; smaller values blend tiles with a Gaussian].")
 @click.option("--chunks", type=INT_ZYX, default=None, help="Output chunk shape Z,Y,X  [default: 64,128,128 (3D models)].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Tiles per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Tiles per forward pass  [default: about 1 Mvoxel of model input on CPU, 8 on GPU].")
 @click.option("--tta", is_flag=True, help="Average over all flips of the spatial axes (4x or 8x the compute).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Autocast precision of the forward pass.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Autocast precision of the forward pass; auto: bf16 on GPUs and CPUs with native bf16, else fp32.")
 @click.option("--dtype", type=click.Choice(["uint8", "float16", "float32"]), default="uint8", show_default=True,
               help="Output dtype; uint8 stores round(probability x 255).")
 @click.option("--cluster", default=None, help="Cluster profile (local, local-gpu, slurm) or YAML file  [default: local].")
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Join a running Dask scheduler instead.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local workers [default: one per GPU, else 2].")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local workers [default: one per GPU, else one per core (memory permitting)].")
 @click.option("--devices", default=None, metavar="0,1,...", help="GPU indices to use (one worker each).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT, also one left by a run with other parameters.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, halo, voxels, memory) and exit.")
@@ -68,7 +69,7 @@ def predict(
     tile_size: tuple[int, ...] | None,
     halo: tuple[int, ...] | None,
     chunks: tuple[int, ...] | None,
-    batch_size: int,
+    batch_size: int | None,
     tta: bool,
     precision: str,
     dtype: str,

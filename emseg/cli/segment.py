@@ -17,7 +17,7 @@ from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 @click.option("--block-size", type=INT_ZYX, help="Prediction block core shape z,y,x.")
 @click.option("--batch-size", type=int, help="Tiles per forward pass.")
 @click.option("--tta", is_flag=True, default=None, help="Flip test-time augmentation.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Arithmetic on the device.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Arithmetic on the device.")
 @click.option("--method", type=click.Choice(["agglomerate", "cc", "watershed"]),
               help="Labelling method [default: agglomerate: fragments, region graph, hierarchical merging].")
 @click.option("--merge-threshold", type=float, help="agglomerate: merge edges scoring below this (0..1).")

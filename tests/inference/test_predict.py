@@ -35,7 +35,7 @@ def test_3d_blockwise_run_equals_whole_volume_and_carries_metadata(checkpoints, 
     source = write_volume(data, chunks=(8, 8, 8))
     out = tmp_path / "out.zarr"
     report = predict(source, out, checkpoint=ckpt, block_size=(8, 16, 8), tile_size=(8, 8, 8), chunks=(8, 8, 8),
-                     dtype="float32", client=cluster2, progress=False)
+                     dtype="float32", precision="fp32", client=cluster2, progress=False)
     assert (report.blocks, report.computed, report.skipped) == (3 * 2 * 4, 24, 0)
     model = load_checkpoint(ckpt).model
     assert (MEAN, STD) == (0.4, 0.3)  # the fixtures' normalisation
@@ -56,7 +56,7 @@ def test_2d_model_runs_per_slice_and_equals_whole_volume(checkpoints, write_volu
     plan = plan_prediction(source, checkpoint=ckpt, block_size=(2, 16, 16), tile_size=(1, 16, 16), chunks=(1, 16, 16))
     assert plan.tiling.input_offset[0] == 0 and len(plan.grid) == 3 * 3 * 3
     predict(source, out, checkpoint=ckpt, block_size=(2, 16, 16), tile_size=(1, 16, 16), chunks=(1, 16, 16),
-            dtype="float32", client=cluster2, progress=False)
+            dtype="float32", precision="fp32", client=cluster2, progress=False)
     model = load_checkpoint(ckpt).model
     np.testing.assert_allclose(read_output(out), whole_volume(model, data), rtol=0, atol=1e-5)
 
