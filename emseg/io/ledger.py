@@ -181,7 +181,9 @@ class Ledger:
                 if writes and previous.attrs.get("writes") is None:
                     previous.attrs["writes"] = self._writes_attr(writes)
                 return
-            if not overwrite:
+            # no fingerprint: a claim cut short (disk full, kill) before its attributes were written;
+            # nothing was recorded under it, so it is simply made again
+            if not overwrite and "fingerprint" in previous.attrs:
                 raise ResumeMismatchError.between(
                     self.output, f"an earlier {self.stage} run", dict(previous.attrs.get("params", {})),
                     _jsonable(params))
