@@ -266,7 +266,10 @@ def locked(argument: str, command: str) -> Callable[[F], F]:
             output = bound.arguments.get(argument)
             if output is None or bound.arguments.get("dry_run"):
                 return fn(*args, **kwargs)
-            with run_lock(output, command):
+            from emseg.io.volume import storage_errors
+
+            # an OSError that lost its path (zarr's stores drop it) is reported against the output
+            with run_lock(output, command), storage_errors(output, f"{command} into it"):
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

@@ -137,10 +137,10 @@ def test_disk_full_label_exits_3_and_resumes(tmp_path: Path) -> None:
         filler.write_bytes(b"\0" * max(0, free - 40_000))
         first = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
         assert first.returncode in (1, 3), first
-        line = one_error_line(first.stderr)
-        assert "No space left on device" in line or "blocks failed" in line, line
-        if first.returncode == 3:
-            assert "rerun" in line
+        errors = [line for line in first.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and "No space left on device" in errors[0] and str(out) in errors[0], first.stderr
+        if first.returncode == 3:  # blocks failed: transient, the rerun resumes
+            assert "rerun the same command" in errors[0]
         filler.unlink()
         subprocess.run(["mount", "-o", "remount,size=8m", str(mount)], check=True)
         second = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
