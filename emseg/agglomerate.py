@@ -270,11 +270,12 @@ def _fragments_image(path: str | os.PathLike[str]) -> tuple[Any, Path]:
 
 def is_fragments(path: str | os.PathLike[str], *, image_only: bool = False) -> bool:
     """Whether ``path`` is a fragments label image (per-block fragments, or one with a graph) or,
-    unless ``image_only``, an image holding ``labels/fragments`` with a region graph."""
+    unless ``image_only``, an image holding ``labels/fragments`` with a finished region graph."""
     path = Path(path)
     if not image_only and (path / "labels" / FRAGMENTS_NAME).is_dir():
         inner = path / "labels" / FRAGMENTS_NAME
-        if is_fragments(inner, image_only=True) and isinstance(_status(inner).get(GRAPH_KEY), dict):
+        graph = _status(inner).get(GRAPH_KEY)
+        if is_fragments(inner, image_only=True) and isinstance(graph, dict) and graph.get("complete"):
             return True
     status = _status(path)
     params = (status.get("label") or {}).get("params") or {}
