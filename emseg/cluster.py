@@ -205,9 +205,12 @@ def _nanny_class() -> Any:
         class TorchNanny(Nanny):  # type: ignore[misc]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                # after the config/environment merge: emseg's values win over distributed's default
-                self.pre_spawn_env.update(WORKER_MALLOC_ENV)
-                self.env.update(WORKER_MALLOC_ENV)
+                # after the config/environment merge: emseg's values win over distributed's defaults
+                # (also OMP/MKL_NUM_THREADS=1, which would size torch's thread pool at 1 whatever the layout)
+                threads = self.env.get("OMP_NUM_THREADS", str(self.nthreads))
+                spawn = {**WORKER_MALLOC_ENV, **{f"{lib}_NUM_THREADS": threads for lib in ("OMP", "MKL", "OPENBLAS")}}
+                self.pre_spawn_env.update(spawn)
+                self.env.update(spawn)
 
         _NANNY = TorchNanny
     return _NANNY
