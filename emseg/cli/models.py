@@ -24,8 +24,13 @@ _PAPER_UNET = ("unet (paper)", "unet", {"base_channels": 64, "depth": 4, "paddin
 )
 @click.option("--ndim", type=click.Choice(["2", "3"]), default="2", show_default=True, help="Spatial axes.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def models(input_size: tuple[int, ...] | None, ndim: str, as_json: bool) -> None:
-    """List the model zoo: parameters, receptive field, input multiple, context and output size."""
+@click.option("--bundled", is_flag=True, help="List only the bundled (trained, shipped) models with their model-card figures.")
+def models(input_size: tuple[int, ...] | None, ndim: str, as_json: bool, bundled: bool) -> None:
+    """List the model zoo (parameters, receptive field, input multiple, context, output size), then the
+    bundled trained models that `emseg segment` picks from by voxel size, with their card figures."""
+    if bundled:
+        _bundled(as_json)
+        return
     import torch
 
     from emseg.models import MODELS, build
@@ -63,6 +68,25 @@ def models(input_size: tuple[int, ...] | None, ndim: str, as_json: bool) -> None
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    click.echo("")
+    _bundled(False)
+
+
+def _bundled(as_json: bool) -> None:
+    from emseg.models.zoo import ANISOTROPY_2D, bundled_models
+
+    found = bundled_models()
+    if as_json:
+        click.echo(json.dumps([{"name": m.name, "path": str(m.path), "ndim": m.ndim, "outputs": list(m.outputs),
+                                "voxel_size_nm": m.voxel_size_nm, "card": m.figures} for m in found], indent=2))
+        return
+    click.echo(f"bundled models (no --model: z/xy spacing >= {ANISOTROPY_2D:g} -> sstem2d, else fib3d):")
+    for m in found:
+        vs = "x".join(f"{v:g}" for v in m.voxel_size_nm) if m.voxel_size_nm else "?"
+        click.echo(f"  {m.name}  {m.ndim}D  outputs {','.join(m.outputs)}  trained at {vs} nm  {m.path}")
+        for key, value in m.figures.items():
+            click.echo(f"      {key}: {value}")
+        click.echo(f"      card: {m.path / 'MODEL_CARD.md'}")
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

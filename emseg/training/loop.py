@@ -281,6 +281,8 @@ def _build_model(cfg: TrainConfig) -> Any:
         depth=cfg.depth, padding=cfg.padding, batch_norm=cfg.batch_norm, dropout=cfg.dropout,
     )
     accepted = inspect.signature(MODELS[cfg.model].__init__).parameters
+    if "depth" not in accepted:  # FCN-8s: a fixed VGG-style depth
+        kwargs.pop("depth")
     if "dropout" not in accepted:
         if cfg.dropout:
             raise ConfigError(f"model {cfg.model!r} has no dropout option; leave dropout at 0")
