@@ -152,12 +152,19 @@ def _keep(skeleton: Any, keep: npt.NDArray[np.bool_]) -> Any:
     out.vertices = skeleton.vertices[keep]
     out.edges = index[edges].astype(np.uint32)
     out.radius = skeleton.radius[keep]
-    out.vertex_types = skeleton.vertex_types[keep]
+    if getattr(skeleton, "vertex_types", None) is not None:
+        out.vertex_types = skeleton.vertex_types[keep]
     return out
 
 
 def encode_skeleton(skeleton: Any) -> bytes:
-    """The precomputed encoding (``uint32 nv, ne; float32 vertices; uint32 edges; radius; vertex_types``)."""
+    """The precomputed encoding (``uint32 nv, ne; float32 vertices[nv][3]; uint32 edges[ne][2]; float32 radius[nv]``).
+
+    Only the radius is kept as a vertex attribute: neuroglancer's WebGL cannot hold kimimaro's
+    uint8 ``vertex_types``.
+    """
+    skeleton = skeleton.clone()
+    skeleton.extra_attributes = list(SKELETON_ATTRIBUTES)
     data: bytes = skeleton.to_precomputed()
     return data
 
@@ -171,5 +178,4 @@ def decode_skeleton(data: bytes, segid: int = 0) -> Any:
 
 SKELETON_ATTRIBUTES: list[dict[str, Any]] = [
     {"id": "radius", "data_type": "float32", "num_components": 1},
-    {"id": "vertex_types", "data_type": "uint8", "num_components": 1},
 ]

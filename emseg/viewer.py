@@ -94,6 +94,7 @@ def neuroglancer_state(
     raw_path: str | os.PathLike[str] | None = None,
     base_url: str = "http://127.0.0.1:8000",
     precomputed: str | os.PathLike[str] | None = None,
+    select: Sequence[int] = (),
 ) -> ViewerState:
     """Neuroglancer layers for raw, prediction and labels, read from ``base_url``.
 
@@ -115,6 +116,8 @@ def neuroglancer_state(
     precomputed : path, optional
         A directory written by ``emseg export --format precomputed`` (with ``--mesh`` and/or
         ``--skeleton``): its ``labels/<name>`` layer adds meshes and skeletons to the segments.
+    select : segment IDs
+        Segments selected at start (their meshes and skeletons are drawn in the 3-D panel).
     """
     from emseg.io.volume import open_volume
     from emseg.preview import find_sources
@@ -171,6 +174,8 @@ def neuroglancer_state(
             name = mount(Path(precomputed))
             pc_url = f"precomputed://{base}/{urllib.parse.quote(name)}/labels/{urllib.parse.quote(sources.labels.name)}"
             segments["source"] = [segments["source"], {"url": pc_url, "subsources": {"default": False}}]
+        if select:
+            segments["segments"] = [str(int(i)) for i in select]
         layers.append(segments)
     vs = reference.voxel_size
     # Axes x, y, z (neuroglancer's usual order: the first panel is the xy section).
@@ -475,6 +480,7 @@ def start_viewer(
     *,
     raw_path: str | os.PathLike[str] | None = None,
     precomputed: str | os.PathLike[str] | None = None,
+    select: Sequence[int] = (),
     port: int = 0,
     viewer_port: int = 0,
     host: str = "127.0.0.1",
@@ -499,7 +505,7 @@ def start_viewer(
         raise ConfigError("the offline viewer needs the neuroglancer package: pip install neuroglancer "
                           "(or pip install 'emseg[view]'); or use --public for the demo site") from e
 
-    probe = neuroglancer_state(out_path, raw_path=raw_path, precomputed=precomputed)  # validate before binding
+    probe = neuroglancer_state(out_path, raw_path=raw_path, precomputed=precomputed, select=select)  # validate first
     neuroglancer.set_server_bind_address(host, viewer_port)
     viewer = neuroglancer.Viewer()
     try:
@@ -516,6 +522,6 @@ def start_viewer(
     except EmsegError:
         neuroglancer.stop()
         raise
-    view = neuroglancer_state(out_path, raw_path=raw_path, precomputed=precomputed, base_url=store.url)
+    view = neuroglancer_state(out_path, raw_path=raw_path, precomputed=precomputed, select=select, base_url=store.url)
     viewer.set_state(neuroglancer.ViewerState(view.state))
     return LocalViewer(url, store.url, view.state, store, viewer)

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from emseg.cli.types import INDEX_LIST
+
 
 def _wait(close: Any) -> None:
     try:
@@ -25,6 +27,8 @@ def _wait(close: Any) -> None:
 @click.option("--precomputed", type=click.Path(path_type=str, file_okay=False), default=None,
               help="Directory from `emseg export --format precomputed --mesh/--skeleton`: show its meshes "
                    "and skeletons with the segments.")
+@click.option("--select", type=INDEX_LIST, default=None, metavar="ID,...",
+              help="Segments selected at start (their meshes/skeletons drawn in 3-D).")
 @click.option("--public", is_flag=True,
               help="Print a link to the public neuroglancer site (--viewer) instead of serving the bundled "
                    "client; add --serve PORT to serve the stores for it.")
@@ -43,7 +47,7 @@ def _wait(close: Any) -> None:
 @click.option("--viewer", default="https://neuroglancer-demo.appspot.com", show_default=True,
               help="Neuroglancer instance of the --public link.")
 @click.option("--json", "as_json", is_flag=True, help="Print the viewer URL, store URL and state as one JSON line.")
-def view(out: str, raw: str | None, precomputed: str | None, public: bool, port: int | None, viewer_port: int,
+def view(out: str, raw: str | None, precomputed: str | None, select: tuple[int, ...] | None, public: bool, port: int | None, viewer_port: int,
          bind: str, allow_hosts: tuple[str, ...], base_url: str, viewer: str, as_json: bool) -> None:
     """Show OUT's raw EM, prediction and segments in neuroglancer, in physical units (nm).
 
@@ -55,8 +59,10 @@ def view(out: str, raw: str | None, precomputed: str | None, public: bool, port:
 
     from emseg.viewer import neuroglancer_state, neuroglancer_url, serve, start_viewer
 
+    ids = tuple(select or ())
+
     if not public:
-        local = start_viewer(out, raw_path=raw, precomputed=precomputed, port=port or 0, viewer_port=viewer_port,
+        local = start_viewer(out, raw_path=raw, precomputed=precomputed, select=ids, port=port or 0, viewer_port=viewer_port,
                              host=bind, allowed_hosts=allow_hosts)
         if as_json:
             click.echo(json.dumps({"url": local.url, "data_url": local.data_url, "state": local.state}))
@@ -68,12 +74,12 @@ def view(out: str, raw: str | None, precomputed: str | None, public: bool, port:
         return
     server = None
     if port is not None:
-        probe = neuroglancer_state(out, raw_path=raw, precomputed=precomputed)  # validate before binding the port
+        probe = neuroglancer_state(out, raw_path=raw, precomputed=precomputed, select=ids)  # validate before binding
         parts = urlsplit(viewer)
         server = serve(probe.mounts, port=port, host=bind, allowed_origins=[f"{parts.scheme}://{parts.netloc}"],
                        allowed_hosts=allow_hosts)
         base_url = server.url
-    view_state = neuroglancer_state(out, raw_path=raw, precomputed=precomputed, base_url=base_url)
+    view_state = neuroglancer_state(out, raw_path=raw, precomputed=precomputed, select=ids, base_url=base_url)
     url = neuroglancer_url(view_state.state, viewer)
     if as_json:
         click.echo(json.dumps({"url": url, "data_url": base_url, "state": view_state.state,

@@ -231,7 +231,7 @@ def write_skeletons(
         written += 1
     (out / "info").write_text(json.dumps({
         "@type": "neuroglancer_skeletons", "transform": IDENTITY, "vertex_attributes": SKELETON_ATTRIBUTES,
-        "mip": 0, "sharding": None, "spatial_index": None,
+        "mip": 0,  # no "sharding": null (neuroglancer refuses a null; absent means unsharded)
     }))
     _update_info(layer_path, skeletons="skeletons")
     return written

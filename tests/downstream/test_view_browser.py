@@ -111,3 +111,55 @@ def test_view_renders_segments_over_raw_offline(demo: Path, tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_view_draws_meshes_and_skeletons_offline(demo: Path, tmp_path: Path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("zmesh")
+    pytest.importorskip("kimimaro")
+    from emseg.io import open_volume
+    from emseg.io.precomputed import export_precomputed
+
+    pc = tmp_path / "pc"
+    report = export_precomputed(demo / "labels" / "segments", pc, overwrite=False, mesh=True, skeleton=True,
+                                progress=False)
+    assert report.layers[0].meshes > 0 and report.layers[0].skeletons > 0
+    labels = open_volume(demo / "labels" / "segments").array[...]
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    chosen = [int(i) for i in ids[np.argsort(counts)[-3:]] if (pc / "labels" / "segments" / "skeletons" / str(i)).exists()]
+    assert chosen
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from emseg.cli import main; main()", "view", str(demo), "--precomputed", str(pc),
+         "--select", ",".join(map(str, chosen)), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line, proc.stderr.read()  # type: ignore[union-attr]
+        info = json.loads(line)
+        loaded: dict[str, int] = {}
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"])
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.on("response", lambda r: loaded.__setitem__(urllib.parse.urlsplit(r.url).path, r.status))
+            page.goto(info["url"])
+            want = {f"/pc/labels/segments/mesh/{i}:0" for i in chosen} | {
+                f"/pc/labels/segments/skeletons/{i}" for i in chosen}
+            deadline = time.monotonic() + 90
+            while not want <= set(loaded) and time.monotonic() < deadline:
+                time.sleep(1)
+            time.sleep(3)
+            page.screenshot(path=str(tmp_path / "meshes.png"))
+            browser.close()
+        if os.environ.get("EMSEG_SCREENSHOT_DIR"):
+            shutil.copy(tmp_path / "meshes.png", Path(os.environ["EMSEG_SCREENSHOT_DIR"]) / "meshes.png")
+        missing = sorted(want - set(loaded))
+        assert not missing, f"the viewer never asked for {missing}"
+        assert all(loaded[path] == 200 for path in want), {path: loaded[path] for path in want}
+        fragments = [path for path in loaded if "/mesh/" in path and path.count(":") == 2]
+        assert fragments and all(loaded[path] == 200 for path in fragments)  # the per-block mesh fragments
+        assert loaded["/pc/labels/segments/skeletons/info"] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
