@@ -228,3 +228,49 @@ def test_bad_input(isbi_gt, tmp_path) -> None:
 def test_help() -> None:
     result = CliRunner().invoke(cli, ["evaluate", "--help"])
     assert result.exit_code == 0 and "--gt-kind" in result.output and "--plot" in result.output
+
+
+def test_sweep_of_a_real_agglomeration_run(tmp_path) -> None:
+    """`emseg agglomerate --thresholds` on a boundary map of Voronoi cells, then `emseg evaluate RUN GT`."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+    from skimage.segmentation import find_boundaries
+
+    from emseg.io import create_volume, mark_complete
+
+    shape = (8, 48, 64)
+    rng = np.random.default_rng(5)
+    points = rng.uniform(0, 1, size=(40, 3)) * np.asarray(shape)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    gt = (cKDTree(points).query(grid + 0.5)[1].reshape(shape) + 1).astype(np.uint32)
+    membrane = find_boundaries(gt, mode="inner").astype(np.float32)
+    boundary = np.clip(ndimage.gaussian_filter(membrane, 0.8) * 1.8 + rng.normal(0, 0.1, size=shape), 0, 1)
+    pred = create_volume(tmp_path / "pred.zarr", shape=shape, dtype=np.uint8, chunks=(8, 16, 16),
+                         voxel_size=(1.0, 1.0, 1.0), channels=1)
+    pred.write(pred.roi, np.round(boundary * 255).astype(np.uint8)[None])
+    mark_complete(tmp_path / "pred.zarr")
+    imwrite(tmp_path / "gt.tif", gt)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["agglomerate", str(tmp_path / "pred.zarr"), "--block-size", "8,16,32",
+                                 "--threshold", "0.5", "--thresholds", "0.2,0.8", "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["evaluate", str(tmp_path / "pred.zarr"), str(tmp_path / "gt.tif"), "--json",
+                                 "--plot", str(tmp_path / "curve.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["gt_kind"] == "instances" and report["mode"] == "volume"
+    rows = report["results"]
+    assert [(r["segmentation"], r["threshold"]) for r in rows] == [
+        ("labels/fragments", None), ("labels/segments_0.20", 0.2), ("labels/segments", 0.5),
+        ("labels/segments_0.80", 0.8)]
+    # a higher threshold only merges: segments fall, VOI merge rises, VOI split falls
+    swept = rows[1:]
+    assert [r["segments"] for r in swept] == sorted((r["segments"] for r in swept), reverse=True)
+    assert [r["voi_merge"] for r in swept] == sorted(r["voi_merge"] for r in swept)
+    assert [r["voi_split"] for r in swept] == sorted((r["voi_split"] for r in swept), reverse=True)
+    assert rows[0]["segments"] > swept[0]["segments"] and swept[0]["voi_split"] > swept[-1]["voi_split"]
+    from emseg.io import open_volume
+
+    seg = open_volume(tmp_path / "pred.zarr" / "labels" / "segments").read(pred.roi)
+    assert rows[2]["adapted_rand_error"] == pytest.approx(adapted_rand_error(gt, seg)[0], rel=1e-9)
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
