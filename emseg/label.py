@@ -367,12 +367,22 @@ def _prepare_labels(
 ) -> Path:
     """Create the label image, or reopen the one a run with the same parameters left; its level-0 path."""
     status_value = {"fingerprint": fingerprint, "params": params}
+    if label_root.exists() and not in_image:
+        from emseg.io.safety import zarr_attrs
+
+        status = (zarr_attrs(label_root) or {}).get("emseg")
+        if isinstance(status, dict) and not isinstance(status.get(STATUS_KEY), dict):
+            # an emseg image of another kind (a raw import, a prediction): --overwrite must not replace it
+            raise OutputExistsError(f"{label_root} already exists and holds an emseg image that is not a label "
+                                    "output (a raw image or a prediction); choose another output path")
     if label_root.exists() and not overwrite:
         previous = read_status(label_root).get(STATUS_KEY) if (label_root / "zarr.json").exists() or (
             label_root / ".zattrs").exists() else None
         if not isinstance(previous, dict):
+            from emseg.io.safety import overwrite_hint
+
             raise OutputExistsError(f"{label_root} already exists and is not an emseg label output; "
-                                    "pass --overwrite to replace it")
+                                    f"{overwrite_hint(label_root)}")
         if previous.get("fingerprint") != fingerprint:
             raise ResumeMismatchError.between(label_root, "labels", previous.get("params", {}), params)
         volume = open_volume(label_root, allow_incomplete=True)

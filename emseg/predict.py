@@ -551,17 +551,23 @@ class PredictReport:
 def _prepare(plan: PredictionPlan, output: Path, overwrite: bool) -> None:
     """Create the output, or check that an existing one holds this very run (resume)."""
     from emseg.io import create_volume, read_status, update_status
+    from emseg.io.safety import overwrite_hint, zarr_attrs
 
+    status = (zarr_attrs(output) or {}).get("emseg") if output.is_dir() else None
+    if isinstance(status, dict) and status.get("stage") != STAGE:
+        # an emseg image of another kind (a raw import, labels): --overwrite must not replace it
+        raise OutputExistsError(f"{output} already exists and holds an emseg image that is not a prediction "
+                                "(a raw image or labels); choose another output path")
     if output.exists() and not overwrite:
         try:
             status = read_status(output)
         except (OSError, ValueError, EmsegError) as e:
             raise OutputExistsError(f"{output} already exists and is not an emseg prediction; "
-                                    "pass --overwrite to replace it") from e
+                                    f"{overwrite_hint(output)}") from e
         previous = status.get("params")
         if status.get("stage") != STAGE or not isinstance(previous, dict):
             raise OutputExistsError(f"{output} already exists and is not an emseg prediction; "
-                                    "pass --overwrite to replace it")
+                                    f"{overwrite_hint(output)}")
         if previous != plan.params:
             raise ResumeMismatchError.between(output, "an earlier prediction", previous, plan.params)
         log.info("%s: resuming an earlier run", output)

@@ -92,6 +92,14 @@ def test_label_onto_the_raw_image_never_suggests_overwrite(inputs) -> None:
         line = error_line(run("label", pred, "-o", raw, *flags))
         assert "from which the input" in line and "--overwrite" not in line
     assert tree_digest(raw) == before
+    # an emseg image of another kind is never replaced, recorded as a source or not
+    other = inputs["seg"]
+    before = tree_digest(other)
+    for args in (["label", pred, "-o", other],):
+        for flags in ([], ["--overwrite"]):
+            line = error_line(run(*args, *flags, "--no-progress"))
+            assert "holds an emseg image that is not a" in line and "--overwrite" not in line, line
+    assert tree_digest(other) == before
 
 
 # ---------------------------------------------------------------------------------------------
