@@ -560,6 +560,11 @@ def agglomerate(
     names[threshold] = SEGMENTS_NAME
     wanted = sorted(set(names))
 
+    def params_of(t: float) -> dict[str, Any]:
+        return {"graph": graph["fingerprint"], "threshold": t, "score": score}
+
+    for t in wanted:  # refuse before any work when an output holds something else
+        _check_segments(target / "labels" / names[t], params_of(t), overwrite=overwrite)
     start = time.perf_counter()
     # stage 3: lookups (reused when a resumed run finds them finished)
     lookups: dict[float, Path] = {}
@@ -590,7 +595,7 @@ def agglomerate(
 
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
         for t in wanted:
-            params = {"graph": graph["fingerprint"], "threshold": t, "score": score, "fragments": str(frag.path)}
+            params = params_of(t)
             label_root = target / "labels" / names[t]
             labels = _prepare_segments(target, label_root, names[t], frag, params, overwrite=overwrite)
             job = _RelabelJob(fragments=str(frag.path), labels=str(labels), lookup=str(lookups[t]))
@@ -606,17 +611,27 @@ def agglomerate(
     return report
 
 
+def _check_segments(label_root: Path, params: dict[str, Any], *, overwrite: bool) -> bool:
+    """Whether ``label_root`` holds a (possibly unfinished) run with these parameters to resume.
+
+    Raises OutputExistsError / ResumeMismatchError when it holds something else and not ``overwrite``.
+    """
+    if not label_root.exists() or overwrite:
+        return False
+    previous = _status(label_root).get(AGGLOMERATE_KEY)
+    if not isinstance(previous, dict):
+        raise OutputExistsError(f"{label_root} already exists and is not an emseg agglomeration; "
+                                "pass --overwrite to replace it")
+    if previous.get("fingerprint") != fingerprint_of(params):
+        raise ResumeMismatchError.between(label_root, "segments", previous.get("params", {}), params)
+    return True
+
+
 def _prepare_segments(target: Path, label_root: Path, name: str, frag: Any, params: dict[str, Any], *,
                       overwrite: bool) -> Path:
     """Create the label image ``name`` in ``target``, or reopen the one a run with these parameters left."""
     fingerprint = fingerprint_of(params)
-    if label_root.exists() and not overwrite:
-        previous = read_status(label_root).get(AGGLOMERATE_KEY)
-        if not isinstance(previous, dict):
-            raise OutputExistsError(f"{label_root} already exists and is not an emseg agglomeration; "
-                                    "pass --overwrite to replace it")
-        if previous.get("fingerprint") != fingerprint:
-            raise ResumeMismatchError.between(label_root, "segments", previous.get("params", {}), params)
+    if _check_segments(label_root, params, overwrite=overwrite):
         return Path(open_volume(label_root, allow_incomplete=True).path)
     volume = create_labels(target, name, dtype=np.uint64, chunks=frag.chunks)
     update_status(label_root, status="incomplete", **{AGGLOMERATE_KEY: {"fingerprint": fingerprint, "params": params}})
