@@ -12,6 +12,7 @@ from skimage.metrics import variation_of_information
 
 from emseg.agglomerate import agglomerate, build_graph, make_fragments, segment_prediction
 from emseg.cli import cli
+from emseg.config import AgglomerateOptions
 from emseg.errors import ConfigError, GraphNotFoundError, VolumeShapeError
 from emseg.io import open_volume, read_status
 from emseg.io.edges import read_block_edges
@@ -163,13 +164,13 @@ def test_cli_help_and_json_run(prediction, connection) -> None:
                                  connection.client.scheduler.address], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [s["threshold"] for s in report["segments"]] == [0.4, 0.5, 0.6]
+    assert [s["threshold"] for s in report["segments"]] == sorted([0.4, 0.6, AgglomerateOptions().threshold])
     assert all(Path(s["path"]).is_dir() for s in report["segments"])
     # the fragments with their graph: agglomerated again at another threshold, graph reused
     result = runner.invoke(cli, ["agglomerate", str(prediction / "labels" / "fragments"), "--threshold", "0.7",
                                  "--no-progress", "--scheduler", connection.client.scheduler.address],
                            catch_exceptions=False)
-    assert result.exit_code == 1 and "other parameters" in result.stderr  # labels/segments holds 0.5
+    assert result.exit_code == 1 and "other parameters" in result.stderr  # labels/segments holds the default
     result = runner.invoke(cli, ["agglomerate", str(prediction), "--threshold", "0.7", "--overwrite",
                                  "--no-progress", "--scheduler", connection.client.scheduler.address],
                            catch_exceptions=False)
