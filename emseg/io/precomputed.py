@@ -21,6 +21,7 @@ The info files and chunk encodings are written by tensorstore; only the mesh man
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -47,7 +48,9 @@ __all__ = ["ExportReport", "ExportedLayer", "export_precomputed", "export_layer"
 LayerType = Literal["image", "segmentation"]
 # Voxels per write block (a multiple of the precomputed chunk).
 BLOCK_VOXELS = 1 << 22
-MAX_CHUNK = (64, 256, 256)  # (z, y, x) cap on the precomputed chunk taken from the zarr chunks
+# (z, y, x) cap on the precomputed chunk taken from the zarr chunks: 64^3 like igneous, so that
+# igneous downsampling adds mips down to one chunk (256x256 chunks of a 512x512 section gave one)
+MAX_CHUNK = (64, 64, 64)
 IMAGE_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32"}
 
 
@@ -293,6 +296,7 @@ def export_layer(
                       fn=functools.partial(_export_block, job), output=root, params=params, overwrite=True
                       if not _resumable_stage(root, f"export-{layer_name}-{index}", params, grid) else False,
                       progress=progress)
+    _integral_resolutions(dst_path)
     from emseg.io.meshes import write_meshes, write_skeletons
 
     meshes = write_meshes(base, dst_path, state_root=root, client=client, progress=progress) if mesh else 0
@@ -300,6 +304,22 @@ def export_layer(
                  if skeleton else 0)
     log.info("%s -> %s (%d scales)", path, dst_path, len(levels))
     return ExportedLayer(dst_path, layer_type, dtype.name, len(levels), meshes, skeletons)
+
+
+def _integral_resolutions(layer: Path) -> None:
+    """Whole-nanometre resolutions as JSON integers in the info (tensorstore writes ``8.0``).
+
+    CloudVolume and igneous name the scales they add ``"_".join(map(str, resolution))``: with
+    integers, igneous's new mips are keyed ``16_16_50`` like emseg's own (``8_8_50``), not
+    ``16.0_16.0_50.0``.
+    """
+    info_path = layer / "info"
+    info = json.loads(info_path.read_text())
+    for scale in info.get("scales", []):
+        scale["resolution"] = [int(r) if float(r).is_integer() else r for r in scale["resolution"]]
+    tmp = info_path.with_name(".info.tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, info_path)
 
 
 def _resumable_stage(root: Path, stage: str, params: dict[str, Any], grid: Any) -> bool:

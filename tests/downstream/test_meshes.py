@@ -91,3 +91,18 @@ def test_skeleton_export_resumes_and_merges_again(tubes: Path, tmp_path: Path):
     first = export_precomputed(tubes, tmp_path / "pc", overwrite=False, skeleton=True, progress=False)
     second = export_precomputed(tubes, tmp_path / "pc", overwrite=True, skeleton=True, progress=False)
     assert [lay.skeletons for lay in first.layers] == [lay.skeletons for lay in second.layers] == [0, 3]
+
+
+def test_scale_keys_and_chunks_as_igneous_names_them(tubes: Path, tmp_path: Path):
+    cloudvolume = pytest.importorskip("cloudvolume")
+    export_precomputed(tubes / "labels" / "segments", tmp_path / "pc", overwrite=False, progress=False)
+    layer = tmp_path / "pc" / "labels" / "segments"
+    info = json.loads((layer / "info").read_text())
+    (scale,) = info["scales"]
+    assert scale["key"] == "4_4_8" and scale["resolution"] == [4, 4, 8]
+    assert all(isinstance(r, int) for r in scale["resolution"])
+    assert all(c <= 64 for c in scale["chunk_sizes"][0])
+    # CloudVolume (which igneous uses to add mips) names a new scale from the resolution: same style
+    cv = cloudvolume.CloudVolume(f"file://{layer}", progress=False)
+    cv.add_scale((2, 2, 1))
+    assert [s["key"] for s in cv.info["scales"]] == ["4_4_8", "8_8_8"]
