@@ -531,15 +531,21 @@ def _faces_block(job: _Job, block: Block) -> dict[str, int]:
 def _relabel_block(job: _Job, block: Block) -> dict[str, float]:
     """Stage 3: local ids -> consecutive final ids, written as uint64."""
     start = time.perf_counter()
+    entries = _table(job.state, "blocks", job.token)[2 * block.block_id: 2 * block.block_id + 4]
+    offset, first, stop, last = (int(v) for v in entries)
+    labels = _volume(job.labels, "r+", job.token)
+    if stop == offset:  # no fragment: background only.  Nothing to read or label; zarr stores no all-zero chunk
+        t1 = time.perf_counter()
+        labels.write(block.write_roi, np.zeros(block.write_roi.shape, dtype=np.uint64))
+        return {"segments_max": 0, "seconds": round(time.perf_counter() - start, 4),
+                "write_seconds": round(time.perf_counter() - t1, 4)}
     if job.method == "cc":
         local, _ = _cc_block(job, block)
     else:
         local = _volume(str(scratch_path(job.state, "fragments")), "r", job.token).read(block.write_roi)
-    entries = _table(job.state, "blocks", job.token)[2 * block.block_id: 2 * block.block_id + 4]
-    offset, first, stop, last = (int(v) for v in entries)
     merged = _table(job.state, "merged", job.token)[2 * first: 2 * last].astype(np.uint64)
     table = block_relabel_table(offset, stop - offset, first, merged[0::2], merged[1::2])
     t1 = time.perf_counter()
-    _volume(job.labels, "r+", job.token).write(block.write_roi, relabel_block(local, table))
+    labels.write(block.write_roi, relabel_block(local, table))
     return {"segments_max": int(table.max()) if len(table) else 0, "seconds": round(time.perf_counter() - start, 4),
             "write_seconds": round(time.perf_counter() - t1, 4)}
