@@ -460,6 +460,8 @@ def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and torch.get_num_threads() != config.threads:
         torch.set_num_threads(config.threads)
+    if device == "cuda":  # fp32 means fp32: no TF32 convolutions / matmuls behind its back
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.precision != "fp32"
     key = (config.checkpoint, config.checkpoint_mtime_ns, device)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model per worker

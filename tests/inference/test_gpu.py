@@ -26,7 +26,7 @@ def test_gpu_workers_match_cpu_workers(checkpoints, write_volume, tmp_path: Path
     source = write_volume(smooth_volume((16, 32, 32)), chunks=(8, 16, 16))
     cpu = tmp_path / "cpu.zarr"
     predict(source, cpu, checkpoint=ckpt, block_size=(8, 16, 16), tile_size=(8, 16, 16), dtype="float32",
-            client=cluster1, progress=False)
+            precision="fp32", client=cluster1, progress=False)
     gpu = tmp_path / "gpu.zarr"
     with connect("local-gpu") as connection:
         assert connection.resources == {"GPU": 1}
@@ -36,5 +36,5 @@ def test_gpu_workers_match_cpu_workers(checkpoints, write_volume, tmp_path: Path
         devices = connection.client.run(lambda: __import__("os").environ["CUDA_VISIBLE_DEVICES"])
         assert sorted(devices.values()) == [str(i) for i in range(torch.cuda.device_count())]
         predict(source, gpu, checkpoint=ckpt, block_size=(8, 16, 16), tile_size=(8, 16, 16), dtype="float32",
-                client=connection, progress=False)
+                precision="fp32", client=connection, progress=False)
     np.testing.assert_allclose(open_volume(gpu).array[:], open_volume(cpu).array[:], atol=1e-4)
