@@ -1,26 +1,38 @@
-"""Benchmark ``emseg predict`` against MONAI ``sliding_window_inference`` and a forward-only baseline.
+"""Benchmark ``emseg predict`` against its forward-only limit and MONAI's sliding window, in one run.
 
-One run, one volume, one model (a random-weight "same"-padded U-Net, so that MONAI, which needs
-an output the size of its input, can run it too):
+One volume of real EM (the ISBI 2012 test volume, 30 x 512 x 512, tiled 2 x 2 in (y, x) and repeated
+along z to ``--shape``, default 32 x 1024 x 1024 = 33.5 Mvoxel uint8, OME-Zarr), one machine, the same
+cores for every method:
 
-* ``emseg``: :func:`emseg.predict.predict` on a local Dask cluster that is already started
-  (the stage time: read from zarr, normalise, tiles, forward, write uint8 to zarr);
-* ``monai``: ``sliding_window_inference`` with ``roi_size`` = emseg's tile input, Gaussian
-  blending, overlap 0.25 and 0.5, over the volume already in memory (no I/O);
-* ``forward``: only the forward passes emseg's plan needs (same tile shape, same count, random
-  input already in memory): the bound on emseg's throughput.
+1. ``emseg valid``: :func:`emseg.predict.predict` with **default settings** (precision, tile, batch,
+   worker layout) and the bundled 2-D U-Net (valid padding), on a local cluster started before
+   timing; stage time: zarr read with mirrored halo, normalisation, tiles, forward, uint8 zarr write.
+2. ``forward-only valid``: only the forward passes of that plan (same model, tile input and batch
+   shape, count), random input already in memory, with the best settings (bf16 + channels-last
+   where the CPU has native bf16, as the plan): run (a) as tasks on the same cluster's workers
+   (same processes, same layout) and (b) in this process with ``torch.set_num_threads(cores)``.
+   The better of the two is the limit.
+3. ``emseg same``, ``monai 0.25``, ``monai 0.5``: a random-weight "same"-padded 2-D U-Net (base 16,
+   depth 3), which MONAI can run (it needs an output the size of its input): ``emseg predict``
+   defaults versus ``monai.inferers.sliding_window_inference`` over the volume already in memory as
+   a tensor (no I/O), Gaussian blending, bf16 autocast + channels-last, in this process with
+   ``torch.set_num_threads(cores)``, ROI ``--monai-roi`` with ``--monai-batch`` windows per pass.
+4. ``--layouts``: ``emseg valid`` again with 1 worker x N threads and N workers x 1 thread.
 
-Throughput is output voxels per second.  Then peak RSS of one worker is measured for the
-same blocks on a 1x and an 8x volume (fresh single-worker clusters).
+Throughput is output voxels / s.  Run with ``nice``, on a quiet machine if you can; the load average
+is printed before and after.
 
-    nice .venv/bin/python benchmarks/bench_predict.py            # ~5 min on 2 CPU cores
-    nice .venv/bin/python benchmarks/bench_predict.py --quick    # a smoke run
+    nice .venv/bin/python benchmarks/bench_predict.py                       # ~10 min on 2 quiet cores
+    nice .venv/bin/python benchmarks/bench_predict.py --shape 8,1024,1024 --layouts
+    nice .venv/bin/python benchmarks/bench_predict.py --quick               # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -29,129 +41,200 @@ from pathlib import Path
 import numpy as np
 import torch
 
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012" / "test-volume.tif"
 
-def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> Path:
+
+def load(path: Path = DATA) -> np.ndarray:
+    import tifffile
+
+    return np.asarray(tifffile.imread(path))
+
+
+def tiled(raw: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``raw`` repeated (tiled) to cover ``shape`` (z, y, x), then cropped."""
+    reps = [-(-s // r) for s, r in zip(shape, raw.shape)]
+    return np.tile(raw, reps)[: shape[0], : shape[1], : shape[2]]
+
+
+def make_volume(path: Path, data: np.ndarray) -> Path:
+    from emseg.geometry import Roi
     from emseg.io import create_volume, mark_complete
 
-    rng = np.random.default_rng(seed)
-    volume = create_volume(path, shape=shape, dtype="uint8", chunks=(8, 256, 256), voxel_size=(40, 4, 4))
-    for z in range(0, shape[0], 8):
-        volume.write(volume.roi.__class__((z, 0, 0), (min(8, shape[0] - z), *shape[1:])),
-                     rng.integers(0, 255, (min(8, shape[0] - z), *shape[1:]), dtype=np.uint8))
+    volume = create_volume(path, shape=data.shape, dtype="uint8", chunks=(16, 256, 256), voxel_size=(50, 4, 4),
+                           overwrite=True)
+    for z in range(0, data.shape[0], 16):
+        part = data[z: z + 16]
+        volume.write(Roi((z, 0, 0), part.shape), part)
     mark_complete(path)
     return path
 
 
-def worker_peak_rss(client) -> int:
-    def peak() -> int:
-        # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's RSS at fork)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+def uptime() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
-    return max(client.run(peak).values())
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _forward_task(checkpoint: str, shape: tuple[int, ...], batches: int, precision: str, threads: int) -> float:
+    """Worker side: ``batches`` forward passes of a random batch of ``shape``, as emseg's workers run them."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(threads)
+    return _forward_loop(checkpoint, shape, batches, precision, device)
+
+
+def _forward_loop(checkpoint: str, shape: tuple[int, ...], batches: int, precision: str, device: str) -> float:
+    import torch
+
+    from emseg.inference import _forward, prepare_model
+    from emseg.models import load_checkpoint
+
+    model = prepare_model(load_checkpoint(checkpoint).model, device)
+    x = torch.randn(*shape, device=device).contiguous(memory_format=torch.channels_last)
+    _forward(model, x, activation="sigmoid", tta=False, precision=precision).cpu()  # type: ignore[arg-type]
+    start = time.perf_counter()
+    for _ in range(batches):  # the output goes to host memory, as in emseg
+        _forward(model, x, activation="sigmoid", tta=False, precision=precision).cpu()  # type: ignore[arg-type]
+    return time.perf_counter() - start
+
+
+def forward_only(plan, connection, threads: int, device: str) -> dict[str, float]:
+    """Seconds for exactly the forward passes of ``plan``: on the cluster's workers, and in this process."""
+    per_pass = plan.batch_size * math.prod(plan.tiling.input_shape)
+    passes = plan.computed_voxels // per_pass
+    shape = (plan.batch_size, 1, *plan.tiling.input_shape[1:])
+    workers = list(connection.client.scheduler_info()["workers"])
+    split = [passes // len(workers) + (i < passes % len(workers)) for i in range(len(workers))]
+    # every worker times its own share after loading the model; they run at the same time: the slowest is the wall
+    futures = [connection.client.submit(_forward_task, str(plan.checkpoint), shape, n, plan.precision,
+                                        connection.threads_per_worker, workers=[w], pure=False)
+               for w, n in zip(workers, split)]
+    on_workers = max(connection.client.gather(futures))
+    torch.set_num_threads(threads)
+    return {"workers": on_workers, "process": _forward_loop(str(plan.checkpoint), shape, passes, plan.precision, device)}
+
+
+def run_emseg(source: Path, out: Path, connection, **kwargs) -> tuple[float, object]:
+    from emseg.predict import predict
+
+    report = predict(source, out, client=connection, progress=False, overwrite=True, **kwargs)
+    return report.seconds, report.plan
+
+
+def warm(connection, ckpt: Path, tmp: Path) -> None:
+    """Load the model on every worker (emseg caches it per worker process)."""
+    from emseg.predict import predict
+
+    n = len(connection.client.scheduler_info()["workers"])
+    warm_vol = make_volume(tmp / f"warm{n}.zarr", tiled(load()[:4, :256, :256], (4 * n, 256, 256)))
+    predict(warm_vol, tmp / f"warm{n}-out.zarr", checkpoint=ckpt, block_size=(1, 256, 256), chunks=(1, 256, 256),
+            client=connection, progress=False, overwrite=True)
+
+
+def monai_seconds(model, data: np.ndarray, overlap: float, roi: int, batch: int, threads: int, device: str) -> float:
+    from monai.inferers import sliding_window_inference
+
+    torch.set_num_threads(threads)
+    model = model.eval().to(device).to(memory_format=torch.channels_last)
+    x = torch.from_numpy((data.astype(np.float32) / 255 - 0.5) / 0.5)[None, None].to(device)
+
+    def predictor(t: torch.Tensor) -> torch.Tensor:
+        b, c, z, h, w = t.shape
+        y = model(t.permute(0, 2, 1, 3, 4).reshape(b * z, c, h, w).contiguous(memory_format=torch.channels_last))
+        return torch.sigmoid(y.float()).reshape(b, z, -1, h, w).permute(0, 2, 1, 3, 4)
+
+    start = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+        out = sliding_window_inference(x, (1, roi, roi), batch, predictor, overlap=overlap, mode="gaussian")
+        out = out.cpu()  # the result in host memory, as emseg's
+    seconds = time.perf_counter() - start
+    assert out.shape == x.shape
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="8,1024,1024", help="volume Z,Y,X")
-    parser.add_argument("--tile", default="1,256,256", help="emseg tile core Z,Y,X")
-    parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shape", default="32,1024,1024", help="volume Z,Y,X (ISBI tiled)")
+    parser.add_argument("--monai-roi", type=int, default=256)
+    parser.add_argument("--monai-batch", type=int, default=4)
+    parser.add_argument("--layouts", action="store_true", help="also emseg with 1 x N and N x 1 workers x threads")
+    parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small volume, for a smoke test")
-    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda where torch sees a GPU (emseg then runs one worker per GPU)")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
-    tile = tuple(int(v) for v in args.tile.split(","))
     if args.quick:
-        shape, tile = (2, 384, 384), (1, 128, 128)
+        shape = (2, 512, 512)
 
+    from emseg.cluster import connect, default_layout
+    from emseg.inference import default_precision
     from emseg.models import build, save_checkpoint
-    from emseg.predict import plan_prediction
+    from emseg.predict import BUNDLED
 
-    torch.manual_seed(0)
-    model = build("unet", ndim=2, base_channels=args.base_channels, depth=2, padding="same").eval()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
-    ckpt = save_checkpoint(model, tmp / "ckpt")
-    source = make_volume(tmp / "vol.zarr", shape)
-    block = (4, 1024, 1024) if not args.quick else (1, 384, 384)
-    plan = plan_prediction(source, checkpoint=ckpt, tile_size=tile, block_size=block, batch_size=1)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, cpu")
-    print(plan.summary())
-
-    if not args.memory_only:
-        time_methods(args, shape, tile, block, plan, model, ckpt, source, tmp)
-    measure_memory(args, tile, ckpt, tmp)
-
-
-def time_methods(args, shape, tile, block, plan, model, ckpt, source, tmp) -> None:
-    from monai.inferers import sliding_window_inference
-
-    from emseg.cluster import connect
-    from emseg.predict import predict
-
+    n = cores()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     voxels = math.prod(shape)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
+    data = tiled(load(), shape)
+    source = make_volume(tmp / "isbi.zarr", data)
+    torch.manual_seed(0)
+    same = build("unet", ndim=2, base_channels=16, depth=3, padding="same").eval()
+    same_ckpt = save_checkpoint(same, tmp / "same-ckpt")
+    gpu = f", GPU {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}" if device == "cuda" else ""
+    print(f"machine: {platform.machine()}, {n} cores{gpu}, torch {torch.__version__}, default precision "
+          f"{default_precision(device)}, default CPU layout {default_layout()}; load before: {uptime()}")
+    print(f"volume: ISBI 2012 test volume tiled to {'x'.join(map(str, shape))} uint8 ({voxels / 1e6:.1f} Mvoxel)")
     results: dict[str, float] = {}
-    # emseg, on a started cluster
-    with connect(workers=args.workers) as connection:
-        warm = make_volume(tmp / "warm.zarr", (2 * args.workers, 64, 64))
-        predict(warm, tmp / "warm-out.zarr", checkpoint=ckpt, tile_size=tile, block_size=(1, 64, 64), batch_size=1,
-                client=connection, progress=False)  # loads the model on every worker
-        report = predict(source, tmp / "out.zarr", checkpoint=ckpt, tile_size=tile, block_size=block, batch_size=1,
-                         client=connection, progress=False)
-        results["emseg"] = report.seconds
-    # MONAI over the in-memory volume, per slice (a 2D model): roi = emseg's tile input
-    from emseg.io import open_volume
+    notes: dict[str, str] = {}
+    with connect("local-gpu" if device == "cuda" else None) as connection:
+        warm(connection, BUNDLED, tmp)
+        warm(connection, same_ckpt, tmp)
+        seconds, plan = run_emseg(source, tmp / "valid.zarr", connection)
+        results["emseg valid"] = seconds
+        notes["emseg valid"] = (f"defaults: tile {'x'.join(map(str, plan.tiling.input_shape))} input, batch "
+                                f"{plan.batch_size}, {plan.precision}, {connection.threads_per_worker} thread(s) "
+                                f"per worker, {len(connection.client.scheduler_info()['workers'])} worker(s)")
+        fwd = forward_only(plan, connection, n, device)
+        results["forward-only valid, workers"] = fwd["workers"]
+        results[f"forward-only valid, 1 process x {n} threads"] = fwd["process"]
+        seconds, plan_same = run_emseg(source, tmp / "same.zarr", connection, checkpoint=same_ckpt)
+        results["emseg same"] = seconds
+        notes["emseg same"] = (f"tile {'x'.join(map(str, plan_same.tiling.input_shape))} input, "
+                               f"{plan_same.tiling.blend}, batch {plan_same.batch_size}, {plan_same.precision}")
+    if not args.skip_monai:
+        for overlap in (0.25, 0.5):
+            key = f"monai {overlap}"
+            results[key] = monai_seconds(same, data, overlap, args.monai_roi, args.monai_batch, n, device)
+            notes[key] = (f"roi {args.monai_roi}, sw_batch {args.monai_batch}, gaussian, bf16 + channels-last, "
+                          + ("cuda" if device == "cuda" else f"{n} threads"))
+    if args.layouts and device == "cpu":
+        for workers, threads in ((1, n), (n, 1)):
+            from emseg.cluster import ClusterProfile
 
-    raw = np.asarray(open_volume(source).array[:])
-    x = torch.from_numpy((raw.astype(np.float32) / 255 - 0.5) / 0.5)[None, None]
-    roi = plan.tiling.input_shape
-
-    def predictor(t: torch.Tensor) -> torch.Tensor:
-        b, c, z, h, w = t.shape
-        y = model(t.permute(0, 2, 1, 3, 4).reshape(b * z, c, h, w))
-        return torch.sigmoid(y).reshape(b, z, -1, h, w).permute(0, 2, 1, 3, 4)
-
-    for overlap in (0.25, 0.5):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = sliding_window_inference(x, roi, 1, predictor, overlap=overlap, mode="gaussian")
-        results[f"monai {overlap}"] = time.perf_counter() - start
-        assert out.shape == x.shape
-    # forward only: the passes emseg's plan needs, input already in memory
-    batches = plan.computed_voxels // math.prod(plan.tiling.input_shape)
-    t = torch.randn(1, 1, *plan.tiling.input_shape[1:])
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for _ in range(batches):
-            torch.sigmoid(model(t))
-    results["forward only"] = time.perf_counter() - start
-
-    print(f"\nvolume {'x'.join(map(str, shape))} uint8 ({voxels / 1e6:.1f} Mvoxel), 2D U-Net base "
-          f"{args.base_channels} depth 2 same-padded, tile input {'x'.join(map(str, roi))}")
-    print(f"{'method':<16}{'seconds':>10}{'Mvoxel/s':>12}{'emseg speed-up':>16}")
+            profile = tmp / f"layout{workers}x{threads}.yaml"
+            profile.write_text(json.dumps(ClusterProfile(workers=workers, threads_per_worker=threads).model_dump(
+                exclude={"slurm"}, exclude_none=True)))
+            with connect(str(profile)) as connection:
+                warm(connection, BUNDLED, tmp)
+                results[f"emseg valid, {workers} worker(s) x {threads} thread(s)"] = run_emseg(
+                    source, tmp / f"layout{workers}.zarr", connection)[0]
+    print(f"load after: {uptime()}\n")
+    print(f"{'method':<44}{'seconds':>9}{'Mvoxel/s':>10}  notes")
     for name, seconds in results.items():
-        print(f"{name:<16}{seconds:>10.1f}{voxels / seconds / 1e6:>12.3f}{seconds / results['emseg']:>16.2f}")
-    print(f"emseg / forward-only throughput: {results['forward only'] / results['emseg']:.2f}")
-
-
-
-def measure_memory(args, tile, ckpt, tmp) -> None:
-    """Peak memory per worker: same blocks, 1x and 8x volumes, fresh single-worker clusters."""
-    from emseg.cluster import connect
-    from emseg.predict import predict
-
-    small = (4, 512, 512) if not args.quick else (2, 256, 256)
-    print(f"\npeak RSS of one worker (blocks of {'x'.join(map(str, small))}):")
-    for factor, vol_shape in ((1, small), (8, (small[0] * 2, small[1] * 2, small[2] * 2))):
-        path = make_volume(tmp / f"mem{factor}.zarr", vol_shape, seed=factor)
-        with connect(workers=1) as connection:
-            base = worker_peak_rss(connection.client)
-            predict(path, tmp / f"mem{factor}-out.zarr", checkpoint=ckpt, tile_size=tile, block_size=small,
-                    batch_size=1, client=connection, progress=False)
-            peak = worker_peak_rss(connection.client)
-        print(f"  {factor}x volume {'x'.join(map(str, vol_shape))}: {peak / 2**20:.0f} MiB "
-              f"(idle worker {base / 2**20:.0f} MiB)")
+        print(f"{name:<44}{seconds:>9.1f}{voxels / seconds / 1e6:>10.3f}  {notes.get(name, '')}")
+    limit = min(results["forward-only valid, workers"], results[f"forward-only valid, 1 process x {n} threads"])
+    print(f"\nemseg valid / forward-only limit (throughput): {limit / results['emseg valid']:.2f}")
+    if not args.skip_monai:
+        for overlap in (0.25, 0.5):
+            print(f"emseg same / monai {overlap} (throughput): {results[f'monai {overlap}'] / results['emseg same']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"shape": shape, "cores": n, "seconds": results, "notes": notes}, indent=1))
 
 
 if __name__ == "__main__":
