@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from emseg.cli.output import JSON_OPTION, echo_report
 from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 
 
@@ -17,15 +18,16 @@ from emseg.cli.types import FLOAT_ZYX, INT_ZYX
               help="3 writes OME-NGFF 0.5, 2 writes OME-NGFF 0.4.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@JSON_OPTION
 def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, chunks: tuple[int, ...] | None,
-               dataset: str | None, zarr_format: str, overwrite: bool, no_progress: bool) -> None:
+               dataset: str | None, zarr_format: str, overwrite: bool, no_progress: bool, as_json: bool) -> None:
     """Convert SOURCE (TIFF stack, folder of TIFF/PNG sections, HDF5 dataset) into an OME-Zarr image."""
     from emseg.io.convert import import_volume
 
     report = import_volume(source, output, voxel_size=voxel_size, chunks=chunks, dataset=dataset,
                            zarr_format=int(zarr_format), overwrite=overwrite,  # type: ignore[arg-type]
                            progress=not no_progress)
-    click.echo(report.summary())
+    echo_report(report, as_json)
 
 
 @click.command("export")
@@ -38,8 +40,9 @@ def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, c
 @click.option("--skeleton", is_flag=True, help="precomputed: also write skeletons for a segmentation.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@JSON_OPTION
 def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool, skeleton: bool,
-               overwrite: bool, no_progress: bool) -> None:
+               overwrite: bool, no_progress: bool, as_json: bool) -> None:
     """Export SOURCE (OME-Zarr image or zarr array) to a TIFF stack or neuroglancer precomputed."""
     from emseg.errors import ConfigError
 
@@ -53,10 +56,10 @@ def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool
 
         path = export_tiff(source, output, level=int(level) if level.isdigit() else level,
                            overwrite=overwrite, progress=not no_progress)
-        click.echo(f"wrote {path}")
+        echo_report(f"wrote {path}", as_json, path=path, format="tiff")
     else:
         from emseg.io.precomputed import export_precomputed
 
         report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
                                     progress=not no_progress)
-        click.echo(report.summary())
+        echo_report(report, as_json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from emseg.cli.output import JSON_OPTION, echo_report
 from emseg.cli.types import INT_ZYX
 
 
@@ -35,6 +36,7 @@ from emseg.cli.types import INT_ZYX
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler to use instead.")
 @click.option("--overwrite", is_flag=True, help="Replace existing labels (otherwise a rerun resumes).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
+@JSON_OPTION
 def label(
     pred: str,
     output: str,
@@ -52,6 +54,7 @@ def label(
     scheduler: str | None,
     overwrite: bool,
     progress: bool,
+    as_json: bool,
 ) -> None:
     """Label the boundary prediction PRED into globally unique, consecutive uint64 segment ids.
 
@@ -71,4 +74,4 @@ def label(
         block_size=None if block_size is None else (block_size * 3 if len(block_size) == 1 else block_size),
         overwrite=overwrite, progress=progress, cluster=cluster, scheduler=scheduler, workers=workers,
     )
-    click.echo(report.summary())
+    echo_report(report, as_json)

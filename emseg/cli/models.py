@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from emseg.cli.types import INT_ZYX
+from emseg.cli.types import SIZES
 
 # (row label, registry name, build kwargs); the rest of each model's options take their defaults
 _PAPER_UNET = ("unet (paper)", "unet", {"base_channels": 64, "depth": 4, "padding": "valid"})
@@ -17,7 +17,7 @@ _PAPER_UNET = ("unet (paper)", "unet", {"base_channels": 64, "depth": 4, "paddin
 @click.command()
 @click.option(
     "--input-size",
-    type=INT_ZYX,
+    type=SIZES,
     default=None,
     help="Input size, one value or one per axis (default 572,572 in 2D, 132,132,132 in 3D); "
     "each model reports the smallest valid input at least this large and its output.",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from emseg.cli.output import JSON_OPTION, echo_report
+
 
 @click.command()
 @click.argument("out", type=click.Path(path_type=str))
@@ -15,7 +17,8 @@ import click
 @click.option("--size", "max_panel", type=click.IntRange(min=16), default=512, show_default=True,
               help="Longest side of one panel, pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace the PNG if it exists (only one emseg wrote).")
-def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int, overwrite: bool) -> None:
+@JSON_OPTION
+def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int, overwrite: bool, as_json: bool) -> None:
     """Write a PNG of a few z sections of OUT: raw | prediction | labels (random colours).
 
     OUT is an emseg output (out.zarr), a synthetic volume from `emseg synth`, or any OME-Zarr image
@@ -25,4 +28,7 @@ def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int, ov
 
     path = render_preview(out, raw_path=raw, slices=slices, png_path=png, max_panel=max_panel,
                           overwrite=overwrite)
-    click.echo(str(path))
+    if as_json:
+        echo_report({"path": path, "slices": slices}, True)
+    else:
+        click.echo(str(path))

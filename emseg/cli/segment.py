@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from emseg.cli.output import JSON_OPTION, echo_report
 from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 
 
@@ -33,11 +34,12 @@ from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 @click.option("--overwrite", is_flag=True, help="Replace an output made with other parameters.")
 @click.option("--dry-run", is_flag=True, help="Print the block plan and exit.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@JSON_OPTION
 def segment(volume: str, output: str | None, pipeline: str | None, model: str | None, block_size: tuple[int, ...] | None,
             batch_size: int | None, tta: bool | None, precision: str | None, method: str | None,
             merge_threshold: float | None, thresholds: tuple[float, ...] | None, threshold: float | None, two_d: bool | None, min_size: int | None, workers: int | None,
             devices: tuple[int, ...] | None, cluster: str | None, scheduler: str | None, overwrite: bool,
-            dry_run: bool, no_progress: bool) -> None:
+            dry_run: bool, no_progress: bool, as_json: bool) -> None:
     """Segment VOLUME (an OME-Zarr image or zarr array): predict membranes, then label segments.
 
     Rerunning the same command resumes an interrupted run.
@@ -54,4 +56,4 @@ def segment(volume: str, output: str | None, pipeline: str | None, model: str | 
     })
     report = run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
                          devices=devices, overwrite=overwrite, dry_run=dry_run, progress=not no_progress)
-    click.echo(report.summary())
+    echo_report(report, as_json)

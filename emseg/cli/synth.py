@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import click
 
+from emseg.cli.output import JSON_OPTION, echo_report
 from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 
 T = TypeVar("T", int, float)
@@ -31,6 +32,7 @@ CONFIRM_BYTES = 16 * 2**30
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 @click.option("-y", "--yes", is_flag=True,
               help=f"Write volumes over {CONFIRM_BYTES // 2**30} GiB without asking (needed where no one can answer).")
+@JSON_OPTION
 def synth(
     dst: str,
     shape: tuple[int, ...],
@@ -43,6 +45,7 @@ def synth(
     overwrite: bool,
     progress: bool,
     yes: bool,
+    as_json: bool,
 ) -> None:
     """Write a synthetic EM volume to DST (OME-Zarr) with its labels at DST/labels/ground_truth.
 
@@ -61,6 +64,10 @@ def synth(
         overwrite=overwrite, zarr_format=3 if zarr_format == "3" else 2, progress=progress,
     )
     elapsed = time.perf_counter() - start
+    if as_json:
+        echo_report({"path": dst, "shape": _three(shape, "--shape"), "seed": seed, "voxel_size": params.voxel_size,
+                     "labels": f"labels/{LABEL_NAME}", "seconds": round(elapsed, 3)}, True)
+        return
     click.echo(
         f"wrote {dst}: {'x'.join(map(str, shape))} uint8 image + uint64 labels/{LABEL_NAME}, "
         f"seed {seed}, voxel size {','.join(f'{v:g}' for v in params.voxel_size)} nm, {elapsed:.1f} s"

@@ -10,7 +10,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from emseg.cli.types import INT_ZYX
+from emseg.cli.types import SIZES
 
 LABEL_KINDS = ["auto", "instances", "membrane-mask", "interior-mask"]
 
@@ -46,7 +46,7 @@ _FIELDS = {
 @click.option("--depth", type=click.IntRange(min=1), help="Resolution levels. [default: 4]")
 @click.option("--padding", type=click.Choice(["valid", "same"]), help="Convolution padding. [default: valid]")
 @click.option("--batch-norm/--no-batch-norm", default=None, help="Batch normalisation. [default: off]")
-@click.option("--patch-shape", type=INT_ZYX, help="Requested input patch, e.g. 256,256 (2D) or 16,128,128. [default: 256,256]")
+@click.option("--patch-shape", type=SIZES, help="Requested input patch, e.g. 256,256 (2D) or 16,128,128. [default: 256,256]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size. [default: 4]")
 @click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps. [default: 1000]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. [default: 3e-4]")
