@@ -48,18 +48,28 @@ def agglomerate(target: str, threshold: float | None, thresholds: tuple[float, .
     TARGET is either a prediction image (from `emseg predict`): its fragments
     (TARGET/labels/fragments) and region graph are computed first (or resumed); or a fragments
     label image with its graph (e.g. OUT.zarr/labels/fragments), which is agglomerated again at
-    other thresholds without recomputing the graph.  Segments go to OUT.zarr/labels/segments and
+    other thresholds without recomputing the graph.  A prediction image whose graph is finished is
+    agglomerated again too, unless fragment or graph options are given (then they are made again
+    with those options, which needs --overwrite when they differ).  Segments go to OUT.zarr/labels/segments and
     labels/segments_<t> for each of --thresholds.
     """
     from emseg.agglomerate import agglomerate as run_agglomerate
     from emseg.agglomerate import is_fragments, segment_prediction
     from emseg.config import AgglomerateOptions
+    from emseg.errors import ConfigError
 
     defaults = AgglomerateOptions()
     options = dict(threshold=defaults.threshold if threshold is None else threshold,
                    thresholds=tuple(thresholds or ()), score=score, overwrite=overwrite, progress=progress,
                    cluster=cluster, scheduler=scheduler, workers=workers)
-    if is_fragments(Path(target)):
+    fragment_options = (two_d, fragment_threshold, min_distance, min_size, context, quantile, block_size)
+    rebuild = any(v is not None for v in fragment_options)
+    if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / "fragments",
+                                                                     image_only=True)):
+        if rebuild:
+            raise ConfigError(f"{target}: fragment and graph options (--2d/--3d, --fragment-threshold, --min-distance, "
+                              "--min-size, --context, --quantile, --block-size) need the prediction image, not the "
+                              "fragments")
         report = run_agglomerate(target, **options)  # type: ignore[arg-type]
         text = report.summary()
     else:
