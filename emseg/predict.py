@@ -540,14 +540,15 @@ class PredictReport:
         if self.dry_run:
             return self.plan.summary()
         rate = f", {self.voxels_per_second / 1e6:.2f} Mvoxel/s" if self.computed else ""
+        model = f"\nmodel: {self.plan.model_choice}" if self.plan.model_choice else ""
         return (f"predicted {self.output}: {self.blocks} blocks ({self.computed} computed, {self.skipped} already "
-                f"done) in {self.seconds:.1f} s{rate}")
+                f"done) in {self.seconds:.1f} s{rate}{model}")
 
     def to_json(self) -> dict[str, Any]:
         return {"output": str(self.output), "blocks": self.blocks, "computed": self.computed,
                 "skipped": self.skipped, "seconds": self.seconds, "voxels": self.voxels,
                 "voxels_per_second": None if not self.computed else self.voxels_per_second,
-                "dry_run": self.dry_run}
+                "dry_run": self.dry_run, "model": str(self.plan.checkpoint), "model_choice": self.plan.model_choice}
 
 
 def _prepare(plan: PredictionPlan, output: Path, overwrite: bool) -> None:
