@@ -8,7 +8,7 @@ Two bundled checkpoints::
                         "aff_z", "aff_y", "aff_x" (see its MODEL_CARD.md for the convention)
 
 :func:`choose_bundled` picks one from a volume's voxel size ``(z, y, x)`` in nm: strongly anisotropic
-volumes (``z / mean(y, x) >= ANISOTROPY_2D``) get the 2-D model, near-isotropic ones the 3-D model.
+volumes (``z / min(y, x) >= ANISOTROPY_2D``) get the 2-D model, near-isotropic ones the 3-D model.
 A voxel size of exactly 1 nm on every axis is what emseg records when the source had none; it is
 treated as unknown and gets the 2-D model (the historical default), with a warning.
 """
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 __all__ = ["ANISOTROPY_2D", "BUNDLED_DIR", "BundledChoice", "BundledModel", "bundled_models", "choose_bundled"]
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
-ANISOTROPY_2D = 2.0
-"""z spacing / in-plane spacing at or above which a volume is treated as serial-section (2-D model)."""
+ANISOTROPY_2D = 2.5
+"""z spacing / in-plane spacing at or above which a volume is treated as serial-section (2-D model);
+the same rule as the agglomeration's per-section mode (:func:`emseg.agglomerate.choose_mode`)."""
 FAR_FACTOR = 1.5
 """A volume whose in-plane (2-D model) or any (3-D model) spacing differs from the model's training
 resolution by more than this factor gets a warning."""
@@ -110,7 +111,7 @@ def choose_bundled(voxel_size: Sequence[float] | None, root: Path | None = None)
                              "the volume records no voxel size (1 nm); pass --model, or import it with "
                              "--voxel-size so that the model matching its resolution is chosen")
     z, y, x = (float(v) for v in voxel_size)
-    anisotropy = z / ((y + x) / 2.0)
+    anisotropy = z / min(y, x)
     want = "sstem2d" if anisotropy >= ANISOTROPY_2D else "fib3d"
     rule = (f"voxel size {z:g},{y:g},{x:g} nm, z/xy {anisotropy:.2f} "
             f"{'>=' if want == 'sstem2d' else '<'} {ANISOTROPY_2D:g}: {want}")
