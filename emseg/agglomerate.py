@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import fastremap
 import numpy as np
 import numpy.typing as npt
 
@@ -86,6 +87,7 @@ ANISOTROPY_2D = 2.5
 __all__ = [
     "AgglomerateReport",
     "DEFAULT_THRESHOLD",
+    "FragmentsReport",
     "GraphReport",
     "SCORES",
     "Score",
@@ -96,6 +98,8 @@ __all__ = [
     "input_kind_of",
     "is_fragments",
     "make_fragments",
+    "mutex_fragments_blockwise",
+    "prediction_offsets",
     "segment_prediction",
     "segments_name",
 ]
@@ -157,6 +161,22 @@ class GraphReport:
 
     def summary(self) -> str:
         return (f"{self.fragments_path}: region graph of {self.n_fragments} fragments, {self.n_edges} edges, "
+                f"{self.blocks} blocks in {self.seconds:.1f} s")
+
+
+@dataclass(frozen=True)
+class FragmentsReport:
+    """What :func:`mutex_fragments_blockwise` did (the watershed's is a :class:`~emseg.label.LabelReport`)."""
+
+    labels_path: Path
+    method: str
+    n_segments: int
+    blocks: int
+    seconds: float
+    stages: tuple[StageReport, ...] = field(default=(), repr=False)
+
+    def summary(self) -> str:
+        return (f"{self.labels_path}: {self.n_segments} fragments (uint64, ids 1..{self.n_segments}) by {self.method}, "
                 f"{self.blocks} blocks in {self.seconds:.1f} s")
 
 
@@ -236,6 +256,152 @@ def make_fragments(
                  min_distance=min_distance, min_size=min_size, block_size=block_size, overwrite=overwrite,
                  progress=progress, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind, cluster=cluster,
                  scheduler=scheduler, workers=workers, client=client)
+
+
+def prediction_offsets(pred_path: str | os.PathLike[str]) -> tuple[Coordinate, ...] | None:
+    """The affinity offsets of a prediction: its recorded ``offsets``, else those of the checkpoint
+    that made it (``config.json``), else the nearest neighbours for 3 ``aff*`` outputs; None if unknown."""
+    import json
+
+    pred = open_volume(pred_path)
+    status = read_status(pred.image_path) if pred.image_path is not None else {}
+    offsets = status.get("offsets")
+    if not offsets and status.get("checkpoint"):
+        config = Path(str(status["checkpoint"])) / "config.json"
+        if config.is_file():
+            offsets = json.loads(config.read_text()).get("offsets")
+    if not offsets and input_kind_of(pred_path) == "affinities" and (pred.channels or 0) == 3:
+        offsets = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
+    return tuple(tuple(int(v) for v in o) for o in offsets) if offsets else None  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class _MutexJob:
+    pred: str
+    fragments: str
+    state: str
+    grid: BlockGrid
+    offsets: tuple[Coordinate, ...]
+    bias: float
+    long_range_bias: float | None
+    mode: str
+    dtype: str
+
+
+def mutex_fragments_blockwise(
+    pred_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    offsets: Sequence[Sequence[int]] | None = None,
+    bias: float = 0.5,
+    long_range_bias: float | None = None,
+    mode: Mode = "auto",
+    block_size: int | Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    cluster: str | os.PathLike[str] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Any = None,
+) -> FragmentsReport:
+    """Per-block mutex watershed fragments (mwatershed) of an affinity prediction with long-range
+    channels, written to ``labels/fragments`` like :func:`make_fragments` (ids unique, consecutive,
+    each fragment inside one block), ready for :func:`build_graph` and :func:`agglomerate`.
+
+    Every block runs the mutex watershed over its core plus the longest offset, keeps its core and
+    numbers its fragments; a prefix sum of the counts makes the ids global.
+
+    Raises
+    ------
+    ConfigError (offsets unknown or not fitting the channels), VolumeShapeError, ResumeMismatchError,
+    OutputExistsError, RunIncompleteError
+    """
+    from emseg.io.scratch import remove_scratch, require_scratch, scratch_path, write_table
+    from emseg.label import default_block_shape
+    from emseg.segment.mutex import check_offsets, offsets_halo
+    from emseg.stitch import offsets_from_counts
+
+    pred = open_volume(pred_path)
+    if not pred.has_channels:
+        raise VolumeShapeError(f"{pred_path}: the mutex watershed needs affinities (c, z, y, x), got axes {pred.axes}")
+    found = offsets if offsets is not None else prediction_offsets(pred_path)
+    if found is None:
+        raise ConfigError(f"{pred_path}: no affinity offsets recorded in the prediction or its checkpoint; pass them")
+    offs = check_offsets(found, pred.channels or 0)
+    resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
+    image = pred.image_path if output is None else Path(output)
+    if image is None:
+        raise NotAVolumeError(f"{pred_path}: pass an output image for the fragments")
+    label_root = image / "labels" / FRAGMENTS_NAME
+    block = as_coordinate(block_size, 3) if block_size is not None else default_block_shape(pred.shape, pred.chunks)
+    block = tuple(min(b, s) for b, s in zip(block, pred.shape))
+    chunks = tuple(c if b % c == 0 else b for b, c in zip(block, pred.chunks))
+    grid = plan_blocks(Roi.from_shape(pred.shape), block, offsets_halo(offs, resolved), chunk_shape=chunks)  # type: ignore[arg-type]
+    params: dict[str, Any] = {"method": "mutex", "prediction": str(Path(pred.path).resolve()), "offsets": [list(o) for o in offs],
+                              "bias": bias, "long_range_bias": long_range_bias, "mode": resolved,
+                              "block": list(grid.block_shape), "shape": list(pred.shape), "merge_faces": False}
+    fingerprint = fingerprint_of(params)
+    previous = _status(label_root).get("label") if label_root.exists() else None
+    resume = isinstance(previous, dict) and previous.get("fingerprint") == fingerprint and not overwrite
+    if label_root.exists() and not resume:
+        if not overwrite:
+            if isinstance(previous, dict):
+                raise ResumeMismatchError.between(label_root, "fragments", previous.get("params", {}), params)
+            raise OutputExistsError(f"{label_root} already exists; pass --overwrite to replace it")
+    if resume:
+        volume = open_volume(label_root, allow_incomplete=True)
+    else:
+        volume = create_labels(image, FRAGMENTS_NAME, dtype=np.uint64, chunks=chunks)
+        update_status(label_root, status="incomplete", label={"fingerprint": fingerprint, "params": params})
+    dtype = str(np.dtype(np.uint32) if int(np.prod(grid.block_shape)) < 2**32 - 1 else np.dtype(np.uint64))
+    require_scratch(label_root, "mutex", shape=pred.shape, dtype=dtype, chunks=chunks)
+    job = _MutexJob(pred=str(pred.path), fragments=str(volume.path), state=str(label_root), grid=grid, offsets=offs,
+                    bias=float(bias), long_range_bias=long_range_bias, mode=resolved, dtype=dtype)
+    from emseg.cluster import connect
+
+    start = time.perf_counter()
+    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
+        run = functools.partial(run_blockwise, connection.client, grid=grid, output=label_root, params=params,
+                                overwrite=not resume, progress=progress)
+        first = run(stage="fragments-mutex", fn=functools.partial(_mutex_block, job))
+        counts = [int(first.results[b]["count"]) for b in range(len(grid))]
+        starts = offsets_from_counts(counts)
+        write_table(label_root, "mutex_offsets", starts)
+        second = run(stage="fragments-offset", fn=functools.partial(
+            _offset_block, str(label_root), str(scratch_path(label_root, "mutex")), str(volume.path)))
+    n = int(starts[-1])
+    mark_complete(label_root, label={"fingerprint": fingerprint, "params": params, "n_segments": n})
+    remove_scratch(label_root)
+    report = FragmentsReport(label_root, "mutex watershed", n, len(grid), time.perf_counter() - start, (first, second))
+    log.info("%s", report.summary())
+    return report
+
+
+def _mutex_block(job: _MutexJob, block: Block) -> dict[str, Any]:
+    from emseg.io.scratch import scratch_path
+    from emseg.segment.mutex import mutex_fragments
+    from emseg.segment.threshold import probability
+
+    data = open_volume(job.pred, allow_incomplete=True).read(block.read_roi, pad="reflect")
+    affs = probability(data[: len(job.offsets)])
+    labels, _ = mutex_fragments(affs, job.offsets, bias=job.bias, long_range_bias=job.long_range_bias,
+                                mode=job.mode)  # type: ignore[arg-type]
+    core = np.ascontiguousarray(labels[block.write_roi.relative_to(block.read_roi).to_slices()])
+    core, remap = fastremap.renumber(core, preserve_zero=True, in_place=True)
+    count = int(max(remap.values())) if remap else 0
+    open_volume(str(scratch_path(job.state, "mutex")), mode="r+", allow_incomplete=True).write(
+        block.write_roi, core.astype(job.dtype, copy=False))
+    return {"count": count}
+
+
+def _offset_block(state: str, scratch: str, fragments: str, block: Block) -> dict[str, Any]:
+    from emseg.io.scratch import read_table
+
+    start = int(read_table(state, "mutex_offsets", block.block_id, block.block_id + 1)[0])
+    local = open_volume(scratch, allow_incomplete=True).read(block.write_roi).astype(np.uint64)
+    local[local != 0] += np.uint64(start)
+    open_volume(fragments, mode="r+", allow_incomplete=True).write(block.write_roi, local)
+    return {"max_id": int(local.max()) if local.size else 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,6 +831,10 @@ def segment_prediction(
     seeds: Literal["distance", "minima"] = "distance",
     min_distance: int = 3,
     min_size: int = 50,
+    fragments_method: Literal["watershed", "mutex"] = "watershed",
+    mutex_bias: float = 0.5,
+    long_range_bias: float | None = None,
+    offsets: Sequence[Sequence[int]] | None = None,
     block_size: int | Sequence[int] | None = None,
     context: int | Sequence[int] | None = None,
     quantile: float | None = None,
@@ -679,6 +849,10 @@ def segment_prediction(
     client: Any = None,
 ) -> tuple[Any, GraphReport, AgglomerateReport]:
     """Fragments, region graph and agglomeration of a prediction image, in ``PRED/labels/``.
+
+    ``fragments_method="mutex"`` makes the fragments by a per-block mutex watershed of the
+    affinities and their long-range ``offsets`` (default: those recorded with the prediction or its
+    checkpoint; :func:`mutex_fragments_blockwise`) instead of the seeded watershed.
 
     Returns the fragments' :class:`~emseg.label.LabelReport`, the :class:`GraphReport` and the
     :class:`AgglomerateReport`.
@@ -701,10 +875,17 @@ def segment_prediction(
     from emseg.cluster import connect
 
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
-        fragments = make_fragments(pred_path, pred.image_path, mode=resolved, input_kind=kind,
-                                   threshold=fragment_threshold, seeds=seeds, min_distance=min_distance,
-                                   min_size=min_size, block_size=block_size, overwrite=overwrite, progress=progress,
-                                   client=connection)
+        if fragments_method == "mutex":
+            fragments = mutex_fragments_blockwise(
+                pred_path, pred.image_path, offsets=offsets, bias=mutex_bias, long_range_bias=long_range_bias,
+                mode=resolved, block_size=block_size, overwrite=overwrite, progress=progress, client=connection)
+        elif fragments_method == "watershed":
+            fragments = make_fragments(pred_path, pred.image_path, mode=resolved, input_kind=kind,
+                                       threshold=fragment_threshold, seeds=seeds, min_distance=min_distance,
+                                       min_size=min_size, block_size=block_size, overwrite=overwrite,
+                                       progress=progress, client=connection)
+        else:
+            raise ConfigError(f"fragments_method must be 'watershed' or 'mutex', got {fragments_method!r}")
         frag_path = pred.image_path / "labels" / FRAGMENTS_NAME
         graph = build_graph(pred_path, frag_path, mode=resolved, input_kind=kind, context=context, quantile=quantile,
                             overwrite=overwrite, progress=progress, client=connection)

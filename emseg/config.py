@@ -95,6 +95,13 @@ class AgglomerateOptions(BaseModel):
     block, at most 64 (0 along z per section)."""
     quantile: float | None = Field(default=None, ge=0.0, le=1.0)
     """Also store this quantile of each edge's contact affinities in the graph."""
+    fragments: Literal["watershed", "mutex"] = "watershed"
+    """Fragments by seeded watershed, or by mutex watershed of (long-range) affinities (the offsets
+    recorded with the prediction's checkpoint)."""
+    mutex_bias: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """Mutex watershed: nearest-neighbour affinities above this attract, below repel."""
+    long_range_bias: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Mutex watershed: the same for long-range offsets (default: ``mutex_bias``)."""
 
 
 class PipelineConfig(BaseModel):

@@ -70,10 +70,12 @@ def segment(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
+    zarr_format: int | None = None,
 ) -> SegmentReport | Any:
     """Predict membranes over ``volume`` and label them into segments, writing one OME-Zarr output.
 
-    Returns the prediction plan instead when ``dry_run``.
+    Returns the prediction plan instead when ``dry_run``.  ``zarr_format`` (2 or 3) of the output:
+    default the input's; the label images inside it follow.
     """
     from emseg.agglomerate import check_thresholds, choose_mode, segment_prediction
     from emseg.cluster import connect
@@ -100,14 +102,16 @@ def segment(
 
     with run_lock(out, "segment"):
         with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
-            predicted = predict(volume, out, **predict_kwargs, overwrite=overwrite, progress=progress, client=connection)
+            predicted = predict(volume, out, **predict_kwargs, overwrite=overwrite, progress=progress, client=connection,
+                                zarr_format=zarr_format)
             labelled: Any
             if lab.method == "agglomerate":
                 labelled = AgglomerationSteps(*segment_prediction(
                     out, mode=mode, fragment_threshold=agg.fragment_threshold, seeds=agg.seeds,
                     min_distance=agg.min_distance, min_size=agg.min_size, block_size=lab.block_size,
                     context=agg.context, quantile=agg.quantile, threshold=agg.threshold, thresholds=agg.thresholds,
-                    score=agg.score, overwrite=overwrite, progress=progress, client=connection))
+                    score=agg.score, fragments_method=agg.fragments, mutex_bias=agg.mutex_bias,
+                    long_range_bias=agg.long_range_bias, overwrite=overwrite, progress=progress, client=connection))
             else:
                 labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
                                  mode=mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,

@@ -24,6 +24,10 @@ THRESHOLDS = ZYX(float, minimum=float("-inf"), name="T,T,...")
                    "mean: the edge's own 1 - mean affinity (exactly blockwise = whole volume).")
 @click.option("--2d/--3d", "two_d", default=None,
               help="Fragments and graph per section, or in 3-D [default: per section when z >= 2.5 x the y/x voxel size].")
+@click.option("--fragments", "fragments_method", type=click.Choice(["watershed", "mutex"]), default=None,
+              help="Fragments by seeded watershed [default], or by mutex watershed of long-range affinities "
+                   "(offsets from the prediction's checkpoint).")
+@click.option("--mutex-bias", type=float, default=None, help="Mutex watershed: affinities above this attract [0.5].")
 @click.option("--fragment-threshold", type=float, default=None,
               help="Boundary probability below which a voxel seeds a fragment [default: tuned default].")
 @click.option("--min-distance", type=click.IntRange(min=1), default=None, help="Seed window radius (voxels).")
@@ -39,7 +43,8 @@ THRESHOLDS = ZYX(float, minimum=float("-inf"), name="T,T,...")
 @click.option("--json", "as_json", is_flag=True, help="Print the label images and segment counts as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 def agglomerate(target: str, threshold: float | None, thresholds: tuple[float, ...] | None, score: str,
-                two_d: bool | None, fragment_threshold: float | None, min_distance: int | None,
+                two_d: bool | None, fragments_method: str | None, mutex_bias: float | None,
+                fragment_threshold: float | None, min_distance: int | None,
                 min_size: int | None, context: tuple[int, ...] | None, quantile: float | None,
                 block_size: tuple[int, ...] | None, workers: int | None, cluster: str | None,
                 scheduler: str | None, overwrite: bool, as_json: bool, progress: bool) -> None:
@@ -62,7 +67,8 @@ def agglomerate(target: str, threshold: float | None, thresholds: tuple[float, .
     options = dict(threshold=defaults.threshold if threshold is None else threshold,
                    thresholds=tuple(thresholds or ()), score=score, overwrite=overwrite, progress=progress,
                    cluster=cluster, scheduler=scheduler, workers=workers)
-    fragment_options = (two_d, fragment_threshold, min_distance, min_size, context, quantile, block_size)
+    fragment_options = (two_d, fragments_method, mutex_bias, fragment_threshold, min_distance, min_size, context,
+                        quantile, block_size)
     rebuild = any(v is not None for v in fragment_options)
     if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / "fragments",
                                                                      image_only=True)):
@@ -80,6 +86,8 @@ def agglomerate(target: str, threshold: float | None, thresholds: tuple[float, .
             fragment_threshold=defaults.fragment_threshold if fragment_threshold is None else fragment_threshold,
             min_distance=defaults.min_distance if min_distance is None else min_distance,
             min_size=defaults.min_size if min_size is None else min_size, seeds=defaults.seeds,
+            fragments_method=fragments_method or defaults.fragments,  # type: ignore[arg-type]
+            mutex_bias=defaults.mutex_bias if mutex_bias is None else mutex_bias,
             context=context, quantile=quantile, block_size=block_size, **options)  # type: ignore[arg-type]
         text = "\n".join([fragments.summary(), graph.summary(), report.summary()])
     if as_json:

@@ -176,3 +176,25 @@ def test_cli_help_and_json_run(prediction, connection) -> None:
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert read_status(prediction / "labels" / "segments")["threshold"] == 0.7
+
+
+def test_mutex_watershed_fragments_then_agglomeration(write_prediction, connection) -> None:
+    from emseg.io import update_status
+
+    from .test_compute import OFFSETS, _long_range_affinities
+
+    gt, _ = cells(SHAPE, 15, seed=4, blur=0.5)
+    affs = _long_range_affinities(gt, OFFSETS, noise=0.15, seed=1)
+    pred = write_prediction(affs, outputs=tuple(f"aff_{i}" for i in range(len(OFFSETS))))
+    update_status(pred, offsets=[list(o) for o in OFFSETS])
+    fragments, graph, report = segment_prediction(pred, fragments_method="mutex", block_size=(8, 24, 32),
+                                                  threshold=0.5, progress=False, client=connection)
+    frag = _read(pred / "labels" / "fragments")
+    ids = np.unique(frag)
+    assert np.array_equal(ids, np.arange(1, fragments.n_segments + 1))
+    assert graph.n_fragments == fragments.n_segments
+    seg = _read(report.labels_path)
+    frag_voi = sum(variation_of_information(gt, frag))
+    seg_voi = sum(variation_of_information(gt, seg))
+    assert seg_voi < frag_voi  # cells cut at block faces are joined again
+    assert seg_voi < 0.3

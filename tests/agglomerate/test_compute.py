@@ -129,3 +129,33 @@ def test_quiet_stdout_hides_waterz_progress(capfd) -> None:
     merge_scores(frag, affs, edges.u, edges.v)
     out, _ = capfd.readouterr()
     assert out == ""
+
+
+def _long_range_affinities(gt: np.ndarray, offsets, noise: float, seed: int) -> np.ndarray:
+    """Affinity of p and p + o for every offset o: 1 inside a cell, 0 across, plus noise; 0 outside."""
+    rng = np.random.default_rng(seed)
+    affs = np.zeros((len(offsets), *gt.shape), np.float32)
+    for c, o in enumerate(offsets):
+        src = tuple(slice(max(0, -d), s - max(0, d)) for d, s in zip(o, gt.shape))
+        dst = tuple(slice(max(0, d), s - max(0, -d)) for d, s in zip(o, gt.shape))
+        affs[c][src] = gt[src] == gt[dst]
+    return np.clip(affs + rng.normal(0, noise, affs.shape).astype(np.float32), 0, 1)
+
+
+OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (-2, 0, 0), (0, -5, 0), (0, 0, -5))
+
+
+def test_mutex_watershed_recovers_cells_from_long_range_affinities() -> None:
+    from emseg.segment.mutex import check_offsets, mutex_fragments, offsets_halo
+
+    gt, _ = cells((6, 40, 40), 12, seed=8)
+    affs = _long_range_affinities(gt, OFFSETS, noise=0.0, seed=0)
+    labels, n = mutex_fragments(affs, OFFSETS)
+    assert _same_partition(labels, gt) and n == len(np.unique(gt))
+    # in 2-D mode no segment spans two sections
+    labels2d, _ = mutex_fragments(affs, OFFSETS, mode="2d")
+    for z in range(labels2d.shape[0] - 1):
+        assert not set(np.unique(labels2d[z])) & set(np.unique(labels2d[z + 1]))
+    assert offsets_halo(check_offsets(OFFSETS, 6)) == (3, 6, 6)
+    with pytest.raises(Exception, match="offsets"):
+        check_offsets(OFFSETS, 3)
