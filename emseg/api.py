@@ -167,6 +167,7 @@ def predict(
     devices: Sequence[int] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    zarr_format: int | None = None,
 ) -> Any:
     """Membrane (boundary) probabilities of a model for every voxel, as ``emseg predict``.
 
@@ -182,7 +183,7 @@ def predict(
         As ``emseg predict --block-size ...`` (voxels, ``z, y, x``).
     voxel_size : (z, y, x) floats, optional
         Nanometres per voxel of an array input (a path carries its own).
-    cluster, scheduler, workers, devices, overwrite, progress
+    cluster, scheduler, workers, devices, overwrite, progress, zarr_format
         As the command's options.
 
     Returns
@@ -198,7 +199,7 @@ def predict(
     if kind == "path":
         return run_predict(volume, _need_output(output, "predict"), **options, cluster=cluster,  # type: ignore[arg-type]
                            scheduler=scheduler, workers=workers, devices=devices, overwrite=overwrite,
-                           progress=progress)
+                           progress=progress, zarr_format=zarr_format)
     _check_array(volume)
     if kind == "dask" and output is None:
         return _predict_lazy(volume, voxel_size, options)
@@ -208,7 +209,7 @@ def predict(
         out = Path(output) if output is not None else work / "prediction.zarr"
         with _scheduler(cluster, scheduler) as where:
             run_predict(raw, out, **options, **where, workers=workers, devices=devices,  # type: ignore[arg-type]
-                        overwrite=overwrite, progress=progress)
+                        overwrite=overwrite, progress=progress, zarr_format=zarr_format)
         return _read(out, lazy=kind == "dask")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -290,6 +291,7 @@ def label(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    zarr_format: int | None = None,
 ) -> Any:
     """Globally consistent uint64 segment IDs from a boundary prediction, as ``emseg label``.
 
@@ -303,7 +305,7 @@ def label(
         own image for ``labels/segments``).
     method, threshold, foreground, connectivity, mode, min_size, seeds, min_distance, block_size
         As the command's options (``mode="2d"`` is ``--2d``).
-    voxel_size, cluster, scheduler, workers, overwrite, progress
+    voxel_size, cluster, scheduler, workers, overwrite, progress, zarr_format
         See :func:`predict`.
 
     Returns
@@ -318,7 +320,8 @@ def label(
     kind = _kind(prediction)
     if kind == "path":
         return run_label(prediction, _need_output(output, "label"), **options, cluster=cluster,  # type: ignore[arg-type]
-                         scheduler=scheduler, workers=workers, overwrite=overwrite, progress=progress)
+                         scheduler=scheduler, workers=workers, overwrite=overwrite, progress=progress,
+                         zarr_format=zarr_format)
     _check_array(prediction)
     lazy = kind == "dask"
     work = _temp_dir(keep=lazy and output is None)
@@ -327,7 +330,7 @@ def label(
         target = Path(output) if output is not None else pred
         with _scheduler(cluster, scheduler) as where:
             run_label(pred, target, **options, **where, workers=workers, overwrite=overwrite,  # type: ignore[arg-type]
-                      progress=progress)
+                      progress=progress, zarr_format=zarr_format)
         return _read(target if output is not None else pred / "labels" / "segments", lazy=lazy)
     finally:
         if not (lazy and output is None):
@@ -359,6 +362,7 @@ def segment(
     devices: Sequence[int] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    zarr_format: int | None = None,
 ) -> Any:
     """Predict and label in one run, as ``emseg segment`` (a ``pipeline`` recipe plus overrides).
 
@@ -372,7 +376,7 @@ def segment(
         A recipe (``pipelines/isbi2012.toml``); the other options override its fields, None keeps them.
     model, block_size, batch_size, tta, precision, method, threshold, mode, min_size
         As the command's options (``mode="2d"`` is ``--2d``).
-    voxel_size, cluster, scheduler, workers, devices, overwrite, progress
+    voxel_size, cluster, scheduler, workers, devices, overwrite, progress, zarr_format
         See :func:`predict`.
 
     Returns
@@ -392,7 +396,7 @@ def segment(
     if kind == "path":
         return run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
                            devices=tuple(devices) if devices is not None else None, overwrite=overwrite,
-                           progress=progress)
+                           progress=progress, zarr_format=zarr_format)
     _check_array(volume)
     lazy = kind == "dask"
     work = _temp_dir(keep=lazy and output is None)
@@ -400,7 +404,8 @@ def segment(
         raw = _write_image(work / "raw.zarr", volume, voxel_size)
         out = Path(output) if output is not None else work / "segmented.zarr"
         with _scheduler(cluster, scheduler) as where:
-            run_segment(raw, out, config, **where, workers=workers, overwrite=overwrite, progress=progress)
+            run_segment(raw, out, config, **where, workers=workers, overwrite=overwrite, progress=progress,
+                        zarr_format=zarr_format)
         return Segmentation(_read(out, lazy), _read(out / "labels" / "segments", lazy))
     finally:
         if not (lazy and output is None):

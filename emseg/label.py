@@ -201,6 +201,7 @@ def label(
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
+    zarr_format: int | None = None,
 ) -> LabelReport:
     """Label a boundary prediction blockwise on a Dask cluster.
 
@@ -248,6 +249,9 @@ def label(
     client : distributed.Client or emseg.cluster.Connection, optional
         Run on this open client (e.g. ``emseg segment`` chaining predict and label); otherwise a
         cluster is started from ``cluster`` / ``scheduler`` / ``workers`` and closed afterwards.
+    zarr_format : {2, 3}, optional
+        Zarr format of a new label image (3: OME-NGFF 0.5, 2: 0.4); default: the prediction's.  Labels
+        written into the prediction's own image follow that image.
 
     Raises
     ------
@@ -298,11 +302,15 @@ def label(
             raise VolumeShapeError(f"{pred_path}: affinities need at least 3 channels (z, y, x), got axes "
                                    f"{pred.axes} and shape {pred.array.shape}")
         params["input_kind"] = input_kind
+    if zarr_format not in (None, 2, 3):
+        raise ConfigError(f"--zarr-format must be 2 or 3, got {zarr_format!r}")
     fingerprint = fingerprint_of(params)
 
     labels_array = _prepare_labels(pred_path, output, label_root, in_image=in_image, shape=shape, chunks=chunks,
                                    params=params, fingerprint=fingerprint, overwrite=overwrite,
-                                   voxel_size=pred.voxel_size, offset_nm=pred.offset_nm, name=name)
+                                   voxel_size=pred.voxel_size, offset_nm=pred.offset_nm, name=name,
+                                   zarr_format=int(pred.array.metadata.zarr_format) if zarr_format is None
+                                   else zarr_format)
     face_axes = tuple(a for a in range(3) if merge_faces and grid.grid_shape[a] > 1
                       and not (mode == "2d" and a == 0))
     job = _Job(pred=str(pred.path), state=str(label_root), labels=str(labels_array), grid=grid, method=method,
@@ -364,6 +372,7 @@ def _prepare_labels(
     voxel_size: Sequence[float],
     offset_nm: Sequence[float],
     name: str = LABEL_NAME,
+    zarr_format: int = 3,
 ) -> Path:
     """Create the label image, or reopen the one a run with the same parameters left; its level-0 path."""
     status_value = {"fingerprint": fingerprint, "params": params}
@@ -397,7 +406,7 @@ def _prepare_labels(
     else:
         volume = create_volume(output, shape=shape, dtype=np.uint64, chunks=chunks, voxel_size=voxel_size,
                                offset_nm=offset_nm, overwrite=overwrite, name=name,
-                               extra_attrs={STATUS_KEY: status_value})
+                               extra_attrs={STATUS_KEY: status_value}, zarr_format=zarr_format)  # type: ignore[arg-type]
     return Path(volume.path)
 
 

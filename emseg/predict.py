@@ -551,7 +551,7 @@ class PredictReport:
                 "dry_run": self.dry_run, "model": str(self.plan.checkpoint), "model_choice": self.plan.model_choice}
 
 
-def _prepare(plan: PredictionPlan, output: Path, overwrite: bool) -> None:
+def _prepare(plan: PredictionPlan, output: Path, overwrite: bool, zarr_format: int | None = None) -> None:
     """Create the output, or check that an existing one holds this very run (resume)."""
     from emseg.io import create_volume, read_status, update_status
     from emseg.io.safety import overwrite_hint, zarr_attrs
@@ -576,12 +576,21 @@ def _prepare(plan: PredictionPlan, output: Path, overwrite: bool) -> None:
         log.info("%s: resuming an earlier run", output)
         return
     vol_offset = _volume_offset(plan.volume)
+    fmt = zarr_format if zarr_format is not None else _zarr_format_of(plan.volume)
     create_volume(output, shape=plan.volume_shape, dtype=plan.dtype, chunks=plan.chunks, voxel_size=plan.voxel_size,
-                  offset_nm=vol_offset, channels=plan.out_channels, overwrite=overwrite, name="predictions")
+                  offset_nm=vol_offset, channels=plan.out_channels, overwrite=overwrite, name="predictions",
+                  zarr_format=fmt)  # type: ignore[arg-type]
     # The source is recorded as an absolute path, so that `emseg view` finds it from any folder.
     update_status(output, stage=STAGE, source=str(plan.volume.resolve()), params=plan.params,
                   outputs=list(plan.outputs),
                   checkpoint=str(plan.checkpoint))
+
+
+def _zarr_format_of(path: Path) -> int:
+    """2 or 3: the zarr format of a volume (outputs follow their input unless told otherwise)."""
+    from emseg.io import open_volume
+
+    return int(open_volume(path).array.metadata.zarr_format)
 
 
 def _volume_offset(path: Path) -> tuple[float, ...]:
@@ -612,6 +621,7 @@ def predict(
     dry_run: bool = False,
     progress: bool = True,
     client: Any = None,
+    zarr_format: int | None = None,
 ) -> PredictReport:
     """Predict ``checkpoint``'s outputs for every voxel of a volume into an OME-Zarr image.
 
@@ -637,6 +647,8 @@ def predict(
         Progress bar on stderr.
     client : emseg.cluster.Connection, optional
         Run on this open cluster (e.g. to chain predict and label on one cluster).
+    zarr_format : {2, 3}, optional
+        Zarr format of the output (3: OME-NGFF 0.5, 2: 0.4); default: the input's.
 
     Raises
     ------
@@ -663,7 +675,9 @@ def predict(
                                                       client=client),
                  f"a prediction block of {'x'.join(map(str, plan.grid.block_shape))} voxels",
                  "use a smaller --block-size, --tile-size or --batch-size, or workers with more memory")
-    _prepare(plan, output, overwrite)
+    if zarr_format not in (None, 2, 3):
+        raise ConfigError(f"--zarr-format must be 2 or 3, got {zarr_format!r}")
+    _prepare(plan, output, overwrite, zarr_format)
     from emseg.cluster import connect
 
     with connect(cluster, scheduler=scheduler, workers=workers, devices=devices, client=client) as connection:

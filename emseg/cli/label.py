@@ -34,6 +34,8 @@ from emseg.cli.types import INT_ZYX
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Local worker processes.")
 @click.option("--cluster", default=None, help="Cluster profile: local, local-gpu, slurm or a YAML file.")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler to use instead.")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default=None,
+              help="Zarr format of the output: 3 = OME-NGFF 0.5, 2 = OME-NGFF 0.4  [default: PRED's; labels inside PRED follow PRED].")
 @click.option("--overwrite", is_flag=True, help="Replace existing labels (otherwise a rerun resumes).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars on stderr.")
 @JSON_OPTION
@@ -52,6 +54,7 @@ def label(
     workers: int | None,
     cluster: str | None,
     scheduler: str | None,
+    zarr_format: str | None,
     overwrite: bool,
     progress: bool,
     as_json: bool,
@@ -73,5 +76,6 @@ def label(
         seeds=seeds, min_distance=min_distance,  # type: ignore[arg-type]
         block_size=None if block_size is None else (block_size * 3 if len(block_size) == 1 else block_size),
         overwrite=overwrite, progress=progress, cluster=cluster, scheduler=scheduler, workers=workers,
+        zarr_format=None if zarr_format is None else int(zarr_format),
     )
     echo_report(report, as_json)

@@ -57,6 +57,8 @@ def _devices(value: str | None) -> tuple[int, ...] | None:
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Join a running Dask scheduler instead.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Local workers [default: one per GPU, else one per core (memory permitting)].")
 @click.option("--devices", default=None, metavar="0,1,...", help="GPU indices to use (one worker each).")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default=None,
+              help="Zarr format of the output: 3 = OME-NGFF 0.5, 2 = OME-NGFF 0.4  [default: the input's].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT, also one left by a run with other parameters.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, halo, voxels, memory) and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
@@ -77,6 +79,7 @@ def predict(
     scheduler: str | None,
     workers: int | None,
     devices: str | None,
+    zarr_format: str | None,
     overwrite: bool,
     dry_run: bool,
     as_json: bool,
@@ -95,7 +98,7 @@ def predict(
         tile_size=_three(tile_size, "--tile-size"), halo=_three(halo, "--halo"), chunks=_three(chunks, "--chunks"),
         batch_size=batch_size, tta=tta, precision=precision, dtype=dtype,  # type: ignore[arg-type]
         cluster=cluster, scheduler=scheduler, workers=workers, devices=_devices(devices), overwrite=overwrite,
-        dry_run=dry_run, progress=progress,
+        dry_run=dry_run, progress=progress, zarr_format=None if zarr_format is None else int(zarr_format),
     )
     if as_json:
         data = report.to_json()

@@ -31,6 +31,8 @@ from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 @click.option("--devices", type=INDEX_LIST, help="GPU indices to use, e.g. 0,1.")
 @click.option("--cluster", help="Cluster profile: local, local-gpu, slurm, or a profile YAML.")
 @click.option("--scheduler", help="Address of a running Dask scheduler to use instead.")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default=None,
+              help="Zarr format of the output: 3 = OME-NGFF 0.5, 2 = OME-NGFF 0.4  [default: the input's].")
 @click.option("--overwrite", is_flag=True, help="Replace an output made with other parameters.")
 @click.option("--dry-run", is_flag=True, help="Print the block plan and exit.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -38,7 +40,8 @@ from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 def segment(volume: str, output: str | None, pipeline: str | None, model: str | None, block_size: tuple[int, ...] | None,
             batch_size: int | None, tta: bool | None, precision: str | None, method: str | None,
             merge_threshold: float | None, thresholds: tuple[float, ...] | None, threshold: float | None, two_d: bool | None, min_size: int | None, workers: int | None,
-            devices: tuple[int, ...] | None, cluster: str | None, scheduler: str | None, overwrite: bool,
+            devices: tuple[int, ...] | None, cluster: str | None, scheduler: str | None, zarr_format: str | None,
+            overwrite: bool,
             dry_run: bool, no_progress: bool, as_json: bool) -> None:
     """Segment VOLUME (an OME-Zarr image or zarr array): predict membranes, then label segments.
 
@@ -55,5 +58,6 @@ def segment(volume: str, output: str | None, pipeline: str | None, model: str | 
         "agglomerate": {"threshold": merge_threshold, "thresholds": thresholds},
     })
     report = run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
-                         devices=devices, overwrite=overwrite, dry_run=dry_run, progress=not no_progress)
+                         devices=devices, overwrite=overwrite, dry_run=dry_run, progress=not no_progress,
+                         zarr_format=None if zarr_format is None else int(zarr_format))
     echo_report(report, as_json)
