@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -16,12 +17,19 @@ import click
 def info(path: str, as_json: bool, verify: bool) -> None:
     """Show shape, dtype, chunks, axes, voxel size, compressor, size on disk and levels of PATH.
 
-    PATH is an OME-Zarr image (image.zarr), one of its levels (image.zarr/0) or a zarr array.
+    PATH is an OME-Zarr image (image.zarr), one of its levels (image.zarr/0), a zarr array, or a
+    neuroglancer precomputed layer or export (`emseg export --format precomputed`).
     """
     from emseg.io.convert import describe
 
     if verify:
         _verify(path)
+    from emseg.io.meshes import describe_precomputed, precomputed_summary
+
+    layer = describe_precomputed(path)  # a neuroglancer precomputed layer or export
+    if layer is not None:
+        click.echo(json.dumps(layer, indent=2) if as_json else precomputed_summary(layer))
+        return
     report = describe(path)
     click.echo(report.to_json() if as_json else report.summary())
 

@@ -235,3 +235,54 @@ def write_skeletons(
     }))
     _update_info(layer_path, skeletons="skeletons")
     return written
+
+
+def describe_precomputed(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What ``emseg info`` shows for a precomputed layer or export directory (None: it is neither).
+
+    A layer (a directory with a precomputed ``info``): type, data type, channels, scales (key,
+    size, resolution nm, chunk size, encoding), meshes and skeletons.  An export directory
+    (``image/``, ``labels/<name>/``): the same for each of its layers.
+    """
+    root = Path(path)
+
+    def layer(folder: Path) -> dict[str, Any] | None:
+        try:
+            info = json.loads((folder / "info").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(info, dict) or info.get("@type", "neuroglancer_multiscale_volume") != \
+                "neuroglancer_multiscale_volume" or "scales" not in info:
+            return None
+        scales = [{"key": s.get("key"), "size": s.get("size"), "resolution": s.get("resolution"),
+                   "chunk_size": (s.get("chunk_sizes") or [None])[0], "encoding": s.get("encoding"),
+                   "sharded": bool(s.get("sharding"))} for s in info["scales"]]
+        return {"path": str(folder), "kind": "neuroglancer precomputed", "type": info.get("type"),
+                "data_type": info.get("data_type"), "num_channels": info.get("num_channels"), "scales": scales,
+                "mesh": info.get("mesh"), "skeletons": info.get("skeletons")}
+
+    if (root / "info").is_file():
+        return layer(root)
+    candidates = [root / "image", *sorted((root / "labels").glob("*"))] if (root / "labels").is_dir() else [
+        root / "image"]
+    layers = [found for found in (layer(c) for c in candidates if (c / "info").is_file()) if found]
+    return {"path": str(root), "kind": "neuroglancer precomputed export", "layers": layers} if layers else None
+
+
+def precomputed_summary(description: dict[str, Any]) -> str:
+    """Text lines for :func:`describe_precomputed`'s result."""
+    if "layers" in description:
+        return "\n\n".join([f"path:       {description['path']} ({description['kind']}, "
+                            f"{len(description['layers'])} layer(s))"]
+                           + [precomputed_summary(lay) for lay in description["layers"]])
+    lines = [f"path:       {description['path']}",
+             f"kind:       {description['kind']} {description['type']} layer",
+             f"dtype:      {description['data_type']} x {description['num_channels']} channel(s)"]
+    for s in description["scales"]:
+        lines.append(f"scale {s['key']}: size {s['size']} (x, y, z), resolution {s['resolution']} nm, "
+                     f"chunks {s['chunk_size']}, {s['encoding']}{', sharded' if s['sharded'] else ''}")
+    if description.get("mesh"):
+        lines.append(f"meshes:     {description['mesh']}/")
+    if description.get("skeletons"):
+        lines.append(f"skeletons:  {description['skeletons']}/")
+    return "\n".join(lines)

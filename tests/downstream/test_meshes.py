@@ -106,3 +106,18 @@ def test_scale_keys_and_chunks_as_igneous_names_them(tubes: Path, tmp_path: Path
     cv = cloudvolume.CloudVolume(f"file://{layer}", progress=False)
     cv.add_scale((2, 2, 1))
     assert [s["key"] for s in cv.info["scales"]] == ["4_4_8", "8_8_8"]
+
+
+def test_info_describes_precomputed_layers(tubes: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from emseg.cli import cli
+
+    export_precomputed(tubes, tmp_path / "pc", overwrite=False, mesh=True, progress=False)
+    runner = CliRunner()
+    layer = runner.invoke(cli, ["info", str(tmp_path / "pc" / "labels" / "segments")])
+    assert layer.exit_code == 0, layer.output
+    assert "segmentation layer" in layer.output and "scale 4_4_8" in layer.output and "meshes:" in layer.output
+    export = runner.invoke(cli, ["info", str(tmp_path / "pc"), "--json"])
+    assert export.exit_code == 0, export.output
+    assert [lay["type"] for lay in json.loads(export.output)["layers"]] == ["image", "segmentation"]
