@@ -99,6 +99,7 @@ __all__ = [
     "is_fragments",
     "make_fragments",
     "mutex_fragments_blockwise",
+    "nearest_channels",
     "prediction_offsets",
     "segment_prediction",
     "segments_name",
@@ -419,6 +420,21 @@ class _GraphJob:
     context: Coordinate
     quantile: float | None
     hierarchical: bool
+    channels: tuple[int, ...] = (0, 1, 2)
+    """Affinities: the channels holding the z, y, x nearest-neighbour affinities."""
+
+
+def nearest_channels(offsets: Sequence[Sequence[int]] | None) -> tuple[int, int, int]:
+    """Channels of the offsets (-1, 0, 0), (0, -1, 0), (0, 0, -1) (waterz's z, y, x); (0, 1, 2) if unknown."""
+    if not offsets:
+        return (0, 1, 2)
+    wanted = [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
+    found = [tuple(int(v) for v in o) for o in offsets]
+    if all(w in found for w in wanted):
+        return tuple(found.index(w) for w in wanted)  # type: ignore[return-value]
+    log.warning("affinity offsets %s lack the nearest neighbours (-1,0,0), (0,-1,0), (0,0,-1); "
+                "taking channels 0, 1, 2 as z, y, x", found)
+    return (0, 1, 2)
 
 
 def _fragments_image(path: str | os.PathLike[str]) -> tuple[Any, Path]:
@@ -546,6 +562,9 @@ def build_graph(
         "kind": kind, "mode": resolved, "context": list(ctx), "quantile": quantile, "hierarchical": hierarchical,
         "block": list(grid.block_shape),
     }
+    channels = nearest_channels(prediction_offsets(pred_path)) if kind == "affinities" else (0, 1, 2)
+    if channels != (0, 1, 2):
+        params["channels"] = list(channels)
     fingerprint = fingerprint_of(params)
     previous = read_status(image).get(GRAPH_KEY) or {}
     if previous.get("fingerprint") not in (None, fingerprint):
@@ -555,7 +574,7 @@ def build_graph(
         remove_graph(image)
         update_status(image, **{GRAPH_KEY: {"fingerprint": fingerprint, "params": params, "complete": False}})
     job = _GraphJob(pred=str(pred.path), fragments=str(frag.path), state=str(image), grid=grid, kind=kind,
-                    mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical)
+                    mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical, channels=channels)
     from emseg.cluster import connect
 
     start = time.perf_counter()
@@ -586,7 +605,7 @@ def _graph_block(job: _GraphJob, block: Block) -> dict[str, Any]:
     fragments = frag_vol.read(region)
     data = pred_vol.read(region)
     if job.kind == "affinities":
-        data = data[:3]
+        data = data[list(job.channels)]
     affs = prediction_affinities(data, job.kind, mode=job.mode)  # type: ignore[arg-type]
     inner = ext.relative_to(region).to_slices()
     frag_ext = np.ascontiguousarray(fragments[inner])

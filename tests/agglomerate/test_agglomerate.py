@@ -198,3 +198,10 @@ def test_mutex_watershed_fragments_then_agglomeration(write_prediction, connecti
     seg_voi = sum(variation_of_information(gt, seg))
     assert seg_voi < frag_voi  # cells cut at block faces are joined again
     assert seg_voi < 0.3
+
+
+def test_nearest_neighbour_channels_are_found_by_offset() -> None:
+    from emseg.agglomerate import nearest_channels
+
+    assert nearest_channels(None) == (0, 1, 2)
+    assert nearest_channels([(0, 0, -1), (-3, 0, 0), (0, -1, 0), (-1, 0, 0)]) == (3, 2, 0)
