@@ -6,6 +6,7 @@ The Python API (paths, numpy or dask arrays in; see :mod:`emseg.api` and the REA
     probabilities = emseg.predict(raw)                        # (c, z, y, x) uint8, 255 = membrane
     segments = emseg.label(probabilities, voxel_size=(50, 4, 4))
     prediction, segments = emseg.segment(raw, voxel_size=(50, 4, 4))
+    segments = emseg.agglomerate(probabilities, voxel_size=(50, 4, 4), threshold=0.8)
 
 Names are imported on first use, so ``import emseg`` stays fast (no torch, no dask).
 """
@@ -26,6 +27,7 @@ __all__ = [
     "Roi",
     "Segmentation",
     "__version__",
+    "agglomerate",
     "label",
     "plan_blocks",
     "predict",
@@ -40,16 +42,17 @@ _LAZY = {
     "plan_blocks": "emseg.geometry",
     "EmsegError": "emseg.errors",
     "Segmentation": "emseg.api",
+    "agglomerate": "emseg.api",
     "label": "emseg.api",
     "predict": "emseg.api",
     "segment": "emseg.api",
 }
 # The API functions share their names with submodules (emseg/predict.py, emseg/label.py,
-# emseg/segment/): importing such a submodule must not replace the function on the package.
-_FUNCTIONS = frozenset({"label", "predict", "segment"})
+# emseg/segment/, emseg/agglomerate.py): importing such a submodule must not replace the function.
+_FUNCTIONS = frozenset({"agglomerate", "label", "predict", "segment"})
 
 if TYPE_CHECKING:
-    from emseg.api import Segmentation, label, predict, segment
+    from emseg.api import Segmentation, agglomerate, label, predict, segment
     from emseg.errors import EmsegError
     from emseg.geometry import Block, BlockGrid, Roi, plan_blocks
 

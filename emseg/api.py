@@ -1,4 +1,4 @@
-"""The Python API: ``emseg.predict``, ``emseg.segment``, ``emseg.label`` on paths *or* arrays.
+"""The Python API: ``emseg.predict``, ``emseg.segment``, ``emseg.label``, ``emseg.agglomerate`` on paths *or* arrays.
 
 Each function takes what the command of the same name takes, with the same option names and
 meanings (``emseg predict --block-size 16,256,256`` is ``emseg.predict(..., block_size=(16, 256,
@@ -12,7 +12,7 @@ meanings (``emseg predict --block-size 16,256,256`` is ``emseg.predict(..., bloc
   ``scheduler`` is given; returns numpy arrays.  Give ``voxel_size`` (nm, ``z, y, x``) where it
   matters (the label method's 2-D/3-D choice, a model trained at another resolution).
 * a **dask array**: ``predict`` is lazy, one task per block of the command's block plan (the model's
-  halo read from the mirrored input); ``label`` and ``segment`` need the whole volume to stitch
+  halo read from the mirrored input); ``label``, ``agglomerate`` and ``segment`` need the whole volume to stitch
   segment IDs, so they compute on call and return dask arrays reading the result store
   (``output``, or a temporary store removed when Python exits).
 
@@ -38,7 +38,7 @@ from emseg.errors import ConfigError, VolumeShapeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Segmentation", "label", "predict", "segment"]
+__all__ = ["Segmentation", "agglomerate", "label", "predict", "segment"]
 
 PathLike = str | os.PathLike[str]
 _TEMP_DIRS: list[str] = []
@@ -411,3 +411,63 @@ def segment(
         if not (lazy and output is None):
             shutil.rmtree(work, ignore_errors=True)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# agglomerate
+
+
+def agglomerate(
+    prediction: Any,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    cluster: str | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> Any:
+    """Fragments, region graph and agglomerated segments of a boundary prediction (or affinities).
+
+    The run of ``emseg agglomerate`` (:func:`emseg.agglomerate.segment_prediction`): per-block
+    watershed fragments, their region graph with merge scores, and the segments of every edge
+    scored below ``threshold``.
+
+    Parameters
+    ----------
+    prediction : path, numpy array or dask array
+        ``(c, z, y, x)``: channel 0 the boundary probability (uint8 ``255 p`` or float), or
+        affinities (channels z, y, x first).  A path's labels go into its own image
+        (``labels/fragments``, ``labels/segments``).
+    voxel_size, cluster, scheduler, workers, overwrite, progress
+        See :func:`predict`.
+    **options
+        The keyword options of :func:`emseg.agglomerate.segment_prediction`, named as there
+        (``threshold``, ``thresholds``, ``score``, ``fragment_threshold``, ``seeds``,
+        ``min_distance``, ``min_size``, ``mode``, ``block_size``, ``context`` ...).
+
+    Returns
+    -------
+    For a path, the (fragments, graph, agglomeration) reports; for an array, the ``(z, y, x)``
+    uint64 segments ``1..n`` as numpy, or as a dask array over the result store for a dask input.
+    """
+    from emseg.agglomerate import segment_prediction
+
+    kind = _kind(prediction)
+    if kind == "path":
+        return segment_prediction(prediction, cluster=cluster, scheduler=scheduler, workers=workers,
+                                  overwrite=overwrite, progress=progress, **options)
+    _check_array(prediction)
+    if prediction.ndim == 3:
+        prediction = prediction[None]
+    lazy = kind == "dask"
+    work = _temp_dir(keep=lazy)
+    try:
+        pred = _write_image(work / "prediction.zarr", prediction, voxel_size)
+        with _scheduler(cluster, scheduler) as where:
+            segment_prediction(pred, **where, workers=workers, overwrite=overwrite, progress=progress, **options)
+        return _read(pred / "labels" / "segments", lazy=lazy)
+    finally:
+        if not lazy:
+            shutil.rmtree(work, ignore_errors=True)

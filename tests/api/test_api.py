@@ -95,3 +95,27 @@ def test_import_is_lazy_and_all_resolves():
     assert callable(emseg.predict) and callable(emseg.label) and callable(emseg.segment)
     assert {n: getattr(emseg, n) for n in emseg.__all__}
     assert sorted(emseg.__all__) == sorted(set(emseg.__all__))
+
+
+def test_agglomerate_numpy_and_dask(tmp_path: Path, scheduler: str):
+    import emseg.agglomerate  # noqa: F401  (the submodule does not shadow the function)
+
+    rng = np.random.default_rng(0)
+    shape = (8, 64, 64)
+    centres = rng.uniform(0, 1, (20, 3)) * np.array(shape)
+    grid = np.stack(np.meshgrid(*(np.arange(s) + 0.5 for s in shape), indexing="ij"), -1)
+    cells = ((grid[..., None, :] - centres) ** 2).sum(-1).argmin(-1)
+    boundary = np.zeros(shape, np.float32)
+    for axis in range(3):
+        index = [slice(None)] * 3
+        index[axis] = slice(1, None)
+        boundary[tuple(index)] = np.maximum(boundary[tuple(index)], np.diff(cells, axis=axis) != 0)
+    segments = emseg.agglomerate(boundary, voxel_size=(8, 8, 8), threshold=0.5)
+    assert isinstance(segments, np.ndarray) and segments.dtype == np.uint64
+    assert 15 <= int(segments.max()) <= 30  # about one segment per cell (20)
+    path = _image(tmp_path / "b.zarr", boundary[None], voxel_size=(8.0, 8.0, 8.0))
+    emseg.agglomerate(path, threshold=0.5, scheduler=scheduler)
+    np.testing.assert_array_equal(open_volume(path / "labels" / "segments").array[...], segments)
+    lazy = emseg.agglomerate(da.from_array(boundary), voxel_size=(8, 8, 8), threshold=0.5)
+    assert isinstance(lazy, da.Array)
+    np.testing.assert_array_equal(lazy.compute(), segments)
