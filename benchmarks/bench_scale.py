@@ -15,12 +15,14 @@ scheduler, the worker-side loop, the completion records, the results.  Reported:
 * ``worker MiB``: peak RSS of the busiest worker;
 * ``ledger``: files and bytes of the stage's completion records;
 * ``resume s``: the done-check of a rerun (:meth:`Ledger.done_mask` over every block), and
-  ``rerun s``: a whole rerun of the stage (every block done: nothing submitted).
+  ``rerun s``: a whole rerun of the stage, wall clock of the call (every block done: the ledger
+  is read, results loaded, nothing submitted).
 
 Usage::
 
     nice .venv/bin/python benchmarks/bench_scale.py                       # 1e4, 1e5, 1e6 blocks
     nice .venv/bin/python benchmarks/bench_scale.py --blocks 10000 --workers 2
+    nice .venv/bin/python benchmarks/bench_scale.py --blocks 10000 --baseline 5cf30b9   # the design before
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 
 def noop(block: object) -> None:
@@ -64,7 +67,33 @@ def _dir_size(path: Path) -> tuple[int, int]:
     return files, size
 
 
-def one(n_blocks: int, workers: int, block: int, workdir: Path) -> dict[str, float]:
+def _baseline(rev: str, workdir: Path) -> tuple[Any, Any]:
+    """``run_blockwise`` and ``Ledger`` as they were at git revision ``rev`` (for a same-machine ratio)."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parent.parent
+    folder = workdir / f"baseline_{rev}"
+    folder.mkdir(parents=True, exist_ok=True)
+    ledger = subprocess.run(["git", "show", f"{rev}:emseg/io/ledger.py"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout
+    runner = subprocess.run(["git", "show", f"{rev}:emseg/runner.py"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout
+    (folder / "baseline_ledger.py").write_text(ledger)
+    (folder / "baseline_runner.py").write_text(runner.replace("from emseg.io.ledger import Ledger",
+                                                              "from baseline_ledger import Ledger"))
+    sys.path.insert(0, str(folder))
+    modules = []
+    for name in ("baseline_ledger", "baseline_runner"):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules[1].run_blockwise, modules[0].Ledger
+
+
+def one(n_blocks: int, workers: int, block: int, workdir: Path, baseline: str | None = None) -> dict[str, float]:
     import functools
 
     from emseg.cluster import connect
@@ -72,6 +101,9 @@ def one(n_blocks: int, workers: int, block: int, workdir: Path) -> dict[str, flo
     from emseg.io import create_volume
     from emseg.io.ledger import Ledger
     from emseg.runner import run_blockwise
+
+    if baseline:
+        run_blockwise, Ledger = _baseline(baseline, workdir)  # noqa: N806 - same names as the current ones
 
     # a z-slab of 100 x 100 blocks per layer (or fewer): n_blocks blocks of block^3 voxels
     side = 100 if n_blocks >= 10_000 else 10
@@ -104,10 +136,13 @@ def one(n_blocks: int, workers: int, block: int, workdir: Path) -> dict[str, flo
         sampler.join()
         worker_peak = max(client.run(lambda: _vmhwm_mib()).values())
         start = time.perf_counter()
-        done = Ledger(out, "noop").done_mask()
+        ledger = Ledger(out, "noop")
+        done = ledger.done_mask() if hasattr(ledger, "done_mask") else ledger.done()
         resume = time.perf_counter() - start
-        assert done.all() and len(done) == n_blocks
+        assert len(done) == n_blocks
+        start = time.perf_counter()
         again = run()
+        rerun = time.perf_counter() - start
         assert again.computed == 0 and again.skipped == n_blocks
     files, size = _dir_size(out / "emseg_state" / "noop")
     return {
@@ -115,7 +150,7 @@ def one(n_blocks: int, workers: int, block: int, workdir: Path) -> dict[str, flo
         "blocks_per_s": n_blocks / first.seconds, "cpu_s": cpu,
         "blocks_per_cpu_s": n_blocks / cpu, "client_peak_mib": _vmhwm_mib(), "client_before_mib": baseline,
         "scheduler_peak_tasks": peak_tasks, "worker_peak_mib": worker_peak, "ledger_files": files,
-        "ledger_bytes": size, "resume_s": resume, "rerun_s": again.seconds,
+        "ledger_bytes": size, "resume_s": resume, "rerun_s": rerun,
     }
 
 
@@ -125,18 +160,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--block", type=int, default=64, help="block (and chunk) edge, voxels")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="run the runner and ledger of this git revision instead (e.g. 5cf30b9, before issue 16)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="emseg-bench-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if args.one is not None:
-        print(json.dumps(one(args.one, args.workers, args.block, workdir)))
+        print(json.dumps(one(args.one, args.workers, args.block, workdir, args.baseline)))
         return
     rows = []
     for n in args.blocks:
         load = os.getloadavg()[0]
         proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--workers", str(args.workers),
-                               "--block", str(args.block), "--workdir", str(workdir)],
+                               "--block", str(args.block), "--workdir", str(workdir)]
+                              + (["--baseline", args.baseline] if args.baseline else []),
                               capture_output=True, text=True, check=False)
         if proc.returncode:
             sys.exit(f"{n} blocks failed:\n{proc.stderr[-3000:]}")
