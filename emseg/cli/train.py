@@ -25,7 +25,7 @@ _FIELDS = {
     "foreground_prob": "foreground_prob", "voxel_size": "voxel_size_nm", "precision": "precision",
     "channels_last": "channels_last", "init": "init", "elastic_sigma": "elastic_sigma",
     "isotropic": "isotropic", "log_every": "log_every", "defect_prob": "defect_prob", "time_limit": "time_limit_min",
-    "select_by": "select_by", "keep_checkpoints": "keep_checkpoints",
+    "select_by": "select_by", "keep_checkpoints": "keep_checkpoints", "affinity_balance": "affinity_balance",
 }
 
 
@@ -71,6 +71,8 @@ _FIELDS = {
               help="3D: isotropic data (FIB-SEM): random axis transposes (xy/xz/yz views) and a 3D elastic field. [default: anisotropic]")
 @click.option("--affinity-offsets", help="Affinity target: partner offsets z,y,x separated by ';', e.g. "
               "'-1,0,0;0,-1,0;0,0,-1;-3,0,0;0,-9,0;0,0,-9'. [default: nearest neighbours]")
+@click.option("--affinity-balance/--no-affinity-balance", default=None,
+              help="Affinities: weight boundary and non-boundary pairs equally in the BCE. [default: on]")
 @click.option("--defect-prob", type=click.FloatRange(0, 1), help="3D: probability per section of a missing or dark section. [default: 0.05]")
 @click.option("--select-by", type=click.Choice(["loss", "adapted_rand_error", "pixel_error"]),
               help="Validation score that picks the best model. [default: loss]")

@@ -98,6 +98,9 @@ class TrainConfig(BaseModel):
     """``affinities`` target: the offset of each channel's partner voxel, ``(z, y, x)`` (``(y, x)`` in
     2D), e.g. ``[[-1,0,0],[0,-1,0],[0,0,-1],[-3,0,0],[0,-9,0],[0,0,-9]]`` for long-range channels.
     Default: the nearest neighbours, channels ``aff_z, aff_y, aff_x``."""
+    affinity_balance: bool = True
+    """``affinities`` target: weight each patch's pairs so that affinity-0 (boundary) and affinity-1
+    pairs carry equal total weight in the BCE (per channel; boundaries are ~10% of the pairs)."""
     defect_prob: float = Field(0.05, ge=0.0, le=1.0)
     """3D only: probability per section of a missing (black) or dark section."""
 

@@ -45,6 +45,7 @@ __all__ = [
     "PreparedVolume",
     "affinities_from_instances",
     "affinity_mask",
+    "balance_weights",
     "instances_from_labels",
     "load_source",
     "membrane_from_instances",
@@ -214,6 +215,22 @@ def affinity_mask(
     return np.stack(channels)
 
 
+def balance_weights(target: npt.NDArray[np.float32], mask: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Per channel, ``mask`` reweighted so that target-0 and target-1 voxels carry equal total weight.
+
+    The mean weight over the masked voxels stays 1; a channel holding one class keeps its mask.
+    """
+    out = np.array(mask, dtype=np.float32, copy=True)
+    for c in range(target.shape[0]):
+        m = mask[c] > 0
+        n = int(m.sum())
+        ones = int((m & (target[c] > 0.5)).sum())
+        if n == 0 or ones in (0, n):
+            continue
+        out[c] = np.where(target[c] > 0.5, 0.5 * n / ones, 0.5 * n / (n - ones)) * m
+    return out
+
+
 def targets_from_instances(
     instances: npt.NDArray[np.integer[Any]], target: str, ndim: int, offsets: Sequence[Sequence[int]] | None = None
 ) -> npt.NDArray[np.float32]:
@@ -358,6 +375,8 @@ def sample_patch(
         weight = weight[out_crop]
     elif cfg.target == "affinities":
         weight = affinity_mask(inst, ndim, cfg.affinity_offsets)[(slice(None), *out_crop)]
+        if cfg.affinity_balance:
+            weight = balance_weights(target, weight)
     mean, std = normalization
     raw = (raw - mean) / std
     if weight is not None and weight.ndim == 3:  # a weight map (z, y, x), not per-channel masks

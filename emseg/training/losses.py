@@ -127,8 +127,11 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | 
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """UNet++'s loss: BCE + soft Dice, both over the voxels where ``mask`` is 1 (all without a mask)."""
-    return masked_bce(logits, target, mask) + soft_dice_loss(logits, target, mask=mask)
+    """UNet++'s loss: BCE + soft Dice over the voxels where ``mask`` is non-zero (all without a mask).
+
+    ``mask`` may hold weights (e.g. class balancing): they weight the BCE; the Dice uses ``mask > 0``.
+    """
+    return masked_bce(logits, target, mask) + soft_dice_loss(logits, target, mask=None if mask is None else (mask > 0).to(logits.dtype))
 
 
 def total_loss(

@@ -157,3 +157,17 @@ def test_init_warm_starts_and_refuses_other_architectures(fib_crop: dict[str, Pa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     r = CliRunner().invoke(cli, [*base, "--base-channels", "3", "--depth", "1", "--init", str(first), "-o", str(tmp_path / "c")])
     assert r.exit_code == 1 and "do not fit the configured model" in r.output
+
+
+def test_balance_weights_equalise_the_classes() -> None:
+    from emseg.training.data import balance_weights
+
+    target = np.array([[1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1]], np.float32)
+    mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 1, 1, 1]], np.float32)
+    w = balance_weights(target, mask)
+    np.testing.assert_allclose(w[0], [0.625, 0.625, 0.625, 2.5, 0.625, 0])  # each class sums to 2.5 = n / 2
+    np.testing.assert_array_equal(w[1], mask[1])  # one class only: the mask unchanged
+    # bce-dice: weights scale the BCE, the Dice sees the binary mask
+    logits = torch.zeros(1, 2, 6)
+    t = torch.from_numpy(target)[None]
+    assert torch.isfinite(bce_dice_loss(logits, t, torch.from_numpy(w)[None]))
