@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -448,6 +449,10 @@ class PredictConfig(BaseModel):
 
 
 _MODEL_CACHE: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+#: One model load or forward pass at a time per worker process.  A GPU worker runs two blocks at once
+#: (:func:`predict` asks for half a GPU per block): while one holds this lock on the GPU, the other
+#: reads its input or writes its output, so zarr I/O overlaps with the model.
+_COMPUTE = threading.Lock()
 
 
 def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
@@ -477,7 +482,8 @@ def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
     from emseg.io import open_volume
 
     start = time.perf_counter()
-    model, cfg = _worker_model(config)
+    with _COMPUTE:
+        model, cfg = _worker_model(config)
     source = open_volume(config.input)
     read_roi = config.tiling.read_roi(block.write_roi)
     try:
@@ -488,11 +494,12 @@ def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
         raise InvalidDataError(f"{config.input}: cannot read {read_roi} for block {block.block_id}: "
                                f"{type(e).__name__}: {e}") from e
     try:
-        values = predict_block(
-            model, raw, raw_roi=read_roi, write_roi=block.write_roi, tiling=config.tiling,
-            mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
-            batch_size=config.batch_size, tta=config.tta, precision=config.precision,
-        )
+        with _COMPUTE:
+            values = predict_block(
+                model, raw, raw_roi=read_roi, write_roi=block.write_roi, tiling=config.tiling,
+                mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
+                batch_size=config.batch_size, tta=config.tta, precision=config.precision,
+            )
     except InvalidDataError as e:
         raise InvalidDataError(f"{config.input}: block {block.block_id} ({block.write_roi}): {e}") from e
     out = open_volume(config.output, mode="r+", allow_incomplete=True)
@@ -687,10 +694,13 @@ def predict(
             batch_size=plan.batch_size, tta=tta, precision=plan.precision, dtype=dtype,
             threads=connection.threads_per_worker,
         )
+        resources = connection.resources
+        if resources and "GPU" in resources and connection.threads_per_worker >= 2:
+            resources = {**resources, "GPU": resources["GPU"] / 2}  # two blocks per GPU: I/O overlaps compute
         try:
             stage = run_blockwise(
                 connection.client, stage=STAGE, grid=plan.grid, fn=functools.partial(predict_block_task, config),
-                output=output, params=plan.params, overwrite=overwrite, resources=connection.resources,
+                output=output, params=plan.params, overwrite=overwrite, resources=resources,
                 progress=progress, writes=[WriteSpec(str(output / "0"))],
             )
         except RunIncompleteError as e:
