@@ -27,7 +27,7 @@ from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 @click.option("--threshold", type=float, help="Boundary probability below which a voxel is inside a cell.")
 @click.option("--2d/--3d", "two_d", default=None, help="Label each section on its own, or in 3-D.")
 @click.option("--min-size", type=int, help="Smallest fragment kept (voxels).")
-@click.option("--workers", type=int, help="Local workers (default: one per GPU, else 2).")
+@click.option("--workers", type=int, help="Local workers (default: one per GPU, else one per core, memory permitting).")
 @click.option("--devices", type=INDEX_LIST, help="GPU indices to use, e.g. 0,1.")
 @click.option("--cluster", help="Cluster profile: local, local-gpu, slurm, or a profile YAML.")
 @click.option("--scheduler", help="Address of a running Dask scheduler to use instead.")
