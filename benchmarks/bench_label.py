@@ -35,6 +35,11 @@ def make_mask(shape: tuple[int, int, int], seed: int) -> np.ndarray:
     return (smooth > np.median(smooth[::4, ::4, ::4])).astype(np.uint8)
 
 
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def best(fn, repeat: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeat):
@@ -74,7 +79,7 @@ def main() -> None:
         volume.write(volume.roi, mask)
         mark_complete(pred)
         print(f"volume {shape} uint8 mask, {mask.mean():.2f} foreground, chunks {chunks}; "
-              f"connectivity {args.connectivity}; best of {args.repeat}")
+              f"connectivity {args.connectivity}; best of {args.repeat}; load average {_load()}")
 
         t_cc3d, (ref, n_ref) = best(lambda: cc3d.connected_components(mask, connectivity=args.connectivity,
                                                                        return_N=True), args.repeat)
@@ -123,7 +128,7 @@ def main() -> None:
         print(f"{'method':45s} {'seconds':>8s} {'segments':>9s}")
         for name, seconds, n in rows:
             print(f"{name:45s} {seconds:8.2f} {n:9d}")
-        print(f"emseg stages: {stages}; {report.blocks} blocks of {args.block}^3")
+        print(f"emseg stages: {stages}; {report.blocks} blocks of {args.block}^3; load average after {_load()}")
         print(f"emseg / cc3d (in memory)       = {t_emseg / t_cc3d:.2f}x")
         print(f"emseg / cc3d + zarr read/write = {t_emseg / t_cc3d_io:.2f}x")
         if not args.skip_dask_image:
