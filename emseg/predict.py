@@ -61,9 +61,9 @@ __all__ = [
 STAGE = "predict"
 BUNDLED = Path(__file__).parent / "models" / "bundled"
 DEFAULT_BLOCK_3D = (64, 256, 256)
-DEFAULT_BLOCK_2D = (16, 512, 512)
+DEFAULT_BLOCK_2D = (4, 512, 512)  # rounded up to the 2D tile (1024): 4 Mvoxel, enough blocks to share
 DEFAULT_CHUNKS_3D = (64, 128, 128)
-DEFAULT_CHUNKS_2D = (16, 256, 256)
+DEFAULT_CHUNKS_2D = (4, 256, 256)
 DEFAULT_BATCH_SIZE = 4
 #: Automatic batch size: about this many model input voxels per forward pass (CPU, CUDA).  On a CPU a
 #: large tile already fills the cores (batch 1 for 1116^2 tiles); a GPU wants several.
@@ -77,7 +77,9 @@ def default_batch_size(tiling: Tiling, device: str, tiles_per_block: int) -> int
     output is bit-identical for any block shape and worker count.
     """
     target = BATCH_INPUT_VOXELS["cuda" if device.startswith("cuda") else "cpu"]
-    return max(1, min(tiles_per_block, round(target / math.prod(tiling.input_shape))))
+    most = max(1, min(tiles_per_block, round(target / math.prod(tiling.input_shape))))
+    # the largest batch up to that which divides a block's tiles: no zero-padded tiles in full blocks
+    return next(b for b in range(most, 0, -1) if tiles_per_block % b == 0)
 
 
 def target_device(cluster: str | os.PathLike[str] | None = None, devices: Sequence[int] | None = None,
@@ -246,14 +248,14 @@ def plan_prediction(
         Checkpoint directory; default :func:`default_checkpoint`.
     block_size : Coordinate, optional
         Core of one block, ``(z, y, x)`` voxels: a multiple of the output chunks and of the tile
-        core.  Default ``64,256,256`` (3D models) or ``16,512,512`` (2D models), rounded up to
+        core.  Default ``64,256,256`` (3D models) or ``4,512,512`` (2D models), rounded up to
         those multiples and clipped to the volume.
     tile_size : Coordinate, optional
         Core of one model tile (see :func:`emseg.inference.make_tiling`).
     halo : Coordinate, optional
         "same"-padded models only; derived from the model by default.
     chunks : Coordinate, optional
-        Output chunk shape; default ``64,128,128`` (3D) or ``16,256,256`` (2D), clipped to the block.
+        Output chunk shape; default ``64,128,128`` (3D) or ``4,256,256`` (2D), clipped to the block.
     batch_size : int, optional
         Tiles per forward pass; default :func:`default_batch_size`.
     tta : bool

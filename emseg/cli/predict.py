@@ -38,7 +38,7 @@ def _devices(value: str | None) -> tuple[int, ...] | None:
               help="Checkpoint directory (model.safetensors + config.json)  [default: the bundled model].")
 @click.option("--block-size", type=INT_ZYX, default=None,
               help="Block core Z,Y,X in voxels: a multiple of the output chunks and of the tile  "
-                   "[default: 64,256,256 for 3D models, 16,512,512 for 2D].")
+                   "[default: 64,256,256 for 3D models, 4,512,512 for 2D (rounded up to the tile)].")
 @click.option("--tile-size", type=INT_ZYX, default=None,
               help="Tile core Z,Y,X fed to the model (rounded up to its input multiple)  "
                    "[default: 64,64,64 for 3D models, 1,256,256 for 2D].")
