@@ -337,9 +337,10 @@ def mutex_fragments_blockwise(
     block = as_coordinate(block_size, 3) if block_size is not None else default_block_shape(pred.shape, pred.chunks)
     block = tuple(min(b, s) for b, s in zip(block, pred.shape))
     chunks = tuple(c if b % c == 0 else b for b, c in zip(block, pred.chunks))
-    grid = plan_blocks(Roi.from_shape(pred.shape), block, offsets_halo(offs, resolved), chunk_shape=chunks)  # type: ignore[arg-type]
-    params: dict[str, Any] = {"method": "mutex", "prediction": str(Path(pred.path).resolve()), "offsets": [list(o) for o in offs],
-                              "bias": bias, "long_range_bias": long_range_bias, "mode": resolved,
+    halo = offsets_halo(offs, resolved)  # type: ignore[arg-type]
+    grid = plan_blocks(Roi.from_shape(pred.shape), block, halo, chunk_shape=chunks)
+    params: dict[str, Any] = {"method": "mutex", "prediction": str(Path(pred.path).resolve()),
+                              "offsets": [list(o) for o in offs], "bias": bias, "long_range_bias": long_range_bias, "mode": resolved,
                               "block": list(grid.block_shape), "shape": list(pred.shape), "merge_faces": False}
     fingerprint = fingerprint_of(params)
     previous = _status(label_root).get("label") if label_root.exists() else None
@@ -580,7 +581,8 @@ def build_graph(
     start = time.perf_counter()
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
         stage = run_blockwise(connection.client, stage="graph", grid=grid, fn=functools.partial(_graph_block, job),
-                              output=image, params=params, overwrite=overwrite or previous.get("fingerprint") != fingerprint,
+                              output=image, params=params,
+                              overwrite=overwrite or previous.get("fingerprint") != fingerprint,
                               progress=progress)
     n_edges = int(sum(int(stage.results[b]["edges"]) for b in range(len(grid))))
     if n_fragments < 0:
