@@ -55,7 +55,9 @@ def segment(volume: str, output: str | None, pipeline: str | None, model: str | 
                     "precision": precision},
         "label": {"method": method, "threshold": threshold, "min_size": min_size,
                   "mode": None if two_d is None else ("2d" if two_d else "3d")},
-        "agglomerate": {"threshold": merge_threshold, "thresholds": thresholds},
+        # --threshold / --min-size mean the same for the fragments of the agglomeration
+        "agglomerate": {"threshold": merge_threshold, "thresholds": thresholds, "fragment_threshold": threshold,
+                        "min_size": min_size},
     })
     report = run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
                          devices=devices, overwrite=overwrite, dry_run=dry_run, progress=not no_progress,
