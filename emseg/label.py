@@ -382,8 +382,8 @@ def _prepare_labels(
         status = (zarr_attrs(label_root) or {}).get("emseg")
         if isinstance(status, dict) and not isinstance(status.get(STATUS_KEY), dict):
             # an emseg image of another kind (a raw import, a prediction): --overwrite must not replace it
-            raise OutputExistsError(f"{label_root} already exists and holds an emseg image that is not a label "
-                                    "output (a raw image or a prediction); choose another output path")
+            raise OutputExistsError(f"{label_root} already exists and is not an emseg label output but another "
+                                    "emseg image (a raw image or a prediction); choose another output path")
     if label_root.exists() and not overwrite:
         previous = read_status(label_root).get(STATUS_KEY) if (label_root / "zarr.json").exists() or (
             label_root / ".zattrs").exists() else None

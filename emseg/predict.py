@@ -568,7 +568,7 @@ def _prepare(plan: PredictionPlan, output: Path, overwrite: bool, zarr_format: i
     status = (zarr_attrs(output) or {}).get("emseg") if output.is_dir() else None
     if isinstance(status, dict) and status.get("stage") != STAGE:
         # an emseg image of another kind (a raw import, labels): --overwrite must not replace it
-        raise OutputExistsError(f"{output} already exists and holds an emseg image that is not a prediction "
+        raise OutputExistsError(f"{output} already exists and is not an emseg prediction but another emseg image "
                                 "(a raw image or labels); choose another output path")
     if output.exists() and not overwrite:
         try:

@@ -21,6 +21,7 @@ import zarr
 import zarr.errors
 
 from emseg.errors import (
+    EmsegError,
     IncompleteOutputError,
     StorageError,
     InvalidDataError,
@@ -175,8 +176,8 @@ def storage_errors(path: str | os.PathLike[str], what: str) -> Iterator[None]:
     """Re-raise an OSError without a path (zarr's stores drop it) as a StorageError naming ``path``."""
     try:
         yield
-    except StorageError:
-        raise
+    except EmsegError:
+        raise  # already says what went wrong (VolumeNotFoundError is an OSError without a filename too)
     except OSError as e:
         if e.filename is not None:
             raise

@@ -98,7 +98,7 @@ def test_label_onto_the_raw_image_never_suggests_overwrite(inputs) -> None:
     for args in (["label", pred, "-o", other],):
         for flags in ([], ["--overwrite"]):
             line = error_line(run(*args, *flags, "--no-progress"))
-            assert "holds an emseg image that is not a" in line and "--overwrite" not in line, line
+            assert "but another emseg image" in line and "--overwrite" not in line, line
     assert tree_digest(other) == before
 
 
