@@ -61,7 +61,7 @@ from emseg.io.edges import (
     write_block_edges,
     write_lookup,
 )
-from emseg.runner import StageReport, fingerprint_of, run_blockwise
+from emseg.runner import StageReport, WriteSpec, fingerprint_of, run_blockwise
 from emseg.segment.affinities import INPUT_KINDS, InputKind, prediction_affinities
 from emseg.segment.agglomerate import UnionFind, consecutive_lookup, merge_scores
 from emseg.segment.graph import block_edges, check_quantile
@@ -788,7 +788,8 @@ def agglomerate(
             job = _RelabelJob(fragments=str(frag.path), labels=str(labels), lookup=str(lookups[t]))
             stages.append(run_blockwise(connection.client, stage="agglomerate-relabel", grid=grid,
                                         fn=functools.partial(_relabel_block, job), output=label_root,
-                                        params=params, overwrite=overwrite, progress=progress))
+                                        params=params, overwrite=overwrite, progress=progress,
+                                        writes=[WriteSpec(str(labels))]))  # records its chunks (integrity)
             mark_complete(label_root, threshold=t, **{AGGLOMERATE_KEY: {"fingerprint": fingerprint_of(params),
                                                                          "params": params, "n_segments": counts[t]}})
             segments[t] = label_root
