@@ -49,7 +49,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
-    return {name: np.asarray(zarr.open_array(str(path / name), mode="r")[...]) for name in ("0", "labels/segments/0")}
+    names = ("0", "labels/fragments/0", "labels/segments/0")
+    return {name: np.asarray(zarr.open_array(str(path / name), mode="r")[...]) for name in names}
 
 
 def test_segment_on_slurm_is_bit_identical_to_local(inputs, tmp_path: Path) -> None:
@@ -59,7 +60,10 @@ def test_segment_on_slurm_is_bit_identical_to_local(inputs, tmp_path: Path) -> N
     run = emseg(*common, "-o", str(tmp_path / "slurm.zarr"), "--cluster", str(TEST_PROFILE))
     assert "4 blocks (4 computed" in run.stdout
     local, slurm = arrays(tmp_path / "local.zarr"), arrays(tmp_path / "slurm.zarr")
-    assert len(np.unique(local["labels/segments/0"])) > 100  # a real segmentation, not a constant
+    # The untrained model's flat prediction agglomerates to about one segment per section, so the
+    # fragments (the watershed stage, also compared below) show that a real labelling was compared.
+    assert len(np.unique(local["labels/fragments/0"])) > 100  # a real labelling, not a constant
+    assert len(np.unique(local["labels/segments/0"])) >= 16
     for name in local:
         assert local[name].dtype == slurm[name].dtype and local[name].tobytes() == slurm[name].tobytes(), name
     assert wait_queue_empty() == []
