@@ -107,7 +107,7 @@ def _write_image(path: Path, data: Any, voxel_size: Sequence[float] | None) -> P
     else:
         import dask.array as da
 
-        da.store(data.rechunk(volume.array.chunks), volume.array, lock=False)
+        da.store(data.rechunk(volume.array.chunks), volume.array, lock=False)  # type: ignore[arg-type]
     mark_complete(path)
     return path
 
@@ -119,7 +119,7 @@ def _read(path: Path, lazy: bool) -> Any:
     if lazy:
         import dask.array as da
 
-        return da.from_array(array, chunks=array.chunks)
+        return da.from_array(array, chunks=array.chunks)  # type: ignore[no-untyped-call]
     return np.asarray(array[...])
 
 
@@ -132,7 +132,7 @@ def _scheduler(cluster: str | None, scheduler: str | None) -> Iterator[dict[str,
     from distributed import LocalCluster
 
     # Threads in this process (inproc transport: nothing listens on the network).
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,  # type: ignore[no-untyped-call]
                       scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"}) as local:
         yield {"scheduler": local.scheduler_address}
 
@@ -217,8 +217,8 @@ def predict(
 
 def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: dict[str, Any]) -> Any:
     """One dask task per block of the run's block plan: read the block's tiles (mirrored), run the model."""
-    import dask
     import dask.array as da
+    from dask.delayed import delayed
 
     from emseg.io import create_volume, mark_complete
     from emseg.predict import PredictConfig, plan_prediction
@@ -249,10 +249,11 @@ def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: dict
     nested: Any = np.empty(grid, dtype=object)
     for block, read in zip(plan.grid, reads):
         index = tuple(slice(b + o, e + o) for b, e, o in zip(read.begin, read.end, lo))
-        task = dask.delayed(_predict_block, pure=True)(config, padded[(slice(None), *index)], read, block.write_roi,
+        task = delayed(_predict_block, pure=True)(config, padded[(slice(None), *index)], read, block.write_roi,
                                                        channels is not None)
-        nested[block.block_index] = da.from_delayed(task, (plan.out_channels, *block.write_roi.shape), out_dtype)
-    return da.block(nested.tolist())
+        nested[block.block_index] = da.from_delayed(  # type: ignore[no-untyped-call]
+            task, (plan.out_channels, *block.write_roi.shape), out_dtype)
+    return da.block(nested.tolist())  # type: ignore[no-untyped-call]
 
 
 def _predict_block(config: Any, raw: npt.NDArray[Any], read_roi: Any, write_roi: Any, has_channels: bool) -> Any:
