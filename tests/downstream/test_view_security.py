@@ -178,3 +178,24 @@ def test_cli_public_serve_binds_loopback_and_refuses_foreign_hosts(output_image:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_offline_viewer_serves_the_bundled_client_on_loopback(output_image: Path):
+    pytest.importorskip("neuroglancer")
+    import urllib.parse
+    import urllib.request
+
+    from emseg.viewer import start_viewer
+
+    with start_viewer(output_image) as local:
+        viewer = urllib.parse.urlsplit(local.url)
+        assert viewer.hostname == "127.0.0.1" and local.store.server_address[0] == "127.0.0.1"
+        with urllib.request.urlopen(local.url, timeout=10) as response:  # the client, from the package
+            assert response.status == 200 and b"neuroglancer" in response.read()
+        origin = f"{viewer.scheme}://{viewer.netloc}"
+        _, headers, _ = _get(local.store, "/out.zarr/zarr.json", Origin=origin)
+        assert headers["access-control-allow-origin"] == origin  # the viewer may read the stores
+        _, headers, _ = _get(local.store, "/out.zarr/zarr.json", Origin="http://127.0.0.1:1")
+        assert "access-control-allow-origin" not in headers  # another local page may not
+        layers = {layer["name"]: layer["source"] for layer in local.state["layers"]}
+        assert layers["segments"].startswith(f"zarr3://{local.data_url}/")
