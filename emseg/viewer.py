@@ -502,8 +502,8 @@ def start_viewer(
     try:
         import neuroglancer
     except ImportError as e:
-        raise ConfigError("the offline viewer needs the neuroglancer package: pip install neuroglancer "
-                          "(or pip install 'emseg[view]'); or use --public for the demo site") from e
+        raise ConfigError("the offline viewer needs the neuroglancer package (an emseg dependency): "
+                          "pip install neuroglancer; or use --public for the demo site") from e
 
     probe = neuroglancer_state(out_path, raw_path=raw_path, precomputed=precomputed, select=select)  # validate first
     neuroglancer.set_server_bind_address(host, viewer_port)
