@@ -21,9 +21,9 @@ calls that ``emseg agglomerate`` / ``emseg segment`` make:
   again, the lookups stored, and the blockwise relabel of three label images.
 
 Memory: the client's resident set (this process) and every worker's are sampled every 20 ms during
-each stage; reported are the peak of the client minus its level just before the stage
-(``client +MiB``) and the highest worker peak.  The volume is made in a separate process so that
-it does not inflate the client's figures.
+each stage; reported are the client's peak, its peak minus its level just before the stage
+(``client +MiB``) and the highest worker peak.  The volume is made in one process and every case
+is measured in a fresh one, so that no case inherits memory from another.
 
 Usage::
 
@@ -238,6 +238,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--make", type=Path, default=None, help=argparse.SUPPRESS)  # internal: make one volume
     parser.add_argument("--grid", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one case
     parser.add_argument("--layouts", default="grid", help="grid and/or brick (about 2x the edges per fragment)")
     args = parser.parse_args()
     block = tuple(int(v) for v in args.block.split(","))
@@ -247,6 +248,9 @@ def main() -> None:
         return
 
     thresholds = tuple(float(t) for t in args.thresholds.split(","))
+    if args.measure is not None:
+        print(json.dumps(run_case(args.measure, args.workers, thresholds, block)))
+        return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="emseg-bench-agglo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -264,7 +268,11 @@ def main() -> None:
             info = json.loads(made.stdout.strip().splitlines()[-1])
             print(f"made {path.name}: {info['fragments']} fragments, shape {info['shape']} in "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-            row = {"requested": n, **info, **run_case(path, args.workers, thresholds, block)}
+            # each case in a fresh client process: equal baselines, no memory kept from an earlier case
+            measured = subprocess.run([sys.executable, __file__, "--measure", str(path), "--block", args.block,
+                                       "--workers", str(args.workers), "--thresholds", args.thresholds],
+                                      check=True, stdout=subprocess.PIPE, text=True)
+            row = {"requested": n, **info, **json.loads(measured.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
             shutil.rmtree(path)
@@ -273,7 +281,7 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     header = ("| layout | fragments | edges | blocks | graph s | graph worker peak MiB | graph client +MiB | "
               "global step s | global client +MiB | agglomerate s (global / relabel) | agglomerate worker peak MiB | "
-              "agglomerate client +MiB | edge files MiB |")
+              "agglomerate client +MiB | client peak MiB (all stages) | edge files MiB |")
     print(header)
     print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
     for r in rows:
@@ -281,7 +289,8 @@ def main() -> None:
         print(f"| {r['layout']} | {r['n_fragments']:,} | {r['n_edges']:,} | {r['blocks']} | {g['seconds']} | "
               f"{g['worker_peak_MiB']} | {g['client_growth_MiB']} | {u['seconds']} | {u['client_growth_MiB']} | "
               f"{a['seconds']} ({r['global_seconds']} / {r['relabel_seconds']}) | "
-              f"{a['worker_peak_MiB']} | {a['client_growth_MiB']} | {r['edge_files_MiB']} |")
+              f"{a['worker_peak_MiB']} | {a['client_growth_MiB']} | "
+              f"{max(r[k]['client_peak_MiB'] for k in ('graph', 'global', 'agglomerate'))} | {r['edge_files_MiB']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

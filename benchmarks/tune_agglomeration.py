@@ -16,7 +16,7 @@ Data (``../shared/data``), never mixing the two roles::
     val-3d    gala FIB-SEM      raveler-* 50 x 200 x 100    3-D body ids                 as a volume
 
 Choices, each the threshold with the lowest sum of (adapted Rand error + VOI split + VOI merge)
-over its tuning sets: the pooled 2-D one (ISBI 0-15 + CREMI: the default of ``emseg segment``),
+over its tuning sets: the pooled 2-D one (ISBI 0-15 + CREMI: a candidate default),
 one per 2-D tuning set (its recipe's value; ISBI's is the ``pipelines/isbi2012.toml`` candidate)
 and the 3-D one (gala train).  Only then are the validation sets segmented, and agglomerated only
 at the thresholds chosen for them; reported are the fragments (before agglomeration),
@@ -185,8 +185,12 @@ def markdown(results: list[dict[str, object]], picks: list[dict[str, object]], m
             if key not in rows or (key != "default" and rows[key] is rows.get("default")):
                 continue
             t = rows[key]["threshold"]
-            label = {"fragments": "fragments (before agglomeration)",
-                     "default": f"`emseg segment` default (t = {t:g})"}.get(key, f"t = {key}")
+            if key == "fragments":
+                label = "fragments (before agglomeration)"
+            elif key == "default":
+                label = f"`emseg segment` default (t = {t:g})"
+            else:
+                label = f"t = {key}"
             if t is not None and f"{t:g}" == f"{own:g}":
                 label = f"**{label}** (best for this set)"
             lines.append(f"| {r['dataset']} | {label} | {fmt(rows[key])} |")
@@ -226,7 +230,18 @@ def main() -> None:
     parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS))
     parser.add_argument("--sets", default=",".join(d.name for d in DATASETS), help="subset of the data sets")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README_agglomeration.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the report from WORKDIR/tune_agglomeration.json of an earlier run")
     args = parser.parse_args()
+    if args.report_only:
+        if args.workdir is None:
+            raise SystemExit("--report-only needs the --workdir of an earlier run")
+        saved = json.loads((args.workdir / "tune_agglomeration.json").read_text())
+        section = markdown(saved["results"], saved["picks"], saved["meta"], tuple(saved["thresholds"]))
+        print(section)
+        if not args.no_readme:
+            write_readme(section)
+        return
     thresholds = tuple(float(t) for t in args.thresholds.split(","))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="emseg-tune-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -247,12 +262,12 @@ def main() -> None:
     val3 = next((d.name for d in sets if d.role == "val-3d"), "")
     picks: list[dict[str, object]] = []
     if tune2:
-        picks.append({"name": f"2-D, pooled ({' + '.join(tune2)}): the default for `emseg segment`",
+        picks.append({"name": f"2-D, pooled ({' + '.join(tune2)}): candidate default",
                       "sets": tune2, "validate": val2})
-        picks += [{"name": f"2-D, {name} only (its recipe)", "sets": [name],
+        picks += [{"name": f"2-D, {name} only: candidate for its recipe", "sets": [name],
                    "validate": val2 if name.startswith("isbi") else ""} for name in tune2]
     if tune3:
-        picks.append({"name": f"3-D, {' + '.join(tune3)} (the fib_gala recipe)", "sets": tune3, "validate": val3})
+        picks.append({"name": f"3-D, {' + '.join(tune3)}: candidate for the fib_gala recipe", "sets": tune3, "validate": val3})
     for p in picks:
         p["threshold"] = choose(results, p["sets"], thresholds)  # type: ignore[arg-type]
         p["by_are"] = choose(results, p["sets"], thresholds, "are")  # type: ignore[arg-type]
@@ -274,8 +289,10 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "model": str(args.model or "bundled (emseg/models/bundled)"), "model_sha": sha,
             "seconds": f"{time.perf_counter() - start:.0f}",
-            "command": "nice -n 10 .venv/bin/python benchmarks/tune_agglomeration.py " + " ".join(sys.argv[1:])}
-    (workdir / "tune_agglomeration.json").write_text(json.dumps({"meta": meta, "picks": picks, "results": results},
+            "command": (f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else "")
+            + "nice -n 10 .venv/bin/python benchmarks/tune_agglomeration.py " + " ".join(sys.argv[1:])}
+    (workdir / "tune_agglomeration.json").write_text(json.dumps({"meta": meta, "picks": picks, "results": results,
+                                                                "thresholds": thresholds},
                                                                 indent=1))
     section = markdown(results, picks, meta, thresholds)
     print(section)
