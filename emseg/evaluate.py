@@ -124,7 +124,8 @@ class SweepReport:
         if self.gt_kind != "instances":
             how += (", instances = 4-connected components of the interior per section" if self.mode == "section"
                     else ", instances = 6-connected components of the interior")
-        scored = "per section (mean over sections with ground truth)" if self.mode == "section" else "as one volume"
+        scored = ("per section (scores: mean over sections with ground truth; segment counts: summed)"
+                  if self.mode == "section" else "as one volume")
         return f"ground truth {self.ground_truth}: {how}; 0 ignored; scored {scored}"
 
     def table(self) -> str:
