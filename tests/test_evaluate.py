@@ -274,3 +274,16 @@ def test_sweep_of_a_real_agglomeration_run(tmp_path) -> None:
     seg = open_volume(tmp_path / "pred.zarr" / "labels" / "segments").read(pred.roi)
     assert rows[2]["adapted_rand_error"] == pytest.approx(adapted_rand_error(gt, seg)[0], rel=1e-9)
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_section_mode_for_2d_segmentations_of_3d_ids(shared_data, tmp_path) -> None:
+    """CREMI's 3-D neuron ids against a 2-D pipeline's output (ids not linked across sections)."""
+    gt = tifffile.imread(shared_data / "cremi_b_crop" / "neuron_ids.tif")[:, :200, :200]
+    seg = (gt.astype(np.uint32) + 1000 * np.arange(len(gt), dtype=np.uint32)[:, None, None])  # new ids per section
+    imwrite(tmp_path / "gt.tif", gt)
+    imwrite(tmp_path / "seg.tif", seg)
+    per_section = evaluate_paths(tmp_path / "seg.tif", tmp_path / "gt.tif", mode="section")
+    assert per_section.adapted_rand_error == pytest.approx(0, abs=1e-12)
+    volume = evaluate_paths(tmp_path / "seg.tif", tmp_path / "gt.tif")  # auto: instances, as one volume
+    want = adapted_rand_error(gt.astype(np.int64), seg.astype(np.int64))[0]
+    assert volume.adapted_rand_error == pytest.approx(want, rel=1e-9) and volume.adapted_rand_error > 0.1
