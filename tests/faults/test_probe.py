@@ -27,7 +27,8 @@ BAD_VOLUMES = ["missing", "emptydir", "text", "garbage", "garbage_tif", "badmeta
 NOT_BAD_FOR = {"info": {"corrupt", "incomplete"}, "view": {"corrupt"}}
 # commands whose bad-volume probes would reach a cluster (blocks read on workers): corrupt data
 # there is a fault test (test_faults.py), not a probe
-NOT_PROBED = {"predict": {"corrupt"}, "label": {"corrupt"}, "segment": {"corrupt"}, "train": {"corrupt"}}
+NOT_PROBED = {"predict": {"corrupt"}, "label": {"corrupt"}, "segment": {"corrupt"}, "train": {"corrupt"},
+              "agglomerate": {"corrupt"}}
 
 
 def volume_commands(o: Path) -> dict[str, list[str]]:
@@ -46,6 +47,7 @@ def volume_commands(o: Path) -> dict[str, list[str]]:
         "view": ["view", "{V}"],
         "train": ["train", "--raw", "{V}", "--labels", "{seg}", "-o", f"{o}/ck", "--steps", "1"],
         "train-labels": ["train", "--raw", "{raw}", "--labels", "{V}", "-o", f"{o}/ck", "--steps", "1"],
+        "agglomerate": ["agglomerate", "{V}", "--no-progress"],
     }
 
 
@@ -73,7 +75,15 @@ def number_probes(o: Path) -> list[list[str]]:
         probes.append(["train", "--raw", "{raw}", "--labels", "{seg}", "-o", f"{o}/ck", "--voxel-size", *triple])
     for value in ["0", "2", "-1", "nan", "abc"]:
         probes += [["label", "{pred}", "-o", f"{o}/l.zarr", "--threshold", value],
-                   ["segment", "{raw}", "-o", f"{o}/s.zarr", "--threshold", value]]
+                   ["segment", "{raw}", "-o", f"{o}/s.zarr", "--threshold", value],
+                   *([["agglomerate", "{pred}", "--threshold", value, "--no-progress"],
+                      ["agglomerate", "{pred}", "--thresholds", f"0.3,{value}", "--no-progress"]]
+                     if value in ("-1", "nan", "abc") else [])]
+    for value in ["0", "-1", "abc", "nan", "1,2,3,4", ""]:
+        probes.append(["models", "--input-size", value])
+    probes += [["models", "--ndim", "4"], ["agglomerate", "{pred}", "--block-size", "0", "--no-progress"],
+               ["agglomerate", "{pred}", "--context", "-1", "--no-progress"],
+               ["agglomerate", "{pred}", "--min-size", "-1", "--no-progress"]]
     probes += [
         ["predict", "{raw}", "-o", f"{o}/p.zarr", "--batch-size", "0"],
         ["predict", "{raw}", "-o", f"{o}/p.zarr", "--halo", "-1"],
