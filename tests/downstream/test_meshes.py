@@ -71,7 +71,8 @@ def test_blockwise_meshes_and_skeletons_are_stitched(tubes: Path, tmp_path: Path
 
 
 def test_cloudvolume_reads_labels_meshes_and_skeletons(tubes: Path, tmp_path: Path):
-    cloudvolume = pytest.importorskip("cloudvolume")
+    cloudvolume = pytest.importorskip("cloudvolume", reason="pip install cloud-volume (not in the test extra: its "
+                                      "boto3 and torch's s3fs pin botocore apart, pip backtracks for minutes)")
     export_precomputed(tubes, tmp_path / "pc", overwrite=False, mesh=True, skeleton=True, progress=False)
     cv = cloudvolume.CloudVolume(f"file://{tmp_path}/pc/labels/segments", progress=False, fill_missing=False)
     labels = open_volume(tubes / "labels" / "segments").array[...]
@@ -94,7 +95,8 @@ def test_skeleton_export_resumes_and_merges_again(tubes: Path, tmp_path: Path):
 
 
 def test_scale_keys_and_chunks_as_igneous_names_them(tubes: Path, tmp_path: Path):
-    cloudvolume = pytest.importorskip("cloudvolume")
+    cloudvolume = pytest.importorskip("cloudvolume", reason="pip install cloud-volume (not in the test extra: its "
+                                      "boto3 and torch's s3fs pin botocore apart, pip backtracks for minutes)")
     export_precomputed(tubes / "labels" / "segments", tmp_path / "pc", overwrite=False, progress=False)
     layer = tmp_path / "pc" / "labels" / "segments"
     info = json.loads((layer / "info").read_text())
