@@ -38,11 +38,17 @@ def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, c
 @click.option("--level", default="0", show_default=True, help="Multiscale level to export (tiff).")
 @click.option("--mesh", is_flag=True, help="precomputed: also write meshes for a segmentation.")
 @click.option("--skeleton", is_flag=True, help="precomputed: also write skeletons for a segmentation.")
+@click.option("--cluster", default=None,
+              help="precomputed: run the blocks (scales, meshes, skeletons) on this cluster profile (local, slurm, "
+                   "a YAML)  [default: threads in this process].")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="precomputed: join a running Dask scheduler.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="precomputed: local workers (with --cluster).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @JSON_OPTION
 def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool, skeleton: bool,
-               overwrite: bool, no_progress: bool, as_json: bool) -> None:
+               cluster: str | None, scheduler: str | None, workers: int | None, overwrite: bool, no_progress: bool,
+               as_json: bool) -> None:
     """Export SOURCE (OME-Zarr image or zarr array) to a TIFF stack or neuroglancer precomputed."""
     from emseg.errors import ConfigError
 
@@ -60,6 +66,13 @@ def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool
     else:
         from emseg.io.precomputed import export_precomputed
 
-        report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
-                                    progress=not no_progress)
+        if cluster is None and scheduler is None and workers is None:
+            report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
+                                        progress=not no_progress)
+        else:
+            from emseg.cluster import connect
+
+            with connect(cluster, scheduler=scheduler, workers=workers) as connection:
+                report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
+                                            progress=not no_progress, client=connection.client)
         echo_report(report, as_json)

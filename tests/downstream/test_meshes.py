@@ -123,3 +123,22 @@ def test_info_describes_precomputed_layers(tubes: Path, tmp_path: Path):
     export = runner.invoke(cli, ["info", str(tmp_path / "pc"), "--json"])
     assert export.exit_code == 0, export.output
     assert [lay["type"] for lay in json.loads(export.output)["layers"]] == ["image", "segmentation"]
+
+
+def test_export_on_a_cluster_gives_the_same_meshes_and_skeletons(tubes: Path, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from emseg.cli import cli
+
+    export_precomputed(tubes / "labels" / "segments", tmp_path / "here", overwrite=False, mesh=True, skeleton=True,
+                       progress=False)
+    result = CliRunner().invoke(cli, ["export", str(tubes / "labels" / "segments"), str(tmp_path / "cluster"),
+                                      "--format", "precomputed", "--mesh", "--skeleton", "--workers", "1",
+                                      "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["layers"][0]["skeletons"] == 3
+    for sub in ("mesh", "skeletons"):
+        here = sorted((tmp_path / "here" / "labels" / "segments" / sub).iterdir())
+        there = sorted((tmp_path / "cluster" / "labels" / "segments" / sub).iterdir())
+        assert [p.name for p in here] == [p.name for p in there]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(here, there)), sub
