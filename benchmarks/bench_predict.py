@@ -126,12 +126,13 @@ def run_emseg(source: Path, out: Path, connection, **kwargs) -> tuple[float, obj
 
 
 def warm(connection, ckpt: Path, tmp: Path) -> None:
-    """Load the model on every worker (emseg caches it per worker process)."""
+    """Load the model on every worker (emseg caches it per worker process) and run the default tile shape once
+    (oneDNN builds its kernels per input shape), as in a long run; the forward-only loops are warmed the same way."""
     from emseg.predict import predict
 
     n = len(connection.client.scheduler_info()["workers"])
-    warm_vol = make_volume(tmp / f"warm{n}.zarr", tiled(load()[:4, :256, :256], (4 * n, 256, 256)))
-    predict(warm_vol, tmp / f"warm{n}-out.zarr", checkpoint=ckpt, block_size=(1, 256, 256), chunks=(1, 256, 256),
+    warm_vol = make_volume(tmp / f"warm{n}.zarr", tiled(load()[:2], (2 * n, 1024, 1024)))
+    predict(warm_vol, tmp / f"warm{n}-out.zarr", checkpoint=ckpt, block_size=(1, 1024, 1024), chunks=(1, 256, 256),
             client=connection, progress=False, overwrite=True)
 
 
