@@ -420,7 +420,10 @@ def create_volume(
     _check_dtype(dtype, Path(path))
     path = prepare_output(path, overwrite=overwrite)
     with storage_errors(path, "create the image"):
-        group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+        # the status is in the group's first metadata write: a kill before multiscales are written
+        # leaves an image that is refused as incomplete, never one that opens as finished
+        status = {STATUS_KEY: {"status": "incomplete", **(extra_attrs or {})}}
+        group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format, attributes=status)
         volume = _create_image(group, path, shape=shape, dtype=dtype, chunks=chunks, voxel_size=voxel_size,
                                offset_nm=offset_nm, channels=channels, shards=shards, zarr_format=zarr_format, name=name)
         attrs = dict(group.attrs)
@@ -486,7 +489,7 @@ def create_labels(
     labels.attrs.update(labels_group_attrs(names, zarr_format))
     if name in labels:
         del labels[name]
-    label_group = labels.create_group(name)
+    label_group = labels.create_group(name, attributes={STATUS_KEY: {"status": "incomplete"}})
     volume = _create_image(label_group, image_path / "labels" / name, shape=image.shape, dtype=dtype,
                            chunks=chunks or image.chunks, voxel_size=image.voxel_size, offset_nm=image.offset_nm,
                            channels=None, shards=shards, zarr_format=zarr_format, name=name)
