@@ -89,6 +89,9 @@ def main() -> None:
     ap.add_argument("--speed-rounds", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/emseg-compare"))
     ap.add_argument("--only", default=None, help="comma-separated model names (default: all)")
+    ap.add_argument("--collect", nargs="*", type=Path, default=None,
+                    help="skip training: read the rows.jsonl of these work directories (models run in parallel with "
+                         "--only), measure the inference speed of all of them and write the table")
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = args.workdir
@@ -102,9 +105,13 @@ def main() -> None:
     volume = work / "isbi_16-19.zarr"
     emseg("import", str(work / "val_raw.tif"), str(volume), "--voxel-size", "50,4,4", "--overwrite", "--no-progress", log=log)
 
-    budget = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--patch-shape", f"{args.patch},{args.patch}",
-              "--optimizer", "adam", "--lr", "5e-4", "--loss", "weighted-ce", "--precision", "bf16", "--threads", "2",
-              "--seed", "0", "--checkpoint-every", str(args.steps), "--voxel-size", "50", "4", "4"]
+    if args.collect is not None:
+        rows = [json.loads(line) for d in args.collect for line in (d / "rows.jsonl").read_text().splitlines() if line.strip()]
+        order = [label for label, _, _ in MODELS]
+        rows.sort(key=lambda r: next(i for i, lab in enumerate(order) if r["model"].startswith(lab)))
+        finish(rows, args, raw, membrane, work)
+        return
+    budget = budget_options(args)
     rows = []
     wanted = None if args.only is None else set(args.only.split(","))
     for label, name, options in MODELS:
@@ -143,6 +150,19 @@ def main() -> None:
                          "adapted_rand_error": seg["adapted_rand_error"], "voi_split": seg["voi_split"],
                          "voi_merge": seg["voi_merge"], "train_seconds": round(train_s), "segment_seconds": round(segment_s)})
             print(json.dumps(rows[-1]), flush=True)
+            with open(work / "rows.jsonl", "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+    finish(rows, args, raw, membrane, work)
+
+
+def budget_options(args: argparse.Namespace) -> list[str]:
+    return ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--patch-shape", f"{args.patch},{args.patch}",
+            "--optimizer", "adam", "--lr", "5e-4", "--loss", "weighted-ce", "--precision", "bf16", "--threads", "2",
+            "--seed", "0", "--checkpoint-every", str(args.steps), "--voxel-size", "50", "4", "4"]
+
+
+def finish(rows: list[dict], args: argparse.Namespace, raw: np.ndarray, membrane: np.ndarray, work: Path) -> None:
+    budget = budget_options(args)
     # inference throughput, interleaved over the models so that a shared machine slows each alike
     times: dict[str, list[float]] = {r["model"]: [] for r in rows}
     for _ in range(args.speed_rounds):
