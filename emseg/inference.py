@@ -67,7 +67,11 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Default tile core of a 2D model, (z, y, x) voxels: for the valid 2D U-Net (88 px of context) the
 #: model computes 1116^2 input voxels per 1024^2 output voxels (1.19x; 1.39x at 512^2, 1.85x at 256^2).
+#: On a CPU smaller tiles stay in cache: :data:`DEFAULT_TILE_2D_CPU` (``emseg.predict`` picks by device).
 DEFAULT_TILE_2D = (1, 1024, 1024)
+#: Bundled 2D U-Net, bf16, 1 thread, same run (benchmarks/README.md): output Mvoxel/s 3.35 (256^2 tiles),
+#: 3.10 (512^2), 3.45 (768^2), 2.81 (1024^2); 512 also divides the usual section sizes (no wasted tiles).
+DEFAULT_TILE_2D_CPU = (1, 512, 512)
 DEFAULT_TILE_3D = (64, 64, 64)
 
 

@@ -38,6 +38,7 @@ from emseg.errors import (
 )
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, plan_blocks, round_up
 from emseg.inference import (
+    DEFAULT_TILE_2D_CPU,
     OutputDtype,
     Precision,
     PrecisionChoice,
@@ -251,7 +252,8 @@ def plan_prediction(
         core.  Default ``64,256,256`` (3D models) or ``4,512,512`` (2D models), rounded up to
         those multiples and clipped to the volume.
     tile_size : Coordinate, optional
-        Core of one model tile (see :func:`emseg.inference.make_tiling`).
+        Core of one model tile (see :func:`emseg.inference.make_tiling`); 2D models on a CPU default to
+        ``DEFAULT_TILE_2D_CPU`` (512x512), on a GPU to 1024x1024.
     halo : Coordinate, optional
         "same"-padded models only; derived from the model by default.
     chunks : Coordinate, optional
@@ -310,6 +312,8 @@ def plan_prediction(
         have = tuple(volume.voxel_size)[-model.ndim :]
         if any(abs(a - b) > 0.05 * b for a, b in zip(have, trained)):
             log.warning("%s has voxel size %s nm but the model was trained at %s nm", volume_path, have, trained)
+    if tile_size is None and model.ndim == 2 and not device.startswith("cuda"):
+        tile_size = DEFAULT_TILE_2D_CPU  # a GPU takes make_tiling's larger default
     tiling = make_tiling(model, volume.shape, tile_shape=tile_size, halo=halo)
     two_d = model.ndim == 2
     if block_size is not None:
