@@ -76,9 +76,9 @@ FRAGMENTS_NAME = "fragments"
 SEGMENTS_NAME = "segments"
 GRAPH_KEY = "graph"
 AGGLOMERATE_KEY = "agglomerate"
-DEFAULT_THRESHOLD = 0.84
-"""Default agglomeration threshold (``score < t`` merges), tuned on ISBI 2012 train sections 0-15
-(see :class:`emseg.config.AgglomerateOptions`); recipes carry values tuned for their data."""
+DEFAULT_THRESHOLD = 0.8
+"""Default agglomeration threshold (``score < t`` merges), chosen to hold across ISBI 2012 and gala
+FIB-SEM (see :class:`emseg.config.AgglomerateOptions`); recipes carry values tuned for their data."""
 FRAGMENT_THRESHOLD = 0.5
 """Default boundary probability below which a voxel is interior (seeds of the fragments)."""
 ANISOTROPY_2D = 2.5
