@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,10 +59,8 @@ def agglomerate(target: str, threshold: float | None, thresholds: tuple[float, .
     with those options, which needs --overwrite when they differ).  Segments go to OUT.zarr/labels/segments and
     labels/segments_<t> for each of --thresholds.
     """
-    from emseg.agglomerate import agglomerate as run_agglomerate
-    from emseg.agglomerate import is_fragments, segment_prediction
     from emseg.config import AgglomerateOptions
-    from emseg.errors import ConfigError
+    from emseg.io.lock import run_lock
 
     defaults = AgglomerateOptions()
     options = dict(threshold=defaults.threshold if threshold is None else threshold,
@@ -70,6 +69,34 @@ def agglomerate(target: str, threshold: float | None, thresholds: tuple[float, .
     fragment_options = (two_d, fragments_method, mutex_bias, fragment_threshold, min_distance, min_size, context,
                         quantile, block_size)
     rebuild = any(v is not None for v in fragment_options)
+    # the run lock of the image that receives the labels (the one `emseg segment` takes), so that an
+    # agglomeration never runs beside another run on the same output
+    image = Path(target).resolve()
+    while image.parent.name == "labels" and image.parent.parent != image.parent:
+        image = image.parent.parent
+    with run_lock(image, "agglomerate"):
+        text, report = _run(target, options, fragment_options, rebuild, two_d=two_d, fragments_method=fragments_method,
+                            mutex_bias=mutex_bias, fragment_threshold=fragment_threshold, min_distance=min_distance,
+                            min_size=min_size, context=context, quantile=quantile, block_size=block_size)
+    if as_json:
+        click.echo(json.dumps({"fragments": str(report.fragments_path), "n_fragments": report.n_fragments,
+                               "score": report.score,
+                               "segments": [{"threshold": t, "path": str(p), "n_segments": report.n_segments[t]}
+                                            for t, p in sorted(report.segments.items())]}))
+    else:
+        click.echo(text)
+
+
+def _run(target: str, options: dict[str, Any], fragment_options: tuple[Any, ...], rebuild: bool, *,
+         two_d: bool | None, fragments_method: str | None, mutex_bias: float | None, fragment_threshold: float | None,
+         min_distance: int | None, min_size: int | None, context: tuple[int, ...] | None, quantile: float | None,
+         block_size: tuple[int, ...] | None) -> tuple[str, Any]:
+    from emseg.agglomerate import agglomerate as run_agglomerate
+    from emseg.agglomerate import is_fragments, segment_prediction
+    from emseg.config import AgglomerateOptions
+    from emseg.errors import ConfigError
+
+    defaults = AgglomerateOptions()
     if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / "fragments",
                                                                      image_only=True)):
         if rebuild:
@@ -90,10 +117,4 @@ def agglomerate(target: str, threshold: float | None, thresholds: tuple[float, .
             mutex_bias=defaults.mutex_bias if mutex_bias is None else mutex_bias,
             context=context, quantile=quantile, block_size=block_size, **options)  # type: ignore[arg-type]
         text = "\n".join([fragments.summary(), graph.summary(), report.summary()])
-    if as_json:
-        click.echo(json.dumps({"fragments": str(report.fragments_path), "n_fragments": report.n_fragments,
-                               "score": report.score,
-                               "segments": [{"threshold": t, "path": str(p), "n_segments": report.n_segments[t]}
-                                            for t, p in sorted(report.segments.items())]}))
-    else:
-        click.echo(text)
+    return text, report

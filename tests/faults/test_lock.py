@@ -128,3 +128,21 @@ def test_concurrent_run_and_overwrite_race(tmp_path: Path) -> None:
                           capture_output=True, env=environment()).returncode == 0
     np.testing.assert_array_equal(open_volume(out).read(open_volume(out).roi), open_volume(alone).read(open_volume(alone).roi))
     assert not lock_path(out).exists()
+
+
+def test_agglomerate_refuses_an_output_in_use(tmp_path: Path) -> None:
+    """`emseg agglomerate OUT/labels/fragments` takes the lock of OUT, the image `emseg segment` locks."""
+    out = tmp_path / "out.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from emseg.io.lock import acquire; acquire(sys.argv[1], 'segment'); "
+        "print('held', flush=True); time.sleep(60)"), str(out)], stdout=subprocess.PIPE, text=True, env=environment())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        run = subprocess.run([*EMSEG, "agglomerate", str(out / "labels" / "fragments"), "--thresholds", "0.5",
+                              "--no-progress"], capture_output=True, text=True, env=environment())
+        errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+        assert run.returncode == 1 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+        assert f"in use by emseg segment (pid {holder.pid}" in errors[0]
+    finally:
+        holder.kill()
+        holder.wait()
