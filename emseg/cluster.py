@@ -268,8 +268,8 @@ def _quiet_dask_logs() -> None:
         return
     for name in ("distributed", "dask_jobqueue"):
         logger = logging.getLogger(name)
-        if logger.level < logging.ERROR:
-            logger.setLevel(logging.ERROR)
+        if logger.level < logging.CRITICAL:  # a failed block's "Compute Failed" traceback is an ERROR line
+            logger.setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ def connect(
 
 def _silence() -> int:
     """Log level of the worker processes' own loggers (Dask's lines only with ``-vv``)."""
-    return logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.ERROR
+    return logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.CRITICAL
 
 
 def _cpu_cluster(profile: ClusterProfile, layout: Layout) -> Any:

@@ -139,6 +139,7 @@ def test_disk_full_label_exits_3_and_resumes(tmp_path: Path) -> None:
         assert first.returncode in (1, 3), first
         errors = [line for line in first.stderr.splitlines() if line.startswith("Error: ")]
         assert len(errors) == 1 and "No space left on device" in errors[0] and str(out) in errors[0], first.stderr
+        assert "Traceback" not in first.stderr and "Compute Failed" not in first.stderr, first.stderr
         if first.returncode == 3:  # blocks failed: transient, the rerun resumes
             assert "rerun the same command" in errors[0]
         filler.unlink()
