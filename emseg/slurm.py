@@ -113,9 +113,15 @@ def cancel_jobs_named(name: str) -> None:
         log.error("scancel --name %s failed: %s", name, out.stderr.strip())
 
 
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def _signals_raise_systemexit() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into SystemExit while inside, so ``finally`` blocks cancel the jobs.
+    """Turn SIGTERM/SIGHUP into SystemExit (SIGINT: KeyboardInterrupt) while inside, so ``finally`` blocks cancel the jobs.
 
     Only in the main thread (signal handlers cannot be installed elsewhere); the previous handlers
     are restored on exit.
@@ -124,12 +130,20 @@ def _signals_raise_systemexit() -> Iterator[None]:
         yield
         return
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
+    received: list[int] = []
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        _raise_for(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
+        # Python ignores an exception raised inside some callbacks: distributed's gc callback printed
+        # "Exception ignored in ... KeyboardInterrupt" (or SystemExit) and the interrupted run went on
+        # to exit 0.  A signal received is raised again here, once the body is left.
+        if received:
+            _raise_for(received[0])
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
