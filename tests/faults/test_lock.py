@@ -33,13 +33,20 @@ def test_lock_is_exclusive_reentrant_and_released(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def hold_lock(out: Path, command: str) -> subprocess.Popen[str]:
+    """Another process that holds ``out``'s run lock as ``emseg COMMAND`` (returns once it holds it)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from emseg.io.lock import acquire; acquire(sys.argv[1], sys.argv[2]); "
+        "print('held', flush=True); time.sleep(60)"), str(out), command], stdout=subprocess.PIPE, text=True,
+        env=environment())
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_lock_held_by_live_process_refuses(tmp_path: Path) -> None:
     out = tmp_path / "out.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from emseg.io.lock import acquire; acquire(sys.argv[1], 'synth'); "
-        "print('held', flush=True); time.sleep(60)"), str(out)], stdout=subprocess.PIPE, text=True, env=environment())
+    holder = hold_lock(out, "synth")
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputInUseError, match=rf"in use by emseg synth \(pid {holder.pid} on .*remove the lock file"):
             acquire(out, "predict")
         # the same for an owner on another node whose heartbeat is fresh
@@ -133,11 +140,8 @@ def test_concurrent_run_and_overwrite_race(tmp_path: Path) -> None:
 def test_agglomerate_refuses_an_output_in_use(tmp_path: Path) -> None:
     """`emseg agglomerate OUT/labels/fragments` takes the lock of OUT, the image `emseg segment` locks."""
     out = tmp_path / "out.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from emseg.io.lock import acquire; acquire(sys.argv[1], 'segment'); "
-        "print('held', flush=True); time.sleep(60)"), str(out)], stdout=subprocess.PIPE, text=True, env=environment())
+    holder = hold_lock(out, "segment")
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         run = subprocess.run([*EMSEG, "agglomerate", str(out / "labels" / "fragments"), "--thresholds", "0.5",
                               "--no-progress"], capture_output=True, text=True, env=environment())
         errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
