@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emseg.cluster import WORKER_MALLOC_ENV, WORKER_MEMORY, ClusterProfile, Layout, _layout, connect, default_layout
+from emseg.cluster import WORKER_MALLOC_ENV, WORKER_MEMORY, ClusterProfile, Layout, connect, default_layout
+from emseg.cluster.local import _layout
 
 
 def test_default_layout_is_one_single_threaded_worker_per_core_memory_permitting() -> None:

@@ -148,9 +148,8 @@ def _rank() -> int:
 def _submit_to_slurm(cfg: Any, cluster: str, *, nodes: int, gpus_per_node: int, tasks_per_node: int | None,
                      as_json: bool) -> None:
     """Run the resolved config as one sbatch job: ``srun emseg train --config`` on every task."""
-    from emseg.cluster import load_profile
+    from emseg.cluster import load_profile, submit_training
     from emseg.errors import ConfigError
-    from emseg.slurm import submit_training
 
     profile = load_profile(cluster)
     if profile.kind != "slurm":

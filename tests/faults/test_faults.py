@@ -328,7 +328,8 @@ def test_gpu_profile_servers_listen_on_localhost_only(tmp_path: Path) -> None:
 
 
 def test_profile_interface_and_slurm_tls() -> None:
-    from emseg.cluster import ClusterProfile, SlurmOptions, _listen
+    from emseg.cluster import ClusterProfile, SlurmOptions
+    from emseg.cluster.local import _listen
     from emseg.slurm import cluster_kwargs
 
     assert _listen(ClusterProfile()) == {"host": "127.0.0.1"}

@@ -1,0 +1,125 @@
+"""Open the Dask client a run uses, from a cluster profile, a scheduler address or a client given.
+
+Profiles: ``local`` (default: a LocalCluster of CPU workers, or one worker per GPU when GPUs are
+visible), ``local-gpu`` (one worker per visible GPU, pinned with ``CUDA_VISIBLE_DEVICES`` and
+advertising the resource ``GPU=1``), ``slurm`` (dask-jobqueue), or a YAML file with the same
+fields; ``scheduler`` joins an existing cluster instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from emseg.cluster.local import local_cluster
+from emseg.cluster.profiles import Connection, load_profile
+from emseg.cluster.slurm import slurm_cluster
+
+log = logging.getLogger(__name__)
+
+
+def _fast_exit_plugin() -> Any:
+    """A worker plugin: once its worker has closed, the process ends without interpreter teardown.
+
+    torch's teardown takes seconds on a busy machine, longer than the nanny's 4 s grace period, which
+    then kills the process and logs "Worker process still alive after 4.0 seconds, killing".  All
+    output is written (and synced by zarr) before a task returns, so nothing is lost.
+    """
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class FastExit(WorkerPlugin):  # type: ignore[misc]
+        name = "emseg-fast-exit"
+
+        def setup(self, worker: Any) -> None:
+            import atexit
+
+            atexit.register(_exit_now)
+
+    return FastExit()
+
+
+def _exit_now() -> None:
+    """Last atexit handler of a worker process: flush the logs and streams, then end the process."""
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+
+
+def _configure(client: Any) -> None:
+    """What every cluster emseg starts gets: workers that exit at once when closed."""
+    client.register_plugin(_fast_exit_plugin())
+
+
+def _quiet_dask_logs() -> None:
+    """Dask's own log lines only with ``-vv`` (root logger at DEBUG).
+
+    Importing distributed sets its loggers to INFO (dask config ``logging``), after the CLI chose
+    the levels, and the nannies log worker shutdowns as warnings: at default verbosity (and ``-v``,
+    emseg's INFO) a run prints no ``distributed`` line; failed blocks are reported by emseg itself.
+    """
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    for name in ("distributed", "dask_jobqueue"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.CRITICAL:  # a failed block's "Compute Failed" traceback is an ERROR line
+            logger.setLevel(logging.CRITICAL)
+
+
+def _attach(client: Any) -> Connection:
+    """A Connection for a client whose cluster emseg did not start: GPU tasks if workers offer GPUs."""
+    info = client.scheduler_info()
+    has_gpu = any("GPU" in (w.get("resources") or {}) for w in info.get("workers", {}).values())
+    return Connection(client, {"GPU": 1} if has_gpu else None, 1)
+
+
+@contextlib.contextmanager
+def connect(
+    cluster: str | os.PathLike[str] | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    devices: Sequence[int] | None = None,
+    client: Connection | Any = None,
+) -> Iterator[Connection]:
+    """Open a Dask client for a run and close what was started when the run ends.
+
+    ``scheduler`` (an address) joins an existing cluster and leaves it running.  ``client`` (a
+    :class:`Connection` or a bare ``distributed.Client``) is used as it is and left open: that is how
+    ``emseg segment`` runs predict and label on one cluster.
+    """
+    from distributed import Client
+
+    _quiet_dask_logs()
+    if isinstance(client, Connection):
+        yield client
+        return
+    if client is not None:
+        yield _attach(client)
+        return
+    if scheduler is not None:
+        joined = Client(scheduler)
+        try:
+            yield _attach(joined)
+        finally:
+            joined.close()
+        return
+    profile = load_profile(cluster)
+    updates: dict[str, Any] = {}
+    if workers is not None:
+        updates["workers"] = workers
+    if devices is not None:
+        updates["devices"] = tuple(devices)
+    profile = profile.model_copy(update=updates)
+    cluster_cm = slurm_cluster(profile) if profile.kind == "slurm" else local_cluster(profile)
+    with cluster_cm as connection:
+        _configure(connection.client)
+        yield connection
