@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from emseg.io.lock import locked
 from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError
 from emseg.geometry import Roi
+from emseg.io.lock import locked
 from emseg.io.pyramid import label_image_paths
 from emseg.io.volume import Volume, open_volume, read_status
 

@@ -43,9 +43,9 @@ from typing import Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from emseg.io.lock import locked
 from emseg.errors import ConfigError, GeometryError
 from emseg.geometry import Coordinate, Roi, as_coordinate, plan_blocks, round_up
+from emseg.io.lock import locked
 
 __all__ = [
     "SynthBlock",

@@ -8,9 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 from emseg.cluster import WORKER_MALLOC_ENV, WORKER_MEMORY, ClusterProfile, Layout, connect, default_layout
 from emseg.cluster.local import _layout
 

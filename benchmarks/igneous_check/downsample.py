@@ -1,6 +1,9 @@
-import json, sys
-from taskqueue import LocalTaskQueue
+import json
+import sys
+
 import igneous.task_creation as tc
+from taskqueue import LocalTaskQueue
+
 path = "file://" + sys.argv[1]
 before = json.load(open(sys.argv[1] + "/info"))
 tasks = tc.create_downsampling_tasks(path, mip=0, fill_missing=False)

@@ -28,11 +28,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from types import FrameType
+from collections.abc import Iterator, Sequence
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from emseg.cluster.profiles import WORKER_MALLOC_ENV, ClusterProfile, Connection, parse_walltime

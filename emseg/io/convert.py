@@ -14,9 +14,9 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
-from emseg.io.lock import locked
 from emseg.errors import VolumeShapeError
 from emseg.geometry import Roi
+from emseg.io.lock import locked
 from emseg.io.sources import open_source
 from emseg.io.volume import (
     check_distinct,
@@ -124,7 +124,6 @@ def export_tiff(
                 bar.update(1 if c in (None, 0) else 0)
 
     from emseg.io.safety import SOFTWARE
-
     from emseg.io.volume import storage_errors
 
     partial = Path(output).with_name(f".{Path(output).name}.partial")

@@ -35,9 +35,9 @@ import numpy.typing as npt
 import zarr
 import zarr.errors
 
-from emseg.io.lock import locked
 from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
 from emseg.geometry import Block, Coordinate, plan_blocks
+from emseg.io.lock import locked
 from emseg.io.pyramid import is_label_image, label_image_paths
 from emseg.io.volume import Volume, check_distinct, open_volume, prepare_output
 

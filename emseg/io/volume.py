@@ -23,11 +23,11 @@ import zarr.errors
 from emseg.errors import (
     EmsegError,
     IncompleteOutputError,
-    StorageError,
     InvalidDataError,
     NotAVolumeError,
     OutputExistsError,
     SameInputOutputError,
+    StorageError,
     UnsupportedDtypeError,
     VolumeNotFoundError,
     VolumeShapeError,

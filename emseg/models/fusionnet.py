@@ -10,13 +10,13 @@ from emseg.models.base import Padding, SegmentationModel, check_anisotropy, chec
 from emseg.models.blocks import (
     ConvBlock,
     ReceptiveField,
-    norm_layer,
     conv,
     conv_transpose,
     init_he,
     level_kernel,
     level_pool,
     max_pool,
+    norm_layer,
 )
 
 __all__ = ["FusionNet"]

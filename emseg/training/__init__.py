@@ -10,8 +10,8 @@ so they can be tested and reused (e.g. :func:`weight_map`, :func:`elastic_field`
 from emseg.training.augment import deform, elastic_field, flip_rotate, intensity, section_defects
 from emseg.training.config import DataSource, TrainConfig, load_train_config
 from emseg.training.distributed import DistInfo, launcher_env
-from emseg.training.losses import bce_dice_loss, soft_dice_loss, total_loss, weight_map, weighted_cross_entropy
 from emseg.training.loop import TrainReport, predict_volume, train
+from emseg.training.losses import bce_dice_loss, soft_dice_loss, total_loss, weight_map, weighted_cross_entropy
 from emseg.training.metrics import SegmentationScores, membrane_scores, segments_from_membrane
 
 __all__ = [

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 import tifffile
 import zarr
 from click.testing import CliRunner

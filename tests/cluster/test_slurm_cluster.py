@@ -24,7 +24,7 @@ from emseg.cluster import Connection, connect, load_profile
 from emseg.geometry import Block, plan_blocks
 from emseg.io import create_volume, open_volume
 from emseg.runner import StageReport, run_blockwise
-from emseg.slurm import SlurmError, jobs_named
+from emseg.slurm import SlurmError
 
 from .conftest import TEST_PROFILE, queue, wait_queue_empty
 

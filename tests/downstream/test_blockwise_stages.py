@@ -16,8 +16,7 @@ import pytest
 
 from emseg.cluster import connect
 from emseg.geometry import Roi
-from emseg.io import create_labels, create_volume, mark_complete, open_volume
-from emseg.io import pyramid
+from emseg.io import create_labels, create_volume, mark_complete, open_volume, pyramid
 from emseg.io.ledger import Ledger
 from emseg.io.precomputed import export_precomputed, open_precomputed
 from emseg.io.pyramid import build_pyramids, downsample_mean, downsample_mode

@@ -8,8 +8,7 @@ import pytest
 import zarr
 
 from emseg.errors import ConfigError, NotAVolumeError
-from emseg.io import create_labels, create_volume, mark_complete, open_volume
-from emseg.io import pyramid
+from emseg.io import create_labels, create_volume, mark_complete, open_volume, pyramid
 from emseg.io.pyramid import build_pyramid, build_pyramids, choose_factors, downsample_mean, downsample_mode
 
 

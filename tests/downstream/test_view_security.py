@@ -16,7 +16,7 @@ import pytest
 import zarr
 
 from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError
-from emseg.viewer import StoreServer, neuroglancer_state, serve, servable_files
+from emseg.viewer import StoreServer, neuroglancer_state, servable_files, serve
 
 
 def _get(server: StoreServer, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:

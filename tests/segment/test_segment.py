@@ -5,6 +5,7 @@ from __future__ import annotations
 import cc3d
 import numpy as np
 import pytest
+from labelcheck import assert_same_partition, blob_mask
 
 from emseg.errors import ConfigError, InvalidDataError
 from emseg.segment import (
@@ -25,8 +26,6 @@ from emseg.stitch import (
     select_merges,
     to_global,
 )
-
-from labelcheck import assert_same_partition, blob_mask
 
 
 def test_foreground_rules_on_uint8_and_float() -> None:
