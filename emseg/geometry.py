@@ -38,7 +38,9 @@ __all__ = ["Block", "BlockGrid", "Coordinate", "Roi", "as_coordinate", "plan_blo
 
 def as_coordinate(value: int | Sequence[int], ndim: int) -> Coordinate:
     """Broadcast an int, or check a sequence, into a ``ndim``-long tuple of ints."""
-    if isinstance(value, (int,)) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        raise GeometryError(f"expected an int or {ndim} ints (one per axis), got {value!r}")
+    if isinstance(value, int):
         return (int(value),) * ndim
     coord = tuple(int(v) for v in value)
     if len(coord) != ndim:

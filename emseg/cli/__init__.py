@@ -52,7 +52,7 @@ class EmsegGroup(click.Group):
             return super().invoke(ctx)
         except EmsegError as e:
             exc = click.ClickException(_one_line(str(e)))
-            exc.exit_code = e.exit_code
+            exc.exit_code = e.exit_code  # type: ignore[misc]  # click declares a ClassVar; each error has its own code
             raise exc from e
         except OSError as e:  # the machine said no (permissions, disk full, read-only): not a bug
             raise click.ClickException(describe_os_error(e)) from e

@@ -43,7 +43,7 @@ def models(input_size: tuple[int, ...] | None, ndim: str, as_json: bool, bundled
     if len(input_size) != nd:
         raise click.BadParameter(f"expected 1 or {nd} values for --ndim {nd}, got {len(input_size)}", param_hint="--input-size")
     rows: list[dict[str, Any]] = []
-    configs = [(name, name, {}) for name in MODELS] + [_PAPER_UNET]
+    configs: list[tuple[str, str, dict[str, Any]]] = [(name, name, {}) for name in MODELS] + [_PAPER_UNET]
     with torch.device("meta"):  # parameter counts and geometry only: no memory, no initialisation cost
         for label, name, kwargs in configs:
             spec = build(name, ndim=nd, **kwargs).spec(input_size)

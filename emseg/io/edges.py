@@ -44,7 +44,8 @@ def write_block_edges(fragments: str | os.PathLike[str], block_id: int, arrays: 
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".npz", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+            # numpy's stub matches **kwds against its allow_pickle: bool parameter
+            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

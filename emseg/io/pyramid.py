@@ -466,13 +466,13 @@ def build_pyramid(
         stage = f"pyramid-{first}-{last}"
         level_names = tuple(names[first - 1: last + 1])
         pass_shapes = tuple(shapes[first - 1: last + 1])
-        factors = tuple(plan[i - 1][0] for i in range(first, last + 1))
+        pass_factors = tuple(plan[i - 1][0] for i in range(first, last + 1))
         unit = base.write_unit
         coarse = pass_shapes[-1]
-        reads = math.prod(math.prod(f) for f in factors)  # source voxels per coarse voxel
+        reads = math.prod(math.prod(f) for f in pass_factors)  # source voxels per coarse voxel
         block = _block_shape(unit, coarse, max(math.prod(unit), PASS_READ_VOXELS // reads))
         grid = plan_blocks(Roi.from_shape(coarse), block, chunk_shape=unit)
-        params = {"levels": list(level_names), "factors": [list(f) for f in factors],
+        params = {"levels": list(level_names), "factors": [list(f) for f in pass_factors],
                   "shapes": [list(x) for x in pass_shapes], "method": method, "dtype": str(base.dtype)}
         fresh = not Ledger(path, stage).matches(stage_fingerprint(params, grid), len(grid)) or any(
             not _level_matches(group, name, source, shape) for name, shape in zip(level_names[1:], pass_shapes[1:]))
@@ -481,9 +481,9 @@ def build_pyramid(
                 _create_level(group, name, base, shape)
         scales = []
         for k in range(1, len(level_names)):
-            rest = factors[k:]
+            rest = pass_factors[k:]
             scales.append(tuple(math.prod(f[a] for f in rest) for a in range(3)))
-        job = _PassJob(str(path), level_names, factors, pass_shapes, method, uuid.uuid4().hex)
+        job = _PassJob(str(path), level_names, pass_factors, pass_shapes, method, uuid.uuid4().hex)
         run_blockwise(client, stage=stage, grid=grid, fn=functools.partial(_pyramid_block, job), output=path,
                       params=params, overwrite=fresh, progress=progress,
                       writes=[WriteSpec(str(path / name), scale) for name, scale in zip(level_names[1:], scales)])

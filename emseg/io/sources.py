@@ -67,7 +67,8 @@ class TiffSource:
         with tifffile.TiffFile(self.path) as tif:
             series = tif.series[0]
             if len(series.pages) == self.shape[0]:
-                data = np.stack([series.pages[z].asarray() for z in range(z0, z1)])
+                # every page exists: the series has exactly shape[0] of them
+                data = np.stack([series.pages[z].asarray() for z in range(z0, z1)])  # type: ignore[union-attr]
             else:  # one page holds the whole volume
                 data = series.asarray()
                 data = data.reshape(self.shape)[z0:z1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,14 +44,15 @@ def level_pool(ndim: int, anisotropic: bool) -> Shape:
 
 def conv(ndim: int, cin: int, cout: int, kernel: Shape, *, same: bool, bias: bool = True) -> nn.Module:
     """``Conv2d``/``Conv3d`` with ``kernel``; ``same=True`` zero-pads by ``k // 2`` (kernels are odd)."""
-    cls = nn.Conv2d if ndim == 2 else nn.Conv3d
+    # Any: torch types kernel and padding as tuples of exactly 2 (Conv2d) or 3 (Conv3d) ints
+    cls: Any = nn.Conv2d if ndim == 2 else nn.Conv3d
     padding = tuple(k // 2 for k in kernel) if same else 0
     return cls(cin, cout, kernel, padding=padding, bias=bias)
 
 
 def conv_transpose(ndim: int, cin: int, cout: int, kernel: Shape, stride: Shape, padding: Shape | int = 0) -> nn.Module:
     """``ConvTranspose2d``/``ConvTranspose3d``."""
-    cls = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d
+    cls: Any = nn.ConvTranspose2d if ndim == 2 else nn.ConvTranspose3d  # as in conv()
     return cls(cin, cout, kernel, stride=stride, padding=padding)
 
 
@@ -146,7 +148,7 @@ def upsampler(ndim: int, channels: int, factor: Shape) -> nn.Module:
         layer.weight.zero_()
         for c in range(channels):
             layer.weight[c, c].copy_(bilinear_kernel(factor))
-        if layer.bias is not None:
+        if isinstance(layer.bias, torch.Tensor):
             layer.bias.zero_()
     return layer
 

@@ -18,7 +18,7 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
@@ -39,8 +39,8 @@ __all__ = [
     "save_checkpoint",
 ]
 
-FORMAT = "emseg-checkpoint"
-VERSION = 1
+FORMAT: Final = "emseg-checkpoint"
+VERSION: Final = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 Activation = Literal["sigmoid", "softmax", "none"]

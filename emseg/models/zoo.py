@@ -115,10 +115,12 @@ def choose_bundled(voxel_size: Sequence[float] | None, root: Path | None = None)
     want = "sstem2d" if anisotropy >= ANISOTROPY_2D else "fib3d"
     rule = (f"voxel size {z:g},{y:g},{x:g} nm, z/xy {anisotropy:.2f} "
             f"{'>=' if want == 'sstem2d' else '<'} {ANISOTROPY_2D:g}: {want}")
-    model = models.get(want)
-    if model is None:
+    wanted = models.get(want)
+    if wanted is None:
         model = next(iter(models.values()))
         rule += f" is not installed, using {model.name}"
+    else:
+        model = wanted
     return BundledChoice(model, rule, _resolution_warning(model, (z, y, x)))
 
 

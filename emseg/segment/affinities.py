@@ -59,7 +59,7 @@ def boundary_from_affinities(affs: npt.NDArray[np.float32], *, mode: Literal["3d
     ``mode="2d"`` averages the in-section channels (y, x) only.
     """
     channels = affs[1:NEAREST] if mode == "2d" else affs[:NEAREST]
-    return np.float32(1.0) - np.mean(channels, axis=0, dtype=np.float32)
+    return np.subtract(np.float32(1.0), np.mean(channels, axis=0, dtype=np.float32), dtype=np.float32)
 
 
 def prediction_affinities(

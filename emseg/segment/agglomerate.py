@@ -115,18 +115,18 @@ def merge_scores(
     siz = [1] * (n + 1)
     when = np.full(n + 1, -1, dtype=np.int64)
     for index, merge in enumerate(history):
-        a, b = int(merge["a"]), int(merge["b"])
-        while par[a] != a:
-            a = par[a]
-        while par[b] != b:
-            b = par[b]
-        if a == b:
+        ra, rb = int(merge["a"]), int(merge["b"])  # walked up to their roots
+        while par[ra] != ra:
+            ra = par[ra]
+        while par[rb] != rb:
+            rb = par[rb]
+        if ra == rb:
             continue
-        if siz[a] < siz[b] or (siz[a] == siz[b] and a > b):
-            a, b = b, a
-        par[b] = a
-        siz[a] += siz[b]
-        when[b] = index
+        if siz[ra] < siz[rb] or (siz[ra] == siz[rb] and ra > rb):
+            ra, rb = rb, ra
+        par[rb] = ra
+        siz[ra] += siz[rb]
+        when[rb] = index
     parent = np.asarray(par, dtype=np.int64)
     keys = np.array(list(remap.keys()), dtype=np.uint64)
     values = np.array(list(remap.values()), dtype=np.int64)
