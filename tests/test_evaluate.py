@@ -275,6 +275,16 @@ def test_sweep_of_a_real_agglomeration_run(tmp_path) -> None:
     assert rows[2]["adapted_rand_error"] == pytest.approx(adapted_rand_error(gt, seg)[0], rel=1e-9)
     assert (tmp_path / "curve.png").stat().st_size > 10_000
 
+    # the graph rebuilt with other blocks: the sweep's images of the old graph are no longer the run's
+    result = runner.invoke(cli, ["agglomerate", str(tmp_path / "pred.zarr"), "--block-size", "8,32,32",
+                                 "--threshold", "0.5", "--overwrite", "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["evaluate", str(tmp_path / "pred.zarr"), str(tmp_path / "gt.tif"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["segmentation"], r["threshold"]) for r in rows] == [("labels/fragments", None),
+                                                                    ("labels/segments", 0.5)]
+
 
 def test_section_mode_for_2d_segmentations_of_3d_ids(shared_data, tmp_path) -> None:
     """CREMI's 3-D neuron ids against a 2-D pipeline's output (ids not linked across sections)."""
