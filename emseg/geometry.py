@@ -28,6 +28,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from emseg.errors import GeometryError
 
@@ -172,19 +173,42 @@ class Block:
 
 @dataclass(frozen=True, slots=True)
 class BlockGrid:
-    """Core boxes of ``block_shape`` tiling ``total_roi`` exactly, each read with ``halo`` around it.
+    """Core boxes of ``block_shape`` tiling ``total_roi`` exactly, each read with a halo around it.
 
     Cores in the last row of each axis are clipped to ``total_roi``; their read regions still carry
-    the full halo (the reader mirrors beyond the volume).
+    the full halo (the reader mirrors beyond the volume).  ``Block.read_roi`` is what a block's
+    worker reads: :meth:`read_roi` is the one place it is computed.
     """
 
     total_roi: Roi
     block_shape: Coordinate
     halo: Coordinate
+    """Context read before each core (the low side; both sides when ``halo_hi`` is None), voxels."""
+    halo_hi: Coordinate | None = None
+    """Context read after each core, voxels; None: the same as ``halo``."""
+    snap: Coordinate | None = None
+    """Before the halo is added, the core is rounded outward to multiples of ``snap`` counted from
+    ``total_roi.offset`` (a model's tile: a clipped last core still reads whole tiles); None: no rounding."""
 
     @property
     def ndim(self) -> int:
         return self.total_roi.ndim
+
+    @property
+    def halos(self) -> tuple[Coordinate, Coordinate]:
+        """Context read on the (low, high) side of each core, voxels per axis."""
+        return self.halo, self.halo if self.halo_hi is None else self.halo_hi
+
+    def read_roi(self, write_roi: Roi) -> Roi:
+        """The region a block with this core reads: the core (rounded to ``snap``) grown by the halos."""
+        core = write_roi
+        if self.snap is not None:
+            origin = self.total_roi.offset
+            begin = tuple(o + (b - o) // s * s for o, b, s in zip(origin, write_roi.begin, self.snap))
+            end = tuple(o + -(-(e - o) // s) * s for o, e, s in zip(origin, write_roi.end, self.snap))
+            core = Roi.from_bounds(begin, end)
+        lo, hi = self.halos
+        return core.grow(lo, hi)
 
     @property
     def grid_shape(self) -> Coordinate:
@@ -206,7 +230,7 @@ class BlockGrid:
         block_id = 0
         for i, g in zip(index, self.grid_shape):
             block_id = block_id * g + i
-        return Block(block_id, index, write_roi.grow(self.halo, self.halo), write_roi)
+        return Block(block_id, index, self.read_roi(write_roi), write_roi)
 
     def block(self, block_id: int) -> Block:
         """The block with this id (its C-order position in the grid)."""
@@ -235,10 +259,11 @@ MAX_BLOCKS = 1_000_000
 def plan_blocks(
     total_roi: Roi,
     block_shape: int | Sequence[int],
-    halo: int | Sequence[int] = 0,
+    halo: int | Sequence[int] | tuple[int | Sequence[int], int | Sequence[int]] = 0,
     *,
     chunk_shape: Sequence[int] | None = None,
     multiple: Sequence[int] | None = None,
+    snap: Sequence[int] | None = None,
 ) -> BlockGrid:
     """Cut ``total_roi`` into a grid of blocks.
 
@@ -248,13 +273,16 @@ def plan_blocks(
         The region to produce, in voxels.
     block_shape : int or Coordinate
         Core shape of one block, in voxels.  Clipped to ``total_roi``'s shape where larger.
-    halo : int or Coordinate
-        Context read on each side of a core, in voxels (from the model, never typed in).
+    halo : int, Coordinate or (Coordinate, Coordinate)
+        Context read on each side of a core, in voxels (from the model, never typed in); a tuple
+        ``(lo, hi)`` when the two sides differ (a model's tiles: :attr:`emseg.inference.Tiling.block_halo`).
     chunk_shape : Coordinate, optional
         Storage chunk (or shard) shape of the output.  The block shape must be a multiple of it
         so that no two workers ever write the same storage object.
     multiple : Coordinate, optional
         Required multiple of the block shape (e.g. a model's input multiple, ``2**depth``).
+    snap : Coordinate, optional
+        Read whole multiples of this around each core (a model's tile shape): see :attr:`BlockGrid.snap`.
 
     Raises
     ------
@@ -263,11 +291,18 @@ def plan_blocks(
     """
     ndim = total_roi.ndim
     block = as_coordinate(block_shape, ndim)
-    halo_c = as_coordinate(halo, ndim)
+    pair = isinstance(halo, tuple) and len(halo) == 2 and not all(isinstance(h, int) for h in halo)
+    if pair:  # (lo, hi)
+        lo_c, hi_c = as_coordinate(halo[0], ndim), as_coordinate(halo[1], ndim)  # type: ignore[index]
+    else:
+        lo_c = hi_c = as_coordinate(cast("int | Sequence[int]", halo), ndim)
+    snap_c = None if snap is None else as_coordinate(snap, ndim)
     if any(b <= 0 for b in block):
         raise GeometryError(f"block shape must be positive on every axis, got {block}")
-    if any(h < 0 for h in halo_c):
-        raise GeometryError(f"halo must be non-negative on every axis, got {halo_c}")
+    if any(h < 0 for h in lo_c + hi_c):
+        raise GeometryError(f"halo must be non-negative on every axis, got {(lo_c, hi_c) if pair else lo_c}")
+    if snap_c is not None and any(s <= 0 for s in snap_c):
+        raise GeometryError(f"snap must be positive on every axis, got {snap_c}")
     # A block larger than the volume is one block (its core is the volume) on that axis.
     block = tuple(min(b, max(s, 1)) if s < b else b for b, s in zip(block, total_roi.shape))
     n_blocks = math.prod(-(-s // b) for s, b in zip(total_roi.shape, block))
@@ -293,4 +328,4 @@ def plan_blocks(
                 f"block shape {block} is not a multiple of the {name} {req} on axes {bad}; "
                 f"use e.g. --block-size {','.join(map(str, suggestion))}"
             )
-    return BlockGrid(total_roi, block, halo_c)
+    return BlockGrid(total_roi, block, lo_c, hi_c if hi_c != lo_c else None, snap_c)

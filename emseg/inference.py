@@ -178,6 +178,25 @@ class Tiling:
         return self.input_offset, hi
 
     @property
+    def block_halo(self) -> tuple[Coordinate, Coordinate]:
+        """Context a block reads on the (low, high) side of its core rounded out to whole tiles, voxels.
+
+        The tiles' input :attr:`halo`, plus with Gaussian blending the neighbouring tiles whose
+        outputs reach into the core.  A grid planned with ``plan_blocks(..., halo=tiling.block_halo,
+        snap=tiling.tile_shape)`` gives each block a ``read_roi`` that contains :meth:`read_roi` of its
+        core (equal to it away from the volume's borders, where fewer Gaussian tiles exist).
+        """
+        lo, hi = self.halo
+        if self.blend == "crop":
+            return lo, hi
+        extra_lo, extra_hi = [], []
+        for before, out, t in zip(self.output_offset, self.output_shape, self.tile_shape):
+            after = out - before - t
+            extra_lo.append(-(-max(0, after) // t) * t)  # tiles before the core whose output reaches in
+            extra_hi.append(-(-max(0, before) // t) * t)  # and after it
+        return (tuple(a + e for a, e in zip(lo, extra_lo)), tuple(a + e for a, e in zip(hi, extra_hi)))
+
+    @property
     def grid_shape(self) -> Coordinate:
         return tuple(-(-v // t) for v, t in zip(self.volume_shape, self.tile_shape))
 

@@ -179,8 +179,12 @@ def fingerprint_of(params: Mapping[str, Any]) -> str:
 
 
 def _with_grid(params: Mapping[str, Any], grid: BlockGrid) -> dict[str, Any]:
-    return {**params, "grid": [list(grid.total_roi.offset), list(grid.total_roi.shape), list(grid.block_shape),
-                               list(grid.halo)]}
+    """``params`` plus the grid: offset, shape, block shape, halo, and for a grid that reads
+    asymmetrically or snapped to tiles also the high-side halo and the snap (see :func:`emseg.io.ledger.grid_of`)."""
+    record = [list(grid.total_roi.offset), list(grid.total_roi.shape), list(grid.block_shape), list(grid.halo)]
+    if grid.halo_hi is not None or grid.snap is not None:
+        record += [list(grid.halos[1]), list(grid.snap or (1,) * grid.ndim)]
+    return {**params, "grid": record}
 
 
 def stage_fingerprint(params: Mapping[str, Any], grid: BlockGrid) -> str:

@@ -69,3 +69,37 @@ def test_block_ids_are_c_order() -> None:
     grid = plan_blocks(Roi.from_shape((4, 6, 8)), (2, 3, 4))
     expected = list(itertools.product(range(2), range(2), range(2)))
     assert [b.block_index for b in grid] == expected
+
+
+def test_asymmetric_halo_and_snap_give_the_read_region() -> None:
+    # (lo, hi) halo: each core is read with lo voxels before it and hi after it
+    grid = plan_blocks(Roi.from_shape((10, 100, 100)), (10, 64, 64), ((0, 8, 8), (0, 12, 12)))
+    assert grid.halos == ((0, 8, 8), (0, 12, 12))
+    for b in grid:
+        assert b.read_roi == b.write_roi.grow((0, 8, 8), (0, 12, 12))
+    # snap: the clipped last core (36 voxels) is read as whole 32-voxel tiles (64) before the halo
+    snapped = plan_blocks(Roi.from_shape((10, 100, 100)), (10, 64, 64), ((0, 8, 8), (0, 12, 12)), snap=(1, 32, 32))
+    last = snapped.block_at((0, 1, 1))
+    assert last.write_roi == Roi((0, 64, 64), (10, 36, 36))
+    assert last.read_roi == Roi((0, 64, 64), (10, 64, 64)).grow((0, 8, 8), (0, 12, 12))
+    assert snapped.block_at((0, 0, 0)).read_roi == grid.block_at((0, 0, 0)).read_roi
+    # a symmetric halo keeps the one-halo grid (and its fingerprint record)
+    assert plan_blocks(Roi.from_shape((8, 8, 8)), 4, ((1, 2, 3), (1, 2, 3))).halo_hi is None
+    with pytest.raises(GeometryError, match="halo must be non-negative"):
+        plan_blocks(Roi.from_shape((8, 8, 8)), 4, ((0, 0, 0), (0, -1, 0)))
+    with pytest.raises(GeometryError, match="snap must be positive"):
+        plan_blocks(Roi.from_shape((8, 8, 8)), 4, snap=(1, 0, 1))
+    with pytest.raises(GeometryError, match="expected an int or 3 ints"):
+        plan_blocks(Roi.from_shape((8, 8, 8)), True)
+
+
+def test_the_recorded_grid_rebuilds_the_same_blocks(tmp_path) -> None:
+    from emseg.io.ledger import Ledger, grid_of
+    from emseg.runner import _with_grid
+
+    grids = [plan_blocks(Roi.from_shape((6, 40, 40)), (2, 16, 16), (1, 2, 3)),
+             plan_blocks(Roi.from_shape((6, 40, 40)), (2, 16, 16), ((0, 4, 4), (0, 6, 6)), snap=(1, 8, 8))]
+    for k, grid in enumerate(grids):
+        ledger = Ledger(tmp_path / f"out{k}.zarr", "stage")
+        ledger.claim(len(grid), "fingerprint", _with_grid({}, grid), overwrite=False)
+        assert list(grid_of(ledger)) == list(grid)

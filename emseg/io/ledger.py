@@ -368,8 +368,11 @@ def grid_of(ledger: Ledger) -> Any:
     grid = (ledger.open().attrs.get("params") or {}).get("grid")
     if not grid:
         return None
-    offset, shape, block, halo = (tuple(int(v) for v in g) for g in grid)
-    return BlockGrid(Roi(offset, shape), block, halo)
+    offset, shape, block, halo, *rest = (tuple(int(v) for v in g) for g in grid)
+    if not rest:  # a symmetric halo, no snapping
+        return BlockGrid(Roi(offset, shape), block, halo)
+    halo_hi, snap = rest
+    return BlockGrid(Roi(offset, shape), block, halo, None if halo_hi == halo else halo_hi, snap)
 
 
 def verify_stage(output: str | os.PathLike[str], stage: str, mode: Verify = "full") -> Damage:

@@ -49,11 +49,15 @@ def whole_volume(model, volume: np.ndarray) -> np.ndarray:
     return y.numpy()[:, :z, :yy, :xx]
 
 
-def blockwise(model, volume: np.ndarray, tiling, block_shape, batch_size: int = 3, **kwargs) -> np.ndarray:
-    grid = plan_blocks(Roi.from_shape(volume.shape[-3:]), block_shape, multiple=tiling.tile_shape)
+def blockwise(model, volume: np.ndarray, tiling, block_shape, batch_size: int = 3, *, from_grid: bool = False,
+              **kwargs) -> np.ndarray:
+    """Predict block by block; each block reads ``tiling.read_roi(core)``, or with ``from_grid`` its
+    ``Block.read_roi`` from a grid planned with the tiling's block halo (what a predict worker reads)."""
+    halo, snap = (tiling.block_halo, tiling.tile_shape) if from_grid else (0, None)
+    grid = plan_blocks(Roi.from_shape(volume.shape[-3:]), block_shape, halo, multiple=tiling.tile_shape, snap=snap)
     out = np.full((model.out_channels, *volume.shape[-3:]), np.nan, dtype=np.float32)
     for block in grid:
-        read = tiling.read_roi(block.write_roi)
+        read = block.read_roi if from_grid else tiling.read_roi(block.write_roi)
         out[(slice(None),) + block.write_roi.to_slices()] = predict_block(
             model, reflect_read(volume, read), raw_roi=read, write_roi=block.write_roi, tiling=tiling,
             mean=MEAN, std=STD, batch_size=batch_size, **kwargs)
@@ -91,6 +95,32 @@ def test_same_padded_is_bit_identical_across_block_shapes(ndim, halo, blend) -> 
     b = blockwise(model, volume, tiling, (8, 16, 8), batch_size=3)
     np.testing.assert_array_equal(a, b)
     assert np.isfinite(a).all() and (a >= 0).all() and (a <= 1).all()
+
+
+@pytest.mark.parametrize(("ndim", "padding", "halo", "blend"),
+                         [(3, "valid", None, "crop"), (2, "same", (0, 24, 24), "crop"), (3, "same", (4, 4, 4), "gaussian")])
+def test_block_read_roi_is_what_the_tiles_read(ndim, padding, halo, blend) -> None:
+    # plan_blocks(halo=tiling.block_halo, snap=tile): Block.read_roi is exactly the tiles' inputs of its
+    # core; with Gaussian blending it may hold more near the volume's borders (fewer neighbour tiles there)
+    model = tiny_model(ndim, padding=padding)
+    shape = {"valid": (22, 22, 23), "same": (9, 17, 18) if ndim == 3 else (3, 30, 37)}[padding]
+    tiling = make_tiling(model, shape, tile_shape=(4, 8, 8) if padding == "same" else (8, 8, 8), halo=halo)
+    assert tiling.blend == blend
+    grid = plan_blocks(Roi.from_shape(shape), tiling.tile_shape, tiling.block_halo, multiple=tiling.tile_shape,
+                       snap=tiling.tile_shape)  # one tile per block: the last cores are clipped (shape % tile)
+    interior = 0
+    for b in grid:
+        need = tiling.read_roi(b.write_roi)
+        if blend == "crop" or all(0 < i < g - 1 for i, g in zip(b.block_index, grid.grid_shape) if g > 2):
+            interior += 1
+            assert b.read_roi == need, (b, need)
+        else:
+            assert b.read_roi.contains(need), (b, need)
+    assert interior > 0
+    if blend == "gaussian":  # predicting from the larger read regions gives the same bytes
+        volume = smooth_volume(shape, seed=2)
+        np.testing.assert_array_equal(blockwise(model, volume, tiling, tiling.tile_shape, 8, from_grid=True),
+                                      blockwise(model, volume, tiling, tiling.tile_shape, 8))
 
 
 def test_same_padded_default_halo_covers_half_the_receptive_field() -> None:
