@@ -41,6 +41,7 @@ import fastremap
 import numpy as np
 import numpy.typing as npt
 
+from emseg.config import AgglomerateOptions
 from emseg.errors import (
     ConfigError,
     GraphNotFoundError,
@@ -846,31 +847,25 @@ def _relabel_block(job: _RelabelJob, block: Block) -> dict[str, Any]:
 
 def segment_prediction(
     pred_path: str | os.PathLike[str],
+    options: AgglomerateOptions | None = None,
     *,
     mode: Mode = "auto",
     input_kind: InputKind | Literal["auto"] = "auto",
-    fragment_threshold: float = FRAGMENT_THRESHOLD,
-    seeds: Literal["distance", "minima"] = "distance",
-    min_distance: int = 3,
-    min_size: int = 50,
-    fragments_method: Literal["watershed", "mutex"] = "watershed",
-    mutex_bias: float = 0.5,
-    long_range_bias: float | None = None,
     offsets: Sequence[Sequence[int]] | None = None,
     block_size: int | Sequence[int] | None = None,
-    context: int | Sequence[int] | None = None,
-    quantile: float | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    thresholds: Sequence[float] = (),
-    score: Score = "hierarchical",
     overwrite: bool = False,
     progress: bool = True,
     cluster: str | os.PathLike[str] | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
+    **fields: Any,
 ) -> tuple[Any, GraphReport, AgglomerateReport]:
     """Fragments, region graph and agglomeration of a prediction image, in ``PRED/labels/``.
+
+    ``options`` (:class:`emseg.config.AgglomerateOptions`; ``**fields`` replace single ones, e.g.
+    ``threshold=0.7``) choose the fragments, the graph and the merging; ``mode``, ``block_size``
+    and the cluster arguments are those of :func:`make_fragments` and :func:`build_graph`.
 
     ``fragments_method="mutex"`` makes the fragments by a per-block mutex watershed of the
     affinities and their long-range ``offsets`` (default: those recorded with the prediction or its
@@ -879,6 +874,12 @@ def segment_prediction(
     Returns the fragments' :class:`~emseg.label.LabelReport`, the :class:`GraphReport` and the
     :class:`AgglomerateReport`.
     """
+    opts = AgglomerateOptions.build(options, **fields)
+    fragment_threshold, seeds, min_distance, min_size = (opts.fragment_threshold, opts.seeds, opts.min_distance,
+                                                         opts.min_size)
+    fragments_method, mutex_bias, long_range_bias = opts.fragments, opts.mutex_bias, opts.long_range_bias
+    context, quantile, threshold, thresholds, score = (opts.context, opts.quantile, opts.threshold, opts.thresholds,
+                                                       opts.score)
     (threshold,) = check_thresholds([threshold])
     check_thresholds(thresholds)
     check_quantile(quantile)

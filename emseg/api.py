@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emseg.config import LabelOptions, PredictOptions
 from emseg.errors import ConfigError, VolumeShapeError
 
 log = logging.getLogger(__name__)
@@ -150,16 +151,8 @@ def _need_output(output: PathLike | None, what: str) -> PathLike:
 def predict(
     volume: Any,
     output: PathLike | None = None,
+    options: PredictOptions | None = None,
     *,
-    model: PathLike | None = None,
-    block_size: Sequence[int] | None = None,
-    tile_size: Sequence[int] | None = None,
-    halo: Sequence[int] | None = None,
-    chunks: Sequence[int] | None = None,
-    batch_size: int = 4,
-    tta: bool = False,
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32",
-    dtype: Literal["uint8", "float16", "float32"] = "uint8",
     voxel_size: Sequence[float] | None = None,
     cluster: str | None = None,
     scheduler: str | None = None,
@@ -168,6 +161,7 @@ def predict(
     overwrite: bool = False,
     progress: bool = False,
     zarr_format: int | None = None,
+    **fields: Any,
 ) -> Any:
     """Membrane (boundary) probabilities of a model for every voxel, as ``emseg predict``.
 
@@ -177,10 +171,11 @@ def predict(
         Raw EM, ``(z, y, x)`` or ``(c, z, y, x)``, uint8, uint16 or float.
     output : path, optional
         Output OME-Zarr image; required for a path, optional for an array.
-    model : path, optional
-        Checkpoint directory (default: the bundled ISBI 2012 membrane model).
-    block_size, tile_size, halo, chunks, batch_size, tta, precision, dtype
-        As ``emseg predict --block-size ...`` (voxels, ``z, y, x``).
+    options, **fields
+        :class:`emseg.config.PredictOptions`, or its fields as keywords, named as the command's
+        options: ``model`` (checkpoint directory; default the bundled model for the voxel size),
+        ``block_size``, ``tile_size``, ``halo``, ``chunks`` (voxels, ``z, y, x``), ``batch_size``,
+        ``tta``, ``precision``, ``dtype``.
     voxel_size : (z, y, x) floats, optional
         Nanometres per voxel of an array input (a path carries its own).
     cluster, scheduler, workers, devices, overwrite, progress, zarr_format
@@ -193,13 +188,12 @@ def predict(
     """
     from emseg.predict import predict as run_predict
 
-    options = dict(checkpoint=model, block_size=block_size, tile_size=tile_size, halo=halo, chunks=chunks,
-                   batch_size=batch_size, tta=tta, precision=precision, dtype=dtype)
+    options = PredictOptions.build(options, **fields)
     kind = _kind(volume)
     if kind == "path":
-        return run_predict(volume, _need_output(output, "predict"), **options, cluster=cluster,  # type: ignore[arg-type]
-                           scheduler=scheduler, workers=workers, devices=devices, overwrite=overwrite,
-                           progress=progress, zarr_format=zarr_format)
+        return run_predict(volume, _need_output(output, "predict"), options, cluster=cluster, scheduler=scheduler,
+                           workers=workers, devices=devices, overwrite=overwrite, progress=progress,
+                           zarr_format=zarr_format)
     _check_array(volume)
     if kind == "dask" and output is None:
         return _predict_lazy(volume, voxel_size, options)
@@ -208,14 +202,14 @@ def predict(
         raw = _write_image(work / "raw.zarr", volume, voxel_size)
         out = Path(output) if output is not None else work / "prediction.zarr"
         with _scheduler(cluster, scheduler) as where:
-            run_predict(raw, out, **options, **where, workers=workers, devices=devices,  # type: ignore[arg-type]
-                        overwrite=overwrite, progress=progress, zarr_format=zarr_format)
+            run_predict(raw, out, options, **where, workers=workers, devices=devices, overwrite=overwrite,
+                        progress=progress, zarr_format=zarr_format)
         return _read(out, lazy=kind == "dask")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: dict[str, Any]) -> Any:
+def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: PredictOptions) -> Any:
     """One dask task per block of the run's block plan: read the block's tiles (mirrored), run the model."""
     import dask.array as da
     from dask.delayed import delayed
@@ -230,14 +224,13 @@ def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: dict
         create_volume(work / "shape.zarr", shape=shape, dtype=np.dtype(volume.dtype), chunks=_chunks(shape),
                       voxel_size=tuple(voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0), channels=channels)
         mark_complete(work / "shape.zarr")
-        plan = plan_prediction(work / "shape.zarr", **options)
+        plan = plan_prediction(work / "shape.zarr", options)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = PredictConfig(
         input="<dask array>", output="<dask array>", checkpoint=str(plan.checkpoint.resolve()),
         checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
-        batch_size=plan.batch_size, tta=plan.tta, precision=plan.precision, dtype=plan.dtype,
-        threads=max(1, min(2, os.cpu_count() or 1)),
+        options=plan.options, threads=max(1, min(2, os.cpu_count() or 1)),
     )
     data = volume if volume.ndim == 4 else volume[None]
     reads = [plan.tiling.read_roi(block.write_roi) for block in plan.grid]
@@ -261,12 +254,14 @@ def _predict_block(config: Any, raw: npt.NDArray[Any], read_roi: Any, write_roi:
     from emseg.predict import _worker_model
 
     model, cfg = _worker_model(config)
+    options = config.options
+    assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
     values = predict_block(
         model, raw if has_channels else raw[0], raw_roi=read_roi, write_roi=write_roi, tiling=config.tiling,
         mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
-        batch_size=config.batch_size, tta=config.tta, precision=config.precision,
+        batch_size=options.batch_size, tta=options.tta, precision=options.precision,
     )
-    return to_output_dtype(values, config.dtype)
+    return to_output_dtype(values, options.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,16 +271,8 @@ def _predict_block(config: Any, raw: npt.NDArray[Any], read_roi: Any, write_roi:
 def label(
     prediction: Any,
     output: PathLike | None = None,
+    options: LabelOptions | None = None,
     *,
-    method: Literal["cc", "watershed"] = "cc",
-    threshold: float = 0.5,
-    foreground: Literal["auto", "below", "above", "nonzero"] = "auto",
-    connectivity: int = 6,
-    mode: Literal["3d", "2d"] = "3d",
-    min_size: int = 0,
-    seeds: Literal["distance", "minima"] = "distance",
-    min_distance: int = 3,
-    block_size: Sequence[int] | None = None,
     voxel_size: Sequence[float] | None = None,
     cluster: str | None = None,
     scheduler: str | None = None,
@@ -293,6 +280,7 @@ def label(
     overwrite: bool = False,
     progress: bool = False,
     zarr_format: int | None = None,
+    **fields: Any,
 ) -> Any:
     """Globally consistent uint64 segment IDs from a boundary prediction, as ``emseg label``.
 
@@ -304,8 +292,10 @@ def label(
     output : path, optional
         Where the labels go (required for a path input: a new OME-Zarr image, or the prediction's
         own image for ``labels/segments``).
-    method, threshold, foreground, connectivity, mode, min_size, seeds, min_distance, block_size
-        As the command's options (``mode="2d"`` is ``--2d``).
+    options, **fields
+        :class:`emseg.config.LabelOptions`, or its fields as keywords, named as the command's options
+        (``method``, ``threshold``, ``foreground``, ``connectivity``, ``min_size``, ``seeds``,
+        ``min_distance``, ``block_size`` ...; ``mode="2d"`` is ``--2d``).
     voxel_size, cluster, scheduler, workers, overwrite, progress, zarr_format
         See :func:`predict`.
 
@@ -316,12 +306,10 @@ def label(
     """
     from emseg.label import label as run_label
 
-    options = dict(method=method, threshold=threshold, foreground=foreground, connectivity=connectivity, mode=mode,
-                   min_size=min_size, seeds=seeds, min_distance=min_distance, block_size=block_size)
+    options = LabelOptions.build(options, **fields)
     kind = _kind(prediction)
     if kind == "path":
-        return run_label(prediction, _need_output(output, "label"), **options, cluster=cluster,  # type: ignore[arg-type]
-                         scheduler=scheduler, workers=workers, overwrite=overwrite, progress=progress,
+        return run_label(prediction, _need_output(output, "label"), options, cluster=cluster, scheduler=scheduler, workers=workers, overwrite=overwrite, progress=progress,
                          zarr_format=zarr_format)
     _check_array(prediction)
     lazy = kind == "dask"
@@ -330,8 +318,8 @@ def label(
         pred = _write_image(work / "prediction.zarr", prediction, voxel_size)
         target = Path(output) if output is not None else pred
         with _scheduler(cluster, scheduler) as where:
-            run_label(pred, target, **options, **where, workers=workers, overwrite=overwrite,  # type: ignore[arg-type]
-                      progress=progress, zarr_format=zarr_format)
+            run_label(pred, target, options, **where, workers=workers, overwrite=overwrite, progress=progress,
+                      zarr_format=zarr_format)
         return _read(target if output is not None else pred / "labels" / "segments", lazy=lazy)
     finally:
         if not (lazy and output is None):
@@ -347,15 +335,6 @@ def segment(
     output: PathLike | None = None,
     *,
     pipeline: PathLike | None = None,
-    model: PathLike | None = None,
-    block_size: Sequence[int] | None = None,
-    batch_size: int | None = None,
-    tta: bool | None = None,
-    precision: Literal["fp32", "bf16", "fp16"] | None = None,
-    method: str | None = None,
-    threshold: float | None = None,
-    mode: Literal["3d", "2d"] | None = None,
-    min_size: int | None = None,
     voxel_size: Sequence[float] | None = None,
     cluster: str | None = None,
     scheduler: str | None = None,
@@ -364,6 +343,7 @@ def segment(
     overwrite: bool = False,
     progress: bool = False,
     zarr_format: int | None = None,
+    **overrides: Any,
 ) -> Any:
     """Predict and label in one run, as ``emseg segment`` (a ``pipeline`` recipe plus overrides).
 
@@ -375,8 +355,11 @@ def segment(
         Output OME-Zarr (default for a path: ``<volume stem>_seg.zarr`` beside it).
     pipeline : path, optional
         A recipe (``pipelines/isbi2012.toml``); the other options override its fields, None keeps them.
-    model, block_size, batch_size, tta, precision, method, threshold, mode, min_size
-        As the command's options (``mode="2d"`` is ``--2d``).
+    **overrides
+        As the command's options (:func:`emseg.config.segment_overrides`): every
+        :class:`~emseg.config.PredictOptions` field (``model``, ``block_size``, ``batch_size``, ...),
+        and ``method``, ``threshold``, ``merge_threshold``, ``thresholds``, ``mode`` (``"2d"`` is
+        ``--2d``), ``min_size``; None keeps the recipe's value.
     voxel_size, cluster, scheduler, workers, devices, overwrite, progress, zarr_format
         See :func:`predict`.
 
@@ -385,14 +368,10 @@ def segment(
     SegmentReport for a path; :class:`Segmentation` ``(prediction, segments)`` for an array: numpy
     arrays for numpy input, dask arrays over the result store for dask input.
     """
-    from emseg.config import load_pipeline
+    from emseg.config import load_pipeline, segment_overrides
     from emseg.pipeline import segment as run_segment
 
-    config = load_pipeline(pipeline, {
-        "predict": {"model": None if model is None else str(model), "block_size": block_size,
-                    "batch_size": batch_size, "tta": tta, "precision": precision},
-        "label": {"method": method, "threshold": threshold, "min_size": min_size, "mode": mode},
-    })
+    config = load_pipeline(pipeline, segment_overrides(**overrides))
     kind = _kind(volume)
     if kind == "path":
         return run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,

@@ -1,7 +1,16 @@
-"""Run configuration: the pipeline recipes ``emseg segment --pipeline`` takes.
+"""Run options: one typed, frozen model per stage, and the pipeline recipes ``emseg segment --pipeline`` takes.
 
-A recipe is a TOML file in ``pipelines/``; CLI flags override single fields.  The resolved
-configuration is written into the output's attributes so a result says how it was made.
+Every option of a stage is declared once, here, with its type, default and doc:
+
+* the command line derives its flags from the fields (:func:`emseg.cli.options.option_flags`),
+* a recipe (``pipelines/*.toml``) is validated against them (:func:`load_pipeline`),
+* the Python API (``emseg.predict``, :func:`emseg.predict.predict`, :func:`emseg.label.label`, ...)
+  takes the fields as keyword arguments (or a ready model) and builds the model with
+  :meth:`Options.build`,
+* the workers receive the resolved model by value, and a stage's resume fingerprint is the
+  resolved model's dump (:meth:`Options.fingerprint`).
+
+Adding an option to a stage is one field here; its CLI flag, recipe key and keyword follow.
 """
 
 from __future__ import annotations
@@ -9,60 +18,195 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.json_schema import JsonDict
 
 from emseg.errors import ConfigError
 
+
+def _three(value: Any) -> Any:
+    """One number stands for every axis (``block_size=64`` is ``(64, 64, 64)``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (value, value, value)
+    return value
+
+
+def _path_str(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 ZYX = tuple[int, int, int]
+Shape = Annotated[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]],
+                  BeforeValidator(_three)]
+"""A positive extent in voxels (z, y, x); one number stands for all three axes."""
+Margin = Annotated[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]],
+                   BeforeValidator(_three)]
+"""A non-negative margin in voxels (z, y, x); one number stands for all three axes."""
+PathStr = Annotated[str, BeforeValidator(_path_str)]
+
+
+def _merge_threshold(value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"agglomeration thresholds must lie in (0, 1) (1 - mean affinity), got {value:g}")
+    return value
+
+
+MergeThreshold = Annotated[float, AfterValidator(_merge_threshold)]
+"""An agglomeration threshold: an edge score ``1 - mean affinity`` in (0, 1)."""
 PositiveVoxel = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 """A voxel size along one axis, nanometres: positive and finite."""
 
+NOT_FINGERPRINTED: JsonDict = {"fingerprint": False}
+"""``json_schema_extra`` of a field that does not change the output (left out of the resume fingerprint)."""
 
-class PredictOptions(BaseModel):
-    """How the network runs over the volume."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Options(BaseModel):
+    """Base of the per-stage option models: frozen, unknown keys refused, field docs from docstrings."""
 
-    model: str | None = None
-    """Checkpoint directory; None uses the model bundled with emseg (a 2-D membrane U-Net)."""
-    block_size: ZYX | None = None
-    """Core shape of one block in voxels (z, y, x); default chosen from the model and the chunks."""
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, populate_by_name=True)
+
+    @classmethod
+    def build(cls, options: Options | None = None, /, **fields: Any) -> Self:
+        """``options`` (default: the defaults) with ``fields`` replaced; ``None`` values are ignored.
+
+        This is how the library functions take their options: ``predict(..., batch_size=8)`` and
+        ``predict(..., PredictOptions(batch_size=8))`` are the same.
+
+        Raises
+        ------
+        ConfigError
+            An unknown option or a value out of range, named as on the command line (``--batch-size``).
+        """
+        data: dict[str, Any] = options.model_dump() if options is not None else {}
+        data.update({k: v for k, v in fields.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(describe_error(e, flags=True)) from e
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that determine the output (JSON values): part of the stage's resume ``params``."""
+        keep = {name for name, f in type(self).model_fields.items() if f.json_schema_extra != NOT_FINGERPRINTED}
+        return self.model_dump(mode="json", include=keep)
+
+
+def describe_error(error: ValidationError, *, flags: bool = False, where: str = "") -> str:
+    """One line for the first error: the option (``--batch-size`` when ``flags``, else ``a.b``), what was wrong."""
+    err = error.errors()[0]
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    name = "--" + loc[-1].replace("_", "-") if flags and loc else ".".join(loc)
+    ctx = err.get("ctx", {})
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        text = f"{name}: Extra inputs are not permitted (unknown option {loc[-1] if loc else ''!r})"
+    elif kind == "literal_error":
+        text = f"{name} must be one of {ctx.get('expected')}, got {err['input']!r}"
+    elif kind == "greater_than_equal":
+        text = f"{name} must be at least {ctx.get('ge')}, got {err['input']!r}"
+    elif kind == "less_than_equal":
+        text = f"{name} must be at most {ctx.get('le')}, got {err['input']!r}"
+    elif kind in ("greater_than", "less_than"):
+        bound = f"greater than {ctx.get('gt')}" if kind == "greater_than" else f"less than {ctx.get('lt')}"
+        text = f"{name} must be {bound}, got {err['input']!r}"
+    elif kind == "value_error":
+        text = f"{name}: {ctx.get('error')}"
+    else:
+        text = f"{name}: {err['msg']}, got {err['input']!r}"
+    return f"{where}: {text}" if where else text
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+
+
+class PredictOptions(Options):
+    """How the network runs over the volume (``emseg predict``, the ``[predict]`` recipe section)."""
+
+    model: PathStr | None = Field(default=None, validation_alias=AliasChoices("model", "checkpoint"),
+                                  json_schema_extra=NOT_FINGERPRINTED)
+    """Checkpoint directory (model.safetensors + config.json); default: the bundled model chosen by the
+    volume's voxel size (2-D ssTEM membrane U-Net, or 3-D FIB-SEM affinity U-Net)."""
+    block_size: Shape | None = Field(default=None, json_schema_extra=NOT_FINGERPRINTED)
+    """Block core Z,Y,X in voxels: a multiple of the output chunks and of the tile; default 64,256,256 for
+    3-D models, 4,512,512 for 2-D (rounded up to the tile)."""
+    tile_size: Shape | None = None
+    """Tile core Z,Y,X fed to the model (rounded up to its input multiple); default 64,64,64 for 3-D models,
+    1,512,512 for 2-D on a CPU, 1,1024,1024 on a GPU."""
+    halo: Margin | None = None
+    """Context Z,Y,X around each tile, 'same'-padded models only; default from the model's receptive field
+    (smaller values blend tiles with a Gaussian)."""
+    chunks: Shape | None = None
+    """Output chunk shape Z,Y,X; default 64,128,128 (3-D models) or 4,256,256 (2-D), dividing the block."""
     batch_size: int | None = Field(default=None, ge=1)
-    """Tiles per forward pass; default: about 1 Mvoxel of model input on a CPU, 8 on a GPU."""
+    """Tiles per forward pass; default about 1 Mvoxel of model input on a CPU, 8 Mvoxel on a GPU."""
     tta: bool = False
-    """Average over flips (8x the compute in 2-D, 16x in 3-D)."""
+    """Average over all flips of the spatial axes (4x the compute in 2-D, 8x in 3-D)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Arithmetic on the device; auto: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX), else fp32."""
-    dtype: Literal["uint8", "float16"] = "uint8"
-    """Stored prediction: probability x 255 as uint8, or float16."""
+    """Arithmetic of the forward pass; auto: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX),
+    else fp32."""
+    dtype: Literal["uint8", "float16", "float32"] = "uint8"
+    """Stored prediction: uint8 holds round(probability x 255); float16 or float32 the value itself."""
 
 
-class LabelOptions(BaseModel):
-    """How the membrane prediction becomes segments."""
+# ---------------------------------------------------------------------------------------------
+# label
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["agglomerate", "cc", "watershed"] = "agglomerate"
-    """``agglomerate``: watershed fragments, region graph and hierarchical agglomeration (the
-    ``[agglomerate]`` section); ``watershed``: seeded watershed stitched across block faces;
-    ``cc``: threshold + connected components."""
-    mode: Literal["auto", "3d", "2d"] = "auto"
-    """Label in 3-D, or each z-section on its own (anisotropic ssTEM); ``auto``: per section when
-    the volume's z voxel size is at least 2.5x its y/x size, else 3-D."""
-    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    """Boundary probability below which a voxel is inside a cell."""
-    connectivity: Literal[6, 26] = 6
-    """Voxel neighbourhood of connected components (4/8 in 2-D mode)."""
+class LabelOptions(Options):
+    """How a boundary prediction becomes segments (``emseg label``, :func:`emseg.label.label`)."""
+
+    method: Literal["cc", "watershed"] = "cc"
+    """cc: threshold + connected components; watershed: seeded watershed of the boundary map."""
+    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Boundary probability below which a voxel is object interior."""
+    foreground: Literal["auto", "below", "above", "nonzero"] = "auto"
+    """Foreground rule: below = probability < threshold, above = > threshold, nonzero = value != 0; auto =
+    below for predictions (channel axis or float), nonzero for integer (z,y,x) masks."""
+    connectivity: Literal[6, 18, 26, 4, 8] = 6
+    """Voxel neighbourhood of cc: 6, 18 or 26 in 3-D; 4 or 8 within a section (6 stands for 4, 18 and 26
+    for 8)."""
+    mode: Literal["3d", "2d"] = "3d"
+    """Label in 3-D, or every z-section on its own (segments never continue along z)."""
     min_size: int = Field(default=0, ge=0)
-    """Fragments smaller than this (voxels) are merged into a neighbour (watershed) or dropped (cc)."""
-    block_size: ZYX | None = None
-    """Core shape of one labelling block in voxels (z, y, x); default from the output chunks."""
+    """watershed: fragments smaller than this many voxels are merged into a neighbour (cc keeps every
+    component)."""
+    seeds: Literal["distance", "minima"] = "distance"
+    """watershed seeds: maxima of the interior's distance transform, or minima of the boundary map."""
+    min_distance: int = Field(default=3, ge=1)
+    """watershed: radius in voxels (finest axis) of the window in which a seed is an extremum."""
+    sigma: float = Field(default=0.0, ge=0.0)
+    """watershed: Gaussian smoothing (voxels) of the boundary map before minima seeds (0: none)."""
+    min_contact: float = Field(default=0.5, gt=0.0, le=1.0)
+    """watershed: fragments meeting at a block face merge when their interior contact covers this
+    fraction of the smaller one's face area."""
+    block_size: Shape | None = None
+    """Block core Z,Y,X in voxels; default about 128 per axis, a multiple of the chunks."""
 
 
-class AgglomerateOptions(BaseModel):
-    """Fragments -> region graph -> agglomeration (``label.method = "agglomerate"``).
+class SegmentLabelOptions(LabelOptions):
+    """The ``[label]`` recipe section of ``emseg segment``: :class:`LabelOptions`, plus the agglomeration
+    as a method (its default) and a mode chosen from the voxel size."""
+
+    method: Literal["agglomerate", "cc", "watershed"] = "agglomerate"  # type: ignore[assignment]
+    """agglomerate: watershed fragments, region graph and hierarchical agglomeration (the ``[agglomerate]``
+    section); watershed: seeded watershed stitched across block faces; cc: threshold + connected components."""
+    mode: Literal["auto", "3d", "2d"] = "auto"  # type: ignore[assignment]
+    """Label in 3-D, or each z-section on its own (anisotropic ssTEM); auto: per section when the volume's
+    z voxel size is at least 2.5x its y/x size, else 3-D."""
+
+    def for_label(self, mode: Literal["3d", "2d"]) -> LabelOptions:
+        """These options for :func:`emseg.label.label` (method cc or watershed), in ``mode``."""
+        return LabelOptions.build(**{**self.model_dump(), "mode": mode})
+
+
+# ---------------------------------------------------------------------------------------------
+# agglomerate
+
+
+class AgglomerateOptions(Options):
+    """Fragments -> region graph -> agglomeration (``emseg agglomerate``, ``label.method = "agglomerate"``).
 
     Threshold 0.8: one value that holds across the data we have, 2-D and 3-D, rather than the
     optimum of one set (adapted Rand error at 0.8 vs each set's own optimum: ISBI 2012 train 0-15
@@ -75,16 +219,14 @@ class AgglomerateOptions(BaseModel):
     Recipes in ``pipelines/`` carry values tuned for their data.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    threshold: float = Field(default=0.8, gt=0.0, lt=1.0)
-    """Merge fragments whose edge score (``1 - mean affinity`` at the merge) is below this; written to
-    ``labels/segments``."""
-    thresholds: tuple[float, ...] = ()
-    """Extra thresholds, each written to ``labels/segments_<t>`` (the graph is reused)."""
+    threshold: MergeThreshold = 0.8
+    """Merge fragments whose edge score (1 - mean affinity at the merge) is below this; written to
+    labels/segments."""
+    thresholds: tuple[MergeThreshold, ...] = ()
+    """Extra thresholds, e.g. 0.3,0.5,0.7: one label image labels/segments_<t> each (the graph is reused)."""
     score: Literal["hierarchical", "mean"] = "hierarchical"
-    """``hierarchical``: waterz's mean-affinity merge score, decided per block plus context;
-    ``mean``: the edge's own ``1 - mean affinity`` (exact on the graph)."""
+    """hierarchical: waterz's mean-affinity merge score, decided per block plus context; mean: the edge's
+    own 1 - mean affinity (exactly blockwise = whole volume)."""
     fragment_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     """Boundary probability below which a voxel is interior (seeds of the fragments)."""
     seeds: Literal["distance", "minima"] = "distance"
@@ -93,24 +235,33 @@ class AgglomerateOptions(BaseModel):
     """Radius (voxels, finest axis) of the window in which a seed is a maximum."""
     min_size: int = Field(default=50, ge=0)
     """Fragments smaller than this (voxels) are merged into a neighbour."""
-    context: ZYX | None = None
-    """Voxels (z, y, x) added around a block for its hierarchical agglomeration; default half a
-    block, at most 64 (0 along z per section)."""
+    context: Margin | None = None
+    """Voxels Z,Y,X added around a block for its hierarchical agglomeration; default half a block, at most
+    64 (0 along z per section)."""
     quantile: float | None = Field(default=None, ge=0.0, le=1.0)
     """Also store this quantile of each edge's contact affinities in the graph."""
-    fragments: Literal["watershed", "mutex"] = "watershed"
+    fragments: Literal["watershed", "mutex"] = Field(
+        default="watershed", validation_alias=AliasChoices("fragments", "fragments_method"))
     """Fragments by seeded watershed, or by mutex watershed of (long-range) affinities (the offsets
     recorded with the prediction's checkpoint)."""
     mutex_bias: float = Field(default=0.5, gt=0.0, lt=1.0)
     """Mutex watershed: nearest-neighbour affinities above this attract, below repel."""
     long_range_bias: float | None = Field(default=None, gt=0.0, lt=1.0)
-    """Mutex watershed: the same for long-range offsets (default: ``mutex_bias``)."""
+    """Mutex watershed: the same for long-range offsets (default: mutex_bias)."""
+
+    #: The fields of the last stage alone (re-agglomerating a finished graph); the others make fragments
+    #: and graph.
+    AGGLOMERATION_ONLY: ClassVar[frozenset[str]] = frozenset({"threshold", "thresholds", "score"})
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
 
 
 class PipelineConfig(BaseModel):
     """One ``pipelines/*.toml`` recipe."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str = "default"
     """Short name of the recipe."""
@@ -120,10 +271,27 @@ class PipelineConfig(BaseModel):
     """Voxel size (nm, z, y, x) the recipe expects; a warning is logged when the input differs."""
     predict: PredictOptions = PredictOptions()
     """Network inference."""
-    label: LabelOptions = LabelOptions()
+    label: SegmentLabelOptions = SegmentLabelOptions()
     """Post-processing into segments."""
     agglomerate: AgglomerateOptions = AgglomerateOptions()
     """Fragments, region graph and agglomeration (used when ``label.method = "agglomerate"``)."""
+
+
+def segment_overrides(*, method: str | None = None, threshold: float | None = None, merge_threshold: float | None = None,
+                      thresholds: tuple[float, ...] | None = None, mode: str | None = None, min_size: int | None = None,
+                      **predict: Any) -> dict[str, dict[str, Any]]:
+    """The recipe overrides of ``emseg segment``'s options (and ``emseg.segment``'s keywords).
+
+    Every :class:`PredictOptions` field overrides ``[predict]``; ``threshold`` and ``min_size`` mean
+    the same for ``[label]`` and for the fragments of ``[agglomerate]``; ``merge_threshold`` and
+    ``thresholds`` are the agglomeration's.  None keeps the recipe's value.
+    """
+    return {
+        "predict": predict,
+        "label": {"method": method, "threshold": threshold, "min_size": min_size, "mode": mode},
+        "agglomerate": {"threshold": merge_threshold, "thresholds": thresholds, "fragment_threshold": threshold,
+                        "min_size": min_size},
+    }
 
 
 def load_pipeline(path: str | os.PathLike[str] | None, overrides: dict[str, dict[str, Any]] | None = None) -> PipelineConfig:
@@ -148,6 +316,4 @@ def load_pipeline(path: str | os.PathLike[str] | None, overrides: dict[str, dict
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path or 'pipeline options'}: {where}: {err['msg']}") from e
+        raise ConfigError(describe_error(e, where=str(path or "pipeline options"))) from e

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from emseg.config import LabelOptions
 from emseg.io.lock import locked
 from emseg.errors import ConfigError, OutputExistsError, ResumeMismatchError, VolumeShapeError
 from emseg.evaluate import evaluate_paths  # re-exported: evaluation I/O moved to emseg.evaluate
@@ -179,18 +180,8 @@ def _resolve_rule(foreground: str, dtype: np.dtype[Any], has_channels: bool) -> 
 def label(
     pred_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
+    options: LabelOptions | None = None,
     *,
-    method: Method = "cc",
-    threshold: float = 0.5,
-    connectivity: int = 6,
-    mode: Literal["3d", "2d"] = "3d",
-    foreground: Literal["auto", "below", "above", "nonzero"] = "auto",
-    min_size: int = 0,
-    seeds: Literal["distance", "minima"] = "distance",
-    min_distance: int = 3,
-    sigma: float = 0.0,
-    min_contact: float = 0.5,
-    block_size: int | Sequence[int] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     keep_fragments: bool = False,
@@ -202,6 +193,7 @@ def label(
     workers: int | None = None,
     client: Any = None,
     zarr_format: int | None = None,
+    **fields: Any,
 ) -> LabelReport:
     """Label a boundary prediction blockwise on a Dask cluster.
 
@@ -213,30 +205,12 @@ def label(
     output_path : path
         The prediction's own image group (labels go to ``labels/segments``) or a new path (a uint64
         OME-Zarr image).  See the module docstring.
-    method : {"cc", "watershed"}
-        ``cc``: connected components of the foreground, exactly equal (up to id order) to
-        ``cc3d.connected_components`` of the whole volume.  ``watershed``: seeded watershed of the
-        boundary map, fragments stitched across faces.
-    threshold : float
-        Probability threshold, see ``foreground``.
-    connectivity : {6, 18, 26}
-        ``cc`` neighbourhood (4 / 8 within a section in 2D mode).
-    mode : {"3d", "2d"}
-        ``"2d"`` labels every section on its own (segments never continue along z).
-    foreground : {"auto", "below", "above", "nonzero"}
-        Foreground rule (:mod:`emseg.segment.threshold`): ``below`` = boundary probability
-        ``< threshold``; ``above`` = ``> threshold``; ``nonzero`` = value ``!= 0``.  ``auto``:
-        ``below`` for float data and images with a channel axis, ``nonzero`` for integer or bool
-        ``(z, y, x)`` arrays (masks, labels).
-    min_size : int
-        ``watershed``: fragments smaller than this many voxels are merged into neighbours.
-    seeds, min_distance, sigma :
-        ``watershed`` seeds (:class:`emseg.segment.WatershedParams`).
-    min_contact : float
-        ``watershed``: two fragments meeting at a block face merge when their interior contact
-        covers this fraction of the smaller one's face area.
-    block_size : int or (z, y, x), optional
-        Core shape of a block in voxels (default: about 128 per axis, a multiple of the chunks).
+    options : LabelOptions, optional
+        The labelling options (:class:`emseg.config.LabelOptions`: ``method``, ``threshold``,
+        ``foreground``, ``connectivity``, ``mode``, ``min_size``, ``seeds``, ``min_distance``,
+        ``sigma``, ``min_contact``, ``block_size``); ``**fields`` replace single ones.  ``cc``
+        equals (up to id order) ``cc3d.connected_components`` of the whole volume; ``watershed``
+        stitches seeded-watershed fragments across block faces.
     merge_faces : bool
         False: keep every block's fragments apart (no face stage): each segment lies inside one
         block and block ``b`` holds the consecutive ids ``offsets[b]+1 .. offsets[b+1]`` (the
@@ -258,8 +232,12 @@ def label(
     ConfigError, VolumeNotFoundError, NotAVolumeError, VolumeShapeError, OutputExistsError,
     SameInputOutputError, ResumeMismatchError, RunIncompleteError
     """
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    opts = LabelOptions.build(options, **fields)
+    method, threshold, connectivity, mode, foreground = (opts.method, opts.threshold, opts.connectivity, opts.mode,
+                                                         opts.foreground)
+    min_size, seeds, min_distance, sigma, min_contact = (opts.min_size, opts.seeds, opts.min_distance, opts.sigma,
+                                                         opts.min_contact)
+    block_size = opts.block_size
     check_threshold(threshold)
     check_connectivity(connectivity, mode)
     if not 0.0 < min_contact <= 1.0:

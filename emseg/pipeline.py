@@ -93,29 +93,22 @@ def segment(
     mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
     if lab.method == "agglomerate":
         check_thresholds((agg.threshold, *agg.thresholds))  # before hours of prediction
-    checkpoint = p.model  # None: predict picks the bundled model from the voxel size
-    predict_kwargs = dict(checkpoint=checkpoint, block_size=p.block_size, batch_size=p.batch_size, tta=p.tta,
-                          precision=p.precision, dtype=p.dtype)
     if dry_run:
-        return plan_prediction(volume, **predict_kwargs)
+        return plan_prediction(volume, p)  # no model: predict picks the bundled model from the voxel size
     from emseg.io.lock import run_lock
 
     with run_lock(out, "segment"):
         with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
-            predicted = predict(volume, out, **predict_kwargs, overwrite=overwrite, progress=progress, client=connection,
+            predicted = predict(volume, out, p, overwrite=overwrite, progress=progress, client=connection,
                                 zarr_format=zarr_format)
             labelled: Any
             if lab.method == "agglomerate":
                 labelled = AgglomerationSteps(*segment_prediction(
-                    out, mode=mode, fragment_threshold=agg.fragment_threshold, seeds=agg.seeds,
-                    min_distance=agg.min_distance, min_size=agg.min_size, block_size=lab.block_size,
-                    context=agg.context, quantile=agg.quantile, threshold=agg.threshold, thresholds=agg.thresholds,
-                    score=agg.score, fragments_method=agg.fragments, mutex_bias=agg.mutex_bias,
-                    long_range_bias=agg.long_range_bias, overwrite=overwrite, progress=progress, client=connection))
+                    out, agg, mode=mode, block_size=lab.block_size, overwrite=overwrite, progress=progress,
+                    client=connection))
             else:
-                labelled = label(out, out, method=lab.method, threshold=lab.threshold, connectivity=lab.connectivity,
-                                 mode=mode, min_size=lab.min_size, block_size=lab.block_size, overwrite=overwrite,
-                                 progress=progress, client=connection)
+                labelled = label(out, out, lab.for_label(mode), overwrite=overwrite, progress=progress,
+                                 client=connection)
             # on the run's workers, resumable like the other stages
             build_pyramids(out, progress=progress, client=connection)
         update_status(out, pipeline=config.model_dump(mode="json"))

@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from emseg.io.lock import locked
+from emseg.config import PredictOptions
 from emseg.errors import (
     ConfigError,
     EmsegError,
@@ -41,17 +41,18 @@ from emseg.inference import (
     DEFAULT_TILE_2D_CPU,
     OutputDtype,
     Precision,
-    PrecisionChoice,
     Tiling,
     make_tiling,
     resolve_precision,
     tiles_in_block,
 )
+from emseg.io.lock import locked
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "PredictConfig",
+    "PredictOptions",
     "PredictReport",
     "PredictionPlan",
     "default_checkpoint",
@@ -143,8 +144,9 @@ class PredictionPlan:
         Blocks over the whole volume; ``grid.halo`` is the low-side halo of the tiles.
     tiling : Tiling
         The global tile grid (tile core, model input and output shapes).
-    chunks : Coordinate
-        Spatial chunk shape of the output, ``(z, y, x)``; divides the block shape.
+    options : PredictOptions
+        The run's options with every default resolved (block, tile, halo, chunks, batch size,
+        precision); its :meth:`~emseg.config.Options.fingerprint` is part of ``params``.
     out_channels : int
         Output channels, named by ``outputs``.
     output_voxels : int
@@ -164,11 +166,7 @@ class PredictionPlan:
     voxel_size: tuple[float, ...]
     grid: BlockGrid
     tiling: Tiling
-    chunks: Coordinate
-    batch_size: int
-    tta: bool
-    precision: Precision
-    dtype: OutputDtype
+    options: PredictOptions
     model_name: str
     padding: str
     outputs: tuple[str, ...]
@@ -186,6 +184,30 @@ class PredictionPlan:
     @property
     def out_channels(self) -> int:
         return len(self.outputs)
+
+    @property
+    def chunks(self) -> Coordinate:
+        """Spatial chunk shape of the output, ``(z, y, x)``; divides the block shape."""
+        assert self.options.chunks is not None  # resolved by plan_prediction
+        return self.options.chunks
+
+    @property
+    def batch_size(self) -> int:
+        assert self.options.batch_size is not None  # resolved by plan_prediction
+        return self.options.batch_size
+
+    @property
+    def tta(self) -> bool:
+        return self.options.tta
+
+    @property
+    def precision(self) -> Precision:
+        assert self.options.precision != "auto"  # resolved by plan_prediction
+        return self.options.precision
+
+    @property
+    def dtype(self) -> OutputDtype:
+        return self.options.dtype
 
     def summary(self) -> str:
         t = self.tiling
@@ -227,17 +249,10 @@ def _lcm(a: Sequence[int], b: Sequence[int]) -> Coordinate:
 
 def plan_prediction(
     volume_path: str | os.PathLike[str],
+    options: PredictOptions | None = None,
     *,
-    checkpoint: str | os.PathLike[str] | None = None,
-    block_size: Sequence[int] | None = None,
-    tile_size: Sequence[int] | None = None,
-    halo: Sequence[int] | None = None,
-    chunks: Sequence[int] | None = None,
-    batch_size: int | None = None,
-    tta: bool = False,
-    precision: PrecisionChoice = "auto",
-    dtype: OutputDtype = "uint8",
     device: str | None = None,
+    **fields: Any,
 ) -> PredictionPlan:
     """Plan a prediction run without computing anything.
 
@@ -245,28 +260,15 @@ def plan_prediction(
     ----------
     volume_path : path
         Input volume (any :func:`emseg.io.open_volume` path), ``(z, y, x)`` or ``(c, z, y, x)``.
-    checkpoint : path, optional
-        Checkpoint directory; default :func:`default_checkpoint`.
-    block_size : Coordinate, optional
-        Core of one block, ``(z, y, x)`` voxels: a multiple of the output chunks and of the tile
-        core.  Default ``64,256,256`` (3D models) or ``4,512,512`` (2D models), rounded up to
-        those multiples and clipped to the volume.
-    tile_size : Coordinate, optional
-        Core of one model tile (see :func:`emseg.inference.make_tiling`); 2D models on a CPU default to
-        ``DEFAULT_TILE_2D_CPU`` (512x512), on a GPU to 1024x1024.
-    halo : Coordinate, optional
-        "same"-padded models only; derived from the model by default.
-    chunks : Coordinate, optional
-        Output chunk shape; default ``64,128,128`` (3D) or ``4,256,256`` (2D), clipped to the block.
-    batch_size : int, optional
-        Tiles per forward pass; default :func:`default_batch_size`.
-    tta : bool
-        Flip test-time augmentation.
-    precision : {"auto", "fp32", "bf16", "fp16"}
-        Autocast precision; ``"auto"``: bf16 on CUDA and on CPUs with native bf16, else fp32
-        (:func:`emseg.inference.default_precision`).
-    dtype : {"uint8", "float16", "float32"}
-        Output dtype.
+    options : PredictOptions, optional
+        The run's options (:class:`emseg.config.PredictOptions`: ``model`` (alias ``checkpoint``),
+        ``block_size``, ``tile_size``, ``halo``, ``chunks``, ``batch_size``, ``tta``, ``precision``,
+        ``dtype``); ``**fields`` replace single ones.  Defaults left ``None`` are resolved here: the
+        bundled model for the voxel size (:func:`default_checkpoint`), block ``64,256,256`` (3D
+        models) or ``4,512,512`` (2D) rounded up to the chunks and tile, the tile of
+        :func:`emseg.inference.make_tiling` (2D models on a CPU: ``DEFAULT_TILE_2D_CPU``), chunks
+        ``64,128,128`` / ``4,256,256`` clipped to the block, :func:`default_batch_size`, and the
+        precision of :func:`emseg.inference.resolve_precision`.
     device : {"cpu", "cuda"}, optional
         Where the blocks will run (for the automatic precision and batch size); default: CUDA if
         this process sees a GPU.
@@ -279,20 +281,17 @@ def plan_prediction(
     from emseg.io import open_volume
     from emseg.models import load_checkpoint
 
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    opts = PredictOptions.build(options, **fields)
+    block_size, tile_size, halo, chunks = opts.block_size, opts.tile_size, opts.halo, opts.chunks
+    batch_size, dtype = opts.batch_size, opts.dtype
     device = device or target_device()
-    precision = resolve_precision(precision, device)
-    if dtype not in ("uint8", "float16", "float32"):
-        raise ConfigError(f"--dtype must be uint8, float16 or float32, got {dtype!r}")
+    precision = resolve_precision(opts.precision, device)
     volume = open_volume(volume_path)
     model_choice = None  # no --model: the bundled model matching the volume's voxel size
-    if checkpoint is None:
+    if opts.model is None:
         ckpt_dir, model_choice = _choose_bundled(volume.voxel_size)
     else:
-        ckpt_dir = Path(checkpoint)
+        ckpt_dir = Path(opts.model)
     ckpt = load_checkpoint(ckpt_dir)
     model, cfg = ckpt.model, ckpt.config
     ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent
@@ -316,10 +315,10 @@ def plan_prediction(
         tile_size = DEFAULT_TILE_2D_CPU  # a GPU takes make_tiling's larger default
     tiling = make_tiling(model, volume.shape, tile_shape=tile_size, halo=halo)
     two_d = model.ndim == 2
+    block: Coordinate
+    chunk: Coordinate
     if block_size is not None:
-        block = tuple(int(b) for b in block_size)
-        if len(block) != 3:
-            raise GeometryError(f"--block-size needs 3 values (z, y, x), got {block}")
+        block = block_size
         small = [a for a in range(3) if block[a] < tiling.tile_shape[a] and block[a] < volume.shape[a]]
         if small:
             raise GeometryError(
@@ -328,9 +327,7 @@ def plan_prediction(
                 "(or a smaller --tile-size)"
             )
     if chunks is not None:
-        chunk = tuple(int(c) for c in chunks)
-        if len(chunk) != 3 or any(c < 1 for c in chunk):
-            raise GeometryError(f"--chunks needs 3 positive values (z, y, x), got {chunk}")
+        chunk = chunks
     else:
         chunk = DEFAULT_CHUNKS_2D if two_d else DEFAULT_CHUNKS_3D
         if block_size is not None:  # the default chunk must divide the block the user chose
@@ -342,7 +339,10 @@ def plan_prediction(
     chunk = tuple(min(c, b) for c, b in zip(chunk, grid.block_shape))
     if batch_size is None:
         batch_size = default_batch_size(tiling, device, tiles_in_block(tiling, grid.block(0).write_roi))
-    tiles, computed = _count_tiles(grid, tiling, batch_size, tta)
+    tiles, computed = _count_tiles(grid, tiling, batch_size, opts.tta)
+    resolved = opts.model_copy(update=dict(model=str(ckpt_dir), block_size=grid.block_shape,
+                                           tile_size=tiling.tile_shape, halo=tiling.input_offset, chunks=chunk,
+                                           batch_size=batch_size, precision=precision))
     params = {
         "stage": STAGE,
         "source": str(Path(volume_path).resolve()),
@@ -352,23 +352,16 @@ def plan_prediction(
         "outputs": list(cfg.outputs),
         "activation": cfg.activation,
         "normalization": [cfg.normalization.mean, cfg.normalization.std],
-        "tile_shape": list(tiling.tile_shape),
         "tile_input": list(tiling.input_shape),
-        "halo": list(tiling.input_offset),
         "blend": tiling.blend,
-        "chunks": list(chunk),
-        "batch_size": batch_size,
-        "tta": tta,
-        "precision": precision,
-        "dtype": dtype,
+        **resolved.fingerprint(),
     }
     return PredictionPlan(
         volume=Path(volume_path), checkpoint=ckpt_dir, volume_shape=volume.shape, volume_dtype=str(volume.dtype),
-        voxel_size=volume.voxel_size, grid=grid, tiling=tiling, chunks=chunk, batch_size=batch_size, tta=tta,
-        precision=precision, dtype=dtype, model_name=str(cfg.model.get("name")), padding=model.padding,
+        voxel_size=volume.voxel_size, grid=grid, tiling=tiling, options=resolved, model_name=str(cfg.model.get("name")), padding=model.padding,
         outputs=tuple(cfg.outputs), activation=cfg.activation, mean=cfg.normalization.mean,
         std=cfg.normalization.std, output_voxels=math.prod(volume.shape), computed_voxels=computed, tiles=tiles,
-        memory_per_block=_memory_estimate(grid, tiling, batch_size, tta, in_channels, len(cfg.outputs),
+        memory_per_block=_memory_estimate(grid, tiling, batch_size, opts.tta, in_channels, len(cfg.outputs),
                                           volume.dtype.itemsize, dtype, cfg.model),
         params=params, model_choice=model_choice,
     )
@@ -442,14 +435,8 @@ class PredictConfig(BaseModel):
     """Modification time of the weights, nanoseconds; part of the per-worker model cache key."""
     tiling: Tiling
     """The run's global tile grid."""
-    batch_size: int
-    """Tiles per forward pass."""
-    tta: bool
-    """Flip test-time augmentation."""
-    precision: Precision
-    """Autocast precision of the forward pass."""
-    dtype: OutputDtype
-    """Output dtype."""
+    options: PredictOptions
+    """The run's options, every default resolved (:attr:`PredictionPlan.options`)."""
     threads: int
     """torch threads per CPU worker."""
 
@@ -472,7 +459,7 @@ def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
     if device == "cpu" and torch.get_num_threads() != config.threads:
         torch.set_num_threads(config.threads)
     if device == "cuda":  # fp32 means fp32: no TF32 convolutions / matmuls behind its back
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.options.precision != "fp32"
     key = (config.checkpoint, config.checkpoint_mtime_ns, device)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model per worker
@@ -499,17 +486,19 @@ def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
     except (ValueError, RuntimeError, OSError, TypeError) as e:  # codec errors, truncated chunks
         raise InvalidDataError(f"{config.input}: cannot read {read_roi} for block {block.block_id}: "
                                f"{type(e).__name__}: {e}") from e
+    options = config.options
+    assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
     try:
         with _COMPUTE:
             values = predict_block(
                 model, raw, raw_roi=read_roi, write_roi=block.write_roi, tiling=config.tiling,
                 mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
-                batch_size=config.batch_size, tta=config.tta, precision=config.precision,
+                batch_size=options.batch_size, tta=options.tta, precision=options.precision,
             )
     except InvalidDataError as e:
         raise InvalidDataError(f"{config.input}: block {block.block_id} ({block.write_roi}): {e}") from e
     out = open_volume(config.output, mode="r+", allow_incomplete=True)
-    out.write(block.write_roi, to_output_dtype(values, config.dtype))
+    out.write(block.write_roi, to_output_dtype(values, config.options.dtype))
     return {"seconds": round(time.perf_counter() - start, 3), "tiles": tiles_in_block(config.tiling, block.write_roi)}
 
 
@@ -616,16 +605,8 @@ def _volume_offset(path: Path) -> tuple[float, ...]:
 def predict(
     volume_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
+    options: PredictOptions | None = None,
     *,
-    checkpoint: str | os.PathLike[str] | None = None,
-    block_size: Sequence[int] | None = None,
-    tile_size: Sequence[int] | None = None,
-    halo: Sequence[int] | None = None,
-    chunks: Sequence[int] | None = None,
-    batch_size: int | None = None,
-    tta: bool = False,
-    precision: PrecisionChoice = "auto",
-    dtype: OutputDtype = "uint8",
     cluster: str | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -635,6 +616,7 @@ def predict(
     progress: bool = True,
     client: Any = None,
     zarr_format: int | None = None,
+    **fields: Any,
 ) -> PredictReport:
     """Predict ``checkpoint``'s outputs for every voxel of a volume into an OME-Zarr image.
 
@@ -648,8 +630,9 @@ def predict(
     volume_path, output_path : path
         Input volume; output image (refused if it exists, unless it holds this same run (resume) or
         ``overwrite``).
-    checkpoint, block_size, tile_size, halo, chunks, batch_size, tta, precision, dtype
-        See :func:`plan_prediction`.
+    options, **fields
+        The run's :class:`~emseg.config.PredictOptions` (``checkpoint=``, ``block_size=``,
+        ``batch_size=`` ...); see :func:`plan_prediction`.
     cluster, scheduler, workers, devices
         See :func:`emseg.cluster.connect`; ignored when ``client`` is given.
     overwrite : bool
@@ -675,9 +658,7 @@ def predict(
     from emseg.io import check_distinct, mark_complete
     from emseg.runner import WriteSpec, run_blockwise
 
-    plan = plan_prediction(volume_path, checkpoint=checkpoint, block_size=block_size, tile_size=tile_size, halo=halo,
-                           chunks=chunks, batch_size=batch_size, tta=tta, precision=precision, dtype=dtype,
-                           device=target_device(cluster, devices, client))
+    plan = plan_prediction(volume_path, options, device=target_device(cluster, devices, client), **fields)
     output = Path(output_path)
     if dry_run:
         return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
@@ -697,8 +678,7 @@ def predict(
         config = PredictConfig(
             input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
             checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
-            batch_size=plan.batch_size, tta=tta, precision=plan.precision, dtype=dtype,
-            threads=connection.threads_per_worker,
+            options=plan.options, threads=connection.threads_per_worker,
         )
         resources = connection.resources
         if resources and "GPU" in resources and connection.threads_per_worker >= 2:
