@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -124,6 +124,27 @@ def _read(path: Path, lazy: bool) -> Any:
     return np.asarray(array[...])
 
 
+def _on_array(data: Any, voxel_size: Sequence[float] | None, cluster: str | None, scheduler: str | None, *,
+              name: str, keep: bool, run: Callable[[Path, Path, dict[str, Any]], Sequence[Path]]) -> list[Any]:
+    """A path-based run on an array: ``data`` is written to the temporary OME-Zarr image ``work/name``,
+    ``run(image, work, where)`` runs on the caller's cluster (``where``) or on one inside this
+    process, and the images it returns are read (as dask arrays for a dask input).
+
+    ``work`` is removed afterwards, unless ``keep`` (dask results read from it): then at interpreter exit.
+    """
+    _check_array(data)
+    lazy = _kind(data) == "dask"
+    work = _temp_dir(keep=keep)
+    try:
+        image = _write_image(work / name, data, voxel_size)
+        with _scheduler(cluster, scheduler) as where:
+            results = run(image, work, where)
+        return [_read(path, lazy) for path in results]
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _scheduler(cluster: str | None, scheduler: str | None) -> Iterator[dict[str, Any]]:
     """Where an array run goes: the caller's choice, else a Dask cluster inside this process."""
@@ -189,24 +210,22 @@ def predict(
     from emseg.predict import predict as run_predict
 
     options = PredictOptions.build(options, **fields)
+    run: dict[str, Any] = dict(workers=workers, devices=devices, overwrite=overwrite, progress=progress,
+                               zarr_format=zarr_format)
     kind = _kind(volume)
     if kind == "path":
         return run_predict(volume, _need_output(output, "predict"), options, cluster=cluster, scheduler=scheduler,
-                           workers=workers, devices=devices, overwrite=overwrite, progress=progress,
-                           zarr_format=zarr_format)
-    _check_array(volume)
+                           **run)
     if kind == "dask" and output is None:
+        _check_array(volume)
         return _predict_lazy(volume, voxel_size, options)
-    work = _temp_dir(keep=False)
-    try:
-        raw = _write_image(work / "raw.zarr", volume, voxel_size)
+
+    def on_image(raw: Path, work: Path, where: dict[str, Any]) -> list[Path]:
         out = Path(output) if output is not None else work / "prediction.zarr"
-        with _scheduler(cluster, scheduler) as where:
-            run_predict(raw, out, options, **where, workers=workers, devices=devices, overwrite=overwrite,
-                        progress=progress, zarr_format=zarr_format)
-        return _read(out, lazy=kind == "dask")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        run_predict(raw, out, options, **where, **run)
+        return [out]
+
+    return _on_array(volume, voxel_size, cluster, scheduler, name="raw.zarr", keep=False, run=on_image)[0]
 
 
 def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: PredictOptions) -> Any:
@@ -307,23 +326,19 @@ def label(
     from emseg.label import label as run_label
 
     options = LabelOptions.build(options, **fields)
+    run: dict[str, Any] = dict(workers=workers, overwrite=overwrite, progress=progress, zarr_format=zarr_format)
     kind = _kind(prediction)
     if kind == "path":
-        return run_label(prediction, _need_output(output, "label"), options, cluster=cluster, scheduler=scheduler, workers=workers, overwrite=overwrite, progress=progress,
-                         zarr_format=zarr_format)
-    _check_array(prediction)
-    lazy = kind == "dask"
-    work = _temp_dir(keep=lazy and output is None)
-    try:
-        pred = _write_image(work / "prediction.zarr", prediction, voxel_size)
+        return run_label(prediction, _need_output(output, "label"), options, cluster=cluster, scheduler=scheduler,
+                         **run)
+
+    def on_image(pred: Path, work: Path, where: dict[str, Any]) -> list[Path]:
         target = Path(output) if output is not None else pred
-        with _scheduler(cluster, scheduler) as where:
-            run_label(pred, target, options, **where, workers=workers, overwrite=overwrite, progress=progress,
-                      zarr_format=zarr_format)
-        return _read(target if output is not None else pred / "labels" / "segments", lazy=lazy)
-    finally:
-        if not (lazy and output is None):
-            shutil.rmtree(work, ignore_errors=True)
+        run_label(pred, target, options, **where, **run)
+        return [target if output is not None else pred / "labels" / "segments"]
+
+    return _on_array(prediction, voxel_size, cluster, scheduler, name="prediction.zarr",
+                     keep=kind == "dask" and output is None, run=on_image)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,25 +387,19 @@ def segment(
     from emseg.pipeline import segment as run_segment
 
     config = load_pipeline(pipeline, segment_overrides(**overrides))
+    run: dict[str, Any] = dict(workers=workers, overwrite=overwrite, progress=progress, zarr_format=zarr_format)
     kind = _kind(volume)
     if kind == "path":
-        return run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
-                           devices=tuple(devices) if devices is not None else None, overwrite=overwrite,
-                           progress=progress, zarr_format=zarr_format)
-    _check_array(volume)
-    lazy = kind == "dask"
-    work = _temp_dir(keep=lazy and output is None)
-    try:
-        raw = _write_image(work / "raw.zarr", volume, voxel_size)
-        out = Path(output) if output is not None else work / "segmented.zarr"
-        with _scheduler(cluster, scheduler) as where:
-            run_segment(raw, out, config, **where, workers=workers, overwrite=overwrite, progress=progress,
-                        zarr_format=zarr_format)
-        return Segmentation(_read(out, lazy), _read(out / "labels" / "segments", lazy))
-    finally:
-        if not (lazy and output is None):
-            shutil.rmtree(work, ignore_errors=True)
+        return run_segment(volume, output, config, cluster=cluster, scheduler=scheduler,
+                           devices=tuple(devices) if devices is not None else None, **run)
 
+    def on_image(raw: Path, work: Path, where: dict[str, Any]) -> list[Path]:
+        out = Path(output) if output is not None else work / "segmented.zarr"
+        run_segment(raw, out, config, **where, **run)
+        return [out, out / "labels" / "segments"]
+
+    return Segmentation(*_on_array(volume, voxel_size, cluster, scheduler, name="raw.zarr",
+                                   keep=kind == "dask" and output is None, run=on_image))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,20 +443,17 @@ def agglomerate(
     """
     from emseg.agglomerate import segment_prediction
 
+    run: dict[str, Any] = dict(workers=workers, overwrite=overwrite, progress=progress)
     kind = _kind(prediction)
     if kind == "path":
-        return segment_prediction(prediction, cluster=cluster, scheduler=scheduler, workers=workers,
-                                  overwrite=overwrite, progress=progress, **options)
+        return segment_prediction(prediction, cluster=cluster, scheduler=scheduler, **run, **options)
     _check_array(prediction)
     if prediction.ndim == 3:
         prediction = prediction[None]
-    lazy = kind == "dask"
-    work = _temp_dir(keep=lazy)
-    try:
-        pred = _write_image(work / "prediction.zarr", prediction, voxel_size)
-        with _scheduler(cluster, scheduler) as where:
-            segment_prediction(pred, **where, workers=workers, overwrite=overwrite, progress=progress, **options)
-        return _read(pred / "labels" / "segments", lazy=lazy)
-    finally:
-        if not lazy:
-            shutil.rmtree(work, ignore_errors=True)
+
+    def on_image(pred: Path, work: Path, where: dict[str, Any]) -> list[Path]:
+        segment_prediction(pred, **where, **run, **options)
+        return [pred / "labels" / "segments"]
+
+    return _on_array(prediction, voxel_size, cluster, scheduler, name="prediction.zarr", keep=kind == "dask",
+                     run=on_image)[0]

@@ -26,7 +26,7 @@ from pydantic.json_schema import JsonDict
 from emseg.errors import ConfigError
 
 
-def _three(value: Any) -> Any:
+def _broadcast(value: Any) -> Any:
     """One number stands for every axis (``block_size=64`` is ``(64, 64, 64)``)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (value, value, value)
@@ -39,10 +39,10 @@ def _path_str(value: Any) -> Any:
 
 ZYX = tuple[int, int, int]
 Shape = Annotated[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]],
-                  BeforeValidator(_three)]
+                  BeforeValidator(_broadcast)]
 """A positive extent in voxels (z, y, x); one number stands for all three axes."""
 Margin = Annotated[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]],
-                   BeforeValidator(_three)]
+                   BeforeValidator(_broadcast)]
 """A non-negative margin in voxels (z, y, x); one number stands for all three axes."""
 PathStr = Annotated[str, BeforeValidator(_path_str)]
 

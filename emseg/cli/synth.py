@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import TypeVar
 
 import click
 
 from emseg.cli.output import JSON_OPTION, echo_report
 from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 
-T = TypeVar("T", int, float)
 CONFIRM_BYTES = 16 * 2**30
 """Volumes larger than this (uncompressed image + labels) are written only after a yes."""
 
@@ -35,11 +33,11 @@ CONFIRM_BYTES = 16 * 2**30
 @JSON_OPTION
 def synth(
     dst: str,
-    shape: tuple[int, ...],
+    shape: tuple[int, int, int],
     seed: int,
-    voxel_size: tuple[float, ...],
-    chunks: tuple[int, ...],
-    block_size: tuple[int, ...] | None,
+    voxel_size: tuple[float, float, float],
+    chunks: tuple[int, int, int],
+    block_size: tuple[int, int, int] | None,
     cell_size: float,
     zarr_format: str,
     overwrite: bool,
@@ -55,17 +53,17 @@ def synth(
     """
     from emseg.synth import LABEL_NAME, SynthParams, write_synth
 
-    params = SynthParams(voxel_size=_three(voxel_size, "--voxel-size"), cell_size=cell_size)
-    _confirm_size(dst, _three(shape, "--shape"), yes)
+    # the ZYX types (axes=3) give three values: one value on the command line stands for every axis
+    params = SynthParams(voxel_size=voxel_size, cell_size=cell_size)
+    _confirm_size(dst, shape, yes)
     start = time.perf_counter()
     write_synth(
-        dst, shape=_three(shape, "--shape"), seed=seed, params=params, chunks=_three(chunks, "--chunks"),
-        block_shape=None if block_size is None else _three(block_size, "--block-size"),
+        dst, shape=shape, seed=seed, params=params, chunks=chunks, block_shape=block_size,
         overwrite=overwrite, zarr_format=3 if zarr_format == "3" else 2, progress=progress,
     )
     elapsed = time.perf_counter() - start
     if as_json:
-        echo_report({"path": dst, "shape": _three(shape, "--shape"), "seed": seed, "voxel_size": params.voxel_size,
+        echo_report({"path": dst, "shape": shape, "seed": seed, "voxel_size": params.voxel_size,
                      "labels": f"labels/{LABEL_NAME}", "seconds": round(elapsed, 3)}, True)
         return
     click.echo(
@@ -98,11 +96,3 @@ def _human(n: float) -> str:
         n /= 1024
     return f"{n:.1f} EiB"
 
-
-def _three(value: tuple[T, ...], option: str) -> tuple[T, T, T]:
-    """Broadcast one value to (z, y, x) or check there are three."""
-    if len(value) == 1:
-        return (value[0], value[0], value[0])
-    if len(value) != 3:
-        raise click.BadParameter(f"expected 1 or 3 comma-separated values Z,Y,X, got {len(value)}", param_hint=option)
-    return (value[0], value[1], value[2])
