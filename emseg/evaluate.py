@@ -249,7 +249,7 @@ def find_segmentations(paths: Sequence[str | os.PathLike[str]]) -> list[Segmenta
     VolumeNotFoundError, NotAVolumeError
     """
     from emseg.errors import VolumeNotFoundError
-    from emseg.io.pyramid import label_image_paths
+    from emseg.io.volume import label_image_paths
 
     out: list[Segmentation] = []
     for p in map(Path, paths):

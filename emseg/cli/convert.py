@@ -64,7 +64,7 @@ def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool
                            overwrite=overwrite, progress=not no_progress)
         echo_report(f"wrote {path}", as_json, path=path, format="tiff")
     else:
-        from emseg.io.precomputed import export_precomputed
+        from emseg.export.precomputed import export_precomputed
 
         if cluster is None and scheduler is None and workers is None:
             report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,

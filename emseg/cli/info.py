@@ -24,7 +24,7 @@ def info(path: str, as_json: bool, verify: bool) -> None:
 
     if verify:
         _verify(path)
-    from emseg.io.meshes import describe_precomputed, precomputed_summary
+    from emseg.export.meshes import describe_precomputed, precomputed_summary
 
     layer = describe_precomputed(path)  # a neuroglancer precomputed layer or export
     if layer is not None:

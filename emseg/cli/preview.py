@@ -24,7 +24,7 @@ def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int, ov
     OUT is an emseg output (out.zarr), a synthetic volume from `emseg synth`, or any OME-Zarr image
     with labels.  Only the shown sections are read.
     """
-    from emseg.preview import render_preview
+    from emseg.export.preview import render_preview
 
     path = render_preview(out, raw_path=raw, slices=slices, png_path=png, max_panel=max_panel,
                           overwrite=overwrite)

@@ -57,7 +57,7 @@ def view(out: str, raw: str | None, precomputed: str | None, select: tuple[int, 
     """
     from urllib.parse import urlsplit
 
-    from emseg.viewer import neuroglancer_state, neuroglancer_url, serve, start_viewer
+    from emseg.export.view import neuroglancer_state, neuroglancer_url, serve, start_viewer
 
     ids = tuple(select or ())
 

@@ -38,8 +38,8 @@ import zarr.errors
 from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
 from emseg.geometry import Block, Coordinate, plan_blocks
 from emseg.io.lock import locked
-from emseg.io.pyramid import is_label_image, label_image_paths
-from emseg.io.volume import Volume, check_distinct, open_volume, prepare_output
+from emseg.io.safety import check_distinct
+from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume, prepare_output
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def export_layer(
                       if not _resumable_stage(root, f"export-{layer_name}-{index}", params, grid) else False,
                       progress=progress)
     _integral_resolutions(dst_path)
-    from emseg.io.meshes import write_meshes, write_skeletons
+    from emseg.export.meshes import write_meshes, write_skeletons
 
     meshes = write_meshes(base, dst_path, state_root=root, client=client, progress=progress) if mesh else 0
     skeletons = (write_skeletons(base, dst_path, state_root=root, client=client, progress=progress)

@@ -17,8 +17,7 @@ import numpy.typing as npt
 from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError
 from emseg.geometry import Roi
 from emseg.io.lock import locked
-from emseg.io.pyramid import label_image_paths
-from emseg.io.volume import Volume, open_volume, read_status
+from emseg.io.volume import Volume, label_image_paths, open_volume, read_status
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +273,3 @@ def _check_png_output(png_path: str | os.PathLike[str], inputs: list[Path], over
     from emseg.io.safety import check_file_output
 
     return check_file_output(png_path, inputs, overwrite)
-
-
-def __getattr__(name: str) -> Any:
-    # The neuroglancer helpers moved to emseg.viewer; old imports keep working.
-    if name in ("DEFAULT_VIEWER", "ViewerState", "neuroglancer_state", "neuroglancer_url", "serve"):
-        from emseg import viewer
-
-        return getattr(viewer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

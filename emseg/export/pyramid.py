@@ -36,8 +36,8 @@ import zarr
 from emseg.errors import ConfigError, NotAVolumeError
 from emseg.geometry import Block, Coordinate, Roi, plan_blocks
 from emseg.io.ledger import STATE_GROUP, Ledger, WriteSpec
-from emseg.io.ome import ome_attrs, parse_multiscale
-from emseg.io.volume import Volume, open_volume
+from emseg.io.ome import parse_multiscale
+from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +205,6 @@ def choose_factors(voxel_size: Sequence[float]) -> Coordinate:
 
 # ---------------------------------------------------------------------------------------------
 # I/O
-
-
-def is_label_image(image_path: str | os.PathLike[str]) -> bool:
-    """Whether an OME-Zarr image is a label image (``image-label`` metadata or under ``labels/``)."""
-    path = Path(image_path)
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError, ValueError):
-        return False
-    return "image-label" in ome_attrs(group.attrs) or path.parent.name == "labels"
 
 
 def _plan_levels(
@@ -495,7 +485,7 @@ def build_pyramid(
     ms["type"] = method
     ms["metadata"] = {
         "description": f"{method} downsampling, blockwise",
-        "method": f"emseg.io.pyramid.downsample_{method}",
+        "method": f"emseg.io.pyramid.downsample_{method}",  # its recorded name (an alias of emseg.export.pyramid)
         "kwargs": {"factors": [list(factor) for factor, _, _ in plan]},
     }
     group.attrs.put(attrs)
@@ -510,19 +500,6 @@ def _dataset(path: str, scale: Sequence[float], translation: Sequence[float]) ->
             {"type": "translation", "translation": [float(t) for t in translation]},
         ],
     }
-
-
-def label_image_paths(image_path: str | os.PathLike[str]) -> list[Path]:
-    """The label images listed in an OME-Zarr image's ``labels`` group (``[]`` when it has none)."""
-    labels = Path(image_path) / "labels"
-    if not labels.is_dir():
-        return []
-    try:
-        group = zarr.open_group(str(labels), mode="r")
-    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
-        return []
-    names = ome_attrs(group.attrs).get("labels") or []
-    return [labels / str(n) for n in names if (labels / str(n)).is_dir()]
 
 
 def build_pyramids(

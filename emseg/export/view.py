@@ -119,8 +119,8 @@ def neuroglancer_state(
     select : segment IDs
         Segments selected at start (their meshes and skeletons are drawn in the 3-D panel).
     """
+    from emseg.export.preview import find_sources
     from emseg.io.volume import open_volume
-    from emseg.preview import find_sources
 
     sources = find_sources(out_path, raw_path)
     raw = _ome_image(sources.raw, "raw EM")
@@ -273,7 +273,7 @@ def servable_files(root: str | os.PathLike[str]) -> Mount:
     VolumeNotFoundError, NotAVolumeError
         ``root`` is neither.
     """
-    from emseg.io.pyramid import label_image_paths
+    from emseg.io.volume import label_image_paths
 
     path = Path(root)
     if not path.is_dir():

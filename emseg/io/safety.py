@@ -138,10 +138,23 @@ def recorded_sources(path: str | os.PathLike[str], depth: int = 4) -> list[Path]
     return found
 
 
+def check_distinct(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
+    """Refuse an output that is, contains, or lies inside the input or an input the input was made from."""
+    from emseg.errors import SameInputOutputError
+
+    src = Path(source).resolve()
+    dst = Path(output).resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise SameInputOutputError(f"output {output} would overwrite the input {source}; choose another output path")
+    for upstream in recorded_sources(src):
+        if upstream == dst or upstream in dst.parents or dst in upstream.parents:
+            raise SameInputOutputError(f"output {output} would overwrite {upstream}, from which the input {source} "
+                                       "was made; choose another output path")
+
+
 def check_file_output(path: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
     """Refuse a file output inside an input, or an existing one without ``overwrite`` (or not emseg's)."""
     from emseg.errors import OutputExistsError
-    from emseg.io.volume import check_distinct
 
     out = Path(path)
     for source in inputs:

@@ -39,8 +39,11 @@ from emseg.io.ome import (
     image_label_attrs,
     labels_group_attrs,
     multiscales_attrs,
+    ome_attrs,
     parse_multiscale,
 )
+from emseg.io.safety import check_distinct as check_distinct  # its home moved to safety; importable here as before
+from emseg.io.safety import made_by_emseg, overwrite_hint
 
 log = logging.getLogger(__name__)
 
@@ -332,27 +335,11 @@ def open_volume(
 # creating
 
 
-def check_distinct(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
-    """Refuse an output that is, contains, or lies inside the input or an input the input was made from."""
-    from emseg.io.safety import recorded_sources
-
-    src = Path(source).resolve()
-    dst = Path(output).resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
-        raise SameInputOutputError(f"output {output} would overwrite the input {source}; choose another output path")
-    for upstream in recorded_sources(src):
-        if upstream == dst or upstream in dst.parents or dst in upstream.parents:
-            raise SameInputOutputError(f"output {output} would overwrite {upstream}, from which the input {source} "
-                                       "was made; choose another output path")
-
-
 def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it).
 
     ``overwrite`` removes only what emseg wrote itself (:func:`emseg.io.safety.made_by_emseg`).
     """
-    from emseg.io.safety import made_by_emseg, overwrite_hint
-
     path = Path(path)
     for parent in Path(os.path.abspath(path)).parents:
         if any((parent / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
@@ -528,3 +515,26 @@ def update_status(image_path: str | os.PathLike[str], **values: Any) -> None:
     status = dict(group.attrs.get(STATUS_KEY) or {})
     status.update(values)
     group.attrs[STATUS_KEY] = status
+
+
+def is_label_image(image_path: str | os.PathLike[str]) -> bool:
+    """Whether an OME-Zarr image is a label image (``image-label`` metadata or under ``labels/``)."""
+    path = Path(image_path)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError, ValueError):
+        return False
+    return "image-label" in ome_attrs(group.attrs) or path.parent.name == "labels"
+
+
+def label_image_paths(image_path: str | os.PathLike[str]) -> list[Path]:
+    """The label images listed in an OME-Zarr image's ``labels`` group (``[]`` when it has none)."""
+    labels = Path(image_path) / "labels"
+    if not labels.is_dir():
+        return []
+    try:
+        group = zarr.open_group(str(labels), mode="r")
+    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
+        return []
+    names = ome_attrs(group.attrs).get("labels") or []
+    return [labels / str(n) for n in names if (labels / str(n)).is_dir()]
