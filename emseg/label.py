@@ -13,9 +13,12 @@ Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the w
    (``local + offset``, offsets = prefix sum of the counts) and returns the pairs that touch
    (``watershed``: pairs whose interior contact covers ``min_contact`` of the smaller face area),
    written to storage by the worker.  The client streams them through a compact 64-bit
-   union-find (:func:`emseg.stitch.resolve_merges_streamed`), never holding them all, and stores
-   small relabel tables.
+   union-find (:func:`emseg.stitch.resolve_merges_streamed`), never holding them all, and sends
+   small relabel tables with the tasks (stores large ones).  With little face data
+   (:data:`CLIENT_FACE_VOXELS`) the client runs this stage on its own threads: the work is less
+   than a cluster stage's scheduling.
 3. ``label-relabel``: every block maps its local ids to consecutive final ids ``1..N`` (uint64).
+   ``cc`` blocks reuse the fragments their worker kept in memory from stage 1, if any.
 
 Output layout
 -------------
@@ -31,12 +34,15 @@ Rerunning the same command resumes; other parameters are refused unless ``overwr
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +82,7 @@ from emseg.stitch import (
     resolve_merges_streamed,
     select_merges,
     to_global,
+    unique_pairs,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +93,12 @@ LABEL_NAME = "segments"
 DEFAULT_BLOCK = 128
 STATUS_KEY = "label"
 FACES_STAGE = "label-faces"
+CLIENT_FACE_VOXELS = 1 << 23
+"""Up to this many face voxels, faces are matched on the client's threads instead of the cluster."""
+INLINE_TABLE_BYTES = 1 << 26
+"""Stitching tables travel with the block tasks while all their copies together stay below this."""
+FRAGMENT_CACHE_FRACTION = 0.2
+"""Share of a worker's memory limit that may hold ``cc`` fragments between stage 1 and stage 3."""
 
 __all__ = ["LabelReport", "METHODS", "Method", "default_block_shape", "evaluate_paths", "label"]
 
@@ -155,6 +168,8 @@ class _Job:
     affinities: bool = False
     """The prediction holds affinities (z, y, x first): the boundary map is 1 - their mean."""
     """Unique per :func:`label` call: workers reuse arrays they opened for the same call only."""
+    tables: tuple[tuple[str, npt.NDArray[Any]], ...] = ()
+    """Small stitching tables sent with the tasks (:func:`_with_tables`); larger ones are in scratch storage."""
 
     def match_connectivity(self) -> int:
         """Neighbourhood for face pairs: the labelling's own for cc, face contacts for watershed."""
@@ -301,16 +316,20 @@ def label(
     start = time.perf_counter()
     from emseg.cluster import connect
 
-    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
-        run = functools.partial(run_blockwise, connection.client, grid=grid, output=label_root, params=params,
+    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection, \
+            _fragments_forgotten(connection.client, job.token):
+        run = functools.partial(run_blockwise, client=connection.client, grid=grid, output=label_root, params=params,
                                 overwrite=overwrite, progress=progress)
         fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job))
         offsets = offsets_from_counts(fragments.results.column("count"))
-        write_table(label_root, "offsets", offsets)
+        job = _with_tables(job, offsets=offsets)
         stages = [fragments]
         with_pairs = np.zeros(0, dtype=np.int64)
         if face_axes:
-            faces = run(stage="label-faces", fn=functools.partial(_faces_block, job))
+            # little face data: match on the client's threads, where the work costs less than a
+            # cluster stage's scheduling (same records, same stored pairs)
+            faces = run(stage=FACES_STAGE, fn=functools.partial(_faces_block, job),
+                        **({"client": None} if _face_voxels(grid, face_axes) <= CLIENT_FACE_VOXELS else {}))
             stages.append(faces)
             with_pairs = np.flatnonzero(faces.results.column("pairs") > 0)
         n_fragments = int(offsets[-1])
@@ -318,8 +337,8 @@ def label(
         merges = resolve_merges_streamed(iter_pairs(label_root, FACES_STAGE, with_pairs), n_fragments)
         # per block (offset, first merged index); merged ids interleaved with their final ids
         starts = np.searchsorted(merges.merged_ids, offsets, side="right").astype(np.uint64)
-        write_table(label_root, "blocks", np.stack([offsets, starts], axis=1))
-        write_table(label_root, "merged", np.stack([merges.merged_ids, merges.merged_final], axis=1))
+        job = _with_tables(job, blocks=np.stack([offsets, starts], axis=1),
+                           merged=np.stack([merges.merged_ids, merges.merged_final], axis=1))
         # a rerun re-checks the written label chunks and recomputes blocks whose chunks went missing
         # (watershed needs its fragments for that, gone once a run completed: trust the records then)
         can_redo = method == "cc" or scratch_path(label_root, "fragments").exists()
@@ -388,6 +407,12 @@ def _prepare_labels(
     return Path(volume.path)
 
 
+def _face_voxels(grid: BlockGrid, face_axes: Sequence[int]) -> int:
+    """Voxels of the face sections the face stage compares (two sections per inner boundary)."""
+    shape = grid.total_roi.shape
+    return sum(2 * (grid.grid_shape[a] - 1) * int(np.prod(shape)) // shape[a] for a in face_axes)
+
+
 def _face_shape(shape: Coordinate, grid: BlockGrid, axis: int) -> Coordinate:
     return tuple(2 * grid.grid_shape[a] if a == axis else s for a, s in enumerate(shape))
 
@@ -421,6 +446,104 @@ def _table(state: str, name: str, token: str) -> Table:
     return Table(state, name)
 
 
+def _with_tables(job: _Job, **tables: npt.NDArray[Any]) -> _Job:
+    """``job`` carrying the small ``tables`` itself; the others are written to scratch storage.
+
+    A table goes with the tasks when its copies (one per block task) stay within
+    :data:`INLINE_TABLE_BYTES`: that spares every task a storage read, and the client the writes.
+    """
+    inline = []
+    for name, data in tables.items():
+        data = np.ascontiguousarray(data).reshape(-1)
+        if data.nbytes * len(job.grid) <= INLINE_TABLE_BYTES:
+            inline.append((name, data))
+        else:
+            write_table(job.state, name, data)
+    kept = tuple((name, data) for name, data in job.tables if name not in tables)
+    return dataclasses.replace(job, tables=kept + tuple(inline))
+
+
+def _table_of(job: _Job, name: str) -> Table | npt.NDArray[Any]:
+    """A stitching table: ``table[i:j]`` reads entries (``_table_at`` picks scattered ones)."""
+    for key, data in job.tables:
+        if key == name:
+            return data
+    return _table(job.state, name, job.token)
+
+
+def _table_at(job: _Job, name: str, indices: Sequence[int]) -> npt.NDArray[Any]:
+    table = _table_of(job, name)
+    return table[np.asarray(indices, dtype=np.int64)] if isinstance(table, np.ndarray) else table.at(indices)
+
+
+class _FragmentCache:
+    """``cc`` fragments a worker labelled in stage 1, kept in its memory for stage 3 of the same run.
+
+    Bounded by :data:`FRAGMENT_CACHE_FRACTION` of the worker's memory limit; a block relabelled by
+    another worker, or not kept, is labelled again (it is deterministic).  Entries of other runs are
+    dropped when a run starts keeping, and :func:`_forget_fragments` empties the cache at the end.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.token = ""
+        self.blocks: dict[int, npt.NDArray[Any]] = {}
+        self.nbytes = 0
+
+    def keep(self, token: str, block_id: int, local: npt.NDArray[Any]) -> None:
+        budget = _cache_budget()
+        with self.lock:
+            if token != self.token:
+                self.token, self.blocks, self.nbytes = token, {}, 0
+            if self.nbytes + local.nbytes <= budget:
+                self.blocks[block_id] = local
+                self.nbytes += local.nbytes
+
+    def take(self, token: str, block_id: int) -> npt.NDArray[Any] | None:
+        with self.lock:
+            if token != self.token:
+                return None
+            local = self.blocks.pop(block_id, None)
+            if local is not None:
+                self.nbytes -= local.nbytes
+            return local
+
+    def forget(self, token: str | None = None) -> None:
+        with self.lock:
+            if token is None or token == self.token:
+                self.token, self.blocks, self.nbytes = "", {}, 0
+
+
+_FRAGMENTS = _FragmentCache()
+
+
+def _cache_budget() -> int:
+    """Bytes of fragments a worker may keep between stages (none outside a Dask worker)."""
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        return 0
+    return int(FRAGMENT_CACHE_FRACTION * limit) if limit else 0
+
+
+def _forget_fragments(token: str) -> None:
+    _FRAGMENTS.forget(token)
+
+
+@contextlib.contextmanager
+def _fragments_forgotten(client: Any, token: str) -> Iterator[None]:
+    """On leaving (also on errors), the workers drop the fragments they kept for the run ``token``."""
+    try:
+        yield
+    finally:
+        try:
+            client.run(_forget_fragments, token)
+        except Exception:  # noqa: BLE001 - a client without run() or gone workers: nothing left to free
+            log.debug("could not ask the workers to drop kept fragments", exc_info=True)
+
+
 def _section_roi(roi: Roi, axis: int, row: int, rows: int = 1) -> Roi:
     """``roi`` with ``axis`` replaced by ``rows`` indices from ``row`` (sections of a face array)."""
     return Roi(tuple(row if a == axis else o for a, o in enumerate(roi.offset)),
@@ -448,8 +571,11 @@ def _fragment_block(job: _Job, block: Block) -> dict[str, int]:
     """Stage 1: label one block's core with local ids, write its face sections (and watershed fragments)."""
     mode: Any = job.mode
     if job.method == "cc":
-        # cc is cheap and deterministic: stage 3 recomputes it instead of storing the fragments
+        # cc is cheap and deterministic: stage 3 reuses it from this worker's memory when it gets
+        # the same block, and recomputes it otherwise, instead of storing the fragments
         local, count = _cc_block(job, block)
+        if count:  # stage 3 skips blocks without fragments
+            _FRAGMENTS.keep(job.token, block.block_id, local)
         faces = local
     else:
         core = block.write_roi.relative_to(block.read_roi).to_slices()
@@ -504,35 +630,38 @@ def _faces_block(job: _Job, block: Block) -> dict[str, int]:
                     index[others[1]] += d1
                     inside = all(x < g for x, g in zip(index, grid.grid_shape))
                     ids.append(grid.block_at(index).block_id if inside else 0)
-        offsets = _table(job.state, "offsets", job.token).at(ids).astype(np.uint64).reshape(2, 2, 2)
+        offsets = _table_at(job, "offsets", ids).astype(np.uint64).reshape(2, 2, 2)
         lower_g = to_global(lower, splits, offsets[0])
         upper_g = to_global(upper, splits, offsets[1])
         pairs, contacts = plane_pairs(lower_g, upper_g, shifts)
         if job.method == "watershed":
             pairs = select_merges(pairs, contacts, lower_g, upper_g, min_fraction=job.min_contact)
         found.append(pairs)
-    result = np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.uint64)
+    result = unique_pairs(np.concatenate(found)) if found else np.zeros((0, 2), dtype=np.uint64)
     return {"pairs": write_pairs(job.state, FACES_STAGE, block.block_id, result)}
 
 
 def _relabel_block(job: _Job, block: Block) -> dict[str, float]:
     """Stage 3: local ids -> consecutive final ids, written as uint64."""
     start = time.perf_counter()
-    entries = _table(job.state, "blocks", job.token)[2 * block.block_id: 2 * block.block_id + 4]
+    entries = _table_of(job, "blocks")[2 * block.block_id: 2 * block.block_id + 4]
     offset, first, stop, last = (int(v) for v in entries)
     labels = _volume(job.labels, "r+", job.token)
     if stop == offset:  # no fragment: background only.  Nothing to read or label; zarr stores no all-zero chunk
         t1 = time.perf_counter()
         labels.write(block.write_roi, np.zeros(block.write_roi.shape, dtype=np.uint64))
         return {"segments_max": 0, "seconds": round(time.perf_counter() - start, 4),
-                "write_seconds": round(time.perf_counter() - t1, 4)}
-    if job.method == "cc":
+                "write_seconds": round(time.perf_counter() - t1, 4), "reused": 0}
+    kept = _FRAGMENTS.take(job.token, block.block_id) if job.method == "cc" else None
+    if kept is not None:
+        local = kept
+    elif job.method == "cc":
         local, _ = _cc_block(job, block)
     else:
         local = _volume(str(scratch_path(job.state, "fragments")), "r", job.token).read(block.write_roi)
-    merged = _table(job.state, "merged", job.token)[2 * first: 2 * last].astype(np.uint64)
+    merged = _table_of(job, "merged")[2 * first: 2 * last].astype(np.uint64)
     table = block_relabel_table(offset, stop - offset, first, merged[0::2], merged[1::2])
     t1 = time.perf_counter()
     labels.write(block.write_roi, relabel_block(local, table))
     return {"segments_max": int(table.max()) if len(table) else 0, "seconds": round(time.perf_counter() - start, 4),
-            "write_seconds": round(time.perf_counter() - t1, 4)}
+            "write_seconds": round(time.perf_counter() - t1, 4), "reused": int(kept is not None)}

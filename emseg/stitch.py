@@ -52,6 +52,7 @@ __all__ = [
     "resolve_merges_streamed",
     "select_merges",
     "to_global",
+    "unique_pairs",
 ]
 
 _REACH = {6: 1, 18: 2, 26: 3, 4: 1, 8: 2}
@@ -129,8 +130,35 @@ def plane_pairs(
             found.append(np.stack([lo[keep], up[keep]], axis=1))
     if not found:
         return np.zeros((0, 2), dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    pairs, contacts = np.unique(np.concatenate(found), axis=0, return_counts=True)
-    return pairs.astype(np.uint64, copy=False), contacts.astype(np.int64)
+    return unique_pairs(np.concatenate(found), counts=True)
+
+
+def unique_pairs(pairs: npt.NDArray[Any], *, counts: bool = False) -> Any:
+    """Unique rows of a ``(k, 2)`` id array in (first, second) order, as uint64 (with their counts).
+
+    Rows are packed into one 64-bit key when the ids span less than ``2**32`` (always within a
+    face): a 1-D sort, several times faster than ``np.unique(axis=0)``, which sorts rows as records.
+    """
+    pairs = np.asarray(pairs).reshape(-1, 2)
+    if not len(pairs):
+        empty = np.zeros((0, 2), dtype=np.uint64)
+        return (empty, np.zeros(0, dtype=np.int64)) if counts else empty
+    pairs = pairs.astype(np.uint64, copy=False)
+    low, high = int(pairs.min()), int(pairs.max())
+    if high - low < 2**32:
+        keys = (pairs[:, 0] - np.uint64(low)) << np.uint64(32)
+        keys |= pairs[:, 1] - np.uint64(low)
+        found = np.unique(keys, return_counts=counts)
+        keys = found[0] if counts else found
+        out = np.empty((len(keys), 2), dtype=np.uint64)
+        np.right_shift(keys, np.uint64(32), out=out[:, 0])
+        np.bitwise_and(keys, np.uint64(2**32 - 1), out=out[:, 1])
+        out += np.uint64(low)
+        return (out, found[1].astype(np.int64)) if counts else out
+    if counts:
+        rows, n = np.unique(pairs, axis=0, return_counts=True)
+        return rows, n.astype(np.int64)
+    return np.unique(pairs, axis=0)
 
 
 def select_merges(

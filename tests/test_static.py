@@ -1,4 +1,5 @@
-"""Static checks: ruff lints emseg/, tests/ and benchmarks/, mypy type-checks emseg/ (issue 12).
+"""Static checks: ruff lints emseg/, tests/ and benchmarks/, mypy type-checks emseg/, and no two emseg
+modules import each other, directly or round a longer loop (issue 12).
 
 Both read their settings (rule set, per-file and per-module exceptions, each with its reason) from
 pyproject.toml, and run with the interpreter running the tests, so `.venv/bin/pytest` (the README's
@@ -28,3 +29,71 @@ def test_mypy_finds_nothing() -> None:
     out = _run("mypy")  # files, plugins and exceptions: [tool.mypy] in pyproject.toml
     assert out.returncode == 0, f"mypy failed:\n{out.stdout}{out.stderr}"
     assert "Success: no issues found" in out.stdout, out.stdout
+
+
+def _emseg_imports() -> dict[str, set[str]]:
+    """Module -> the emseg modules it imports (at the top or inside functions), from the source."""
+    import ast
+
+    modules = {}
+    for path in (ROOT / "emseg").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def resolve(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "emseg":
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    edges.add(full if full in modules else resolve(node.module or ""))
+            elif isinstance(node, ast.Import):
+                edges.update(resolve(a.name) for a in node.names if a.name.split(".")[0] == "emseg")
+        graph[name] = edges - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle() -> None:
+    # function-level (lazy) imports count too: a lazy import both ways is still two modules knowing each other
+    graph = _emseg_imports()
+    assert "emseg.cluster.slurm" in graph["emseg.cluster.client"]  # the graph holds the package's modules
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check can see one
+    assert _cycles(graph) == []

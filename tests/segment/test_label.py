@@ -45,6 +45,57 @@ def test_cc_equals_cc3d_on_the_whole_volume(connection, write_zarr, tmp_path, ma
     assert report.n_fragments > n > 0 and report.blocks > 1
 
 
+@pytest.mark.parametrize(("faces_on_client", "tables_inline"), [(True, True), (False, False), (False, True)])
+def test_cc_stitching_paths_equal_cc3d(connection, write_zarr, tmp_path, mask, monkeypatch, faces_on_client,
+                                       tables_inline) -> None:
+    """Faces matched on the client's threads or on the cluster; tables sent with the tasks or stored."""
+    import importlib
+
+    from emseg.io.scratch import scratch_path
+
+    module = importlib.import_module("emseg.label")
+    monkeypatch.setattr(module, "CLIENT_FACE_VOXELS", 1 << 40 if faces_on_client else 0)
+    monkeypatch.setattr(module, "INLINE_TABLE_BYTES", 1 << 40 if tables_inline else 0)
+    pred = write_zarr(mask.astype(np.uint8))
+    opened = module._volume.cache_info().misses  # face arrays the client itself opened
+    report = label(pred, tmp_path / "labels.zarr", connectivity=26, block_size=(5, 16, 7), keep_fragments=True,
+                   client=connection, progress=False)
+    assert (module._volume.cache_info().misses > opened) == faces_on_client
+    assert scratch_path(report.labels_path, "offsets").exists() != tables_inline
+    expected, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    labels = read_labels(report.labels_path)
+    assert_same_partition(labels, expected)
+    assert_consecutive_uint64(labels, n)
+
+
+def test_cc_workers_reuse_their_fragments_then_drop_them(connection, write_zarr, tmp_path, mask) -> None:
+    import importlib
+
+    module = importlib.import_module("emseg.label")
+    pred = write_zarr(mask.astype(np.uint8))
+    report = label(pred, tmp_path / "labels.zarr", block_size=8, client=connection, progress=False)
+    # 60 blocks on 2 workers: some stage-3 blocks land on the worker that labelled them in stage 1
+    assert report.stages[-1].results.column("reused").sum() > 0
+    assert_same_partition(read_labels(report.labels_path), cc3d.connected_components(mask, connectivity=6))
+
+    kept = connection.client.run(lambda: importlib.import_module("emseg.label")._FRAGMENTS.nbytes)
+    assert len(kept) == 2 and sum(kept.values()) == 0  # dropped when the run ended
+    assert module._FRAGMENTS.nbytes == 0  # the client keeps none (it is no worker)
+
+
+def test_unique_pairs_equals_numpy_row_unique() -> None:
+    from emseg.stitch import unique_pairs
+
+    rng = np.random.default_rng(3)
+    for low, span in [(1, 50), (2**40, 3000), (1, 2**40), (2**64 - 10, 10)]:
+        pairs = (rng.integers(0, span, size=(5000, 2), dtype=np.uint64) + np.uint64(low)).astype(np.uint64)
+        rows, counts = np.unique(pairs, axis=0, return_counts=True)
+        got, got_counts = unique_pairs(pairs, counts=True)
+        assert got.dtype == np.uint64 and np.array_equal(got, rows) and np.array_equal(got_counts, counts)
+        assert np.array_equal(unique_pairs(pairs), rows)
+    assert unique_pairs(np.zeros((0, 2), dtype=np.uint64)).shape == (0, 2)
+
+
 @pytest.mark.parametrize("connectivity", [6, 26])
 def test_cc_equals_cc3d_on_real_isbi_membranes(connection, write_zarr, tmp_path, shared_data, connectivity) -> None:
     interior = tifffile.imread(shared_data / "isbi2012" / "train-labels.tif")[:, :160, :200]  # 255 = interior
