@@ -97,3 +97,18 @@ def test_no_import_cycle() -> None:
     assert "emseg.cluster.slurm" in graph["emseg.cluster.client"]  # the graph holds the package's modules
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check can see one
     assert _cycles(graph) == []
+
+
+def test_the_sbatch_template_is_package_data() -> None:
+    # emseg train --cluster renders it from the installed package (a wheel has no repo cluster/ folder)
+    import fnmatch
+    import tomllib
+
+    from emseg.cluster.slurm import default_template, render_training_script
+
+    template = default_template()
+    assert template.is_file() and str(template).endswith("emseg/cluster/templates/train.sbatch")
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["emseg"]
+    assert any(fnmatch.fnmatch("cluster/templates/train.sbatch", pattern) for pattern in shipped), shipped
+    script = render_training_script(["--config", "c.toml"], nodes=2, gpus_per_node=4)
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gres=gpu:4" in script and "@{" not in script
