@@ -51,14 +51,22 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.config import LabelOptions
-from emseg.io.lock import locked
 from emseg.errors import ConfigError, OutputExistsError, ResumeMismatchError, VolumeShapeError
 from emseg.evaluate import evaluate_paths  # re-exported: evaluation I/O moved to emseg.evaluate
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
-from emseg.io import check_distinct, create_labels, create_volume, mark_complete, open_volume, read_status, update_status
-from emseg.io import Volume
-from emseg.io.scratch import Table, remove_scratch, require_scratch, scratch_path, write_table
+from emseg.io import (
+    Volume,
+    check_distinct,
+    create_labels,
+    create_volume,
+    mark_complete,
+    open_volume,
+    read_status,
+    update_status,
+)
+from emseg.io.lock import locked
 from emseg.io.pairs import iter_pairs, write_pairs
+from emseg.io.scratch import Table, remove_scratch, require_scratch, scratch_path, write_table
 from emseg.runner import StageReport, WriteSpec, fingerprint_of, run_blockwise
 from emseg.segment import (
     RULES,
@@ -328,8 +336,9 @@ def label(
         if face_axes:
             # little face data: match on the client's threads, where the work costs less than a
             # cluster stage's scheduling (same records, same stored pairs)
+            on_client = _face_voxels(grid, face_axes) <= CLIENT_FACE_VOXELS
             faces = run(stage=FACES_STAGE, fn=functools.partial(_faces_block, job),
-                        **({"client": None} if _face_voxels(grid, face_axes) <= CLIENT_FACE_VOXELS else {}))
+                        client=None if on_client else connection.client)
             stages.append(faces)
             with_pairs = np.flatnonzero(faces.results.column("pairs") > 0)
         n_fragments = int(offsets[-1])

@@ -148,13 +148,15 @@ def unique_pairs(pairs: npt.NDArray[Any], *, counts: bool = False) -> Any:
     if high - low < 2**32:
         keys = (pairs[:, 0] - np.uint64(low)) << np.uint64(32)
         keys |= pairs[:, 1] - np.uint64(low)
-        found = np.unique(keys, return_counts=counts)
-        keys = found[0] if counts else found
+        if counts:
+            keys, n = np.unique(keys, return_counts=True)
+        else:
+            keys = np.unique(keys)
         out = np.empty((len(keys), 2), dtype=np.uint64)
         np.right_shift(keys, np.uint64(32), out=out[:, 0])
         np.bitwise_and(keys, np.uint64(2**32 - 1), out=out[:, 1])
         out += np.uint64(low)
-        return (out, found[1].astype(np.int64)) if counts else out
+        return (out, n.astype(np.int64)) if counts else out
     if counts:
         rows, n = np.unique(pairs, axis=0, return_counts=True)
         return rows, n.astype(np.int64)
