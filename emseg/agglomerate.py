@@ -77,10 +77,10 @@ FRAGMENTS_NAME = "fragments"
 SEGMENTS_NAME = "segments"
 GRAPH_KEY = "graph"
 AGGLOMERATE_KEY = "agglomerate"
-DEFAULT_THRESHOLD = 0.8
+DEFAULT_THRESHOLD = AgglomerateOptions().threshold
 """Default agglomeration threshold (``score < t`` merges), chosen to hold across ISBI 2012 and gala
 FIB-SEM (see :class:`emseg.config.AgglomerateOptions`); recipes carry values tuned for their data."""
-FRAGMENT_THRESHOLD = 0.5
+FRAGMENT_THRESHOLD = AgglomerateOptions().fragment_threshold
 """Default boundary probability below which a voxel is interior (seeds of the fragments)."""
 ANISOTROPY_2D = 2.5
 """Sections are processed on their own (mode "2d") when z is this many times coarser than y, x."""
@@ -228,13 +228,10 @@ class AgglomerateReport:
 def make_fragments(
     pred_path: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
+    options: AgglomerateOptions | None = None,
     *,
     mode: Mode = "auto",
     input_kind: InputKind | Literal["auto"] = "auto",
-    threshold: float = FRAGMENT_THRESHOLD,
-    seeds: Literal["distance", "minima"] = "distance",
-    min_distance: int = 3,
-    min_size: int = 0,
     block_size: int | Sequence[int] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -242,20 +239,25 @@ def make_fragments(
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
+    **fields: Any,
 ) -> Any:
     """Per-block watershed fragments of a prediction, written to ``labels/fragments``.
 
-    ``output`` defaults to the prediction's own image (``PRED/labels/fragments``); see
-    :func:`emseg.label.label` for the parameters.  Returns its :class:`~emseg.label.LabelReport`.
+    ``output`` defaults to the prediction's own image (``PRED/labels/fragments``).  The fragments
+    follow ``options`` (:class:`emseg.config.AgglomerateOptions`, ``**fields`` replace single ones):
+    ``fragment_threshold``, ``seeds``, ``min_distance``, ``min_size``; see :func:`emseg.label.label`
+    for the others.  Returns its :class:`~emseg.label.LabelReport`.
     """
     from emseg.label import label
 
+    opts = AgglomerateOptions.build(options, **fields)
     pred = open_volume(pred_path)
     kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
     resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
     out = Path(output) if output is not None else (pred.image_path or Path(pred_path))
-    return label(pred_path, out, method="watershed", threshold=threshold, mode=resolved, seeds=seeds,
-                 min_distance=min_distance, min_size=min_size, block_size=block_size, overwrite=overwrite,
+    return label(pred_path, out, method="watershed", threshold=opts.fragment_threshold, mode=resolved,
+                 seeds=opts.seeds, min_distance=opts.min_distance, min_size=opts.min_size, block_size=block_size,
+                 overwrite=overwrite,
                  progress=progress, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind, cluster=cluster,
                  scheduler=scheduler, workers=workers, client=client)
 
@@ -293,10 +295,9 @@ class _MutexJob:
 def mutex_fragments_blockwise(
     pred_path: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
+    options: AgglomerateOptions | None = None,
     *,
     offsets: Sequence[Sequence[int]] | None = None,
-    bias: float = 0.5,
-    long_range_bias: float | None = None,
     mode: Mode = "auto",
     block_size: int | Sequence[int] | None = None,
     overwrite: bool = False,
@@ -305,10 +306,12 @@ def mutex_fragments_blockwise(
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
+    **fields: Any,
 ) -> FragmentsReport:
     """Per-block mutex watershed fragments (mwatershed) of an affinity prediction with long-range
     channels, written to ``labels/fragments`` like :func:`make_fragments` (ids unique, consecutive,
     each fragment inside one block), ready for :func:`build_graph` and :func:`agglomerate`.
+    ``options.mutex_bias`` and ``options.long_range_bias`` (or as ``**fields``) set the biases.
 
     Every block runs the mutex watershed over its core plus the longest offset, keeps its core and
     numbers its fragments; a prefix sum of the counts makes the ids global.
@@ -322,6 +325,9 @@ def mutex_fragments_blockwise(
     from emseg.label import default_block_shape
     from emseg.segment.mutex import check_offsets, offsets_halo
     from emseg.stitch import offsets_from_counts
+
+    opts = AgglomerateOptions.build(options, **fields)
+    bias, long_range_bias = opts.mutex_bias, opts.long_range_bias
 
     pred = open_volume(pred_path)
     if not pred.has_channels:
@@ -495,11 +501,10 @@ def _fragment_grid(frag: Any, image: Path, block_size: int | Sequence[int] | Non
 def build_graph(
     pred_path: str | os.PathLike[str],
     fragments_path: str | os.PathLike[str],
+    options: AgglomerateOptions | None = None,
     *,
     mode: Mode = "auto",
     input_kind: InputKind | Literal["auto"] = "auto",
-    context: int | Sequence[int] | None = None,
-    quantile: float | None = None,
     hierarchical: bool = True,
     block_size: int | Sequence[int] | None = None,
     overwrite: bool = False,
@@ -508,6 +513,7 @@ def build_graph(
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
+    **fields: Any,
 ) -> GraphReport:
     """Extract the region graph of per-block fragments blockwise (stage 2, see the module doc).
 
@@ -517,13 +523,12 @@ def build_graph(
         The prediction: boundary map (channel 0) or affinities (channels z, y, x first).
     fragments_path : path
         Per-block fragments (:func:`make_fragments`), or the image holding ``labels/fragments``.
+    options : AgglomerateOptions, optional
+        ``context`` (voxels added on each side of a block for the hierarchical agglomeration;
+        default half the block, at most 64, 0 along z in 2D mode) and ``quantile`` (also store this
+        quantile of each edge's contact affinities); ``**fields`` replace single ones.
     mode : {"auto", "3d", "2d"}
         ``"2d"``: no edges across sections; ``"auto"`` from the voxel size (:func:`choose_mode`).
-    context : int or (z, y, x), optional
-        Voxels added on each side of a block for the hierarchical agglomeration (default: half the
-        block, at most 64; 0 along z in 2D mode).
-    quantile : float in [0, 1], optional
-        Also store this quantile of each edge's contact affinities.
     hierarchical : bool
         Compute the hierarchical merge scores (waterz); without them only ``score="mean"`` works.
     block_size : (z, y, x), optional
@@ -534,7 +539,9 @@ def build_graph(
     ConfigError, VolumeShapeError, VolumeNotFoundError, ResumeMismatchError, RunIncompleteError,
     InvalidDataError (a fragment crosses a block face)
     """
-    quantile = check_quantile(quantile)
+    opts = AgglomerateOptions.build(options, **fields)
+    context = opts.context
+    quantile = check_quantile(opts.quantile)
     frag, image = _fragments_image(fragments_path)
     pred = open_volume(pred_path)
     if pred.shape != frag.shape:
@@ -689,10 +696,8 @@ def global_lookups(
 
 def agglomerate(
     fragments_path: str | os.PathLike[str],
+    options: AgglomerateOptions | None = None,
     *,
-    threshold: float = DEFAULT_THRESHOLD,
-    thresholds: Sequence[float] = (),
-    score: Score = "hierarchical",
     output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -700,6 +705,7 @@ def agglomerate(
     scheduler: str | None = None,
     workers: int | None = None,
     client: Any = None,
+    **fields: Any,
 ) -> AgglomerateReport:
     """Merge fragments whose edge score is below a threshold; write one label image per threshold.
 
@@ -708,12 +714,11 @@ def agglomerate(
     fragments_path : path
         Fragments with a finished region graph (:func:`build_graph`): ``OUT.zarr/labels/fragments``,
         or ``OUT.zarr`` itself.
-    threshold : float in (0, 1)
-        Written to ``labels/segments``: edges with ``score < threshold`` are merged.
-    thresholds : floats in (0, 1)
-        Extra thresholds, each written to ``labels/segments_<t>`` (e.g. ``segments_0.50``).
-    score : {"hierarchical", "mean"}
-        The hierarchical merge score (waterz with context), or ``1 - mean affinity`` of the edge.
+    options : AgglomerateOptions, optional
+        ``threshold`` (in (0, 1), written to ``labels/segments``: edges with ``score < threshold``
+        are merged), ``thresholds`` (extra ones, each written to ``labels/segments_<t>``, e.g.
+        ``segments_0.50``) and ``score`` (the hierarchical merge score, waterz with context, or
+        ``1 - mean affinity`` of the edge); ``**fields`` replace single ones.
     output : path, optional
         The OME-Zarr image that receives the label images (default: the image holding the
         fragments, or the fragments image itself when it is not a label image).
@@ -728,8 +733,10 @@ def agglomerate(
     ConfigError (thresholds out of range, unknown score), GraphNotFoundError, ResumeMismatchError,
     OutputExistsError, RunIncompleteError
     """
-    (threshold,) = check_thresholds([threshold])
-    extra = check_thresholds(thresholds)
+    opts = AgglomerateOptions.build(options, **fields)
+    score = opts.score
+    (threshold,) = check_thresholds([opts.threshold])
+    extra = check_thresholds(opts.thresholds)
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
     frag, image = _fragments_image(fragments_path)
@@ -875,16 +882,8 @@ def segment_prediction(
     :class:`AgglomerateReport`.
     """
     opts = AgglomerateOptions.build(options, **fields)
-    fragment_threshold, seeds, min_distance, min_size = (opts.fragment_threshold, opts.seeds, opts.min_distance,
-                                                         opts.min_size)
-    fragments_method, mutex_bias, long_range_bias = opts.fragments, opts.mutex_bias, opts.long_range_bias
-    context, quantile, threshold, thresholds, score = (opts.context, opts.quantile, opts.threshold, opts.thresholds,
-                                                       opts.score)
-    (threshold,) = check_thresholds([threshold])
-    check_thresholds(thresholds)
-    check_quantile(quantile)
-    if score not in SCORES:
-        raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
+    check_thresholds([opts.threshold, *opts.thresholds])
+    check_quantile(opts.quantile)
     pred = open_volume(pred_path)
     if not pred.has_channels and np.issubdtype(pred.dtype, np.integer) and pred.dtype.itemsize >= 4:
         raise GraphNotFoundError(f"{pred_path}: a label volume ({pred.dtype}) without a region graph; pass the "
@@ -898,20 +897,14 @@ def segment_prediction(
     from emseg.cluster import connect
 
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
-        if fragments_method == "mutex":
-            fragments = mutex_fragments_blockwise(
-                pred_path, pred.image_path, offsets=offsets, bias=mutex_bias, long_range_bias=long_range_bias,
-                mode=resolved, block_size=block_size, overwrite=overwrite, progress=progress, client=connection)
-        elif fragments_method == "watershed":
-            fragments = make_fragments(pred_path, pred.image_path, mode=resolved, input_kind=kind,
-                                       threshold=fragment_threshold, seeds=seeds, min_distance=min_distance,
-                                       min_size=min_size, block_size=block_size, overwrite=overwrite,
-                                       progress=progress, client=connection)
+        run: dict[str, Any] = dict(overwrite=overwrite, progress=progress, client=connection)
+        if opts.fragments == "mutex":
+            fragments = mutex_fragments_blockwise(pred_path, pred.image_path, opts, offsets=offsets, mode=resolved,
+                                                  block_size=block_size, **run)
         else:
-            raise ConfigError(f"fragments_method must be 'watershed' or 'mutex', got {fragments_method!r}")
+            fragments = make_fragments(pred_path, pred.image_path, opts, mode=resolved, input_kind=kind,
+                                       block_size=block_size, **run)
         frag_path = pred.image_path / "labels" / FRAGMENTS_NAME
-        graph = build_graph(pred_path, frag_path, mode=resolved, input_kind=kind, context=context, quantile=quantile,
-                            overwrite=overwrite, progress=progress, client=connection)
-        result = agglomerate(frag_path, threshold=threshold, thresholds=thresholds, score=score,
-                             overwrite=overwrite, progress=progress, client=connection)
+        graph = build_graph(pred_path, frag_path, opts, mode=resolved, input_kind=kind, **run)
+        result = agglomerate(frag_path, opts, **run)
     return fragments, graph, result
