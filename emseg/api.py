@@ -269,18 +269,9 @@ def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: Pred
 
 
 def _predict_block(config: Any, raw: npt.NDArray[Any], read_roi: Any, write_roi: Any, has_channels: bool) -> Any:
-    from emseg.inference import predict_block, to_output_dtype
-    from emseg.predict import _worker_model
+    from emseg.predict import compute_block
 
-    model, cfg = _worker_model(config)
-    options = config.options
-    assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
-    values = predict_block(
-        model, raw if has_channels else raw[0], raw_roi=read_roi, write_roi=write_roi, tiling=config.tiling,
-        mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
-        batch_size=options.batch_size, tta=options.tta, precision=options.precision,
-    )
-    return to_output_dtype(values, options.dtype)
+    return compute_block(config, raw if has_channels else raw[0], read_roi, write_roi)
 
 
 # ---------------------------------------------------------------------------------------------

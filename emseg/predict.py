@@ -469,14 +469,31 @@ def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
     return _MODEL_CACHE[key]
 
 
+def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi) -> Any:
+    """The model's outputs for ``write_roi``, ``(c, z, y, x)`` in the output dtype, from the input ``raw``
+    read over ``read_roi`` (mirrored beyond the volume): the compute of one block, shared by the
+    workers (:func:`predict_block_task`) and the lazy dask path of :func:`emseg.predict` on arrays."""
+    from emseg.inference import predict_block, to_output_dtype
+
+    options = config.options
+    assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
+    with _COMPUTE:
+        model, cfg = _worker_model(config)
+        values = predict_block(
+            model, raw, raw_roi=read_roi, write_roi=write_roi, tiling=config.tiling,
+            mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
+            batch_size=options.batch_size, tta=options.tta, precision=options.precision,
+        )
+    return to_output_dtype(values, options.dtype)
+
+
 def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
     """Worker task: read the block's tiles' inputs, run the model, write the core.  Idempotent."""
-    from emseg.inference import predict_block, to_output_dtype
     from emseg.io import open_volume
 
     start = time.perf_counter()
     with _COMPUTE:
-        model, cfg = _worker_model(config)
+        _worker_model(config)  # loaded before the first read, so that reads overlap the other block's compute
     source = open_volume(config.input)
     read_roi = config.tiling.read_roi(block.write_roi)
     try:
@@ -486,19 +503,12 @@ def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
     except (ValueError, RuntimeError, OSError, TypeError) as e:  # codec errors, truncated chunks
         raise InvalidDataError(f"{config.input}: cannot read {read_roi} for block {block.block_id}: "
                                f"{type(e).__name__}: {e}") from e
-    options = config.options
-    assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
     try:
-        with _COMPUTE:
-            values = predict_block(
-                model, raw, raw_roi=read_roi, write_roi=block.write_roi, tiling=config.tiling,
-                mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
-                batch_size=options.batch_size, tta=options.tta, precision=options.precision,
-            )
+        values = compute_block(config, raw, read_roi, block.write_roi)
     except InvalidDataError as e:
         raise InvalidDataError(f"{config.input}: block {block.block_id} ({block.write_roi}): {e}") from e
     out = open_volume(config.output, mode="r+", allow_incomplete=True)
-    out.write(block.write_roi, to_output_dtype(values, config.options.dtype))
+    out.write(block.write_roi, values)
     return {"seconds": round(time.perf_counter() - start, 3), "tiles": tiles_in_block(config.tiling, block.write_roi)}
 
 
