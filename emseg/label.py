@@ -178,6 +178,8 @@ class _Job:
     """Unique per :func:`label` call: workers reuse arrays they opened for the same call only."""
     tables: tuple[tuple[str, npt.NDArray[Any]], ...] = ()
     """Small stitching tables sent with the tasks (:func:`_with_tables`); larger ones are in scratch storage."""
+    faces: tuple[tuple[int, npt.NDArray[Any]], ...] = ()
+    """Face arrays (by axis) read whole, when the client matches the faces itself."""
 
     def match_connectivity(self) -> int:
         """Neighbourhood for face pairs: the labelling's own for cc, face contacts for watershed."""
@@ -337,8 +339,10 @@ def label(
             # little face data: match on the client's threads, where the work costs less than a
             # cluster stage's scheduling (same records, same stored pairs)
             on_client = _face_voxels(grid, face_axes) <= CLIENT_FACE_VOXELS
-            faces = run(stage=FACES_STAGE, fn=functools.partial(_faces_block, job),
+            face_job = _with_faces(job) if on_client else job
+            faces = run(stage=FACES_STAGE, fn=functools.partial(_faces_block, face_job),
                         client=None if on_client else connection.client)
+            del face_job  # the face arrays in memory
             stages.append(faces)
             with_pairs = np.flatnonzero(faces.results.column("pairs") > 0)
         n_fragments = int(offsets[-1])
@@ -420,6 +424,20 @@ def _face_voxels(grid: BlockGrid, face_axes: Sequence[int]) -> int:
     """Voxels of the face sections the face stage compares (two sections per inner boundary)."""
     shape = grid.total_roi.shape
     return sum(2 * (grid.grid_shape[a] - 1) * int(np.prod(shape)) // shape[a] for a in face_axes)
+
+
+def _with_faces(job: _Job) -> _Job:
+    """``job`` holding its face arrays in memory (each read in one call), for matching on the client."""
+    return dataclasses.replace(job, faces=tuple(
+        (axis, (volume := _volume(str(scratch_path(job.state, f"faces_{axis}")), "r", job.token)).read(volume.roi))
+        for axis in job.face_axes))
+
+
+def _face_sections(job: _Job, axis: int, roi: Roi) -> npt.NDArray[Any]:
+    for key, data in job.faces:
+        if key == axis:
+            return data[roi.to_slices()]
+    return _volume(str(scratch_path(job.state, f"faces_{axis}")), "r", job.token).read(roi)
 
 
 def _face_shape(shape: Coordinate, grid: BlockGrid, axis: int) -> Coordinate:
@@ -624,8 +642,8 @@ def _faces_block(job: _Job, block: Block) -> dict[str, int]:
             if reach[k] and end[a] < total.end[a]:
                 end[a] += 1
         plane = Roi.from_bounds(begin, end)
-        sections = _volume(str(scratch_path(job.state, f"faces_{axis}")), "r", job.token).read(
-            _section_roi(plane, axis, 2 * i + 1, 2))  # last of the lower blocks, first of the upper
+        # the last sections of the lower blocks, the first of the upper ones
+        sections = _face_sections(job, axis, _section_roi(plane, axis, 2 * i + 1, 2))
         lower, upper = np.take(sections, 0, axis=axis), np.take(sections, 1, axis=axis)
         splits = [block.write_roi.shape[a] for a in others]
         # the (up to) 2 x 2 blocks each section spans, below and above the boundary
