@@ -6,20 +6,26 @@ rounds of cc3d, cc3d + zarr, emseg, so that load from other processes hits them 
 and the median of the rounds are reported, with the load average before and after):
 
 * ``cc3d``: ``cc3d.connected_components`` of the in-memory volume (compute only), and the same
-  with the zarr read and the uint64 zarr write around it (what a one-machine tool does end to end);
+  with the zarr read and the uint64 zarr write around it (what a one-machine tool does end to end;
+  zarr-python decodes and encodes the chunks on its thread pool, i.e. on every core, with the same
+  codec and chunks as emseg's output, :func:`emseg.io.create_volume`);
 * ``emseg``: :func:`emseg.label.label` with ``--workers`` local worker processes, zarr in -> zarr
   out, all three stages (the cluster is started before timing: start-up excluded);
 * ``dask-image``: ``dask_image.ndmeasure.label`` of ``da.from_zarr`` on the same cluster,
   written to zarr.
 
+Besides wall time, the CPU seconds (user + system) of this process and the cluster's processes
+per method: less sensitive to other jobs on the machine than wall time.
+
 Usage::
 
-    nice .venv/bin/python benchmarks/bench_label.py --shape 384 --block 128 --workers 2
+    nice .venv/bin/python benchmarks/bench_label.py --shape 384 --block 128 --workers 2 --repeat 5 --skip-dask-image
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -46,6 +52,20 @@ def timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (all their threads)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
@@ -105,13 +125,20 @@ def main() -> None:
                 return label(pred, work / "emseg.zarr", connectivity=args.connectivity, block_size=args.block,
                              overwrite=True, progress=False, client=connection)
 
+            import psutil
+
             run_emseg()  # warm the workers (imports), as a long-running cluster would be
             cc3d_end_to_end()  # and the zarr codecs of this process
+            # this process (client, cc3d) and the cluster's (scheduler threads are in this process)
+            pids = [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
             times: dict[str, list[float]] = {"cc3d": [], "cc3d_io": [], "emseg": []}
+            cpu: dict[str, list[float]] = {"cc3d": [], "cc3d_io": [], "emseg": []}
             best_report, load_before = None, _load()
             for round_ in range(args.repeat):
                 for key, fn in (("cc3d", cc3d_in_memory), ("cc3d_io", cc3d_end_to_end), ("emseg", run_emseg)):
+                    used = cpu_seconds(pids)
                     seconds, result = timed(fn)
+                    cpu[key].append(cpu_seconds(pids) - used)
                     times[key].append(seconds)
                     if key == "emseg" and seconds == min(times["emseg"]):
                         best_report = result
@@ -121,6 +148,7 @@ def main() -> None:
             report = best_report
             t_cc3d, t_cc3d_io, t_emseg = (min(times[k]) for k in ("cc3d", "cc3d_io", "emseg"))
             med = {k: float(np.median(v)) for k, v in times.items()}
+            med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}
             stages = ", ".join(f"{s.stage} {s.seconds:.2f} s" for s in report.stages)
             reused = int(report.stages[-1].results.column("reused").sum())
             rows = [("cc3d (in memory)", t_cc3d, med["cc3d"], n_ref),
@@ -152,6 +180,8 @@ def main() -> None:
         print(f"emseg / cc3d (in memory)       = {t_emseg / t_cc3d:.2f}x (best), {med['emseg'] / med['cc3d']:.2f}x (median)")
         print(f"emseg / cc3d + zarr read/write = {t_emseg / t_cc3d_io:.2f}x (best), "
               f"{med['emseg'] / med['cc3d_io']:.2f}x (median)")
+        print(f"CPU seconds (median, this process and the workers): cc3d {med_cpu['cc3d']:.2f}, cc3d + zarr "
+              f"{med_cpu['cc3d_io']:.2f}, emseg {med_cpu['emseg']:.2f} = {med_cpu['emseg'] / med_cpu['cc3d_io']:.2f}x")
         if not args.skip_dask_image:
             print(f"dask-image / emseg             = {t_dask / t_emseg:.2f}x")
         assert report.n_segments == n_ref, "emseg and cc3d disagree on the number of segments"
