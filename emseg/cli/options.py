@@ -97,7 +97,9 @@ def field_option(model: type[BaseModel], name: str, *decls: str, dest: str | Non
     text = help if help is not None else " ".join((field.description or "").replace("``", "").split())
     if show_default and field.default is not None and field.default is not False and field.default != ():
         text += f"  [default: {','.join(map(str, field.default)) if isinstance(field.default, tuple) else field.default}]"
-    flag = decls or ("--" + name.replace("_", "-"),)
+    dashed = name.replace("_", "-")
+    # a boolean field is an on/off pair, so that a flag can also turn off what a recipe turned on
+    flag = decls or ((f"--{dashed}/--no-{dashed}",) if is_flag else (f"--{dashed}",))
     callback = None
     if convert is not None:
         def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
