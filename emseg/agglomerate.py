@@ -225,6 +225,20 @@ class AgglomerateReport:
 # stage 1: fragments
 
 
+SECTION_BLOCK: Coordinate = (16, 1024, 1024)
+"""Default block (z, y, x) of fragments and graph in the per-section (2-D) mode, before rounding to
+whole chunks: about the voxels of a 256^3 block, spread in-plane so that a block's hierarchical
+agglomeration sees whole cells.  With 256^2 blocks, large cells cut by block faces were merged on
+partial contacts: on ISBI 2012 sections 16-19 (validation) the merge threshold's cliff came earlier
+(adapted Rand error at thresholds 0.82-0.86: 0.116-0.121 with 256^2, 0.077-0.081 with 512^2 blocks;
+at 0.70-0.80 and on ISBI 0-15 / vnc_sstem the two agree within 0.005)."""
+
+
+def section_block_shape(chunks: Sequence[int]) -> Coordinate:
+    """:data:`SECTION_BLOCK` rounded to whole ``chunks`` (z, y, x) of the prediction (at least one chunk)."""
+    return tuple(max(c, (t // c) * c) for c, t in zip(chunks, SECTION_BLOCK, strict=True))
+
+
 def make_fragments(
     pred_path: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
@@ -254,6 +268,8 @@ def make_fragments(
     pred = open_volume(pred_path)
     kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
     resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
+    if block_size is None and resolved == "2d":
+        block_size = section_block_shape(pred.chunks)
     out = Path(output) if output is not None else (pred.image_path or Path(pred_path))
     return label(pred_path, out, method="watershed", threshold=opts.fragment_threshold, mode=resolved,
                  seeds=opts.seeds, min_distance=opts.min_distance, min_size=opts.min_size, block_size=block_size,
@@ -341,7 +357,10 @@ def mutex_fragments_blockwise(
     if image is None:
         raise NotAVolumeError(f"{pred_path}: pass an output image for the fragments")
     label_root = image / "labels" / FRAGMENTS_NAME
-    block = as_coordinate(block_size, 3) if block_size is not None else default_block_shape(pred.shape, pred.chunks)
+    if block_size is not None:
+        block = as_coordinate(block_size, 3)
+    else:
+        block = section_block_shape(pred.chunks) if resolved == "2d" else default_block_shape(pred.shape, pred.chunks)
     block = tuple(min(b, s) for b, s in zip(block, pred.shape))
     chunks = tuple(c if b % c == 0 else b for b, c in zip(block, pred.chunks))
     halo = offsets_halo(offs, resolved)  # type: ignore[arg-type]

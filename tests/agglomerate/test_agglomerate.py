@@ -118,6 +118,18 @@ def test_affinity_input_and_2d_mode(write_prediction, connection) -> None:
     assert len(np.unique(seg)) < len(np.unique(fragments))
 
 
+def test_2d_mode_default_blocks_hold_whole_sections(write_prediction, connection) -> None:
+    """Per-section agglomeration gets in-plane blocks of up to 1024 voxels (the 3-D default, 128 here,
+    would cut this 2 x 320 x 320 prediction's sections into 9 blocks each)."""
+    _, boundary = cells((2, 320, 320), 30, seed=7)
+    pred = write_prediction(boundary, chunks=(2, 64, 64), voxel_size=(50.0, 4.0, 4.0))
+    _, graph, _ = segment_prediction(pred, threshold=0.5, progress=False, client=connection)
+    status = read_status(pred / "labels" / "fragments")
+    assert status["label"]["params"]["mode"] == "2d"
+    assert status["label"]["params"]["block"] == [2, 320, 320]
+    assert status["graph"]["params"]["block"] == [2, 320, 320]
+
+
 def test_bad_input_is_one_clear_error(prediction, write_prediction, connection, tmp_path) -> None:
     make_fragments(prediction, block_size=(8, 16, 16), progress=False, client=connection)
     frag_path = prediction / "labels" / "fragments"
