@@ -235,8 +235,12 @@ at 0.70-0.80 and on ISBI 0-15 / vnc_sstem the two agree within 0.005)."""
 
 
 def section_block_shape(chunks: Sequence[int]) -> Coordinate:
-    """:data:`SECTION_BLOCK` rounded to whole ``chunks`` (z, y, x) of the prediction (at least one chunk)."""
-    return tuple(max(c, (t // c) * c) for c, t in zip(chunks, SECTION_BLOCK, strict=True))
+    """:data:`SECTION_BLOCK` in whole ``chunks`` (z, y, x) of the prediction; a z chunk deeper than
+    its 16 sections shrinks the in-plane side to keep the block's voxels (never below one chunk)."""
+    cz, cy, cx = chunks
+    depth = max(cz, (SECTION_BLOCK[0] // cz) * cz)
+    side = min(SECTION_BLOCK[1], int((SECTION_BLOCK[0] * SECTION_BLOCK[1] * SECTION_BLOCK[2] / depth) ** 0.5))
+    return depth, max(cy, (side // cy) * cy), max(cx, (side // cx) * cx)
 
 
 def make_fragments(
