@@ -604,6 +604,7 @@ def build_graph(
             raise ResumeMismatchError.between(image, "a region graph", previous.get("params", {}), params)
     if previous.get("fingerprint") != fingerprint:
         remove_graph(image)
+        _remove_agglomerations(image, keep=fingerprint)
         update_status(image, **{GRAPH_KEY: {"fingerprint": fingerprint, "params": params, "complete": False}})
     job = _GraphJob(pred=str(pred.path), fragments=str(frag.path), state=str(image), grid=grid, kind=kind,
                     mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical, channels=channels)
@@ -828,6 +829,19 @@ def agglomerate(
                                time.perf_counter() - start, tuple(stages), seconds_global)
     log.info("%s", report.summary())
     return report
+
+
+def _remove_agglomerations(fragments: Path, *, keep: str) -> None:
+    """Delete the label images beside ``fragments`` agglomerated from a region graph other than
+    ``keep``: a rebuilt graph makes them another run's output."""
+    from emseg.io.volume import label_image_paths, remove_label_image
+
+    image = fragments.parent.parent
+    for path in label_image_paths(image):
+        graph = read_status(path).get("agglomerate", {}).get("params", {}).get("graph")
+        if isinstance(graph, str) and graph != keep:
+            log.info("%s: removed, agglomerated from the replaced region graph %s", path, graph)
+            remove_label_image(image, path.name)
 
 
 def _check_segments(label_root: Path, params: dict[str, Any], *, overwrite: bool) -> bool:

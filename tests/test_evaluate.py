@@ -284,6 +284,9 @@ def test_sweep_of_a_real_agglomeration_run(tmp_path) -> None:
     rows = json.loads(result.stdout)["results"]
     assert [(r["segmentation"], r["threshold"]) for r in rows] == [("labels/fragments", None),
                                                                     ("labels/segments", 0.5)]
+    assert not (tmp_path / "pred.zarr" / "labels" / "segments_0.20").exists()  # removed with the old graph
+    labels_attrs = json.loads((tmp_path / "pred.zarr" / "labels" / "zarr.json").read_text())["attributes"]
+    assert "segments_0.80" not in labels_attrs["ome"]["labels"]
 
 
 def test_section_mode_for_2d_segmentations_of_3d_ids(shared_data, tmp_path) -> None:

@@ -490,6 +490,18 @@ def create_labels(
     return volume
 
 
+def remove_label_image(image_path: str | os.PathLike[str], name: str) -> None:
+    """Delete the label image ``image_path/labels/<name>`` and its entry in the ``labels`` list."""
+    group = zarr.open_group(str(image_path), mode="a")
+    if "labels" not in group:
+        return
+    labels = group["labels"]
+    names = [n for n in _label_names(labels.attrs) if n != name]
+    labels.attrs.update(labels_group_attrs(names, group.metadata.zarr_format))
+    if name in labels:
+        del labels[name]
+
+
 def _label_names(attrs: Any) -> list[str]:
     ome = attrs.get("ome", attrs)
     return list(ome.get("labels", []))
