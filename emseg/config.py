@@ -80,11 +80,18 @@ class Options(BaseModel):
             An unknown option or a value out of range, named as on the command line (``--batch-size``).
         """
         data: dict[str, Any] = options.model_dump() if options is not None else {}
-        data.update({k: v for k, v in fields.items() if v is not None})
+        names = cls._alias_names()  # checkpoint= replaces the model's "model", not a second key beside it
+        data.update({names.get(k, k): v for k, v in fields.items() if v is not None})
         try:
             return cls.model_validate(data)
         except ValidationError as e:
             raise ConfigError(describe_error(e, flags=True)) from e
+
+    @classmethod
+    def _alias_names(cls) -> dict[str, str]:
+        """Other accepted names of fields (``checkpoint`` for ``model``) -> the field's name."""
+        return {alias: name for name, f in cls.model_fields.items() if isinstance(f.validation_alias, AliasChoices)
+                for alias in f.validation_alias.choices if isinstance(alias, str)}
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that determine the output (JSON values): part of the stage's resume ``params``."""

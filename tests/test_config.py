@@ -91,6 +91,8 @@ def test_build_keywords_and_errors_name_the_option() -> None:
     options = PredictOptions.build(checkpoint=Path("ckpt"), block_size=64, batch_size=None)
     assert options.model == "ckpt" and options.block_size == (64, 64, 64) and options.batch_size is None
     assert PredictOptions.build(options, tta=True).model_dump() == {**options.model_dump(), "tta": True}
+    assert PredictOptions.build(options, checkpoint="other").model == "other"  # an alias replaces the field
+    assert AgglomerateOptions.build(fragments_method="mutex").fragments == "mutex"
     # the model path and the block do not change the output: not fingerprinted
     assert set(options.fingerprint()) == set(PredictOptions.model_fields) - {"model", "block_size"}
     with pytest.raises(ConfigError, match=r"^--batch-size must be at least 1, got 0$"):

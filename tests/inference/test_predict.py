@@ -209,3 +209,21 @@ def test_worker_peak_memory_does_not_grow_with_the_volume(checkpoints, write_vol
                     tile_size=(1, 64, 64), client=connection, progress=False)
             peaks.append(_peak_rss(connection.client))
     assert peaks[1] < 1.5 * peaks[0], peaks
+
+
+def test_the_plan_resolves_every_option_and_fingerprints_their_dump(checkpoints, write_volume):
+    from emseg.config import PredictOptions
+
+    source = write_volume(smooth_volume((4, 64, 64)))
+    options = PredictOptions(tile_size=(1, 32, 32), dtype="float16")
+    plan = plan_prediction(source, options, checkpoint=checkpoints(2), batch_size=2)
+    resolved = plan.options
+    assert all(getattr(resolved, name) is not None for name in PredictOptions.model_fields)  # no default left open
+    assert resolved.precision != "auto" and resolved.batch_size == 2 and resolved.dtype == "float16"
+    assert resolved.block_size == plan.grid.block_shape and resolved.tile_size == plan.tiling.tile_shape
+    fingerprint = resolved.fingerprint()
+    assert {k: plan.params[k] for k in fingerprint} == fingerprint  # params = the resolved options' dump + facts
+    # the same run from keywords alone, and from the resolved options: the same params (a rerun resumes)
+    assert plan_prediction(source, checkpoint=checkpoints(2), tile_size=(1, 32, 32), dtype="float16",
+                           batch_size=2).params == plan.params
+    assert plan_prediction(source, resolved).params == plan.params
