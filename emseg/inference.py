@@ -52,6 +52,7 @@ __all__ = [
     "gaussian_window",
     "make_tiling",
     "normalize",
+    "predict_array",
     "predict_block",
     "prepare_model",
     "to_output_dtype",
@@ -507,6 +508,44 @@ def predict_block(
     if tiling.blend == "gaussian":
         core /= weight
     return core
+
+
+def predict_array(
+    model: Any,
+    raw: npt.NDArray[Any],
+    *,
+    tiling: Tiling,
+    mean: float = 0.5,
+    std: float = 0.5,
+    activation: Activation = "sigmoid",
+    batch_size: int = 4,
+    tta: bool = False,
+    precision: Precision = "fp32",
+) -> npt.NDArray[np.float32]:
+    """Run ``model`` over a whole in-memory volume as one block: :func:`predict_block` on its mirrored tiles.
+
+    ``raw`` is ``(z, y, x)`` or ``(c, z, y, x)``; beyond the volume's borders it is mirrored without
+    repeating the edge voxel, as ``Volume.read(roi, pad="reflect")`` mirrors for ``emseg predict``.
+    ``tiling`` comes from :func:`make_tiling` for ``raw``'s spatial shape.  For validation inside
+    training and small arrays in tests; large volumes go through :mod:`emseg.predict`.
+
+    Returns
+    -------
+    ndarray of float32, shape ``(out_channels, z, y, x)``
+    """
+    if raw.ndim == 3:
+        raw = raw[np.newaxis]
+    shape = tuple(int(s) for s in raw.shape[1:])
+    if shape != tuple(tiling.volume_shape):
+        raise GeometryError(f"raw data of shape {shape} does not match the tiling's volume {tiling.volume_shape}")
+    write_roi = Roi((0, 0, 0), shape)
+    read_roi = tiling.read_roi(write_roi)
+    pad = [(0, 0)] + [(max(0, -b), max(0, e - n)) for b, e, n in zip(read_roi.begin, read_roi.end, shape)]
+    padded = np.pad(raw, pad, mode="reflect") if any(lo or hi for lo, hi in pad) else raw
+    # np.pad reflects as often as needed; crop to the read region when it lies inside on some side
+    crop = (slice(None),) + tuple(slice(b + lo, e + lo) for b, e, (lo, _) in zip(read_roi.begin, read_roi.end, pad[1:]))
+    return predict_block(model, padded[crop], raw_roi=read_roi, write_roi=write_roi, tiling=tiling, mean=mean, std=std,
+                         activation=activation, batch_size=batch_size, tta=tta, precision=precision)
 
 
 def tiles_in_block(tiling: Tiling, write_roi: Roi) -> int:
