@@ -18,7 +18,9 @@ Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the w
    (:data:`CLIENT_FACE_VOXELS`) the client runs this stage on its own threads: the work is less
    than a cluster stage's scheduling.
 3. ``label-relabel``: every block maps its local ids to consecutive final ids ``1..N`` (uint64).
-   ``cc`` blocks reuse the fragments their worker kept in memory from stage 1, if any.
+   ``cc`` blocks reuse the fragments their worker kept in memory from stage 1: both stages ask
+   Dask to run a block on the same worker (a loose restriction; a block moved elsewhere is
+   labelled again).
 
 Output layout
 -------------
@@ -42,7 +44,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -330,7 +332,9 @@ def label(
             _fragments_forgotten(connection.client, job.token):
         run = functools.partial(run_blockwise, client=connection.client, grid=grid, output=label_root, params=params,
                                 overwrite=overwrite, progress=progress)
-        fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job))
+        # cc: a block's relabelling goes back to the worker that kept its fragments from stage 1
+        place = _placement(connection.client) if method == "cc" else None
+        fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job), placement=place)
         offsets = offsets_from_counts(fragments.results.column("count"))
         job = _with_tables(job, offsets=offsets)
         stages = [fragments]
@@ -356,7 +360,8 @@ def label(
         # (watershed needs its fragments for that, gone once a run completed: trust the records then)
         can_redo = method == "cc" or scratch_path(label_root, "fragments").exists()
         stages.append(run(stage="label-relabel", fn=functools.partial(_relabel_block, job),
-                          writes=[WriteSpec(str(labels_array))], verify="sizes" if can_redo else "none"))
+                          writes=[WriteSpec(str(labels_array))], verify="sizes" if can_redo else "none",
+                          placement=place))
     seconds = time.perf_counter() - start
     report = LabelReport(label_root, method, merges.n_segments, n_fragments, len(merges.merged_ids), len(grid),
                          grid.block_shape, seconds, tuple(stages))
@@ -553,6 +558,17 @@ def _cache_budget() -> int:
     except (ImportError, ValueError, AttributeError):
         return 0
     return int(FRAGMENT_CACHE_FRACTION * limit) if limit else 0
+
+
+def _placement(client: Any) -> Callable[[int], list[str] | None] | None:
+    """Ledger chunk -> its worker, round robin over the workers present, the same in every stage."""
+    try:
+        workers = sorted(client.nthreads())
+    except Exception:  # noqa: BLE001 - a client that cannot list its workers: let Dask place the tasks
+        return None
+    if len(workers) < 2:
+        return None
+    return lambda chunk: [workers[chunk % len(workers)]]
 
 
 def _forget_fragments(token: str) -> None:

@@ -342,6 +342,7 @@ def run_blockwise(
     writes: Sequence[WriteSpec | str | os.PathLike[str]] = (),
     verify: Verify = "sizes",
     window: int | None = None,
+    placement: Callable[[int], list[str] | None] | None = None,
 ) -> StageReport:
     """Run ``fn(block)`` once for every block of ``grid`` that is not yet done.
 
@@ -372,6 +373,10 @@ def run_blockwise(
         trust the records.
     window : int, optional
         Tasks in flight at most (default: 4 per worker thread, between 64 and 1024).
+    placement : callable, optional
+        Ledger chunk index -> worker addresses that should preferably run its task (a loose Dask
+        restriction: other workers may still take it), e.g. to send a block back to the worker
+        that holds data of it from an earlier stage.
 
     Raises
     ------
@@ -440,8 +445,10 @@ def run_blockwise(
         if in_process:
             future = runner.submit(*args)
         else:
+            preferred = placement(chunks[0][0]) if placement is not None else None
             future = runner.submit(*args, key=f"{stage}-{chunks[0][0]}-{token}", pure=False, retries=retries,
-                                   resources=dict(resources) if resources else None)
+                                   resources=dict(resources) if resources else None,
+                                   **({"workers": preferred, "allow_other_workers": True} if preferred else {}))
         in_flight[future] = chunks
         return future
 
