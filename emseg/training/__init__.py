@@ -10,9 +10,15 @@ so they can be tested and reused (e.g. :func:`weight_map`, :func:`elastic_field`
 from emseg.training.augment import deform, elastic_field, flip_rotate, intensity, section_defects
 from emseg.training.config import DataSource, TrainConfig, load_train_config
 from emseg.training.distributed import DistInfo, launcher_env
-from emseg.training.loop import TrainReport, predict_volume, train
+from emseg.training.loop import TrainReport, train
 from emseg.training.losses import bce_dice_loss, soft_dice_loss, total_loss, weight_map, weighted_cross_entropy
-from emseg.training.metrics import SegmentationScores, membrane_scores, segments_from_membrane
+from emseg.training.validation import (
+    SegmentationScores,
+    membrane_scores,
+    predict_volume,
+    segments_from_membrane,
+    validate,
+)
 
 __all__ = [
     "DataSource",
@@ -34,6 +40,7 @@ __all__ = [
     "soft_dice_loss",
     "total_loss",
     "train",
+    "validate",
     "weight_map",
     "weighted_cross_entropy",
 ]

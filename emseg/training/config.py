@@ -135,7 +135,7 @@ class TrainConfig(BaseModel):
     select_by: Literal["loss", "adapted_rand_error", "pixel_error"] = "loss"
     """Validation score (lower is better) that picks the model kept at the output's top level and
     drives ``patience``: the validation loss, or (membrane/mask targets) the adapted Rand error or
-    pixel error of :func:`emseg.training.metrics.membrane_scores`."""
+    pixel error of :func:`emseg.training.validation.validate`."""
     patience: int = Field(0, ge=0)
     """Early stopping: stop after this many validations without a lower ``select_by`` score (0: never)."""
     time_limit_min: float | None = Field(None, gt=0)

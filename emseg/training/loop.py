@@ -23,32 +23,21 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
 from emseg.errors import CheckpointError, ConfigError, OutputExistsError
 from emseg.training import state as ckpt_state
 from emseg.training.config import TrainConfig
-from emseg.training.data import (
-    PreparedVolume,
-    affinity_mask,
-    load_source,
-    mirrored_window,
-    nearest_offsets,
-    normalization_of,
-    sample_batch,
-    targets_from_instances,
-)
+from emseg.training.data import load_source, nearest_offsets, normalization_of, sample_batch
 from emseg.training.distributed import DistInfo, free_port, launcher_env
 from emseg.training.losses import total_loss
-from emseg.training.metrics import membrane_scores
+from emseg.training.validation import predict_volume, validate
 
 log = logging.getLogger(__name__)
 
@@ -163,29 +152,6 @@ def check_training_memory(cfg: TrainConfig, available: int | None = None) -> int
             "available; use a smaller --patch-shape, --batch-size or --base-channels"
         )
     return need
-
-
-def predict_volume(
-    model: nn.Module, raw: npt.NDArray[np.uint8], normalization: tuple[float, float], *, ndim: int, device: torch.device | None = None
-) -> torch.Tensor:
-    """Logits ``(c, z, y, x)`` of a whole uint8 ``(z, y, x)`` volume in one pass per section (2D) or volume (3D).
-
-    The input is mirrored by the model's context (overlap-tile) and up to a valid input shape.
-    """
-    inner = _unwrap(model)
-    device = device or next(inner.parameters()).device
-    mean, std = normalization
-    context = tuple(inner.context)
-    items = [raw[z] for z in range(raw.shape[0])] if ndim == 2 else [raw]
-    outs = []
-    for item in items:
-        shape = item.shape
-        want = inner.valid_input_shape(tuple(s + 2 * c for s, c in zip(shape, context, strict=True)))
-        window = mirrored_window(item, [-c for c in context], want)
-        x = torch.from_numpy((window.astype(np.float32) / 255.0 - mean) / std)[None, None].to(device)
-        y = inner(x)[0]
-        outs.append(y[(slice(None), *(slice(0, s) for s in shape))].float().cpu())
-    return torch.stack(outs, dim=1) if ndim == 2 else outs[0]
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -373,9 +339,10 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
             log.info("resuming from %s (step %d)", latest, loop_state["step"])
             _truncate_metrics(out / "metrics.jsonl", loop_state["step"])
     if cfg.init is not None and latest is None:
-        _load_init(model, cfg.init)
+        # the warm-started weights expect their own input scaling: train, validate and save with it
+        normalization = _load_init(model, cfg.init)
         if main:
-            log.info("weights initialised from %s", cfg.init)
+            log.info("weights initialised from %s (its normalization %.4f/%.4f)", cfg.init, *normalization)
     if cfg.channels_last:
         model = model.to(memory_format=_channels_last(cfg.ndim))
     start_step = int(loop_state["step"])
@@ -431,11 +398,11 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
                 log.info("step %d: train loss %.4f (%.2f s/step)", step, final_train_loss, seconds)
             recent, t_last = [], now
 
-        validate = bool(cfg.val) and (step % cfg.val_every == 0 or step == cfg.steps)
+        validating = bool(cfg.val) and (step % cfg.val_every == 0 or step == cfg.steps)
         stop = torch.zeros(1)
         improved = False
-        if validate and main:
-            scores = _validate(model, val_volumes, cfg, normalization, device)
+        if validating and main:
+            scores = validate(model, val_volumes, cfg, normalization)
             _append_metrics(out, {"step": step, "split": "val", **scores})
             log.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             best = loop_state["best_val_loss"]  # the best select_by score so far (the loss by default)
@@ -446,7 +413,7 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
                 loop_state["bad_validations"] += 1
                 if cfg.patience and loop_state["bad_validations"] >= cfg.patience:
                     stop[0] = 1
-        if validate and world > 1:
+        if validating and world > 1:
             dist.broadcast(stop, src=0)
         if cfg.time_limit_min is not None and time.time() - started > 60.0 * cfg.time_limit_min:
             stop[0] = 1  # every rank measures its own clock; rank 0's decision is broadcast below
@@ -496,8 +463,9 @@ def _channels_last(ndim: int) -> torch.memory_format:
     return torch.channels_last if ndim == 2 else torch.channels_last_3d
 
 
-def _load_init(model: nn.Module, init: str) -> None:
-    """Copy the weights of checkpoint ``init`` into ``model`` (same architecture and output channels)."""
+def _load_init(model: nn.Module, init: str) -> tuple[float, float]:
+    """Copy the weights of checkpoint ``init`` into ``model`` (same architecture and output channels);
+    return its normalization ``(mean, std)``."""
     from emseg.models import load_checkpoint
 
     loaded = load_checkpoint(init)
@@ -506,48 +474,7 @@ def _load_init(model: nn.Module, init: str) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"--init {init}: its weights do not fit the configured model ({e}); use the same "
                               "--model, --base-channels, --depth, --padding and target") from e
-
-
-@torch.no_grad()
-def _validate(
-    model: nn.Module, volumes: Sequence[PreparedVolume], cfg: TrainConfig, normalization: tuple[float, float], device: torch.device
-) -> dict[str, float]:
-    """Validation loss over whole sections/volumes, plus membrane Dice/IoU/pixel/adapted Rand error."""
-    was_training = model.training
-    model.eval()
-    losses, probs, membranes, instances = [], [], [], []
-    for vol in volumes:
-        logits = predict_volume(model, vol.raw, normalization, ndim=cfg.ndim, device=device)
-        offsets = cfg.affinity_offsets
-        if cfg.ndim == 2:
-            targets = np.stack([targets_from_instances(vol.instances[z], cfg.target, 2, offsets) for z in range(len(vol.instances))], axis=1)
-        else:
-            targets = targets_from_instances(vol.instances, cfg.target, 3, offsets)
-        target = torch.from_numpy(targets)
-        weight = torch.from_numpy(vol.weights)[None] if vol.weights is not None else None
-        if cfg.target == "affinities":
-            if cfg.ndim == 2:
-                mask = np.stack([affinity_mask(vol.instances[z], 2, offsets) for z in range(len(vol.instances))], axis=1)
-            else:
-                mask = affinity_mask(vol.instances, 3, offsets)
-            weight = torch.from_numpy(mask)
-        # (c, z, y, x) -> a batch of sections (z, c, y, x) so each section is one sample
-        def as_batch(t: torch.Tensor) -> torch.Tensor:
-            return t.transpose(0, 1) if cfg.ndim == 2 else t[None]
-
-        losses.append(float(total_loss(cfg.loss, as_batch(logits), as_batch(target), None if weight is None else as_batch(weight))))
-        if cfg.target in ("membrane", "mask"):
-            prob = torch.sigmoid(logits[0]).numpy()
-            probs.append(prob if cfg.target == "membrane" else 1.0 - prob)
-            membranes.append(targets[0] if cfg.target == "membrane" else 1.0 - targets[0])
-            instances.append(vol.instances)
-    if was_training:
-        model.train()
-    scores = {"loss": float(np.mean(losses))}
-    if probs:
-        s = membrane_scores(np.concatenate(probs), np.concatenate(membranes), np.concatenate(instances))
-        scores.update({k: float(v) for k, v in s._asdict().items()})
-    return scores
+    return loaded.config.normalization.mean, loaded.config.normalization.std
 
 
 # ------------------------------------------------------------------------------------- outputs

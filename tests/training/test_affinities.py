@@ -146,15 +146,21 @@ def test_init_warm_starts_and_refuses_other_architectures(fib_crop: dict[str, Pa
             "--batch-size", "1", "--steps", "1", "--threads", "1", "--no-augment"]
     first = tmp_path / "a"
     assert CliRunner().invoke(cli, [*base, "--base-channels", "2", "--depth", "1", "-o", str(first)]).exit_code == 0
-    # --steps 1 with lr 1e-12: the warm-started weights stay (almost) those of --init
+    # --steps 1 with lr 1e-12: the warm-started weights stay (almost) those of --init; on other sections the
+    # run keeps the normalization the weights were trained with
     second = tmp_path / "b"
-    r = CliRunner().invoke(cli, [*base, "--base-channels", "2", "--depth", "1", "--lr", "1e-12", "--init", str(first),
+    other = [str(fib_crop["raw"]) + "[8:16]" if a == str(fib_crop["raw"]) else
+             str(fib_crop["labels"]) + "[8:16]" if a == str(fib_crop["labels"]) else a for a in base]
+    r = CliRunner().invoke(cli, [*other, "--base-channels", "2", "--depth", "1", "--lr", "1e-12", "--init", str(first),
                                  "-o", str(second)])
     assert r.exit_code == 0, r.output
     from emseg.models import load_checkpoint
 
     a, b = load_checkpoint(first).model.state_dict(), load_checkpoint(second).model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert load_checkpoint(second).config.normalization == load_checkpoint(first).config.normalization
+    plain = CliRunner().invoke(cli, [*other, "--base-channels", "2", "--depth", "1", "-o", str(tmp_path / "d")])
+    assert load_checkpoint(tmp_path / "d").config.normalization != load_checkpoint(first).config.normalization, plain.output
     r = CliRunner().invoke(cli, [*base, "--base-channels", "3", "--depth", "1", "--init", str(first), "-o", str(tmp_path / "c")])
     assert r.exit_code == 1 and "do not fit the configured model" in r.output
 
