@@ -83,3 +83,35 @@ def test_rand_error_is_emseg_evaluates_on_isbi_masks(shared_data: Path) -> None:
     per = [adapted_rand_error(truth[z].astype(np.int64), segments[z].astype(np.int64))[0] for z in range(2)]
     assert s.adapted_rand_error == pytest.approx(float(np.mean(per)), abs=1e-9)
     assert segments.min() > 0  # membrane pixels are given to the nearest segment
+
+
+def test_3d_validation_scores_instances_as_a_volume_and_masks_per_section(shared_data: Path, tmp_path: Path) -> None:
+    """3-D membrane model: instance labels are scored as one volume, mask labels per section (emseg evaluate)."""
+    from emseg.metrics import evaluate
+    from emseg.training import DataSource, TrainConfig, validate
+    from emseg.training.data import load_source
+
+    raw = tifffile.imread(shared_data / "fib_gala" / "train-raw.tif")[:12, :40, :40]
+    ids = tifffile.imread(shared_data / "fib_gala" / "train-labels.tif")[:12, :40, :40]
+    mask = np.where(tifffile.imread(shared_data / "isbi2012" / "train-labels.tif")[:12, :40, :40] > 0, 255, 0).astype(np.uint8)
+    for name, array in (("raw", raw), ("ids", ids), ("mask", mask)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", np.ascontiguousarray(array))
+    torch.manual_seed(0)
+    model = build("unet", ndim=3, in_channels=1, out_channels=1, base_channels=2, depth=1, padding="same")
+    norm = (0.5, 0.2)
+    for labels, kind in (("ids", "instances"), ("mask", "interior-mask")):
+        cfg = TrainConfig(train=[DataSource(raw=str(tmp_path / "raw.tif"), labels=str(tmp_path / f"{labels}.tif"))],
+                          val=[DataSource(raw=str(tmp_path / "raw.tif"), labels=str(tmp_path / f"{labels}.tif"), labels_kind=kind)],
+                          ndim=3, patch_shape=(8, 16, 16), padding="same", base_channels=2, depth=1,
+                          output=str(tmp_path / "out"))
+        vol = load_source(cfg.val[0], cfg)
+        scores = validate(model, [vol], cfg, norm)
+        assert set(scores) == {"loss", "dice", "iou", "pixel_error", "adapted_rand_error"}
+        prob = torch.sigmoid(predict_volume(model, vol.raw, norm))[0].numpy()
+        if kind == "instances":
+            expected = evaluate(segments_from_membrane(prob, per_section=False), vol.instances).adapted_rand_error
+        else:
+            truth = instances_from_mask(mask, "interior-mask", per_section=True)
+            expected = mean_scores(evaluate_sections(segments_from_membrane(prob), truth)).adapted_rand_error
+        assert scores["adapted_rand_error"] == pytest.approx(expected), kind
+        assert np.isfinite(scores["adapted_rand_error"]) and 0 <= scores["pixel_error"] <= 1
