@@ -252,7 +252,7 @@ def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: Pred
         options=plan.options, threads=max(1, min(2, os.cpu_count() or 1)),
     )
     data = volume if volume.ndim == 4 else volume[None]
-    reads = [plan.tiling.read_roi(block.write_roi) for block in plan.grid]
+    reads = [block.read_roi for block in plan.grid]
     lo = [max(0, -min(r.begin[a] for r in reads)) for a in range(3)]
     hi = [max(0, max(r.end[a] for r in reads) - shape[a]) for a in range(3)]
     padded = da.pad(data, [(0, 0)] + list(zip(lo, hi)), mode="reflect") if any(lo + hi) else data

@@ -141,7 +141,7 @@ class PredictionPlan:
     volume, checkpoint : Path
         Input volume and checkpoint directory.
     grid : BlockGrid
-        Blocks over the whole volume; ``grid.halo`` is the low-side halo of the tiles.
+        Blocks over the whole volume; each ``Block.read_roi`` is what its worker reads (``tiling.block_halo``).
     tiling : Tiling
         The global tile grid (tile core, model input and output shapes).
     options : PredictOptions
@@ -334,8 +334,8 @@ def plan_prediction(
             chunk = tuple(math.gcd(c, b) for c, b in zip(chunk, block))
     if block_size is None:
         block = round_up(DEFAULT_BLOCK_2D if two_d else DEFAULT_BLOCK_3D, _lcm(chunk, tiling.tile_shape))
-    grid = plan_blocks(Roi.from_shape(volume.shape), block, tiling.input_offset,
-                       chunk_shape=chunk, multiple=tiling.tile_shape)
+    grid = plan_blocks(Roi.from_shape(volume.shape), block, tiling.block_halo,
+                       chunk_shape=chunk, multiple=tiling.tile_shape, snap=tiling.tile_shape)
     chunk = tuple(min(c, b) for c, b in zip(chunk, grid.block_shape))
     if batch_size is None:
         batch_size = default_batch_size(tiling, device, tiles_in_block(tiling, grid.block(0).write_roi))
@@ -402,7 +402,7 @@ def _product_items(per_axis: list[dict[int, int]]) -> Iterator[tuple[tuple[int, 
 def _memory_estimate(grid: BlockGrid, tiling: Tiling, batch_size: int, tta: bool, c_in: int, c_out: int,
                      in_bytes: int, dtype: str, model_cfg: dict[str, Any]) -> int:
     first = grid.block(0)
-    read = tiling.read_roi(first.write_roi).size
+    read = first.read_roi.size
     core = first.write_roi.size
     arrays = read * c_in * (in_bytes + 4)  # raw + normalised float32
     arrays += core * c_out * (4 + (1 if dtype == "uint8" else 2 if dtype == "float16" else 4))
@@ -495,7 +495,7 @@ def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
     with _COMPUTE:
         _worker_model(config)  # loaded before the first read, so that reads overlap the other block's compute
     source = open_volume(config.input)
-    read_roi = config.tiling.read_roi(block.write_roi)
+    read_roi = block.read_roi
     try:
         raw = source.read(read_roi, pad="reflect")
     except EmsegError:
