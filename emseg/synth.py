@@ -29,12 +29,12 @@ used per voxel, so results do not depend on block shape, SIMD paths or thread co
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import itertools
+import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.errors import ConfigError, GeometryError
-from emseg.geometry import Coordinate, Roi, as_coordinate, plan_blocks, round_up
+from emseg.geometry import Block, Coordinate, Roi, as_coordinate, plan_blocks, round_up
 from emseg.io.lock import locked
 
 __all__ = [
@@ -287,14 +287,14 @@ def write_synth(
     block_shape: int | Sequence[int] | None = None,
     overwrite: bool = False,
     zarr_format: Literal[2, 3] = 3,
-    workers: int | None = None,
     progress: bool = True,
 ) -> None:
     """Write a synthetic volume as an OME-Zarr image at ``dst`` with its labels at ``dst/labels/ground_truth``.
 
-    Blocks are computed and written one at a time per worker thread, so memory is bounded by the
-    block shape (about 100 bytes per voxel of a block and its halo, per worker), not the volume.
-    ``dst`` is marked complete only after every block is written.
+    The blocks are a stage of :func:`emseg.runner.run_blockwise` (threads in this process), so memory
+    is bounded by the block shape (about 100 bytes per voxel of a block and its halo, per thread),
+    not the volume, and an interrupted run resumes: the same call again writes only the blocks
+    without a record.  ``dst`` is marked complete only after every block is written.
 
     Parameters
     ----------
@@ -312,24 +312,23 @@ def write_synth(
         Shape of one unit of work; a multiple of ``chunks``.  Default: 128 voxels per axis
         rounded up to the chunks.
     overwrite : bool
-        Replace an existing ``dst``; otherwise ``OutputExistsError`` is raised.
+        Replace an existing ``dst``; otherwise ``OutputExistsError`` is raised, unless ``dst`` is an
+        unfinished synthetic volume of the same shape, seed, parameters and chunks (then it resumes).
     zarr_format : int
         2 or 3.
-    workers : int, optional
-        Threads computing blocks; default ``min(2, os.cpu_count())``.
     progress : bool
         Show a progress bar on stderr.
 
     Raises
     ------
     OutputExistsError
-        If ``dst`` exists and ``overwrite`` is false.
+        If ``dst`` exists, is not an unfinished run of the same call, and ``overwrite`` is false.
     GeometryError, ConfigError
         For an invalid shape, block shape, chunk shape or seed.
     """
-    from tqdm import tqdm
-
-    from emseg.io import create_labels, create_volume, mark_complete
+    from emseg.io import create_labels, create_volume, mark_complete, update_status
+    from emseg.io.ledger import WriteSpec
+    from emseg.runner import run_blockwise
 
     params = SynthParams() if params is None else params
     shape_c = _check_shape(shape)
@@ -339,38 +338,55 @@ def write_synth(
         raise GeometryError(f"chunk shape must be positive on every axis, got {chunk_c}")
     block_c = round_up((128, 128, 128), chunk_c) if block_shape is None else as_coordinate(block_shape, 3)
     grid = plan_blocks(Roi.from_shape(shape_c), block_c, chunk_shape=chunk_c)
-    n_workers = max(1, min(2, os.cpu_count() or 1) if workers is None else int(workers))
+    image = Path(dst)
+    provenance = _provenance(shape_c, seed, params)
+    run = {"synth": provenance, "chunks": list(chunk_c), "zarr_format": int(zarr_format)}
+    resume = not overwrite and _unfinished_same(image, run)
+    if not resume:
+        create_volume(image, shape=shape_c, dtype="uint8", chunks=chunk_c, voxel_size=params.voxel_size,
+                      overwrite=overwrite, zarr_format=zarr_format, extra_attrs={"synth": provenance})
+        create_labels(image, LABEL_NAME, dtype="uint64", chunks=chunk_c)
+        update_status(image, run=run)
+    logger.info("synth %s: shape %s, seed %d, %d blocks of %s%s", dst, shape_c, seed, len(grid), grid.block_shape,
+                " (resumed)" if resume else "")
+    run_blockwise(None, stage="synth", grid=grid, fn=functools.partial(_synth_task, _SynthJob(str(image), shape_c, seed,
+                                                                                              params)),
+                  output=image, params=run, overwrite=not resume, progress=progress,
+                  writes=[WriteSpec(str(image / "0")), WriteSpec(str(image / "labels" / LABEL_NAME / "0"))])
+    mark_complete(image / "labels" / LABEL_NAME)
+    mark_complete(image)
 
-    raw_vol = create_volume(
-        Path(dst), shape=shape_c, dtype="uint8", chunks=chunk_c, voxel_size=params.voxel_size,
-        overwrite=overwrite, zarr_format=zarr_format, extra_attrs={"synth": _provenance(shape_c, seed, params)},
-    )
-    label_vol = create_labels(Path(dst), LABEL_NAME, dtype="uint64", chunks=chunk_c)
-    logger.info("synth %s: shape %s, seed %d, %d blocks of %s", dst, shape_c, seed, len(grid), grid.block_shape)
 
-    def run(write_roi: Roi) -> None:
-        block = synth_block(write_roi, shape=shape_c, seed=seed, params=params)
-        raw_vol.write(write_roi, block.raw)
-        label_vol.write(write_roi, block.labels)
+@dataclass(frozen=True)
+class _SynthJob:
+    image: str
+    shape: Coordinate
+    seed: int
+    params: SynthParams
 
-    lock = threading.Lock()
-    with tqdm(total=len(grid), desc="synth", unit="block", disable=not progress) as bar:
-        if n_workers == 1:
-            for b in grid:
-                run(b.write_roi)
-                bar.update()
-        else:
-            with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
-                pending: set[concurrent.futures.Future[None]] = set()
-                for b in grid:  # keep at most 2 * n_workers blocks in flight
-                    if len(pending) >= 2 * n_workers:
-                        done, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
-                        _finish(done, bar, lock)
-                    pending.add(pool.submit(run, b.write_roi))
-                done, _ = concurrent.futures.wait(pending)
-                _finish(done, bar, lock)
-    mark_complete(Path(dst) / "labels" / LABEL_NAME)
-    mark_complete(Path(dst))
+
+def _synth_task(job: _SynthJob, block: Block) -> dict[str, int]:
+    """One block of :func:`write_synth`: compute it and write the raw and the labels of its core."""
+    from emseg.io import open_volume
+
+    out = synth_block(block.write_roi, shape=job.shape, seed=job.seed, params=job.params)
+    open_volume(job.image, allow_incomplete=True, mode="r+").write(block.write_roi, out.raw)
+    open_volume(Path(job.image) / "labels" / LABEL_NAME, allow_incomplete=True, mode="r+").write(
+        block.write_roi, out.labels)
+    return {"voxels": int(block.write_roi.size)}
+
+
+def _unfinished_same(image: Path, run: dict[str, object]) -> bool:
+    """Whether ``image`` is an unfinished :func:`write_synth` output of the same ``run`` (to resume)."""
+    from emseg.io import read_status
+
+    if not (image / "labels" / LABEL_NAME).is_dir():
+        return False
+    try:
+        status = read_status(image)
+    except Exception:  # noqa: BLE001 - not a zarr group we made: let create_volume refuse it
+        return False
+    return status.get("status") == "incomplete" and status.get("run") == json.loads(json.dumps(run))
 
 
 def _provenance(shape: Coordinate, seed: int, params: SynthParams) -> dict[str, object]:
@@ -378,13 +394,6 @@ def _provenance(shape: Coordinate, seed: int, params: SynthParams) -> dict[str, 
     fields = {name: getattr(params, name) for name in SynthParams.__dataclass_fields__}
     fields["voxel_size"] = list(params.voxel_size)
     return {"shape": list(shape), "seed": seed, "params": fields}
-
-
-def _finish(done: set[concurrent.futures.Future[None]], bar: object, lock: threading.Lock) -> None:
-    for future in done:
-        future.result()  # re-raise a worker's exception here
-        with lock:
-            bar.update()  # type: ignore[attr-defined]
 
 
 # --- the cell world -----------------------------------------------------------------------------

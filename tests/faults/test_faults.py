@@ -172,6 +172,24 @@ def kill_when_running(cmd: list[str], out: Path, delay: float, until: Callable[[
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
+def test_sigkill_synth_then_the_same_command_resumes(tmp_path: Path) -> None:
+    """`emseg synth` is a run_blockwise stage: rerun without --overwrite, it writes only the missing blocks."""
+    out, ref = tmp_path / "s.zarr", tmp_path / "ref.zarr"
+    args = ["--shape", "64,256,256", "--chunks", "32,64,64", "--block-size", "32,64,64", "--no-progress"]
+    cmd = [EMSEG, "synth", str(out), *args]
+    kill_when_running(cmd, out, delay=0.0, until=lambda: any((out / "emseg_state").rglob("*c*")) if out.exists() else False)
+    with pytest.raises(EmsegError):
+        open_volume(out)  # half-written: refused
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    subprocess.run([EMSEG, "synth", str(ref), *args], check=True, capture_output=True, env=environment())
+    np.testing.assert_array_equal(image_bytes(out), image_bytes(ref))
+    np.testing.assert_array_equal(image_bytes(out / "labels" / "ground_truth"), image_bytes(ref / "labels" / "ground_truth"))
+    again = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
+    assert again.returncode == 1 and "already exists" in again.stderr  # a finished one is not rewritten
+
+
 def image_bytes(path: Path) -> np.ndarray:
     vol = open_volume(path)
     return vol.read(vol.roi)
