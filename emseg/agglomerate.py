@@ -344,7 +344,7 @@ def mutex_fragments_blockwise(
     from emseg.io.scratch import remove_scratch, require_scratch, scratch_path, write_table
     from emseg.label import default_block_shape
     from emseg.segment.mutex import check_offsets, offsets_halo
-    from emseg.stitch import offsets_from_counts
+    from emseg.segment.stitch import offsets_from_counts
 
     opts = AgglomerateOptions.build(options, **fields)
     bias, long_range_bias = opts.mutex_bias, opts.long_range_bias

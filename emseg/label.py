@@ -13,7 +13,7 @@ Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the w
    (``local + offset``, offsets = prefix sum of the counts) and returns the pairs that touch
    (``watershed``: pairs whose interior contact covers ``min_contact`` of the smaller face area),
    written to storage by the worker.  The client streams them through a compact 64-bit
-   union-find (:func:`emseg.stitch.resolve_merges_streamed`), never holding them all, and sends
+   union-find (:func:`emseg.segment.stitch.resolve_merges_streamed`), never holding them all, and sends
    small relabel tables with the tasks (stores large ones).  With little face data
    (:data:`CLIENT_FACE_VOXELS`) the client runs this stage on its own threads: the work is less
    than a cluster stage's scheduling.
@@ -83,7 +83,7 @@ from emseg.segment import (
     probability,
     watershed_fragments,
 )
-from emseg.stitch import (
+from emseg.segment.stitch import (
     block_relabel_table,
     crossing_shifts,
     offsets_from_counts,

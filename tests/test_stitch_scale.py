@@ -73,7 +73,7 @@ def test_two_million_face_pairs_are_streamed_and_labels_equal_cc3d(tmp_path: Pat
 
 @pytest.mark.parametrize("seed", range(6))
 def test_streamed_union_find_equals_the_one_shot_one(seed: int) -> None:
-    from emseg.stitch import resolve_merges, resolve_merges_streamed
+    from emseg.segment.stitch import resolve_merges, resolve_merges_streamed
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 5000))
@@ -87,7 +87,7 @@ def test_streamed_union_find_equals_the_one_shot_one(seed: int) -> None:
 
 
 def test_streamed_union_find_keeps_64_bit_ids() -> None:
-    from emseg.stitch import resolve_merges_streamed
+    from emseg.segment.stitch import resolve_merges_streamed
 
     big = np.uint64(2**63 + 11)
     pairs = [np.array([[big, big + np.uint64(5)]], dtype=np.uint64), np.array([[7, big + np.uint64(5)]], np.uint64)]

@@ -3,7 +3,7 @@
 ``OUT/emseg_state/pairs/<stage>/<block_id // 4096>/<block_id>.npy``: one uint64 ``(k, 2)`` array
 per block that found any pair, written atomically (temporary file + rename) so that a block killed
 mid-write leaves no partial file.  The client streams them back in id order
-(:func:`iter_pairs`) into :func:`emseg.stitch.resolve_merges_streamed` and never holds them all.
+(:func:`iter_pairs`) into :func:`emseg.segment.stitch.resolve_merges_streamed` and never holds them all.
 They stay beside the completion records (a rerun that must relabel a damaged block redoes the
 union-find from them) and go when the output is overwritten.
 """

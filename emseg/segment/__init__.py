@@ -1,7 +1,7 @@
 """Per-block postprocessing of predictions into label fragments: numpy in, numpy out.
 
 No paths, stores or clients here (see :mod:`emseg.label` for the blockwise orchestration and
-:mod:`emseg.stitch` for making block labels globally consistent).
+:mod:`emseg.segment.stitch` for making block labels globally consistent).
 """
 
 from emseg.segment.components import CONNECTIVITIES_3D, Mode, check_connectivity, label_components, local_dtype

@@ -84,7 +84,7 @@ def test_cc_workers_reuse_their_fragments_then_drop_them(connection, write_zarr,
 
 
 def test_unique_pairs_equals_numpy_row_unique() -> None:
-    from emseg.stitch import unique_pairs
+    from emseg.segment.stitch import unique_pairs
 
     rng = np.random.default_rng(3)
     for low, span in [(1, 50), (2**40, 3000), (1, 2**40), (2**64 - 10, 10)]:

@@ -1,4 +1,4 @@
-"""Per-block compute (emseg.segment) and stitching (emseg.stitch): numpy in, numpy out."""
+"""Per-block compute (emseg.segment) and stitching (emseg.segment.stitch): numpy in, numpy out."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from emseg.segment import (
     label_components,
     watershed_fragments,
 )
-from emseg.stitch import (
+from emseg.segment.stitch import (
     block_relabel_table,
     crossing_shifts,
     offsets_from_counts,
