@@ -209,37 +209,6 @@ def _threshold_of(path: Path) -> float | None:
     return float(m["value"]) if m else None
 
 
-def _graph_of(path: Path) -> str | None:
-    """The region graph a label image was agglomerated from (its fingerprint), or None."""
-    from emseg.io import read_status
-
-    params = read_status(path).get("agglomerate", {}).get("params", {}) if _is_group(path) else {}
-    graph = params.get("graph") if isinstance(params, dict) else None
-    return graph if isinstance(graph, str) else None
-
-
-def _current(images: Sequence[Path]) -> list[Path]:
-    """``images`` less the agglomerations of a region graph that was since rebuilt (e.g. by
-    ``emseg agglomerate --overwrite`` with other fragment options): scoring those as part of the
-    run's sweep would mix two graphs.  Each one left out is named in a warning."""
-    from emseg.io import read_status
-
-    graphs = {}
-    for img in images:
-        if img.name == "fragments" and _is_group(img):
-            graph = read_status(img).get("graph", {})
-            if isinstance(graph, dict) and graph.get("complete") and isinstance(graph.get("fingerprint"), str):
-                graphs[img.parent] = graph["fingerprint"]
-    out = []
-    for img in images:
-        made_from, current = _graph_of(img), graphs.get(img.parent)
-        if made_from is not None and current is not None and made_from != current:
-            log.warning("%s: left out, agglomerated from an older region graph (%s, now %s)", img, made_from, current)
-            continue
-        out.append(img)
-    return out
-
-
 def find_segmentations(paths: Sequence[str | os.PathLike[str]]) -> list[Segmentation]:
     """The label volumes named by ``paths``; a run output (an OME-Zarr image with label images, not
     itself a label volume) stands for every label image it holds, sorted by threshold.
@@ -255,7 +224,7 @@ def find_segmentations(paths: Sequence[str | os.PathLike[str]]) -> list[Segmenta
     for p in map(Path, paths):
         if not p.exists():
             raise VolumeNotFoundError(f"{p}: no such file or directory")
-        images = _current(label_image_paths(p)) if _is_zarr(p) else []
+        images = label_image_paths(p) if _is_zarr(p) else []
         if images:
             found = [Segmentation(f"{img.parent.name}/{img.name}", img, _threshold_of(img)) for img in images]
             # fragments (no threshold) first, then by threshold
