@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -237,10 +238,11 @@ at 0.70-0.80 and on ISBI 0-15 / vnc_sstem the two agree within 0.005)."""
 def section_block_shape(chunks: Sequence[int]) -> Coordinate:
     """:data:`SECTION_BLOCK` in whole ``chunks`` (z, y, x) of the prediction; a z chunk deeper than
     its 16 sections shrinks the in-plane side to keep the block's voxels (never below one chunk)."""
-    cz, cy, cx = chunks
-    depth = max(cz, (SECTION_BLOCK[0] // cz) * cz)
-    side = min(SECTION_BLOCK[1], int((SECTION_BLOCK[0] * SECTION_BLOCK[1] * SECTION_BLOCK[2] / depth) ** 0.5))
-    return depth, max(cy, (side // cy) * cy), max(cx, (side // cx) * cx)
+    from emseg.label import default_block_shape
+
+    depth = default_block_shape(chunks, chunks, SECTION_BLOCK)[0]
+    side = min(SECTION_BLOCK[1], int((math.prod(SECTION_BLOCK) / depth) ** 0.5))
+    return default_block_shape(chunks, chunks, (depth, side, side))
 
 
 def make_fragments(

@@ -188,9 +188,12 @@ class _Job:
         return self.connectivity if self.method == "cc" else 6
 
 
-def default_block_shape(shape: Sequence[int], chunks: Sequence[int], target: int = DEFAULT_BLOCK) -> Coordinate:
-    """About ``target`` voxels per axis, a multiple of the chunks (clipped to the volume later)."""
-    return tuple(max(c, (target // c) * c) for c, s in zip(chunks, shape))
+def default_block_shape(shape: Sequence[int], chunks: Sequence[int],
+                        target: int | Sequence[int] = DEFAULT_BLOCK) -> Coordinate:
+    """About ``target`` voxels per axis (one value, or one per axis), a multiple of the chunks (clipped
+    to the volume later)."""
+    targets = as_coordinate(target, len(chunks))
+    return tuple(max(c, (t // c) * c) for c, t, s in zip(chunks, targets, shape))
 
 
 def _resolve_rule(foreground: str, dtype: np.dtype[Any], has_channels: bool) -> str:
