@@ -37,6 +37,7 @@ from torch import nn
 from emseg.errors import ConfigError
 from emseg.inference import DEFAULT_TILE_2D_CPU, Tiling, make_tiling, predict_array
 from emseg.metrics import Scores, evaluate, evaluate_sections, mean_scores
+from emseg.predict import default_batch_size
 from emseg.segment.components import label_components
 from emseg.training.config import TrainConfig
 from emseg.training.data import PreparedVolume, affinity_mask, targets_from_instances
@@ -50,10 +51,6 @@ __all__ = [
     "validate",
     "validation_tiling",
 ]
-
-#: Model input voxels per forward pass (CPU, CUDA), the budget of ``emseg predict``'s automatic batch.
-_BATCH_INPUT_VOXELS = {"cpu": 1_000_000, "cuda": 8_000_000}
-
 
 class SegmentationScores(NamedTuple):
     """Validation scores of membrane probabilities (see the module docstring)."""
@@ -75,14 +72,6 @@ def validation_tiling(model: Any, shape: Sequence[int], device_type: str) -> Til
     return make_tiling(model, tuple(shape), tile_shape=tile)
 
 
-def _batch_size(tiling: Tiling, device_type: str) -> int:
-    """About the input-voxel budget of ``emseg predict`` per pass, dividing the tile count (no zero tiles)."""
-    tiles = math.prod(tiling.grid_shape)
-    budget = _BATCH_INPUT_VOXELS["cuda" if device_type == "cuda" else "cpu"]
-    most = max(1, min(tiles, round(budget / math.prod(tiling.input_shape))))
-    return next(b for b in range(most, 0, -1) if tiles % b == 0)
-
-
 def predict_volume(
     model: nn.Module, raw: npt.NDArray[Any], normalization: tuple[float, float], *, ndim: int | None = None
 ) -> torch.Tensor:
@@ -99,7 +88,8 @@ def predict_volume(
     model.eval()
     try:
         logits = predict_array(model, raw, tiling=tiling, mean=normalization[0], std=normalization[1], activation="none",
-                               batch_size=_batch_size(tiling, device_type), precision="fp32")
+                               batch_size=default_batch_size(tiling, device_type, math.prod(tiling.grid_shape)),
+                               precision="fp32")
     finally:
         model.train(was_training)
     return torch.from_numpy(logits)
