@@ -18,7 +18,7 @@ LABEL_KINDS = ["auto", "instances", "membrane-mask", "interior-mask"]
 _FIELDS = {
     "model": "model", "output": "output", "target": "target", "ndim": "ndim", "base_channels": "base_channels",
     "depth": "depth", "padding": "padding", "batch_norm": "batch_norm", "patch_shape": "patch_shape",
-    "batch_size": "batch_size", "steps": "steps", "lr": "lr", "optimizer": "optimizer", "momentum": "momentum",
+    "batch_size": "batch_size", "steps": "steps", "lr": "lr", "lr_schedule": "lr_schedule", "optimizer": "optimizer", "momentum": "momentum",
     "loss": "loss", "deep_supervision": "deep_supervision", "augment": "augment", "val_every": "val_every",
     "checkpoint_every": "checkpoint_every", "patience": "patience", "seed": "seed", "nproc": "nproc",
     "resume": "resume", "overwrite": "overwrite", "device": "device", "threads": "threads",
@@ -50,6 +50,8 @@ _FIELDS = {
 @click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size. [default: 4]")
 @click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps. [default: 1000]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate. [default: 3e-4]")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
+              help="constant, or cosine decay to 1% of --lr at the last step. [default: constant]")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), help="sgd (momentum 0.99, U-Net) or adam (UNet++). [default: adam]")
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help="SGD momentum. [default: 0.99]")
 @click.option("--loss", type=click.Choice(["weighted-ce", "bce-dice", "bce"]), help="Loss. [default: weighted-ce]")

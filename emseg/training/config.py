@@ -122,6 +122,9 @@ class TrainConfig(BaseModel):
     """SGD momentum (U-Net paper: 0.99)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """L2 weight decay."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """``constant``: ``lr`` at every step; ``cosine``: ``lr`` decayed along a half cosine to 1% of it at
+    ``steps`` (a function of the step and ``steps`` alone, so a resumed run continues the same curve)."""
 
     # schedule ---------------------------------------------------------------------------------
     steps: int = Field(1000, ge=1)

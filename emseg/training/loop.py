@@ -303,6 +303,15 @@ def _run(cfg: TrainConfig, dist_info: DistInfo, started: float) -> TrainReport:
             dist.destroy_process_group()
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (1-based) under ``cfg.lr_schedule``."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    done = min(max(step - 1, 0) / max(cfg.steps - 1, 1), 1.0)
+    floor = 0.01 * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: float) -> TrainReport:
     import torch.distributed as dist
 
@@ -373,6 +382,8 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
         weight = torch.from_numpy(batch.weight).to(device) if batch.weight is not None else None
         if cfg.channels_last:
             x = x.contiguous(memory_format=_channels_last(cfg.ndim))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(cfg, device):
             outputs = module(x)

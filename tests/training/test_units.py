@@ -87,3 +87,17 @@ def test_perfect_prediction_scores() -> None:
     assert s.dice == 1 and s.pixel_error == 0 and s.adapted_rand_error == pytest.approx(0)
     merged = membrane_scores(np.zeros((1, 8, 8), np.float32), membrane, inst)  # no membrane: one segment
     assert merged.adapted_rand_error > 0.3
+
+
+def test_cosine_schedule_decays_from_lr_to_one_percent_and_constant_stays() -> None:
+    from emseg.training.config import TrainConfig
+    from emseg.training.loop import learning_rate
+
+    src = [{"raw": "a.tif", "labels": "b.tif"}]
+    cosine = TrainConfig(train=src, output="o", lr=1e-3, steps=101, lr_schedule="cosine")
+    rates = [learning_rate(cosine, s) for s in range(1, 102)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-5)
+    assert rates[50] == pytest.approx(0.5 * (1e-3 + 1e-5))
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    constant = TrainConfig(train=src, output="o", lr=1e-3, steps=101)
+    assert {learning_rate(constant, s) for s in (1, 50, 101)} == {1e-3}
