@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--patch", type=int, default=192)
     ap.add_argument("--speed-rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads of each training (1 when other jobs share the cores: 2 OpenMP threads on 2 busy "
+                         "cores stall); the inference timing always uses 2")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/emseg-compare"))
     ap.add_argument("--only", default=None, help="comma-separated model names (default: all)")
     ap.add_argument("--collect", nargs="*", type=Path, default=None,
@@ -157,7 +160,7 @@ def main() -> None:
 
 def budget_options(args: argparse.Namespace) -> list[str]:
     return ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--patch-shape", f"{args.patch},{args.patch}",
-            "--optimizer", "adam", "--lr", "5e-4", "--loss", "weighted-ce", "--precision", "bf16", "--threads", "2",
+            "--optimizer", "adam", "--lr", "5e-4", "--loss", "weighted-ce", "--precision", "bf16", "--threads", str(args.threads),
             "--seed", "0", "--checkpoint-every", str(args.steps), "--voxel-size", "50", "4", "4"]
 
 
