@@ -48,12 +48,10 @@ from emseg.errors import (
     GraphNotFoundError,
     InvalidDataError,
     NotAVolumeError,
-    OutputExistsError,
-    ResumeMismatchError,
     VolumeShapeError,
 )
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
-from emseg.io import create_labels, mark_complete, open_volume, read_status, update_status
+from emseg.io import create_labels, open_volume, read_status
 from emseg.io.edges import (
     lookup_attrs,
     lookup_path,
@@ -63,7 +61,8 @@ from emseg.io.edges import (
     write_block_edges,
     write_lookup,
 )
-from emseg.runner import StageReport, WriteSpec, fingerprint_of, run_blockwise
+from emseg.io.runstate import OutputClaim, Scratch, fingerprint_of
+from emseg.runner import StageReport, WriteSpec, run_blockwise
 from emseg.segment.affinities import INPUT_KINDS, InputKind, prediction_affinities
 from emseg.segment.agglomerate import UnionFind, consecutive_lookup, merge_scores
 from emseg.segment.graph import block_edges, check_quantile
@@ -343,7 +342,7 @@ def mutex_fragments_blockwise(
     ConfigError (offsets unknown or not fitting the channels), VolumeShapeError, ResumeMismatchError,
     OutputExistsError, RunIncompleteError
     """
-    from emseg.io.scratch import remove_scratch, require_scratch, scratch_path, write_table
+    from emseg.io.scratch import scratch_path, write_table
     from emseg.label import default_block_shape
     from emseg.segment.mutex import check_offsets, offsets_halo
     from emseg.segment.stitch import offsets_from_counts
@@ -374,38 +373,27 @@ def mutex_fragments_blockwise(
     params: dict[str, Any] = {"method": "mutex", "prediction": str(Path(pred.path).resolve()),
                               "offsets": [list(o) for o in offs], "bias": bias, "long_range_bias": long_range_bias, "mode": resolved,
                               "block": list(grid.block_shape), "shape": list(pred.shape), "merge_faces": False}
-    fingerprint = fingerprint_of(params)
-    previous = _status(label_root).get("label") if label_root.exists() else None
-    resume = isinstance(previous, dict) and previous.get("fingerprint") == fingerprint and not overwrite
-    if label_root.exists() and not resume:
-        if not overwrite:
-            if isinstance(previous, dict):
-                raise ResumeMismatchError.between(label_root, "fragments", previous.get("params", {}), params)
-            raise OutputExistsError(f"{label_root} already exists; pass --overwrite to replace it")
-    if resume:
-        volume = open_volume(label_root, allow_incomplete=True)
-    else:
-        volume = create_labels(image, FRAGMENTS_NAME, dtype=np.uint64, chunks=chunks)
-        update_status(label_root, status="incomplete", label={"fingerprint": fingerprint, "params": params})
     dtype = str(np.dtype(np.uint32) if int(np.prod(grid.block_shape)) < 2**32 - 1 else np.dtype(np.uint64))
-    require_scratch(label_root, "mutex", shape=pred.shape, dtype=dtype, chunks=chunks)
-    job = _MutexJob(pred=str(pred.path), fragments=str(volume.path), state=str(label_root), grid=grid, offsets=offs,
-                    bias=float(bias), long_range_bias=long_range_bias, mode=resolved, dtype=dtype)
+    claim = OutputClaim(label_root, params, kind="fragments output", what="fragments", key="label",
+                        create=lambda record: create_labels(image, FRAGMENTS_NAME, dtype=np.uint64, chunks=chunks),
+                        overwrite=overwrite, scratch=[Scratch.of("mutex", pred.shape, dtype, chunks)])
+    claim.check()  # refused before a cluster starts
+    job = _MutexJob(pred=str(pred.path), fragments=str(label_root / "0"), state=str(label_root), grid=grid,
+                    offsets=offs, bias=float(bias), long_range_bias=long_range_bias, mode=resolved, dtype=dtype)
     from emseg.cluster import connect
 
     start = time.perf_counter()
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
         run = functools.partial(run_blockwise, connection.client, grid=grid, output=label_root, params=params,
-                                overwrite=not resume, progress=progress)
+                                overwrite=overwrite, progress=progress, claim=claim)
         first = run(stage="fragments-mutex", fn=functools.partial(_mutex_block, job))
         counts = [int(first.results[b]["count"]) for b in range(len(grid))]
         starts = offsets_from_counts(counts)
         write_table(label_root, "mutex_offsets", starts)
         second = run(stage="fragments-offset", fn=functools.partial(
-            _offset_block, str(label_root), str(scratch_path(label_root, "mutex")), str(volume.path)))
+            _offset_block, str(label_root), str(scratch_path(label_root, "mutex")), job.fragments))
     n = int(starts[-1])
-    mark_complete(label_root, label={"fingerprint": fingerprint, "params": params, "n_segments": n})
-    remove_scratch(label_root)
+    claim.complete(n_segments=n)
     report = FragmentsReport(label_root, "mutex watershed", n, len(grid), time.perf_counter() - start, (first, second))
     log.info("%s", report.summary())
     return report
@@ -600,14 +588,14 @@ def build_graph(
     if channels != (0, 1, 2):
         params["channels"] = list(channels)
     fingerprint = fingerprint_of(params)
-    previous = read_status(image).get(GRAPH_KEY) or {}
-    if previous.get("fingerprint") not in (None, fingerprint):
-        if not overwrite:
-            raise ResumeMismatchError.between(image, "a region graph", previous.get("params", {}), params)
-    if previous.get("fingerprint") != fingerprint:
+
+    def reset(record: dict[str, Any]) -> None:  # a graph of other parameters goes, with what was made from it
         remove_graph(image)
         _remove_agglomerations(image, keep=fingerprint)
-        update_status(image, **{GRAPH_KEY: {"fingerprint": fingerprint, "params": params, "complete": False}})
+
+    claim = OutputClaim(image, params, kind="region graph", what="a region graph", key=GRAPH_KEY, create=reset,
+                        within=True, overwrite=overwrite)
+    claim.check()  # refused before a cluster starts
     job = _GraphJob(pred=str(pred.path), fragments=str(frag.path), state=str(image), grid=grid, kind=kind,
                     mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical, channels=channels)
     from emseg.cluster import connect
@@ -615,14 +603,11 @@ def build_graph(
     start = time.perf_counter()
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
         stage = run_blockwise(connection.client, stage="graph", grid=grid, fn=functools.partial(_graph_block, job),
-                              output=image, params=params,
-                              overwrite=overwrite or previous.get("fingerprint") != fingerprint,
-                              progress=progress)
+                              output=image, params=params, overwrite=overwrite, progress=progress, claim=claim)
     n_edges = int(sum(int(stage.results[b]["edges"]) for b in range(len(grid))))
     if n_fragments < 0:
         n_fragments = max((int(stage.results[b]["max_id"]) for b in range(len(grid))), default=0)
-    update_status(image, **{GRAPH_KEY: {"fingerprint": fingerprint, "params": params, "complete": True,
-                                        "n_edges": n_edges, "n_fragments": n_fragments, "blocks": len(grid)}})
+    claim.complete(n_edges=n_edges, n_fragments=n_fragments, blocks=len(grid))
     report = GraphReport(image, n_fragments, n_edges, len(grid), time.perf_counter() - start, stage)
     log.info("%s", report.summary())
     return report
@@ -781,11 +766,15 @@ def agglomerate(
     names[threshold] = SEGMENTS_NAME
     wanted = sorted(set(names))
 
-    def params_of(t: float) -> dict[str, Any]:
-        return {"graph": graph["fingerprint"], "threshold": t, "score": score}
+    def claim_of(t: float) -> OutputClaim:
+        """Label image of threshold ``t`` in ``target``, resumed when a run with these parameters left it."""
+        return OutputClaim(target / "labels" / names[t], {"graph": graph["fingerprint"], "threshold": t, "score": score},
+                           kind="agglomeration", what="segments", key=AGGLOMERATE_KEY, overwrite=overwrite,
+                           create=lambda record: create_labels(target, names[t], dtype=np.uint64, chunks=frag.chunks))
 
-    for t in wanted:  # refuse before any work when an output holds something else
-        _check_segments(target / "labels" / names[t], params_of(t), overwrite=overwrite)
+    claims = {t: claim_of(t) for t in wanted}
+    for claim in claims.values():  # refuse before any work when an output holds something else
+        claim.check()
     start = time.perf_counter()
     # stage 3: lookups (reused when a resumed run finds them finished)
     lookups: dict[float, Path] = {}
@@ -816,17 +805,14 @@ def agglomerate(
 
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
         for t in wanted:
-            params = params_of(t)
-            label_root = target / "labels" / names[t]
-            labels = _prepare_segments(target, label_root, names[t], frag, params, overwrite=overwrite)
-            job = _RelabelJob(fragments=str(frag.path), labels=str(labels), lookup=str(lookups[t]))
+            claim = claims[t]
+            job = _RelabelJob(fragments=str(frag.path), labels=str(claim.path / "0"), lookup=str(lookups[t]))
             stages.append(run_blockwise(connection.client, stage="agglomerate-relabel", grid=grid,
-                                        fn=functools.partial(_relabel_block, job), output=label_root,
-                                        params=params, overwrite=overwrite, progress=progress,
-                                        writes=[WriteSpec(str(labels))]))  # records its chunks (integrity)
-            mark_complete(label_root, threshold=t, **{AGGLOMERATE_KEY: {"fingerprint": fingerprint_of(params),
-                                                                         "params": params, "n_segments": counts[t]}})
-            segments[t] = label_root
+                                        fn=functools.partial(_relabel_block, job), output=claim.path,
+                                        params=claim.params, overwrite=overwrite, progress=progress, claim=claim,
+                                        writes=[WriteSpec(job.labels)]))  # records its chunks (integrity)
+            claim.complete(attrs={"threshold": t}, n_segments=counts[t])
+            segments[t] = claim.path
     report = AgglomerateReport(image, threshold, score, n_fragments, segments, counts,
                                time.perf_counter() - start, tuple(stages), seconds_global)
     log.info("%s", report.summary())
@@ -844,33 +830,6 @@ def _remove_agglomerations(fragments: Path, *, keep: str) -> None:
         if isinstance(graph, str) and graph != keep:
             log.info("%s: removed, agglomerated from the replaced region graph %s", path, graph)
             remove_label_image(image, path.name)
-
-
-def _check_segments(label_root: Path, params: dict[str, Any], *, overwrite: bool) -> bool:
-    """Whether ``label_root`` holds a (possibly unfinished) run with these parameters to resume.
-
-    Raises OutputExistsError / ResumeMismatchError when it holds something else and not ``overwrite``.
-    """
-    if not label_root.exists() or overwrite:
-        return False
-    previous = _status(label_root).get(AGGLOMERATE_KEY)
-    if not isinstance(previous, dict):
-        raise OutputExistsError(f"{label_root} already exists and is not an emseg agglomeration; "
-                                "pass --overwrite to replace it")
-    if previous.get("fingerprint") != fingerprint_of(params):
-        raise ResumeMismatchError.between(label_root, "segments", previous.get("params", {}), params)
-    return True
-
-
-def _prepare_segments(target: Path, label_root: Path, name: str, frag: Any, params: dict[str, Any], *,
-                      overwrite: bool) -> Path:
-    """Create the label image ``name`` in ``target``, or reopen the one a run with these parameters left."""
-    fingerprint = fingerprint_of(params)
-    if _check_segments(label_root, params, overwrite=overwrite):
-        return Path(open_volume(label_root, allow_incomplete=True).path)
-    volume = create_labels(target, name, dtype=np.uint64, chunks=frag.chunks)
-    update_status(label_root, status="incomplete", **{AGGLOMERATE_KEY: {"fingerprint": fingerprint, "params": params}})
-    return Path(volume.path)
 
 
 def _relabel_block(job: _RelabelJob, block: Block) -> dict[str, Any]:

@@ -53,7 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.config import LabelOptions
-from emseg.errors import ConfigError, OutputExistsError, ResumeMismatchError, VolumeShapeError
+from emseg.errors import ConfigError, VolumeShapeError
 from emseg.evaluate import evaluate_paths  # re-exported: evaluation I/O moved to emseg.evaluate
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
 from emseg.io import (
@@ -61,15 +61,13 @@ from emseg.io import (
     check_distinct,
     create_labels,
     create_volume,
-    mark_complete,
     open_volume,
-    read_status,
-    update_status,
 )
 from emseg.io.lock import locked
 from emseg.io.pairs import iter_pairs, write_pairs
-from emseg.io.scratch import Table, remove_scratch, require_scratch, scratch_path, write_table
-from emseg.runner import StageReport, WriteSpec, fingerprint_of, run_blockwise
+from emseg.io.runstate import OutputClaim, Scratch
+from emseg.io.scratch import Table, scratch_path, write_table
+from emseg.runner import StageReport, WriteSpec, run_blockwise
 from emseg.segment import (
     RULES,
     WatershedParams,
@@ -312,21 +310,17 @@ def label(
         params["input_kind"] = input_kind
     if zarr_format not in (None, 2, 3):
         raise ConfigError(f"--zarr-format must be 2 or 3, got {zarr_format!r}")
-    fingerprint = fingerprint_of(params)
-
-    labels_array = _prepare_labels(pred_path, output, label_root, in_image=in_image, shape=shape, chunks=chunks,
-                                   params=params, fingerprint=fingerprint, overwrite=overwrite,
-                                   voxel_size=pred.voxel_size, offset_nm=pred.offset_nm, name=name,
-                                   zarr_format=int(pred.array.metadata.zarr_format) if zarr_format is None
-                                   else zarr_format)
     face_axes = tuple(a for a in range(3) if merge_faces and grid.grid_shape[a] > 1
                       and not (mode == "2d" and a == 0))
-    job = _Job(pred=str(pred.path), state=str(label_root), labels=str(labels_array), grid=grid, method=method,
+    job = _Job(pred=str(pred.path), state=str(label_root), labels=str(label_root / "0"), grid=grid, method=method,
                rule=rule, threshold=float(threshold), connectivity=int(connectivity), mode=mode, watershed=ws,
                min_contact=float(min_contact), voxel_size=tuple(pred.voxel_size), face_axes=face_axes,
                fragment_dtype=str(local_dtype(int(np.prod(grid.block_shape)))), token=uuid.uuid4().hex,
                affinities=input_kind == "affinities")
-    _prepare_scratch(job, chunks)
+    claim = _label_claim(job, output, label_root, in_image=in_image, chunks=chunks, params=params,
+                         overwrite=overwrite, voxel_size=pred.voxel_size, offset_nm=pred.offset_nm, name=name,
+                         zarr_format=int(pred.array.metadata.zarr_format) if zarr_format is None else zarr_format)
+    claim.check()  # refused before a cluster starts
 
     start = time.perf_counter()
     from emseg.cluster import connect
@@ -334,7 +328,7 @@ def label(
     with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection, \
             _fragments_forgotten(connection.client, job.token):
         run = functools.partial(run_blockwise, client=connection.client, grid=grid, output=label_root, params=params,
-                                overwrite=overwrite, progress=progress)
+                                overwrite=overwrite, progress=progress, claim=claim)
         # cc: a block's relabelling goes back to the worker that kept its fragments from stage 1
         place = _placement(connection.client) if method == "cc" else None
         fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job), placement=place)
@@ -363,69 +357,55 @@ def label(
         # (watershed needs its fragments for that, gone once a run completed: trust the records then)
         can_redo = method == "cc" or scratch_path(label_root, "fragments").exists()
         stages.append(run(stage="label-relabel", fn=functools.partial(_relabel_block, job),
-                          writes=[WriteSpec(str(labels_array))], verify="sizes" if can_redo else "none",
+                          writes=[WriteSpec(job.labels)], verify="sizes" if can_redo else "none",
                           placement=place))
     seconds = time.perf_counter() - start
     report = LabelReport(label_root, method, merges.n_segments, n_fragments, len(merges.merged_ids), len(grid),
                          grid.block_shape, seconds, tuple(stages))
-    mark_complete(label_root, **{STATUS_KEY: {"fingerprint": fingerprint, "params": params,
-                                              "n_segments": merges.n_segments}})
-    if not keep_fragments:
-        remove_scratch(label_root)
+    claim.complete(keep_scratch=keep_fragments, n_segments=merges.n_segments)
     log.info("%s", report.summary())
     return report
 
 
-def _prepare_labels(
-    pred_path: str | os.PathLike[str],
+def _label_claim(
+    job: _Job,
     output: Path,
     label_root: Path,
     *,
     in_image: bool,
-    shape: Coordinate,
     chunks: Coordinate,
     params: dict[str, Any],
-    fingerprint: str,
     overwrite: bool,
     voxel_size: Sequence[float],
     offset_nm: Sequence[float],
     name: str = LABEL_NAME,
     zarr_format: int = 3,
-) -> Path:
-    """Create the label image, or reopen the one a run with the same parameters left; its level-0 path."""
-    status_value = {"fingerprint": fingerprint, "params": params}
-    if label_root.exists() and not in_image:
-        from emseg.io.safety import zarr_attrs
+) -> OutputClaim:
+    """The label image: a new image ``output``, or ``name`` in the prediction's own image, resumed
+    when it holds a run with the same parameters (:mod:`emseg.io.runstate`), with the run's scratch."""
+    shape = job.grid.total_roi.shape
 
-        status = (zarr_attrs(label_root) or {}).get("emseg")
-        if isinstance(status, dict) and not isinstance(status.get(STATUS_KEY), dict):
-            # an emseg image of another kind (a raw import, a prediction): --overwrite must not replace it
-            raise OutputExistsError(f"{label_root} already exists and is not an emseg label output but another "
-                                    "emseg image (a raw image or a prediction); choose another output path")
-    if label_root.exists() and not overwrite:
-        previous = read_status(label_root).get(STATUS_KEY) if (label_root / "zarr.json").exists() or (
-            label_root / ".zattrs").exists() else None
-        if not isinstance(previous, dict):
-            from emseg.io.safety import overwrite_hint
+    def create(record: dict[str, Any]) -> None:
+        if in_image:
+            create_labels(output, name, dtype=np.uint64, chunks=chunks)
+        else:
+            create_volume(output, shape=shape, dtype=np.uint64, chunks=chunks, voxel_size=voxel_size,
+                          offset_nm=offset_nm, overwrite=overwrite, name=name, extra_attrs=record,
+                          zarr_format=zarr_format)  # type: ignore[arg-type]
 
-            raise OutputExistsError(f"{label_root} already exists and is not an emseg label output; "
-                                    f"{overwrite_hint(label_root)}")
-        if previous.get("fingerprint") != fingerprint:
-            raise ResumeMismatchError.between(label_root, "labels", previous.get("params", {}), params)
-        volume = open_volume(label_root, allow_incomplete=True)
+    def validate(path: Path) -> None:
+        volume = open_volume(path, allow_incomplete=True)
         if volume.shape != shape:
-            raise VolumeShapeError(f"{label_root}: shape {volume.shape} differs from the prediction's {shape}; "
+            raise VolumeShapeError(f"{path}: shape {volume.shape} differs from the prediction's {shape}; "
                                    "pass --overwrite to replace it")
-        log.info("resuming the labelling in %s", label_root)
-        return Path(volume.path)
-    if in_image:
-        volume = create_labels(output, name, dtype=np.uint64, chunks=chunks)
-        update_status(label_root, status="incomplete", **{STATUS_KEY: status_value})
-    else:
-        volume = create_volume(output, shape=shape, dtype=np.uint64, chunks=chunks, voxel_size=voxel_size,
-                               offset_nm=offset_nm, overwrite=overwrite, name=name,
-                               extra_attrs={STATUS_KEY: status_value}, zarr_format=zarr_format)  # type: ignore[arg-type]
-    return Path(volume.path)
+
+    scratch = [Scratch.of(f"faces_{axis}", _face_shape(shape, job.grid, axis), job.fragment_dtype,
+                          _face_chunks(job.grid.block_shape, axis)) for axis in job.face_axes]
+    if job.method != "cc":  # cc fragments are recomputed in the last stage, not stored
+        scratch.insert(0, Scratch.of("fragments", shape, job.fragment_dtype, chunks))
+    return OutputClaim(label_root, params, kind="label output", what="labels", create=create, key=STATUS_KEY,
+                       others=None if in_image else "a raw image or a prediction", overwrite=overwrite,
+                       scratch=scratch, validate=validate)
 
 
 def _face_voxels(grid: BlockGrid, face_axes: Sequence[int]) -> int:
@@ -455,15 +435,6 @@ def _face_shape(shape: Coordinate, grid: BlockGrid, axis: int) -> Coordinate:
 def _face_chunks(block: Coordinate, axis: int) -> Coordinate:
     """A block's first and last section share one chunk: one write per axis."""
     return tuple(2 if a == axis else b for a, b in enumerate(block))
-
-
-def _prepare_scratch(job: _Job, chunks: Coordinate) -> None:
-    shape = job.grid.total_roi.shape
-    if job.method != "cc":  # cc fragments are recomputed in the last stage, not stored
-        require_scratch(job.state, "fragments", shape=shape, dtype=job.fragment_dtype, chunks=chunks)
-    for axis in job.face_axes:
-        require_scratch(job.state, f"faces_{axis}", shape=_face_shape(shape, job.grid, axis),
-                        dtype=job.fragment_dtype, chunks=_face_chunks(job.grid.block_shape, axis))
 
 
 # ---------------------------------------------------------------------------------------------

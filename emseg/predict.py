@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -31,8 +31,6 @@ from emseg.errors import (
     EmsegError,
     GeometryError,
     InvalidDataError,
-    OutputExistsError,
-    ResumeMismatchError,
     RunIncompleteError,
     VolumeShapeError,
 )
@@ -47,6 +45,9 @@ from emseg.inference import (
     tiles_in_block,
 )
 from emseg.io.lock import locked
+
+if TYPE_CHECKING:
+    from emseg.io.runstate import OutputClaim
 
 log = logging.getLogger(__name__)
 
@@ -563,39 +564,24 @@ class PredictReport:
                 "dry_run": self.dry_run, "model": str(self.plan.checkpoint), "model_choice": self.plan.model_choice}
 
 
-def _prepare(plan: PredictionPlan, output: Path, overwrite: bool, zarr_format: int | None = None) -> None:
-    """Create the output, or check that an existing one holds this very run (resume)."""
-    from emseg.io import create_volume, read_status, update_status
-    from emseg.io.safety import overwrite_hint, zarr_attrs
+def output_claim(plan: PredictionPlan, output: Path, overwrite: bool, zarr_format: int | None = None) -> OutputClaim:
+    """The prediction image ``output``: resumed when it holds this very run, else created (see
+    :mod:`emseg.io.runstate`)."""
+    from emseg.io.runstate import OutputClaim
 
-    status = (zarr_attrs(output) or {}).get("emseg") if output.is_dir() else None
-    if isinstance(status, dict) and status.get("stage") != STAGE:
-        # an emseg image of another kind (a raw import, labels): --overwrite must not replace it
-        raise OutputExistsError(f"{output} already exists and is not an emseg prediction but another emseg image "
-                                "(a raw image or labels); choose another output path")
-    if output.exists() and not overwrite:
-        try:
-            status = read_status(output)
-        except (OSError, ValueError, EmsegError) as e:
-            raise OutputExistsError(f"{output} already exists and is not an emseg prediction; "
-                                    f"{overwrite_hint(output)}") from e
-        previous = status.get("params")
-        if status.get("stage") != STAGE or not isinstance(previous, dict):
-            raise OutputExistsError(f"{output} already exists and is not an emseg prediction; "
-                                    f"{overwrite_hint(output)}")
-        if previous != plan.params:
-            raise ResumeMismatchError.between(output, "an earlier prediction", previous, plan.params)
-        log.info("%s: resuming an earlier run", output)
-        return
-    vol_offset = _volume_offset(plan.volume)
-    fmt = zarr_format if zarr_format is not None else _zarr_format_of(plan.volume)
-    create_volume(output, shape=plan.volume_shape, dtype=plan.dtype, chunks=plan.chunks, voxel_size=plan.voxel_size,
-                  offset_nm=vol_offset, channels=plan.out_channels, overwrite=overwrite, name="predictions",
-                  zarr_format=fmt)  # type: ignore[arg-type]
-    # The source is recorded as an absolute path, so that `emseg view` finds it from any folder.
-    update_status(output, stage=STAGE, source=str(plan.volume.resolve()), params=plan.params,
-                  outputs=list(plan.outputs),
-                  checkpoint=str(plan.checkpoint))
+    def create(record: dict[str, Any]) -> None:
+        from emseg.io import create_volume, update_status
+
+        fmt = zarr_format if zarr_format is not None else _zarr_format_of(plan.volume)
+        create_volume(output, shape=plan.volume_shape, dtype=plan.dtype, chunks=plan.chunks,
+                      voxel_size=plan.voxel_size, offset_nm=_volume_offset(plan.volume), channels=plan.out_channels,
+                      overwrite=overwrite, name="predictions", zarr_format=fmt)  # type: ignore[arg-type]
+        # The source is recorded as an absolute path, so that `emseg view` finds it from any folder.
+        update_status(output, stage=record["stage"], source=str(plan.volume.resolve()), params=record["params"],
+                      outputs=list(plan.outputs), checkpoint=str(plan.checkpoint))
+
+    return OutputClaim(output, plan.params, kind="prediction", what="an earlier prediction", create=create,
+                       stage=STAGE, others="a raw image or labels", overwrite=overwrite)
 
 
 def _zarr_format_of(path: Path) -> int:
@@ -665,7 +651,7 @@ def predict(
     RunIncompleteError
         Some blocks failed otherwise; a rerun resumes.
     """
-    from emseg.io import check_distinct, mark_complete
+    from emseg.io import check_distinct
     from emseg.runner import WriteSpec, run_blockwise
 
     plan = plan_prediction(volume_path, options, device=target_device(cluster, devices, client), **fields)
@@ -681,7 +667,8 @@ def predict(
                  "use a smaller --block-size, --tile-size or --batch-size, or workers with more memory")
     if zarr_format not in (None, 2, 3):
         raise ConfigError(f"--zarr-format must be 2 or 3, got {zarr_format!r}")
-    _prepare(plan, output, overwrite, zarr_format)
+    claim = output_claim(plan, output, overwrite, zarr_format)
+    claim.check()  # refused before a cluster starts
     from emseg.cluster import connect
 
     with connect(cluster, scheduler=scheduler, workers=workers, devices=devices, client=client) as connection:
@@ -697,11 +684,11 @@ def predict(
             stage = run_blockwise(
                 connection.client, stage=STAGE, grid=plan.grid, fn=functools.partial(predict_block_task, config),
                 output=output, params=plan.params, overwrite=overwrite, resources=resources,
-                progress=progress, writes=[WriteSpec(str(output / "0"))],
+                progress=progress, writes=[WriteSpec(str(output / "0"))], claim=claim,
             )
         except RunIncompleteError as e:
             if isinstance(e.__cause__, InvalidDataError):
                 raise InvalidDataError(f"{e.__cause__}; the other blocks are kept ({e})") from e
             raise
-    mark_complete(output)
+    claim.complete()
     return PredictReport(output, stage.total, stage.computed, stage.skipped, stage.seconds, stage.voxels, plan)

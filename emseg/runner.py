@@ -26,7 +26,6 @@ run in this process on a few threads (small jobs, tests, tools without a cluster
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from emseg.io.ledger import (
     record_matches,
     store_census,
 )
+from emseg.io.runstate import OutputClaim, claim_stage, fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,6 @@ class StageReport:
             f"{self.stage}: {self.total} blocks ({self.computed} computed, {self.skipped} already done{repaired}) "
             f"in {self.seconds:.1f} s, {self.voxels_per_second / 1e6:.2f} Mvoxel/s"
         )
-
-
-def fingerprint_of(params: Mapping[str, Any]) -> str:
-    """Stable hash of JSON-able run parameters."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _with_grid(params: Mapping[str, Any], grid: BlockGrid) -> dict[str, Any]:
@@ -343,6 +338,7 @@ def run_blockwise(
     verify: Verify = "sizes",
     window: int | None = None,
     placement: Callable[[int], list[str] | None] | None = None,
+    claim: OutputClaim | None = None,
 ) -> StageReport:
     """Run ``fn(block)`` once for every block of ``grid`` that is not yet done.
 
@@ -377,21 +373,30 @@ def run_blockwise(
         Ledger chunk index -> worker addresses that should preferably run its task (a loose Dask
         restriction: other workers may still take it), e.g. to send a block back to the worker
         that holds data of it from an earlier stage.
+    claim : OutputClaim, optional
+        The output image the stage writes into: made (through the stage's ``create`` callback) or
+        resumed before the first block, see :mod:`emseg.io.runstate`.  When it starts over, so do
+        the stage's records.
 
     Raises
     ------
     ResumeMismatchError
         Records of a run with other parameters exist and ``overwrite`` is false.
+    OutputExistsError
+        ``claim``'s output holds something else.
     RunIncompleteError
         Some blocks failed after their retries; finished ones are kept for the rerun.
     """
     from tqdm import tqdm
 
     specs = tuple(w if isinstance(w, WriteSpec) else WriteSpec(str(w)) for w in writes)
+    if claim is not None:
+        claim.ensure()
+        overwrite = overwrite or claim.started_over
     ledger = Ledger(output, stage)
     params = _with_grid(params, grid)
     n = len(grid)
-    ledger.claim(n, fingerprint_of(params), params, overwrite=overwrite, writes=specs)
+    claim_stage(ledger, n, fingerprint_of(params), params, overwrite=overwrite, writes=specs)
     array = ledger.open()
     k = int(array.chunks[0])
     wrapped = array.attrs.get("format") == RECORD_FORMAT

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
-from emseg.errors import IncompleteOutputError, ResumeMismatchError
+from emseg.errors import IncompleteOutputError
 from emseg.geometry import Roi
 
 STATE_GROUP = "emseg_state"
@@ -164,34 +164,26 @@ class Ledger:
         array = zarr.open_array(str(self.path), mode="r")
         return array.attrs.get("fingerprint") == fingerprint and array.shape == (n_blocks,)
 
-    def claim(self, n_blocks: int, fingerprint: str, params: Mapping[str, Any], *, overwrite: bool,
-              writes: Sequence[WriteSpec] = ()) -> None:
-        """Bind the records to ``fingerprint``: keep matching ones, clear others if ``overwrite``.
+    def attrs(self) -> dict[str, Any]:
+        """The records' attributes: ``fingerprint``, ``params``, ``format``, ``writes``."""
+        return dict(self.open().attrs)
 
-        Raises
-        ------
-        ResumeMismatchError
-            Records of other parameters exist and ``overwrite`` is false.
-        """
-        group = zarr.open_group(str(self.output), mode="a")
-        state = group.require_group(STATE_GROUP)
-        if self.stage in state:
-            previous = state[self.stage]
-            if previous.attrs.get("fingerprint") == fingerprint and previous.shape == (n_blocks,):
-                if writes and previous.attrs.get("writes") is None:
-                    previous.attrs["writes"] = self._writes_attr(writes)
-                return
-            # no fingerprint: a claim cut short (disk full, kill) before its attributes were written;
-            # nothing was recorded under it, so it is simply made again
-            if not overwrite and "fingerprint" in previous.attrs:
-                raise ResumeMismatchError.between(
-                    self.output, f"an earlier {self.stage} run", dict(previous.attrs.get("params", {})),
-                    _jsonable(params))
-            del state[self.stage]
+    def n_blocks(self) -> int:
+        return int(self.open().shape[0])
+
+    def create(self, n_blocks: int, fingerprint: str, params: Mapping[str, Any], *,
+               writes: Sequence[WriteSpec] = ()) -> None:
+        """Make empty records for ``n_blocks`` blocks, bound to ``fingerprint`` (whether existing ones
+        may be kept is :func:`emseg.io.runstate.claim_stage`'s decision)."""
+        state = zarr.open_group(str(self.output), mode="a").require_group(STATE_GROUP)
         array = state.create_array(self.stage, shape=(n_blocks,), chunks=(blocks_per_chunk(n_blocks),), dtype=str,
                                    fill_value="")
         array.attrs.update({"fingerprint": fingerprint, "params": _jsonable(params), "format": RECORD_FORMAT,
                             "writes": self._writes_attr(writes)})
+
+    def set_writes(self, writes: Sequence[WriteSpec]) -> None:
+        """Record the arrays the stage writes (records made before they were recorded)."""
+        self.open("r+").attrs["writes"] = self._writes_attr(writes)
 
     def _writes_attr(self, writes: Sequence[WriteSpec]) -> list[dict[str, Any]]:
         out = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,39 @@ def check_distinct(source: str | os.PathLike[str], output: str | os.PathLike[str
                                        "was made; choose another output path")
 
 
+def _check_not_inside_a_store(path: Path) -> None:
+    """Refuse an output inside a zarr store (it would become a stray object of that store)."""
+    from emseg.errors import SameInputOutputError
+
+    for parent in Path(os.path.abspath(path)).parents:
+        if any((parent / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
+            raise SameInputOutputError(f"{path} lies inside the zarr store {parent}; write it beside the store instead")
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse an existing ``path`` unless ``overwrite`` and emseg made it."""
+    from emseg.errors import OutputExistsError
+
+    if not overwrite or not made_by_emseg(path):
+        raise OutputExistsError(f"{path} already exists; {overwrite_hint(path)}")
+
+
+def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it).
+
+    ``overwrite`` removes only what emseg wrote itself (:func:`made_by_emseg`).
+    """
+    path = Path(path)
+    _check_not_inside_a_store(path)
+    if path.exists() or path.is_symlink():
+        _check_replaceable(path, overwrite)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return path
+
+
 def check_file_output(path: str | os.PathLike[str], inputs: list[Path], overwrite: bool) -> Path:
     """Refuse a file output inside an input, or an existing one without ``overwrite`` (or not emseg's)."""
     from emseg.errors import OutputExistsError
@@ -159,14 +193,9 @@ def check_file_output(path: str | os.PathLike[str], inputs: list[Path], overwrit
     out = Path(path)
     for source in inputs:
         check_distinct(source, out)
-    for parent in Path(os.path.abspath(out)).parents:
-        if any((parent / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
-            from emseg.errors import SameInputOutputError
-
-            raise SameInputOutputError(f"{out} lies inside the zarr store {parent}; write it beside the store instead")
+    _check_not_inside_a_store(out)
     if out.exists() or out.is_symlink():
         if out.is_dir():
             raise OutputExistsError(f"{out} is a folder; give the path of a file")
-        if not overwrite or not made_by_emseg(out):
-            raise OutputExistsError(f"{out} already exists; {overwrite_hint(out)}")
+        _check_replaceable(out, overwrite)
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,6 @@ from emseg.errors import (
     IncompleteOutputError,
     InvalidDataError,
     NotAVolumeError,
-    OutputExistsError,
-    SameInputOutputError,
     StorageError,
     UnsupportedDtypeError,
     VolumeNotFoundError,
@@ -43,7 +40,7 @@ from emseg.io.ome import (
     parse_multiscale,
 )
 from emseg.io.safety import check_distinct as check_distinct  # its home moved to safety; importable here as before
-from emseg.io.safety import made_by_emseg, overwrite_hint
+from emseg.io.safety import prepare_output as prepare_output  # likewise
 
 log = logging.getLogger(__name__)
 
@@ -333,25 +330,6 @@ def open_volume(
 
 # ---------------------------------------------------------------------------------------------
 # creating
-
-
-def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it).
-
-    ``overwrite`` removes only what emseg wrote itself (:func:`emseg.io.safety.made_by_emseg`).
-    """
-    path = Path(path)
-    for parent in Path(os.path.abspath(path)).parents:
-        if any((parent / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray")):
-            raise SameInputOutputError(f"{path} lies inside the zarr store {parent}; write it beside the store instead")
-    if path.exists() or path.is_symlink():
-        if not overwrite or not made_by_emseg(path):
-            raise OutputExistsError(f"{path} already exists; {overwrite_hint(path)}")
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return path
 
 
 def _array_kwargs(zarr_format: int, chunks: Sequence[int], shards: Sequence[int] | None) -> dict[str, Any]:
