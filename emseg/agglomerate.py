@@ -42,7 +42,7 @@ import fastremap
 import numpy as np
 import numpy.typing as npt
 
-from emseg.config import AgglomerateOptions
+from emseg.config import AgglomerateOptions, RunOptions
 from emseg.errors import (
     ConfigError,
     GraphNotFoundError,
@@ -252,12 +252,7 @@ def make_fragments(
     mode: Mode = "auto",
     input_kind: InputKind | Literal["auto"] = "auto",
     block_size: int | Sequence[int] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    cluster: str | os.PathLike[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client: Any = None,
+    run: RunOptions | None = None,
     **fields: Any,
 ) -> Any:
     """Per-block watershed fragments of a prediction, written to ``labels/fragments``.
@@ -269,6 +264,7 @@ def make_fragments(
     """
     from emseg.label import label
 
+    run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
     pred = open_volume(pred_path)
     kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
@@ -278,9 +274,7 @@ def make_fragments(
     out = Path(output) if output is not None else (pred.image_path or Path(pred_path))
     return label(pred_path, out, method="watershed", threshold=opts.fragment_threshold, mode=resolved,
                  seeds=opts.seeds, min_distance=opts.min_distance, min_size=opts.min_size, block_size=block_size,
-                 overwrite=overwrite,
-                 progress=progress, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind, cluster=cluster,
-                 scheduler=scheduler, workers=workers, client=client)
+                 run=run, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind)
 
 
 def prediction_offsets(pred_path: str | os.PathLike[str]) -> tuple[Coordinate, ...] | None:
@@ -321,12 +315,7 @@ def mutex_fragments_blockwise(
     offsets: Sequence[Sequence[int]] | None = None,
     mode: Mode = "auto",
     block_size: int | Sequence[int] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    cluster: str | os.PathLike[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client: Any = None,
+    run: RunOptions | None = None,
     **fields: Any,
 ) -> FragmentsReport:
     """Per-block mutex watershed fragments (mwatershed) of an affinity prediction with long-range
@@ -347,6 +336,7 @@ def mutex_fragments_blockwise(
     from emseg.segment.mutex import check_offsets, offsets_halo
     from emseg.segment.stitch import offsets_from_counts
 
+    run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
     bias, long_range_bias = opts.mutex_bias, opts.long_range_bias
 
@@ -376,21 +366,21 @@ def mutex_fragments_blockwise(
     dtype = str(np.dtype(np.uint32) if int(np.prod(grid.block_shape)) < 2**32 - 1 else np.dtype(np.uint64))
     claim = OutputClaim(label_root, params, kind="fragments output", what="fragments", key="label",
                         create=lambda record: create_labels(image, FRAGMENTS_NAME, dtype=np.uint64, chunks=chunks),
-                        overwrite=overwrite, scratch=[Scratch.of("mutex", pred.shape, dtype, chunks)])
+                        overwrite=run.overwrite, scratch=[Scratch.of("mutex", pred.shape, dtype, chunks)])
     claim.check()  # refused before a cluster starts
     job = _MutexJob(pred=str(pred.path), fragments=str(label_root / "0"), state=str(label_root), grid=grid,
                     offsets=offs, bias=float(bias), long_range_bias=long_range_bias, mode=resolved, dtype=dtype)
     from emseg.cluster import connect
 
     start = time.perf_counter()
-    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
-        run = functools.partial(run_blockwise, connection.client, grid=grid, output=label_root, params=params,
-                                overwrite=overwrite, progress=progress, claim=claim)
-        first = run(stage="fragments-mutex", fn=functools.partial(_mutex_block, job))
+    with connect(**run.where) as connection:
+        run_stage = functools.partial(run_blockwise, connection.client, grid=grid, output=label_root, params=params,
+                                      overwrite=run.overwrite, progress=run.progress, claim=claim)
+        first = run_stage(stage="fragments-mutex", fn=functools.partial(_mutex_block, job))
         counts = [int(first.results[b]["count"]) for b in range(len(grid))]
         starts = offsets_from_counts(counts)
         write_table(label_root, "mutex_offsets", starts)
-        second = run(stage="fragments-offset", fn=functools.partial(
+        second = run_stage(stage="fragments-offset", fn=functools.partial(
             _offset_block, str(label_root), str(scratch_path(label_root, "mutex")), job.fragments))
     n = int(starts[-1])
     claim.complete(n_segments=n)
@@ -520,12 +510,7 @@ def build_graph(
     input_kind: InputKind | Literal["auto"] = "auto",
     hierarchical: bool = True,
     block_size: int | Sequence[int] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    cluster: str | os.PathLike[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client: Any = None,
+    run: RunOptions | None = None,
     **fields: Any,
 ) -> GraphReport:
     """Extract the region graph of per-block fragments blockwise (stage 2, see the module doc).
@@ -546,12 +531,16 @@ def build_graph(
         Compute the hierarchical merge scores (waterz); without them only ``score="mean"`` works.
     block_size : (z, y, x), optional
         Block shape of fragments not made by emseg (each fragment must lie inside one block).
+    run : RunOptions, optional
+        ``overwrite``, ``progress`` and where the blocks run (:class:`emseg.config.RunOptions`), or its
+        fields among the keywords (``overwrite=True``); the same in every function of this module.
 
     Raises
     ------
     ConfigError, VolumeShapeError, VolumeNotFoundError, ResumeMismatchError, RunIncompleteError,
     InvalidDataError (a fragment crosses a block face)
     """
+    run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
     context = opts.context
     quantile = check_quantile(opts.quantile)
@@ -594,16 +583,16 @@ def build_graph(
         _remove_agglomerations(image, keep=fingerprint)
 
     claim = OutputClaim(image, params, kind="region graph", what="a region graph", key=GRAPH_KEY, create=reset,
-                        within=True, overwrite=overwrite)
+                        within=True, overwrite=run.overwrite)
     claim.check()  # refused before a cluster starts
     job = _GraphJob(pred=str(pred.path), fragments=str(frag.path), state=str(image), grid=grid, kind=kind,
                     mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical, channels=channels)
     from emseg.cluster import connect
 
     start = time.perf_counter()
-    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
+    with connect(**run.where) as connection:
         stage = run_blockwise(connection.client, stage="graph", grid=grid, fn=functools.partial(_graph_block, job),
-                              output=image, params=params, overwrite=overwrite, progress=progress, claim=claim)
+                              output=image, params=params, overwrite=run.overwrite, progress=run.progress, claim=claim)
     n_edges = int(sum(int(stage.results[b]["edges"]) for b in range(len(grid))))
     if n_fragments < 0:
         n_fragments = max((int(stage.results[b]["max_id"]) for b in range(len(grid))), default=0)
@@ -710,12 +699,7 @@ def agglomerate(
     options: AgglomerateOptions | None = None,
     *,
     output: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    cluster: str | os.PathLike[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client: Any = None,
+    run: RunOptions | None = None,
     **fields: Any,
 ) -> AgglomerateReport:
     """Merge fragments whose edge score is below a threshold; write one label image per threshold.
@@ -733,6 +717,8 @@ def agglomerate(
     output : path, optional
         The OME-Zarr image that receives the label images (default: the image holding the
         fragments, or the fragments image itself when it is not a label image).
+    run : RunOptions, optional
+        See :func:`build_graph`.
 
     Returns
     -------
@@ -744,6 +730,7 @@ def agglomerate(
     ConfigError (thresholds out of range, unknown score), GraphNotFoundError, ResumeMismatchError,
     OutputExistsError, RunIncompleteError
     """
+    run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
     score = opts.score
     (threshold,) = check_thresholds([opts.threshold])
@@ -769,7 +756,7 @@ def agglomerate(
     def claim_of(t: float) -> OutputClaim:
         """Label image of threshold ``t`` in ``target``, resumed when a run with these parameters left it."""
         return OutputClaim(target / "labels" / names[t], {"graph": graph["fingerprint"], "threshold": t, "score": score},
-                           kind="agglomeration", what="segments", key=AGGLOMERATE_KEY, overwrite=overwrite,
+                           kind="agglomeration", what="segments", key=AGGLOMERATE_KEY, overwrite=run.overwrite,
                            create=lambda record: create_labels(target, names[t], dtype=np.uint64, chunks=frag.chunks))
 
     claims = {t: claim_of(t) for t in wanted}
@@ -803,13 +790,13 @@ def agglomerate(
     segments: dict[float, Path] = {}
     from emseg.cluster import connect
 
-    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
+    with connect(**run.where) as connection:
         for t in wanted:
             claim = claims[t]
             job = _RelabelJob(fragments=str(frag.path), labels=str(claim.path / "0"), lookup=str(lookups[t]))
             stages.append(run_blockwise(connection.client, stage="agglomerate-relabel", grid=grid,
                                         fn=functools.partial(_relabel_block, job), output=claim.path,
-                                        params=claim.params, overwrite=overwrite, progress=progress, claim=claim,
+                                        params=claim.params, overwrite=run.overwrite, progress=run.progress, claim=claim,
                                         writes=[WriteSpec(job.labels)]))  # records its chunks (integrity)
             claim.complete(attrs={"threshold": t}, n_segments=counts[t])
             segments[t] = claim.path
@@ -858,19 +845,15 @@ def segment_prediction(
     input_kind: InputKind | Literal["auto"] = "auto",
     offsets: Sequence[Sequence[int]] | None = None,
     block_size: int | Sequence[int] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    cluster: str | os.PathLike[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client: Any = None,
+    run: RunOptions | None = None,
     **fields: Any,
 ) -> tuple[Any, GraphReport, AgglomerateReport]:
     """Fragments, region graph and agglomeration of a prediction image, in ``PRED/labels/``.
 
     ``options`` (:class:`emseg.config.AgglomerateOptions`; ``**fields`` replace single ones, e.g.
     ``threshold=0.7``) choose the fragments, the graph and the merging; ``mode``, ``block_size``
-    and the cluster arguments are those of :func:`make_fragments` and :func:`build_graph`.
+    and ``run`` (:class:`~emseg.config.RunOptions`, or its fields as keywords) are those of
+    :func:`make_fragments` and :func:`build_graph`.
 
     ``fragments_method="mutex"`` makes the fragments by a per-block mutex watershed of the
     affinities and their long-range ``offsets`` (default: those recorded with the prediction or its
@@ -879,6 +862,7 @@ def segment_prediction(
     Returns the fragments' :class:`~emseg.label.LabelReport`, the :class:`GraphReport` and the
     :class:`AgglomerateReport`.
     """
+    run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
     check_thresholds([opts.threshold, *opts.thresholds])
     check_quantile(opts.quantile)
@@ -894,15 +878,15 @@ def segment_prediction(
     resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
     from emseg.cluster import connect
 
-    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection:
-        run: dict[str, Any] = dict(overwrite=overwrite, progress=progress, client=connection)
+    with connect(**run.where) as connection:
+        on = run.model_copy(update={"client": connection})  # every stage on this one cluster
         if opts.fragments == "mutex":
             fragments = mutex_fragments_blockwise(pred_path, pred.image_path, opts, offsets=offsets, mode=resolved,
-                                                  block_size=block_size, **run)
+                                                  block_size=block_size, run=on)
         else:
             fragments = make_fragments(pred_path, pred.image_path, opts, mode=resolved, input_kind=kind,
-                                       block_size=block_size, **run)
+                                       block_size=block_size, run=on)
         frag_path = pred.image_path / "labels" / FRAGMENTS_NAME
-        graph = build_graph(pred_path, frag_path, opts, mode=resolved, input_kind=kind, **run)
-        result = agglomerate(frag_path, opts, **run)
+        graph = build_graph(pred_path, frag_path, opts, mode=resolved, input_kind=kind, run=on)
+        result = agglomerate(frag_path, opts, run=on)
     return fragments, graph, result

@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from emseg.config import LabelOptions, PredictOptions
+from emseg.config import LabelOptions, PredictOptions, RunOptions
 from emseg.errors import ConfigError, VolumeShapeError
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,10 @@ def _read(path: Path, lazy: bool) -> Any:
     return np.asarray(array[...])
 
 
-def _on_array(data: Any, voxel_size: Sequence[float] | None, cluster: str | None, scheduler: str | None, *,
-              name: str, keep: bool, run: Callable[[Path, Path, dict[str, Any]], Sequence[Path]]) -> list[Any]:
+def _on_array(data: Any, voxel_size: Sequence[float] | None, run: RunOptions, *,
+              name: str, keep: bool, job: Callable[[Path, Path, RunOptions], Sequence[Path]]) -> list[Any]:
     """A path-based run on an array: ``data`` is written to the temporary OME-Zarr image ``work/name``,
-    ``run(image, work, where)`` runs on the caller's cluster (``where``) or on one inside this
+    ``job(image, work, where)`` runs on the caller's cluster (``where``: ``run``) or on one inside this
     process, and the images it returns are read (as dask arrays for a dask input).
 
     ``work`` is removed afterwards, unless ``keep`` (dask results read from it): then at interpreter exit.
@@ -137,8 +137,8 @@ def _on_array(data: Any, voxel_size: Sequence[float] | None, cluster: str | None
     work = _temp_dir(keep=keep)
     try:
         image = _write_image(work / name, data, voxel_size)
-        with _scheduler(cluster, scheduler) as where:
-            results = run(image, work, where)
+        with _scheduler(run) as where:
+            results = job(image, work, where)
         return [_read(path, lazy) for path in results]
     finally:
         if not keep:
@@ -146,17 +146,26 @@ def _on_array(data: Any, voxel_size: Sequence[float] | None, cluster: str | None
 
 
 @contextlib.contextmanager
-def _scheduler(cluster: str | None, scheduler: str | None) -> Iterator[dict[str, Any]]:
+def _scheduler(run: RunOptions) -> Iterator[RunOptions]:
     """Where an array run goes: the caller's choice, else a Dask cluster inside this process."""
-    if cluster is not None or scheduler is not None:
-        yield {"cluster": cluster, "scheduler": scheduler}
+    if run.cluster is not None or run.scheduler is not None or run.client is not None:
+        yield run
         return
     from distributed import LocalCluster
 
     # Threads in this process (inproc transport: nothing listens on the network).
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,  # type: ignore[no-untyped-call]
                       scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"}) as local:
-        yield {"scheduler": local.scheduler_address}
+        yield run.model_copy(update={"scheduler": local.scheduler_address})
+
+
+QUIET = RunOptions(progress=False)
+"""The API's run options by default: as the commands', without progress bars."""
+
+
+def _run_options(run: RunOptions | None, fields: dict[str, Any]) -> RunOptions:
+    """``run`` (default :data:`QUIET`) with the run options among ``fields`` (removed from it)."""
+    return RunOptions.take(run if run is not None else QUIET, fields)
 
 
 def _need_output(output: PathLike | None, what: str) -> PathLike:
@@ -174,13 +183,8 @@ def predict(
     output: PathLike | None = None,
     options: PredictOptions | None = None,
     *,
+    run: RunOptions | None = None,
     voxel_size: Sequence[float] | None = None,
-    cluster: str | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    devices: Sequence[int] | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
     zarr_format: int | None = None,
     **fields: Any,
 ) -> Any:
@@ -197,10 +201,14 @@ def predict(
         options: ``model`` (checkpoint directory; default the bundled model for the voxel size),
         ``block_size``, ``tile_size``, ``halo``, ``chunks`` (voxels, ``z, y, x``), ``batch_size``,
         ``tta``, ``precision``, ``dtype``.
+    run : RunOptions, optional
+        ``cluster``, ``scheduler``, ``workers``, ``devices``, ``overwrite``, ``progress`` (default
+        off here), ``client``: :class:`emseg.config.RunOptions`, or its fields among the keywords, as
+        the command's options.
     voxel_size : (z, y, x) floats, optional
         Nanometres per voxel of an array input (a path carries its own).
-    cluster, scheduler, workers, devices, overwrite, progress, zarr_format
-        As the command's options.
+    zarr_format
+        As the command's option.
 
     Returns
     -------
@@ -209,23 +217,21 @@ def predict(
     """
     from emseg.predict import predict as run_predict
 
+    run = _run_options(run, fields)
     options = PredictOptions.build(options, **fields)
-    run: dict[str, Any] = dict(workers=workers, devices=devices, overwrite=overwrite, progress=progress,
-                               zarr_format=zarr_format)
     kind = _kind(volume)
     if kind == "path":
-        return run_predict(volume, _need_output(output, "predict"), options, cluster=cluster, scheduler=scheduler,
-                           **run)
+        return run_predict(volume, _need_output(output, "predict"), options, run=run, zarr_format=zarr_format)
     if kind == "dask" and output is None:
         _check_array(volume)
         return _predict_lazy(volume, voxel_size, options)
 
-    def on_image(raw: Path, work: Path, where: dict[str, Any]) -> list[Path]:
+    def on_image(raw: Path, work: Path, where: RunOptions) -> list[Path]:
         out = Path(output) if output is not None else work / "prediction.zarr"
-        run_predict(raw, out, options, **where, **run)
+        run_predict(raw, out, options, run=where, zarr_format=zarr_format)
         return [out]
 
-    return _on_array(volume, voxel_size, cluster, scheduler, name="raw.zarr", keep=False, run=on_image)[0]
+    return _on_array(volume, voxel_size, run, name="raw.zarr", keep=False, job=on_image)[0]
 
 
 def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: PredictOptions) -> Any:
@@ -283,12 +289,8 @@ def label(
     output: PathLike | None = None,
     options: LabelOptions | None = None,
     *,
+    run: RunOptions | None = None,
     voxel_size: Sequence[float] | None = None,
-    cluster: str | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
     zarr_format: int | None = None,
     **fields: Any,
 ) -> Any:
@@ -306,7 +308,7 @@ def label(
         :class:`emseg.config.LabelOptions`, or its fields as keywords, named as the command's options
         (``method``, ``threshold``, ``foreground``, ``connectivity``, ``min_size``, ``seeds``,
         ``min_distance``, ``block_size`` ...; ``mode="2d"`` is ``--2d``).
-    voxel_size, cluster, scheduler, workers, overwrite, progress, zarr_format
+    run, voxel_size, zarr_format
         See :func:`predict`.
 
     Returns
@@ -316,20 +318,19 @@ def label(
     """
     from emseg.label import label as run_label
 
+    run = _run_options(run, fields)
     options = LabelOptions.build(options, **fields)
-    run: dict[str, Any] = dict(workers=workers, overwrite=overwrite, progress=progress, zarr_format=zarr_format)
     kind = _kind(prediction)
     if kind == "path":
-        return run_label(prediction, _need_output(output, "label"), options, cluster=cluster, scheduler=scheduler,
-                         **run)
+        return run_label(prediction, _need_output(output, "label"), options, run=run, zarr_format=zarr_format)
 
-    def on_image(pred: Path, work: Path, where: dict[str, Any]) -> list[Path]:
+    def on_image(pred: Path, work: Path, where: RunOptions) -> list[Path]:
         target = Path(output) if output is not None else pred
-        run_label(pred, target, options, **where, **run)
+        run_label(pred, target, options, run=where, zarr_format=zarr_format)
         return [target if output is not None else pred / "labels" / "segments"]
 
-    return _on_array(prediction, voxel_size, cluster, scheduler, name="prediction.zarr",
-                     keep=kind == "dask" and output is None, run=on_image)[0]
+    return _on_array(prediction, voxel_size, run, name="prediction.zarr",
+                     keep=kind == "dask" and output is None, job=on_image)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,13 +342,8 @@ def segment(
     output: PathLike | None = None,
     *,
     pipeline: PathLike | None = None,
+    run: RunOptions | None = None,
     voxel_size: Sequence[float] | None = None,
-    cluster: str | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    devices: Sequence[int] | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
     zarr_format: int | None = None,
     **overrides: Any,
 ) -> Any:
@@ -366,7 +362,7 @@ def segment(
         :class:`~emseg.config.PredictOptions` field (``model``, ``block_size``, ``batch_size``, ...),
         and ``method``, ``threshold``, ``merge_threshold``, ``thresholds``, ``mode`` (``"2d"`` is
         ``--2d``), ``min_size``; None keeps the recipe's value.
-    voxel_size, cluster, scheduler, workers, devices, overwrite, progress, zarr_format
+    run, voxel_size, zarr_format
         See :func:`predict`.
 
     Returns
@@ -377,20 +373,25 @@ def segment(
     from emseg.config import load_pipeline, segment_overrides
     from emseg.pipeline import segment as run_segment
 
+    run = _run_options(run, overrides)
     config = load_pipeline(pipeline, segment_overrides(**overrides))
-    run: dict[str, Any] = dict(workers=workers, overwrite=overwrite, progress=progress, zarr_format=zarr_format)
     kind = _kind(volume)
-    if kind == "path":
-        return run_segment(volume, output, config, cluster=cluster, scheduler=scheduler,
-                           devices=tuple(devices) if devices is not None else None, **run)
 
-    def on_image(raw: Path, work: Path, where: dict[str, Any]) -> list[Path]:
+    def segment_run(raw: PathLike, out: PathLike | None, where: RunOptions) -> Any:
+        return run_segment(raw, out, config, cluster=where.cluster, scheduler=where.scheduler, workers=where.workers,
+                           devices=where.devices, overwrite=where.overwrite, progress=where.progress,
+                           zarr_format=zarr_format)
+
+    if kind == "path":
+        return segment_run(volume, output, run)
+
+    def on_image(raw: Path, work: Path, where: RunOptions) -> list[Path]:
         out = Path(output) if output is not None else work / "segmented.zarr"
-        run_segment(raw, out, config, **where, **run)
+        segment_run(raw, out, where)
         return [out, out / "labels" / "segments"]
 
-    return Segmentation(*_on_array(volume, voxel_size, cluster, scheduler, name="raw.zarr",
-                                   keep=kind == "dask" and output is None, run=on_image))
+    return Segmentation(*_on_array(volume, voxel_size, run, name="raw.zarr",
+                                   keep=kind == "dask" and output is None, job=on_image))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,12 +401,8 @@ def segment(
 def agglomerate(
     prediction: Any,
     *,
+    run: RunOptions | None = None,
     voxel_size: Sequence[float] | None = None,
-    cluster: str | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
     **options: Any,
 ) -> Any:
     """Fragments, region graph and agglomerated segments of a boundary prediction (or affinities).
@@ -420,7 +417,7 @@ def agglomerate(
         ``(c, z, y, x)``: channel 0 the boundary probability (uint8 ``255 p`` or float), or
         affinities (channels z, y, x first).  A path's labels go into its own image
         (``labels/fragments``, ``labels/segments``).
-    voxel_size, cluster, scheduler, workers, overwrite, progress
+    run, voxel_size
         See :func:`predict`.
     **options
         The keyword options of :func:`emseg.agglomerate.segment_prediction`, named as there
@@ -434,17 +431,17 @@ def agglomerate(
     """
     from emseg.agglomerate import segment_prediction
 
-    run: dict[str, Any] = dict(workers=workers, overwrite=overwrite, progress=progress)
+    run = _run_options(run, options)
     kind = _kind(prediction)
     if kind == "path":
-        return segment_prediction(prediction, cluster=cluster, scheduler=scheduler, **run, **options)
+        return segment_prediction(prediction, run=run, **options)
     _check_array(prediction)
     if prediction.ndim == 3:
         prediction = prediction[None]
 
-    def on_image(pred: Path, work: Path, where: dict[str, Any]) -> list[Path]:
-        segment_prediction(pred, **where, **run, **options)
+    def on_image(pred: Path, work: Path, where: RunOptions) -> list[Path]:
+        segment_prediction(pred, run=where, **options)
         return [pred / "labels" / "segments"]
 
-    return _on_array(prediction, voxel_size, cluster, scheduler, name="prediction.zarr", keep=kind == "dask",
-                     run=on_image)[0]
+    return _on_array(prediction, voxel_size, run, name="prediction.zarr", keep=kind == "dask",
+                     job=on_image)[0]

@@ -125,6 +125,57 @@ def describe_error(error: ValidationError, *, flags: bool = False, where: str = 
 
 
 # ---------------------------------------------------------------------------------------------
+# run: where the blocks go and what happens to an existing output
+
+
+class RunOptions(Options):
+    """How a blockwise run is carried out (every blockwise command and library function): the cluster
+    and what to do with an existing output.  None of them changes the output, so none is part of a
+    resume fingerprint; the library functions take them as ``run=RunOptions(...)`` or as keywords
+    (``predict(..., overwrite=True)``)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    cluster: PathStr | None = None
+    """Cluster profile (local, local-gpu, slurm) or a profile YAML file  [default: local]."""
+    scheduler: str | None = None
+    """Address of a running Dask scheduler to use instead."""
+    workers: int | None = Field(default=None, ge=1)
+    """Local worker processes  [default: one per GPU, else one per core (memory permitting)]."""
+    devices: tuple[int, ...] | None = None
+    """GPU indices to use (one worker each)."""
+    overwrite: bool = False
+    """Replace an output made with other parameters (otherwise a rerun resumes)."""
+    progress: bool = True
+    """Progress bars on stderr."""
+    client: Any = None
+    """An open cluster to run on instead (an emseg.cluster.Connection or a distributed.Client), e.g. to chain
+    stages on one cluster; Python only.  Given, the cluster options above are not used."""
+
+    @classmethod
+    def build(cls, options: Options | None = None, /, **fields: Any) -> Self:
+        """As :meth:`Options.build`, keeping ``client`` as it is (never dumped or copied)."""
+        base = options if isinstance(options, cls) else cls()
+        data = {name: getattr(base, name) for name in cls.model_fields}
+        data.update({k: v for k, v in fields.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(describe_error(e, flags=True)) from e
+
+    @classmethod
+    def take(cls, run: RunOptions | None, fields: dict[str, Any]) -> Self:
+        """``run`` with the run options among a function's keywords ``fields`` (removed from it)."""
+        return cls.build(run, **{k: fields.pop(k) for k in list(fields) if k in cls.model_fields})
+
+    @property
+    def where(self) -> dict[str, Any]:
+        """The keywords of :func:`emseg.cluster.connect`: cluster, scheduler, workers, devices, client."""
+        return {"cluster": self.cluster, "scheduler": self.scheduler, "workers": self.workers,
+                "devices": self.devices, "client": self.client}
+
+
+# ---------------------------------------------------------------------------------------------
 # predict
 
 

@@ -52,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from emseg.config import LabelOptions
+from emseg.config import LabelOptions, RunOptions
 from emseg.errors import ConfigError, VolumeShapeError
 from emseg.evaluate import evaluate_paths  # re-exported: evaluation I/O moved to emseg.evaluate
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
@@ -210,16 +210,11 @@ def label(
     output_path: str | os.PathLike[str],
     options: LabelOptions | None = None,
     *,
-    overwrite: bool = False,
-    progress: bool = True,
+    run: RunOptions | None = None,
     keep_fragments: bool = False,
     merge_faces: bool = True,
     name: str = LABEL_NAME,
     input_kind: Literal["boundary", "affinities"] = "boundary",
-    cluster: str | os.PathLike[str] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    client: Any = None,
     zarr_format: int | None = None,
     **fields: Any,
 ) -> LabelReport:
@@ -248,9 +243,11 @@ def label(
     input_kind : {"boundary", "affinities"}
         ``affinities``: channels 0..2 are z, y, x affinities; the boundary map is ``1 - mean`` of
         them (``y, x`` only in 2D mode).
-    client : distributed.Client or emseg.cluster.Connection, optional
-        Run on this open client (e.g. ``emseg segment`` chaining predict and label); otherwise a
-        cluster is started from ``cluster`` / ``scheduler`` / ``workers`` and closed afterwards.
+    run : RunOptions, optional
+        ``overwrite``, ``progress`` and where the blocks run (:class:`~emseg.config.RunOptions`; its
+        fields may also be given among ``**fields``): ``run.client`` an open client (e.g. ``emseg
+        segment`` chaining predict and label), otherwise a cluster is started from ``cluster`` /
+        ``scheduler`` / ``workers`` and closed afterwards.
     zarr_format : {2, 3}, optional
         Zarr format of a new label image (3: OME-NGFF 0.5, 2: 0.4); default: the prediction's.  Labels
         written into the prediction's own image follow that image.
@@ -260,6 +257,7 @@ def label(
     ConfigError, VolumeNotFoundError, NotAVolumeError, VolumeShapeError, OutputExistsError,
     SameInputOutputError, ResumeMismatchError, RunIncompleteError
     """
+    run = RunOptions.take(run, fields)
     opts = LabelOptions.build(options, **fields)
     method, threshold, connectivity, mode, foreground = (opts.method, opts.threshold, opts.connectivity, opts.mode,
                                                          opts.foreground)
@@ -292,7 +290,7 @@ def label(
     read_voxels = int(np.prod([b + 2 * h for b, h in zip(grid.block_shape, halo)]))
     # prediction + float boundary map + mask + local and global ids (+ watershed's distance map and queue)
     per_voxel = pred.dtype.itemsize * (pred.channels or 1) + 4 + 1 + 8 + 8 + (16 if method == "watershed" else 0)
-    check_memory(read_voxels * per_voxel, worker_memory(cluster, workers=workers, scheduler=scheduler, client=client),
+    check_memory(read_voxels * per_voxel, worker_memory(**run.where),
                  f"a {method} block of {'x'.join(map(str, grid.block_shape))} voxels",
                  "use a smaller --block-size, or workers with more memory")
     params: dict[str, Any] = {
@@ -318,20 +316,20 @@ def label(
                fragment_dtype=str(local_dtype(int(np.prod(grid.block_shape)))), token=uuid.uuid4().hex,
                affinities=input_kind == "affinities")
     claim = _label_claim(job, output, label_root, in_image=in_image, chunks=chunks, params=params,
-                         overwrite=overwrite, voxel_size=pred.voxel_size, offset_nm=pred.offset_nm, name=name,
+                         overwrite=run.overwrite, voxel_size=pred.voxel_size, offset_nm=pred.offset_nm, name=name,
                          zarr_format=int(pred.array.metadata.zarr_format) if zarr_format is None else zarr_format)
     claim.check()  # refused before a cluster starts
 
     start = time.perf_counter()
     from emseg.cluster import connect
 
-    with connect(cluster, scheduler=scheduler, workers=workers, client=client) as connection, \
+    with connect(**run.where) as connection, \
             _fragments_forgotten(connection.client, job.token):
-        run = functools.partial(run_blockwise, client=connection.client, grid=grid, output=label_root, params=params,
-                                overwrite=overwrite, progress=progress, claim=claim)
+        run_stage = functools.partial(run_blockwise, client=connection.client, grid=grid, output=label_root,
+                                      params=params, overwrite=run.overwrite, progress=run.progress, claim=claim)
         # cc: a block's relabelling goes back to the worker that kept its fragments from stage 1
         place = _placement(connection.client) if method == "cc" else None
-        fragments = run(stage="label-fragments", fn=functools.partial(_fragment_block, job), placement=place)
+        fragments = run_stage(stage="label-fragments", fn=functools.partial(_fragment_block, job), placement=place)
         offsets = offsets_from_counts(fragments.results.column("count"))
         job = _with_tables(job, offsets=offsets)
         stages = [fragments]
@@ -341,7 +339,7 @@ def label(
             # cluster stage's scheduling (same records, same stored pairs)
             on_client = _face_voxels(grid, face_axes) <= CLIENT_FACE_VOXELS
             face_job = _with_faces(job) if on_client else job
-            faces = run(stage=FACES_STAGE, fn=functools.partial(_faces_block, face_job),
+            faces = run_stage(stage=FACES_STAGE, fn=functools.partial(_faces_block, face_job),
                         client=None if on_client else connection.client)
             del face_job  # the face arrays in memory
             stages.append(faces)
@@ -356,7 +354,7 @@ def label(
         # a rerun re-checks the written label chunks and recomputes blocks whose chunks went missing
         # (watershed needs its fragments for that, gone once a run completed: trust the records then)
         can_redo = method == "cc" or scratch_path(label_root, "fragments").exists()
-        stages.append(run(stage="label-relabel", fn=functools.partial(_relabel_block, job),
+        stages.append(run_stage(stage="label-relabel", fn=functools.partial(_relabel_block, job),
                           writes=[WriteSpec(job.labels)], verify="sizes" if can_redo else "none",
                           placement=place))
     seconds = time.perf_counter() - start

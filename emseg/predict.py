@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from emseg.config import PredictOptions
+from emseg.config import PredictOptions, RunOptions
 from emseg.errors import (
     ConfigError,
     EmsegError,
@@ -603,14 +603,8 @@ def predict(
     output_path: str | os.PathLike[str],
     options: PredictOptions | None = None,
     *,
-    cluster: str | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    devices: Sequence[int] | None = None,
-    overwrite: bool = False,
+    run: RunOptions | None = None,
     dry_run: bool = False,
-    progress: bool = True,
-    client: Any = None,
     zarr_format: int | None = None,
     **fields: Any,
 ) -> PredictReport:
@@ -629,16 +623,14 @@ def predict(
     options, **fields
         The run's :class:`~emseg.config.PredictOptions` (``checkpoint=``, ``block_size=``,
         ``batch_size=`` ...); see :func:`plan_prediction`.
-    cluster, scheduler, workers, devices
-        See :func:`emseg.cluster.connect`; ignored when ``client`` is given.
-    overwrite : bool
-        Replace an existing output (also one from a run with other parameters).
+    run : RunOptions, optional
+        Where the blocks run and what happens to an existing output (:class:`~emseg.config.RunOptions`:
+        ``cluster``, ``scheduler``, ``workers``, ``devices``, see :func:`emseg.cluster.connect`;
+        ``overwrite``: replace an existing output, also one from a run with other parameters;
+        ``progress``: progress bar on stderr; ``client``: an open cluster, e.g. to chain predict and
+        label on one cluster); its fields may also be given among ``**fields``.
     dry_run : bool
         Only plan: return a report whose ``summary()`` is the plan; nothing is written.
-    progress : bool
-        Progress bar on stderr.
-    client : emseg.cluster.Connection, optional
-        Run on this open cluster (e.g. to chain predict and label on one cluster).
     zarr_format : {2, 3}, optional
         Zarr format of the output (3: OME-NGFF 0.5, 2: 0.4); default: the input's.
 
@@ -654,24 +646,24 @@ def predict(
     from emseg.io import check_distinct
     from emseg.runner import WriteSpec, run_blockwise
 
-    plan = plan_prediction(volume_path, options, device=target_device(cluster, devices, client), **fields)
+    run = RunOptions.take(run, fields)
+    plan = plan_prediction(volume_path, options, device=target_device(run.cluster, run.devices, run.client), **fields)
     output = Path(output_path)
     if dry_run:
         return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
     check_distinct(volume_path, output)
     from emseg.resources import check_memory, worker_memory
 
-    check_memory(plan.memory_per_block, worker_memory(cluster, workers=workers, devices=devices, scheduler=scheduler,
-                                                      client=client),
+    check_memory(plan.memory_per_block, worker_memory(**run.where),
                  f"a prediction block of {'x'.join(map(str, plan.grid.block_shape))} voxels",
                  "use a smaller --block-size, --tile-size or --batch-size, or workers with more memory")
     if zarr_format not in (None, 2, 3):
         raise ConfigError(f"--zarr-format must be 2 or 3, got {zarr_format!r}")
-    claim = output_claim(plan, output, overwrite, zarr_format)
+    claim = output_claim(plan, output, run.overwrite, zarr_format)
     claim.check()  # refused before a cluster starts
     from emseg.cluster import connect
 
-    with connect(cluster, scheduler=scheduler, workers=workers, devices=devices, client=client) as connection:
+    with connect(**run.where) as connection:
         config = PredictConfig(
             input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
             checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
@@ -683,8 +675,8 @@ def predict(
         try:
             stage = run_blockwise(
                 connection.client, stage=STAGE, grid=plan.grid, fn=functools.partial(predict_block_task, config),
-                output=output, params=plan.params, overwrite=overwrite, resources=resources,
-                progress=progress, writes=[WriteSpec(str(output / "0"))], claim=claim,
+                output=output, params=plan.params, overwrite=run.overwrite, resources=resources,
+                progress=run.progress, writes=[WriteSpec(str(output / "0"))], claim=claim,
             )
         except RunIncompleteError as e:
             if isinstance(e.__cause__, InvalidDataError):

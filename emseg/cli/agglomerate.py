@@ -10,7 +10,7 @@ import click
 
 from emseg.cli.options import cluster_options, option_flags, output_options, pop_fields
 from emseg.cli.types import INT_ZYX
-from emseg.config import AgglomerateOptions
+from emseg.config import AgglomerateOptions, RunOptions
 
 
 @click.command()
@@ -21,8 +21,7 @@ from emseg.config import AgglomerateOptions
 @click.option("--block-size", type=INT_ZYX, default=None, help="Block core shape Z,Y,X of fragments and graph.")
 @cluster_options(devices=False)
 @output_options(zarr_format=None)
-def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int] | None, workers: int | None,
-                cluster: str | None, scheduler: str | None, overwrite: bool, progress: bool, as_json: bool,
+def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int] | None, as_json: bool,
                 **fields: Any) -> None:
     """Agglomerate fragments into segments by hierarchical mean-affinity merging.
 
@@ -39,10 +38,10 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     from emseg.errors import ConfigError
     from emseg.io.lock import run_lock
 
+    run = RunOptions.build(**pop_fields(fields, RunOptions))
     given = pop_fields(fields, AgglomerateOptions)
     options = AgglomerateOptions.build(**given)
     rebuild = two_d is not None or block_size is not None or bool(set(given) - AgglomerateOptions.AGGLOMERATION_ONLY)
-    run = dict(overwrite=overwrite, progress=progress, cluster=cluster, scheduler=scheduler, workers=workers)
     # the run lock of the image that receives the labels (the one `emseg segment` takes), so that an
     # agglomeration never runs beside another run on the same output
     image = Path(target).resolve()
@@ -55,12 +54,11 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
                 raise ConfigError(f"{target}: fragment and graph options ({', '.join(_fragment_flags())}) need the "
                                   "prediction image, not the fragments")
             report = run_agglomerate(target, threshold=options.threshold, thresholds=options.thresholds,
-                                     score=options.score, **run)  # type: ignore[arg-type]
+                                     score=options.score, run=run)
             text = report.summary()
         else:
             mode: Literal["auto", "2d", "3d"] = "auto" if two_d is None else ("2d" if two_d else "3d")
-            fragments, graph, report = segment_prediction(target, options, mode=mode, block_size=block_size,
-                                                          **run)  # type: ignore[arg-type]
+            fragments, graph, report = segment_prediction(target, options, mode=mode, block_size=block_size, run=run)
             text = "\n".join([fragments.summary(), graph.summary(), report.summary()])
     if as_json:
         click.echo(json.dumps({"fragments": str(report.fragments_path), "n_fragments": report.n_fragments,

@@ -8,7 +8,7 @@ import click
 
 from emseg.cli.options import cluster_options, option_flags, output_options, pop_fields
 from emseg.cli.output import echo_report
-from emseg.config import LabelOptions
+from emseg.config import LabelOptions, RunOptions
 
 
 @click.command()
@@ -20,9 +20,7 @@ from emseg.config import LabelOptions
               "(segments never continue along z), or in 3-D  [default: 3-D].")
 @cluster_options(devices=False)
 @output_options(zarr_format="PRED's; labels inside PRED follow PRED")
-def label(pred: str, output: str, two_d: bool | None, cluster: str | None, scheduler: str | None,
-          workers: int | None, zarr_format: int | None, overwrite: bool, progress: bool, as_json: bool,
-          **fields: Any) -> None:
+def label(pred: str, output: str, two_d: bool | None, zarr_format: int | None, as_json: bool, **fields: Any) -> None:
     """Label the boundary prediction PRED into globally unique, consecutive uint64 segment ids.
 
     PRED is an OME-Zarr image (c, z, y, x) whose channel 0 is the boundary probability (uint8 p*255
@@ -31,8 +29,8 @@ def label(pred: str, output: str, two_d: bool | None, cluster: str | None, sched
     """
     from emseg.label import label as run_label
 
+    run = RunOptions.build(**pop_fields(fields, RunOptions))
     options = LabelOptions.build(**pop_fields(fields, LabelOptions),
                                  mode=None if two_d is None else ("2d" if two_d else "3d"))
-    report = run_label(pred, output, options, overwrite=overwrite, progress=progress, cluster=cluster,
-                       scheduler=scheduler, workers=workers, zarr_format=zarr_format)
+    report = run_label(pred, output, options, run=run, zarr_format=zarr_format)
     echo_report(report, as_json)

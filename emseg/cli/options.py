@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 
 from emseg.cli.output import JSON_OPTION
 from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
+from emseg.config import RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,13 +88,17 @@ def _click_type(field: FieldInfo) -> tuple[Any, bool, Callable[[Any], Any] | Non
 
 
 def field_option(model: type[BaseModel], name: str, *decls: str, dest: str | None = None,
-                 help: str | None = None, show_default: bool = True, **extra: Any) -> Callable[[F], F]:
+                 help: str | None = None, show_default: bool = True, type: Any = None, default: Any = None,
+                 **extra: Any) -> Callable[[F], F]:
     """One click option for ``model``'s field ``name`` (flag ``--name-with-dashes`` unless ``decls``).
 
     Its help is the field's doc (or ``help``) and the field's default, unless ``show_default`` is false.
+    ``type`` replaces the click type derived from the field's annotation; ``default`` is the flag's
+    value when not given (None: "not given", the model or recipe decides).
     """
     field = model.model_fields[name]
     kind, is_flag, convert = _click_type(field)
+    kind = type if type is not None else kind
     text = help if help is not None else " ".join((field.description or "").replace("``", "").split())
     if show_default and field.default is not None and field.default is not False and field.default != ():
         text += f"  [default: {','.join(map(str, field.default)) if isinstance(field.default, tuple) else field.default}]"
@@ -104,7 +109,7 @@ def field_option(model: type[BaseModel], name: str, *decls: str, dest: str | Non
     if convert is not None:
         def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
             return None if value is None else convert(value)
-    kwargs: dict[str, Any] = dict(default=None, help=text, callback=callback, **extra)
+    kwargs: dict[str, Any] = dict(default=default, help=text, callback=callback, **extra)
     if is_flag:
         kwargs["is_flag"] = True
     else:
@@ -148,35 +153,35 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 def cluster_options(*, devices: bool = True) -> Callable[[F], F]:
-    """``--cluster``, ``--scheduler``, ``--workers`` (and ``--devices``): where the blocks run."""
+    """``--cluster``, ``--scheduler``, ``--workers`` (and ``--devices``): where the blocks run
+    (:class:`~emseg.config.RunOptions`)."""
     options = [
-        click.option("--cluster", default=None,
-                     help="Cluster profile (local, local-gpu, slurm) or a profile YAML file  [default: local]."),
-        click.option("--scheduler", default=None, metavar="ADDRESS",
-                     help="Address of a running Dask scheduler to use instead."),
-        click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Local worker processes  [default: one per GPU, else one per core (memory permitting)]."),
+        field_option(RunOptions, "cluster", type=str, show_default=False),
+        field_option(RunOptions, "scheduler", metavar="ADDRESS", show_default=False),
+        field_option(RunOptions, "workers", show_default=False),
     ]
     if devices:
-        options.append(click.option("--devices", type=INDEX_LIST, default=None, metavar="0,1,...",
-                                    help="GPU indices to use (one worker each)."))
+        options.append(field_option(RunOptions, "devices", type=INDEX_LIST, metavar="0,1,...", show_default=False))
     return _stack(*options)
 
 
 def output_options(*, zarr_format: str | None = "the input's", dry_run: bool = False) -> Callable[[F], F]:
-    """``--zarr-format``, ``--overwrite``, (``--dry-run``), ``--progress/--no-progress``, ``--json``."""
+    """``--zarr-format``, ``--overwrite``, (``--dry-run``), ``--progress/--no-progress``, ``--json``.
+
+    ``--overwrite`` and ``--progress`` are :class:`~emseg.config.RunOptions` fields, with its defaults.
+    """
     options = []
     if zarr_format is not None:
         options.append(click.option(
             "--zarr-format", type=click.Choice(["2", "3"]), default=None, callback=_int_or_none,
             help=f"Zarr format of the output: 3 = OME-NGFF 0.5, 2 = OME-NGFF 0.4  [default: {zarr_format}]."))
-    options.append(click.option("--overwrite", is_flag=True,
-                                help="Replace an output made with other parameters (otherwise a rerun resumes)."))
+    options.append(field_option(RunOptions, "overwrite", "--overwrite", default=False, show_default=False))
     if dry_run:
         options.append(click.option("--dry-run", is_flag=True, help="Print the plan (blocks, halo, voxels, memory) "
                                                                      "and exit."))
     options += [
-        click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."),
+        field_option(RunOptions, "progress", default=True, show_default=False, help="Progress bars on stderr.  "
+                     "[default: progress]"),
         JSON_OPTION,
     ]
     return _stack(*options)

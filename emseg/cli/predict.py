@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from emseg.cli.options import cluster_options, option_flags, output_options, pop_fields
-from emseg.config import PredictOptions
+from emseg.config import PredictOptions, RunOptions
 
 
 @click.command()
@@ -17,9 +17,7 @@ from emseg.config import PredictOptions
 @option_flags(PredictOptions)
 @cluster_options()
 @output_options(dry_run=True)
-def predict(volume: str, output: str, cluster: str | None, scheduler: str | None, workers: int | None,
-            devices: tuple[int, ...] | None, zarr_format: int | None, overwrite: bool, dry_run: bool, progress: bool,
-            as_json: bool, **fields: Any) -> None:
+def predict(volume: str, output: str, zarr_format: int | None, dry_run: bool, as_json: bool, **fields: Any) -> None:
     """Predict the model's outputs for every voxel of VOLUME into the OME-Zarr image OUTPUT.
 
     Blocks are processed in parallel on a Dask cluster (overlap-tile with mirrored borders).
@@ -28,10 +26,9 @@ def predict(volume: str, output: str, cluster: str | None, scheduler: str | None
     """
     from emseg.predict import predict as run_predict
 
+    run = RunOptions.build(**pop_fields(fields, RunOptions))
     options = PredictOptions.build(**pop_fields(fields, PredictOptions))
-    report = run_predict(volume, output, options, cluster=cluster, scheduler=scheduler, workers=workers,
-                         devices=devices, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                         zarr_format=zarr_format)
+    report = run_predict(volume, output, options, run=run, dry_run=dry_run, zarr_format=zarr_format)
     if as_json:
         data = report.to_json()
         if dry_run:
