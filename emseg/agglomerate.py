@@ -361,8 +361,9 @@ def mutex_fragments_blockwise(
     halo = offsets_halo(offs, resolved)  # type: ignore[arg-type]
     grid = plan_blocks(Roi.from_shape(pred.shape), block, halo, chunk_shape=chunks)
     params: dict[str, Any] = {"method": "mutex", "prediction": str(Path(pred.path).resolve()),
-                              "offsets": [list(o) for o in offs], "bias": bias, "long_range_bias": long_range_bias, "mode": resolved,
-                              "block": list(grid.block_shape), "shape": list(pred.shape), "merge_faces": False}
+                              "offsets": [list(o) for o in offs], "mode": resolved, "block": list(grid.block_shape),
+                              "shape": list(pred.shape), "merge_faces": False,
+                              **opts.fingerprint("mutex_bias", "long_range_bias")}
     dtype = str(np.dtype(np.uint32) if int(np.prod(grid.block_shape)) < 2**32 - 1 else np.dtype(np.uint64))
     claim = OutputClaim(label_root, params, kind="fragments output", what="fragments", key="label",
                         create=lambda record: create_labels(image, FRAGMENTS_NAME, dtype=np.uint64, chunks=chunks),
@@ -570,8 +571,8 @@ def build_graph(
     frag_status = read_status(image).get("label") or {}
     params: dict[str, Any] = {
         "prediction": str(Path(pred.path).resolve()), "fragments": frag_status.get("fingerprint", str(frag.path)),
-        "kind": kind, "mode": resolved, "context": list(ctx), "quantile": quantile, "hierarchical": hierarchical,
-        "block": list(grid.block_shape),
+        "kind": kind, "mode": resolved, "hierarchical": hierarchical, "block": list(grid.block_shape),
+        **opts.model_copy(update={"context": ctx, "quantile": quantile}).fingerprint("context", "quantile"),
     }
     channels = nearest_channels(prediction_offsets(pred_path)) if kind == "affinities" else (0, 1, 2)
     if channels != (0, 1, 2):
@@ -755,7 +756,9 @@ def agglomerate(
 
     def claim_of(t: float) -> OutputClaim:
         """Label image of threshold ``t`` in ``target``, resumed when a run with these parameters left it."""
-        return OutputClaim(target / "labels" / names[t], {"graph": graph["fingerprint"], "threshold": t, "score": score},
+        params = {"graph": graph["fingerprint"],
+                  **opts.model_copy(update={"threshold": t}).fingerprint("threshold", "score")}
+        return OutputClaim(target / "labels" / names[t], params,
                            kind="agglomeration", what="segments", key=AGGLOMERATE_KEY, overwrite=run.overwrite,
                            create=lambda record: create_labels(target, names[t], dtype=np.uint64, chunks=frag.chunks))
 

@@ -93,9 +93,17 @@ class Options(BaseModel):
         return {alias: name for name, f in cls.model_fields.items() if isinstance(f.validation_alias, AliasChoices)
                 for alias in f.validation_alias.choices if isinstance(alias, str)}
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields that determine the output (JSON values): part of the stage's resume ``params``."""
-        keep = {name for name, f in type(self).model_fields.items() if f.json_schema_extra != NOT_FINGERPRINTED}
+    def fingerprint(self, *names: str) -> dict[str, Any]:
+        """The fields that determine the output (JSON values): part of the stage's resume ``params``.
+
+        ``names``: only these fields, for a stage that depends on some of the options alone (the
+        region graph on ``context`` and ``quantile`` of :class:`AgglomerateOptions`).
+        """
+        fields = type(self).model_fields
+        unknown = set(names) - set(fields)
+        if unknown:
+            raise KeyError(f"{type(self).__name__} has no fields {sorted(unknown)}")
+        keep = set(names) or {name for name, f in fields.items() if f.json_schema_extra != NOT_FINGERPRINTED}
         return self.model_dump(mode="json", include=keep)
 
 
@@ -239,8 +247,17 @@ class LabelOptions(Options):
     min_contact: float = Field(default=0.5, gt=0.0, le=1.0)
     """watershed: fragments meeting at a block face merge when their interior contact covers this
     fraction of the smaller one's face area."""
-    block_size: Shape | None = None
+    block_size: Shape | None = Field(default=None, json_schema_extra=NOT_FINGERPRINTED)
     """Block core Z,Y,X in voxels; default about 128 per axis, a multiple of the chunks."""
+
+    #: The fields only the watershed uses: a cc run's output (and fingerprint) does not depend on them.
+    WATERSHED_ONLY: ClassVar[frozenset[str]] = frozenset({"min_size", "seeds", "min_distance", "sigma", "min_contact"})
+
+    def fingerprint(self, *names: str) -> dict[str, Any]:
+        """As :meth:`Options.fingerprint`, without the watershed's fields for ``method="cc"``.  The block
+        shape is recorded by the run as its layout (``block``), not as this option."""
+        dump = super().fingerprint(*names)
+        return {k: v for k, v in dump.items() if k not in self.WATERSHED_ONLY} if self.method == "cc" else dump
 
 
 class SegmentLabelOptions(LabelOptions):

@@ -293,12 +293,11 @@ def label(
     check_memory(read_voxels * per_voxel, worker_memory(**run.where),
                  f"a {method} block of {'x'.join(map(str, grid.block_shape))} voxels",
                  "use a smaller --block-size, or workers with more memory")
+    # what determines the labels: the options (every default resolved) and the layout they run on
     params: dict[str, Any] = {
-        "method": method, "threshold": threshold, "connectivity": connectivity, "mode": mode, "foreground": rule,
         "prediction": str(Path(pred.path).resolve()), "shape": list(shape), "block": list(grid.block_shape),
+        **opts.model_copy(update={"foreground": rule}).fingerprint(),
     }
-    if method == "watershed":
-        params.update(seeds=seeds, min_distance=min_distance, min_size=min_size, sigma=sigma, min_contact=min_contact)
     if not merge_faces:
         params["merge_faces"] = False
     if input_kind == "affinities":
