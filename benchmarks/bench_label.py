@@ -19,7 +19,7 @@ per method: less sensitive to other jobs on the machine than wall time.
 
 Usage::
 
-    nice .venv/bin/python benchmarks/bench_label.py --shape 384 --block 128 --workers 2 --repeat 5 --skip-dask-image
+    nice .venv/bin/python benchmarks/bench_label.py --shape 384 --workers 2 --repeat 5 --skip-dask-image
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def best(fn, repeat: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, default=384, help="edge of the cubic volume, voxels")
-    parser.add_argument("--block", type=int, default=128, help="emseg block edge, voxels")
+    parser.add_argument("--block", type=int, default=None, help="emseg block edge, voxels (default: emseg's own, 256 for cc)")
     parser.add_argument("--chunk", type=int, default=64, help="zarr chunk edge, voxels")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connectivity", type=int, default=6, choices=(6, 26))
@@ -175,7 +175,7 @@ def main() -> None:
         print(f"{'method':45s} {'best s':>8s} {'median s':>9s} {'segments':>9s}")
         for name, seconds, median, n in rows:
             print(f"{name:45s} {seconds:8.2f} {median:9.2f} {n:9d}")
-        print(f"emseg stages (best round): {stages}; {report.blocks} blocks of {args.block}^3, {reused} relabelled "
+        print(f"emseg stages (best round): {stages}; {report.blocks} blocks of {args.block or 'default'}^3, {reused} relabelled "
               f"from fragments kept in worker memory; load average before {load_before}, after {load_after}")
         print(f"emseg / cc3d (in memory)       = {t_emseg / t_cc3d:.2f}x (best), {med['emseg'] / med['cc3d']:.2f}x (median)")
         print(f"emseg / cc3d + zarr read/write = {t_emseg / t_cc3d_io:.2f}x (best), "

@@ -248,7 +248,7 @@ class LabelOptions(Options):
     """watershed: fragments meeting at a block face merge when their interior contact covers this
     fraction of the smaller one's face area."""
     block_size: Shape | None = Field(default=None, json_schema_extra=NOT_FINGERPRINTED)
-    """Block core Z,Y,X in voxels; default about 128 per axis, a multiple of the chunks."""
+    """Block core Z,Y,X in voxels; default about 256 per axis for cc, 128 for watershed, a multiple of the chunks."""
 
     #: The fields only the watershed uses: a cc run's output (and fingerprint) does not depend on them.
     WATERSHED_ONLY: ClassVar[frozenset[str]] = frozenset({"min_size", "seeds", "min_distance", "sigma", "min_contact"})
