@@ -53,7 +53,7 @@ from emseg.io.ledger import (
     record_matches,
     store_census,
 )
-from emseg.io.runstate import OutputClaim, claim_stage, fingerprint_of
+from emseg.io.runstate import OutputClaim, StageOutputs, claim_stage, fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ BlockFn = Callable[[Block], Any]
 FLUSH_SECONDS = 0.5
 """A task rewrites its ledger chunk at most this often (and when it ends)."""
 
-__all__ = ["BlockResults", "StageReport", "WriteSpec", "fingerprint_of", "run_blockwise", "stage_fingerprint"]
+__all__ = ["BlockResults", "StageReport", "WriteSpec", "fingerprint_of", "run_blockwise"]
 
 
 class BlockResults(Mapping[int, Any]):
@@ -180,11 +180,6 @@ def _with_grid(params: Mapping[str, Any], grid: BlockGrid) -> dict[str, Any]:
     if grid.halo_hi is not None or grid.snap is not None:
         record += [list(grid.halos[1]), list(grid.snap or (1,) * grid.ndim)]
     return {**params, "grid": record}
-
-
-def stage_fingerprint(params: Mapping[str, Any], grid: BlockGrid) -> str:
-    """The fingerprint :func:`run_blockwise` binds a stage's records to (to test for a resumable stage)."""
-    return fingerprint_of(_with_grid(params, grid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +334,7 @@ def run_blockwise(
     window: int | None = None,
     placement: Callable[[int], list[str] | None] | None = None,
     claim: OutputClaim | None = None,
+    outputs: StageOutputs | None = None,
 ) -> StageReport:
     """Run ``fn(block)`` once for every block of ``grid`` that is not yet done.
 
@@ -377,6 +373,10 @@ def run_blockwise(
         The output image the stage writes into: made (through the stage's ``create`` callback) or
         resumed before the first block, see :mod:`emseg.io.runstate`.  When it starts over, so do
         the stage's records.
+    outputs : StageOutputs, optional
+        What the stage writes besides ``writes``' blocks and ``claim`` (pyramid levels, mesh
+        fragments): made again whenever its records start over; the records are kept only while
+        these are intact (:func:`emseg.io.runstate.claim_stage`).
 
     Raises
     ------
@@ -396,7 +396,7 @@ def run_blockwise(
     ledger = Ledger(output, stage)
     params = _with_grid(params, grid)
     n = len(grid)
-    claim_stage(ledger, n, fingerprint_of(params), params, overwrite=overwrite, writes=specs)
+    claim_stage(ledger, n, fingerprint_of(params), params, overwrite=overwrite, writes=specs, outputs=outputs)
     array = ledger.open()
     k = int(array.chunks[0])
     wrapped = array.attrs.get("format") == RECORD_FORMAT

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -326,8 +325,9 @@ def write_synth(
     GeometryError, ConfigError
         For an invalid shape, block shape, chunk shape or seed.
     """
-    from emseg.io import create_labels, create_volume, mark_complete, update_status
+    from emseg.io import create_labels, create_volume, mark_complete
     from emseg.io.ledger import WriteSpec
+    from emseg.io.runstate import OutputClaim
     from emseg.runner import run_blockwise
 
     params = SynthParams() if params is None else params
@@ -341,20 +341,24 @@ def write_synth(
     image = Path(dst)
     provenance = _provenance(shape_c, seed, params)
     run = {"synth": provenance, "chunks": list(chunk_c), "zarr_format": int(zarr_format)}
-    resume = not overwrite and _unfinished_same(image, run)
-    if not resume:
+
+    def create(record: dict[str, object]) -> None:
         create_volume(image, shape=shape_c, dtype="uint8", chunks=chunk_c, voxel_size=params.voxel_size,
                       overwrite=overwrite, zarr_format=zarr_format, extra_attrs={"synth": provenance})
         create_labels(image, LABEL_NAME, dtype="uint64", chunks=chunk_c)
-        update_status(image, run=run)
+
+    # an unfinished synthetic volume of the same call resumes; anything else is replaced or refused
+    claim = OutputClaim(image, run, kind="synthetic volume", what="an earlier synth run", create=create, key="run",
+                        overwrite=overwrite, once=True, validate=_has_labels)
+    resume = claim.check()
     logger.info("synth %s: shape %s, seed %d, %d blocks of %s%s", dst, shape_c, seed, len(grid), grid.block_shape,
                 " (resumed)" if resume else "")
     run_blockwise(None, stage="synth", grid=grid, fn=functools.partial(_synth_task, _SynthJob(str(image), shape_c, seed,
                                                                                               params)),
-                  output=image, params=run, overwrite=not resume, progress=progress,
+                  output=image, params=run, progress=progress, claim=claim,
                   writes=[WriteSpec(str(image / "0")), WriteSpec(str(image / "labels" / LABEL_NAME / "0"))])
     mark_complete(image / "labels" / LABEL_NAME)
-    mark_complete(image)
+    claim.complete()
 
 
 @dataclass(frozen=True)
@@ -376,17 +380,13 @@ def _synth_task(job: _SynthJob, block: Block) -> dict[str, int]:
     return {"voxels": int(block.write_roi.size)}
 
 
-def _unfinished_same(image: Path, run: dict[str, object]) -> bool:
-    """Whether ``image`` is an unfinished :func:`write_synth` output of the same ``run`` (to resume)."""
-    from emseg.io import read_status
+def _has_labels(image: Path) -> None:
+    """Refuse to resume an unfinished synthetic volume whose labels are gone (as any existing output)."""
+    from emseg.errors import OutputExistsError
+    from emseg.io.safety import overwrite_hint
 
     if not (image / "labels" / LABEL_NAME).is_dir():
-        return False
-    try:
-        status = read_status(image)
-    except Exception:  # noqa: BLE001 - not a zarr group we made: let create_volume refuse it
-        return False
-    return status.get("status") == "incomplete" and status.get("run") == json.loads(json.dumps(run))
+        raise OutputExistsError(f"{image} already exists; {overwrite_hint(image)}")
 
 
 def _provenance(shape: Coordinate, seed: int, params: SynthParams) -> dict[str, object]:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from emseg.geometry import Block, Coordinate, plan_blocks
+from emseg.io.runstate import StageOutputs
 from emseg.io.volume import Volume, open_volume
 
 log = logging.getLogger(__name__)
@@ -128,15 +129,17 @@ def _run(stage: str, volume: Volume, job: _Job, task: Any, state_root: Path, cli
     grid = plan_blocks(volume.roi, _block_shape(volume), chunk_shape=None)
     params = {"source": str(Path(volume.path).resolve()), "resolution": list(job.resolution_xyz),
               "origin": list(job.origin_nm_xyz), "block": list(grid.block_shape), **extra}
-    from emseg.io.ledger import Ledger
-    from emseg.runner import stage_fingerprint
-
-    resumable = Ledger(state_root, stage).matches(stage_fingerprint(params, grid), len(grid))
-    if not resumable and Path(job.out).exists():
-        shutil.rmtree(job.out)  # pieces of another run
     Path(job.out).mkdir(parents=True, exist_ok=True)
+    # the pieces start over with the stage's records (those of another run are replaced)
     run_blockwise(client, stage=stage, grid=grid, fn=functools.partial(task, job), output=state_root, params=params,
-                  overwrite=not resumable, progress=progress)
+                  overwrite=True, progress=progress, outputs=StageOutputs(functools.partial(_fresh_dir, Path(job.out))))
+
+
+def _fresh_dir(path: Path) -> None:
+    """An empty ``path``: the pieces an earlier run left there are removed."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
 
 
 def _update_info(layer: Path, **keys: Any) -> None:

@@ -33,11 +33,11 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 import zarr
-import zarr.errors
 
 from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
 from emseg.geometry import Block, Coordinate, plan_blocks
 from emseg.io.lock import locked
+from emseg.io.runstate import OutputClaim
 from emseg.io.safety import check_distinct
 from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume, prepare_output
 
@@ -145,14 +145,17 @@ def export_precomputed(
     if skeleton:
         _require("kimimaro", "skeletons")
     check_distinct(image_path, dst)
-    record = {"source": str(image_path.resolve()), "mesh": bool(mesh), "skeleton": bool(skeleton)}
-    if not overwrite and _export_record(Path(dst)) == record:
-        dst_path = Path(dst)  # an earlier export of the same source: resume it
-        log.info("%s: resuming an earlier export", dst_path)
-    else:
-        dst_path = prepare_output(dst, overwrite=overwrite)
-    root = zarr.open_group(str(dst_path), mode="a")
-    root.attrs["emseg"] = {"export": record, "status": "incomplete"}
+    dst_path = Path(dst)
+
+    def create(record: dict[str, Any]) -> None:
+        prepare_output(dst_path, overwrite=overwrite)
+        zarr.open_group(str(dst_path), mode="w", attributes={"emseg": {"status": "incomplete", **record}})
+
+    # an unfinished export of the same source and options resumes; anything else is replaced or refused
+    claim = OutputClaim(dst_path, {"source": str(image_path.resolve()), "mesh": bool(mesh), "skeleton": bool(skeleton)},
+                        kind="export", what="an earlier export", create=create, key="export", overwrite=overwrite,
+                        once=True)
+    claim.ensure()
     layers: list[ExportedLayer] = []
     if is_label_image(image_path):
         jobs = [(image_path, dst_path / "labels" / image_path.name, "segmentation")]
@@ -165,19 +168,8 @@ def export_precomputed(
                          skeleton=skeleton and kind == "segmentation", progress=progress, client=client,
                          state_root=dst_path)
         )
-    root.attrs["emseg"] = {"export": record, "status": "complete"}
+    claim.complete()
     return ExportReport(dst_path, tuple(layers))
-
-
-def _export_record(dst: Path) -> Any:
-    """The ``export`` record of an interrupted emseg export at ``dst`` (None if there is none)."""
-    if not (dst / "zarr.json").is_file():
-        return None
-    try:
-        status = zarr.open_group(str(dst), mode="r").attrs.get("emseg") or {}
-        return status.get("export") if status.get("status") == "incomplete" else None
-    except (ValueError, OSError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return None
 
 
 def _require(module: str, what: str) -> None:
@@ -292,9 +284,9 @@ def export_layer(
                          uuid.uuid4().hex)
         params = {"source": str(Path(volume.path).resolve()), "scale": scale, "data_type": dtype.name,
                   "layer": layer_type}
+        # records of another export are replaced (the scale is written over); matching ones resume
         run_blockwise(client, stage=f"export-{layer_name}-{index}", grid=grid,
-                      fn=functools.partial(_export_block, job), output=root, params=params, overwrite=True
-                      if not _resumable_stage(root, f"export-{layer_name}-{index}", params, grid) else False,
+                      fn=functools.partial(_export_block, job), output=root, params=params, overwrite=True,
                       progress=progress)
     _integral_resolutions(dst_path)
     from emseg.export.meshes import write_meshes, write_skeletons
@@ -320,13 +312,6 @@ def _integral_resolutions(layer: Path) -> None:
     tmp = info_path.with_name(".info.tmp")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, info_path)
-
-
-def _resumable_stage(root: Path, stage: str, params: dict[str, Any], grid: Any) -> bool:
-    from emseg.io.ledger import Ledger
-    from emseg.runner import stage_fingerprint
-
-    return Ledger(root, stage).matches(stage_fingerprint(params, grid), len(grid))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from emseg.errors import ConfigError, NotAVolumeError
 from emseg.geometry import Block, Coordinate, Roi, plan_blocks
 from emseg.io.ledger import STATE_GROUP, Ledger, WriteSpec
 from emseg.io.ome import parse_multiscale
+from emseg.io.runstate import StageOutputs
 from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,15 @@ def _level_matches(group: zarr.Group, name: str, source: Volume, shape: Coordina
             and array.dtype == source.array.dtype and tuple(array.chunks) == tuple(source.array.chunks))
 
 
+def _levels_match(group: zarr.Group, levels: Sequence[tuple[str, Coordinate]], source: Volume) -> bool:
+    return all(_level_matches(group, name, source, shape) for name, shape in levels)
+
+
+def _create_levels(group: zarr.Group, levels: Sequence[tuple[str, Coordinate]], base: Volume) -> None:
+    for name, shape in levels:
+        _create_level(group, name, base, shape)
+
+
 def _drop_stale_stages(path: Path, keep: set[str]) -> None:
     """Forget the completion records of pyramid passes that the current plan does not have."""
     state = path / STATE_GROUP
@@ -446,7 +456,7 @@ def build_pyramid(
                                    tuple(translation[i] for i in spatial), cumulative))
         datasets.append(_dataset(names[index], scale, translation))
 
-    from emseg.runner import run_blockwise, stage_fingerprint
+    from emseg.runner import run_blockwise
 
     passes = _passes(base.write_unit, [f for f, _, _ in plan])
     stages = {f"pyramid-{first}-{last}" for first, last in passes}
@@ -464,18 +474,17 @@ def build_pyramid(
         grid = plan_blocks(Roi.from_shape(coarse), block, chunk_shape=unit)
         params = {"levels": list(level_names), "factors": [list(f) for f in pass_factors],
                   "shapes": [list(x) for x in pass_shapes], "method": method, "dtype": str(base.dtype)}
-        fresh = not Ledger(path, stage).matches(stage_fingerprint(params, grid), len(grid)) or any(
-            not _level_matches(group, name, source, shape) for name, shape in zip(level_names[1:], pass_shapes[1:]))
-        if fresh:
-            for name, shape in zip(level_names[1:], pass_shapes[1:]):
-                _create_level(group, name, base, shape)
+        made = list(zip(level_names[1:], pass_shapes[1:]))
+        levels_out = StageOutputs(  # the pass's levels start over with its records, and resume only while intact
+            create=functools.partial(_create_levels, group, made, base),
+            intact=functools.partial(_levels_match, group, made, source))
         scales = []
         for k in range(1, len(level_names)):
             rest = pass_factors[k:]
             scales.append(tuple(math.prod(f[a] for f in rest) for a in range(3)))
         job = _PassJob(str(path), level_names, pass_factors, pass_shapes, method, uuid.uuid4().hex)
         run_blockwise(client, stage=stage, grid=grid, fn=functools.partial(_pyramid_block, job), output=path,
-                      params=params, overwrite=fresh, progress=progress,
+                      params=params, overwrite=True, progress=progress, outputs=levels_out,
                       writes=[WriteSpec(str(path / name), scale) for name, scale in zip(level_names[1:], scales)])
         log.info("%s: levels %s written", path, ", ".join(level_names[1:]))
 

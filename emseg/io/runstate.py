@@ -13,8 +13,13 @@ One mechanism for every stage, so that resume and ``--overwrite`` mean the same 
   complete and removes the scratch.  :func:`emseg.runner.run_blockwise` ensures the claim it is
   given before its first block; stage code builds the claim and may :meth:`~OutputClaim.check` it
   early, before a cluster starts.
+  An output written once (a synthetic volume, an export: ``once``) resumes only while it is
+  unfinished and holds this very record; anything else there is an existing output, refused unless
+  ``overwrite`` by the ``create`` callback (:func:`emseg.io.safety.prepare_output`).
 * :func:`claim_stage`: the same decision for the completion records of one blockwise stage
-  (:class:`emseg.io.ledger.Ledger`), called by :func:`emseg.runner.run_blockwise` alone.
+  (:class:`emseg.io.ledger.Ledger`), called by :func:`emseg.runner.run_blockwise` alone.  What a
+  stage writes outside an image record (pyramid levels, mesh fragments) is its
+  :class:`StageOutputs`: made again whenever the records start over, and resumed only while intact.
 
 Fingerprints are :func:`fingerprint_of` the parameters (a stable hash of their JSON).
 """
@@ -40,7 +45,7 @@ from emseg.io.volume import STATUS_KEY, mark_complete, update_status
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutputClaim", "Scratch", "claim_stage", "fingerprint_of"]
+__all__ = ["OutputClaim", "Scratch", "StageOutputs", "claim_stage", "fingerprint_of"]
 
 
 def fingerprint_of(params: Mapping[str, Any]) -> str:
@@ -104,6 +109,11 @@ class OutputClaim:
         :meth:`complete`.
     validate : callable, optional
         ``validate(path)`` before resuming: raise when the existing image cannot hold this run.
+    once : bool
+        An output written once (a synthetic volume, an export): only an unfinished one (status
+        ``incomplete``) holding this record resumes; anything else at ``path`` is started over
+        through ``create``, which refuses an existing output unless ``overwrite``
+        (:func:`emseg.io.safety.prepare_output`).  :meth:`check` raises nothing then.
     """
 
     path: Path
@@ -118,6 +128,7 @@ class OutputClaim:
     overwrite: bool = False
     scratch: Sequence[Scratch] = ()
     validate: Callable[[Path], None] | None = None
+    once: bool = False
     started_over: bool = field(default=False, init=False)
     """Set by :meth:`ensure`: the run started over (the stages' records must start over too)."""
     _ready: bool = field(default=False, init=False, repr=False)
@@ -163,6 +174,9 @@ class OutputClaim:
         """
         status = self._status()
         previous = self._previous(status)
+        if self.once:  # anything but this very unfinished run is create's to refuse or replace
+            return (not self.overwrite and previous is not None and status is not None
+                    and status.get("status") == "incomplete" and previous.get("fingerprint") == self.fingerprint)
         if self.within:
             if previous is None or not previous.get("fingerprint"):
                 return False
@@ -225,10 +239,34 @@ def _resumable(where: Path, what: str, previous: Mapping[str, Any], fingerprint:
     return False
 
 
+@dataclass(frozen=True)
+class StageOutputs:
+    """What one blockwise stage writes outside an image record (pyramid levels, mesh fragments).
+
+    Parameters
+    ----------
+    create : callable
+        ``create()`` makes them afresh (removing what an earlier run of the stage left) whenever the
+        stage's records start over: after the old records are cleared, before the new ones exist.
+    intact : callable, optional
+        ``intact()``: whether they can still hold the run (e.g. the level arrays have the planned
+        shape); matching records are kept only while it holds, else the stage starts over.
+    """
+
+    create: Callable[[], Any]
+    intact: Callable[[], bool] | None = None
+
+
 def claim_stage(ledger: Ledger, n_blocks: int, fingerprint: str, params: Mapping[str, Any], *, overwrite: bool,
-                writes: Sequence[WriteSpec] = ()) -> None:
+                writes: Sequence[WriteSpec] = (), outputs: StageOutputs | None = None) -> bool:
     """Bind a stage's completion records to ``fingerprint``: keep matching ones, else start them over
-    (refused unless ``overwrite`` when they hold another run).
+    (refused unless ``overwrite`` when they hold another run).  ``outputs`` are made again with the
+    records, and matching records are kept only while ``outputs`` are intact.
+
+    Returns
+    -------
+    bool
+        Whether the records (and ``outputs``) started over.
 
     Raises
     ------
@@ -237,14 +275,18 @@ def claim_stage(ledger: Ledger, n_blocks: int, fingerprint: str, params: Mapping
     """
     if ledger.exists():
         attrs = ledger.attrs()
-        if attrs.get("fingerprint") == fingerprint and ledger.n_blocks() == n_blocks:
+        same = attrs.get("fingerprint") == fingerprint and ledger.n_blocks() == n_blocks
+        if same and (outputs is None or outputs.intact is None or outputs.intact()):
             if writes and attrs.get("writes") is None:
                 ledger.set_writes(writes)
-            return
+            return False
         # no fingerprint: a claim cut short (disk full, kill) before its attributes were written;
         # nothing was recorded under it, so it is simply made again
-        if not overwrite and "fingerprint" in attrs:
+        if not same and not overwrite and "fingerprint" in attrs:
             raise ResumeMismatchError.between(ledger.output, f"an earlier {ledger.stage} run",
                                               dict(attrs.get("params", {})), _jsonable(params))
         ledger.clear()
+    if outputs is not None:
+        outputs.create()
     ledger.create(n_blocks, fingerprint, _jsonable(params), writes=writes)
+    return True
