@@ -378,9 +378,7 @@ def segment(
     kind = _kind(volume)
 
     def segment_run(raw: PathLike, out: PathLike | None, where: RunOptions) -> Any:
-        return run_segment(raw, out, config, cluster=where.cluster, scheduler=where.scheduler, workers=where.workers,
-                           devices=where.devices, overwrite=where.overwrite, progress=where.progress,
-                           zarr_format=zarr_format)
+        return run_segment(raw, out, config, run=where, zarr_format=zarr_format)
 
     if kind == "path":
         return segment_run(volume, output, run)

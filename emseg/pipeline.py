@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emseg.config import PipelineConfig
+from emseg.config import PipelineConfig, RunOptions
 from emseg.io import check_distinct, open_volume, update_status
 
 log = logging.getLogger(__name__)
@@ -63,19 +63,17 @@ def segment(
     output: str | os.PathLike[str] | None,
     config: PipelineConfig,
     *,
-    cluster: str | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    devices: tuple[int, ...] | None = None,
-    overwrite: bool = False,
+    run: RunOptions | None = None,
     dry_run: bool = False,
-    progress: bool = True,
     zarr_format: int | None = None,
+    **fields: Any,
 ) -> SegmentReport | Any:
     """Predict membranes over ``volume`` and label them into segments, writing one OME-Zarr output.
 
-    Returns the prediction plan instead when ``dry_run``.  ``zarr_format`` (2 or 3) of the output:
-    default the input's; the label images inside it follow.
+    ``run`` (:class:`~emseg.config.RunOptions`, or its fields as keywords: ``overwrite=True``) says
+    where the blocks run and what happens to an existing output; every stage runs on its one
+    cluster.  Returns the prediction plan instead when ``dry_run``.  ``zarr_format`` (2 or 3) of
+    the output: default the input's; the label images inside it follow.
     """
     from emseg.agglomerate import check_thresholds, choose_mode, segment_prediction
     from emseg.cluster import connect
@@ -83,6 +81,7 @@ def segment(
     from emseg.label import label
     from emseg.predict import plan_prediction, predict
 
+    run = RunOptions.build(run, **fields)  # an unknown keyword: ConfigError naming it
     out = Path(output) if output is not None else default_output(volume)
     check_distinct(volume, out)
     source = open_volume(volume)
@@ -98,18 +97,16 @@ def segment(
     from emseg.io.lock import run_lock
 
     with run_lock(out, "segment"):
-        with connect(cluster, scheduler=scheduler, workers=workers, devices=devices) as connection:
-            predicted = predict(volume, out, p, overwrite=overwrite, progress=progress, client=connection,
-                                zarr_format=zarr_format)
+        with connect(**run.where) as connection:
+            on = run.model_copy(update={"client": connection})  # every stage on this one cluster
+            predicted = predict(volume, out, p, run=on, zarr_format=zarr_format)
             labelled: Any
             if lab.method == "agglomerate":
-                labelled = AgglomerationSteps(*segment_prediction(
-                    out, agg, mode=mode, block_size=lab.block_size, overwrite=overwrite, progress=progress,
-                    client=connection))
+                labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=mode, block_size=lab.block_size,
+                                                                  run=on))
             else:
-                labelled = label(out, out, lab.for_label(mode), overwrite=overwrite, progress=progress,
-                                 client=connection)
+                labelled = label(out, out, lab.for_label(mode), run=on)
             # on the run's workers, resumable like the other stages
-            build_pyramids(out, progress=progress, client=connection)
+            build_pyramids(out, progress=run.progress, client=connection)
         update_status(out, pipeline=config.model_dump(mode="json"))
     return SegmentReport(out, predicted, labelled)

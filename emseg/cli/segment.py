@@ -8,7 +8,7 @@ import click
 
 from emseg.cli.options import cluster_options, field_option, option_flags, output_options, pop_fields
 from emseg.cli.output import echo_report
-from emseg.config import AgglomerateOptions, PredictOptions, SegmentLabelOptions
+from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, SegmentLabelOptions
 
 
 @click.command()
@@ -33,9 +33,7 @@ from emseg.config import AgglomerateOptions, PredictOptions, SegmentLabelOptions
 @output_options(dry_run=True)
 def segment(volume: str, output: str | None, pipeline: str | None, method: str | None, merge_threshold: float | None,
             thresholds: tuple[float, ...] | None, threshold: float | None, two_d: bool | None, min_size: int | None,
-            workers: int | None, devices: tuple[int, ...] | None, cluster: str | None, scheduler: str | None,
-            zarr_format: int | None, overwrite: bool, dry_run: bool, progress: bool, as_json: bool,
-            **fields: Any) -> None:
+            zarr_format: int | None, dry_run: bool, as_json: bool, **fields: Any) -> None:
     """Segment VOLUME (an OME-Zarr image or zarr array): predict membranes, then label segments.
 
     Rerunning the same command resumes an interrupted run.
@@ -43,11 +41,10 @@ def segment(volume: str, output: str | None, pipeline: str | None, method: str |
     from emseg.config import load_pipeline, segment_overrides
     from emseg.pipeline import segment as run_segment
 
+    run = RunOptions.build(**pop_fields(fields, RunOptions))
     config = load_pipeline(pipeline, segment_overrides(
         method=method, threshold=threshold, merge_threshold=merge_threshold, thresholds=thresholds,
         mode=None if two_d is None else ("2d" if two_d else "3d"), min_size=min_size,
         **pop_fields(fields, PredictOptions)))
-    report = run_segment(volume, output, config, cluster=cluster, scheduler=scheduler, workers=workers,
-                         devices=devices, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                         zarr_format=zarr_format)
+    report = run_segment(volume, output, config, run=run, dry_run=dry_run, zarr_format=zarr_format)
     echo_report(report, as_json)
