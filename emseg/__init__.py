@@ -47,8 +47,9 @@ _LAZY = {
     "predict": "emseg.api",
     "segment": "emseg.api",
 }
-# The API functions share their names with submodules (emseg/predict.py, emseg/label.py,
-# emseg/segment/, emseg/agglomerate.py): importing such a submodule must not replace the function.
+# The API functions share their names with submodules: emseg/segment/ (the label compute) and the
+# old module paths emseg.predict, emseg.label, emseg.agglomerate (aliases of emseg.workflows.*, kept
+# importable): importing such a submodule must not replace the function.
 _FUNCTIONS = frozenset({"agglomerate", "label", "predict", "segment"})
 
 if TYPE_CHECKING:

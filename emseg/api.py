@@ -215,7 +215,7 @@ def predict(
     PredictReport for a path; a numpy array ``(c, z, y, x)`` of ``dtype`` for a numpy array
     (``uint8`` is ``round(255 p)``); a lazy dask array of the same for a dask array.
     """
-    from emseg.predict import predict as run_predict
+    from emseg.workflows.predict import predict as run_predict
 
     run = _run_options(run, fields)
     options = PredictOptions.build(options, **fields)
@@ -240,7 +240,7 @@ def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: Pred
     from dask.delayed import delayed
 
     from emseg.io import create_volume, mark_complete
-    from emseg.predict import PredictConfig, plan_prediction
+    from emseg.workflows.predict import PredictConfig, plan_prediction
 
     shape = tuple(int(s) for s in volume.shape[-3:])
     channels = int(volume.shape[0]) if volume.ndim == 4 else None
@@ -275,7 +275,7 @@ def _predict_lazy(volume: Any, voxel_size: Sequence[float] | None, options: Pred
 
 
 def _predict_block(config: Any, raw: npt.NDArray[Any], read_roi: Any, write_roi: Any, has_channels: bool) -> Any:
-    from emseg.predict import compute_block
+    from emseg.workflows.predict import compute_block
 
     return compute_block(config, raw if has_channels else raw[0], read_roi, write_roi)
 
@@ -316,7 +316,7 @@ def label(
     LabelReport for a path; for an array, ``(z, y, x)`` uint64 IDs ``1..n`` (0 = background) as
     numpy, or as a dask array over the result store for a dask input.
     """
-    from emseg.label import label as run_label
+    from emseg.workflows.label import label as run_label
 
     run = _run_options(run, fields)
     options = LabelOptions.build(options, **fields)
@@ -371,7 +371,7 @@ def segment(
     arrays for numpy input, dask arrays over the result store for dask input.
     """
     from emseg.config import load_pipeline, segment_overrides
-    from emseg.pipeline import segment as run_segment
+    from emseg.workflows.segment import segment as run_segment
 
     run = _run_options(run, overrides)
     config = load_pipeline(pipeline, segment_overrides(**overrides))
@@ -427,7 +427,7 @@ def agglomerate(
     For a path, the (fragments, graph, agglomeration) reports; for an array, the ``(z, y, x)``
     uint64 segments ``1..n`` as numpy, or as a dask array over the result store for a dask input.
     """
-    from emseg.agglomerate import segment_prediction
+    from emseg.workflows.agglomerate import segment_prediction
 
     run = _run_options(run, options)
     kind = _kind(prediction)

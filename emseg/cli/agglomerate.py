@@ -33,10 +33,10 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     with those options, which needs --overwrite when they differ).  Segments go to OUT.zarr/labels/segments and
     labels/segments_<t> for each of --thresholds.
     """
-    from emseg.agglomerate import agglomerate as run_agglomerate
-    from emseg.agglomerate import is_fragments, segment_prediction
     from emseg.errors import ConfigError
     from emseg.io.lock import run_lock
+    from emseg.workflows.agglomerate import agglomerate as run_agglomerate
+    from emseg.workflows.agglomerate import is_fragments, segment_prediction
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
     given = pop_fields(fields, AgglomerateOptions)

@@ -40,7 +40,7 @@ def evaluate(segs: tuple[str, ...], gt: str, gt_kind: str, mode: str, plot: str 
     One segmentation prints its scores (--json: one object); several print one row each and the
     lowest ARE + VOI (--json: {"ground_truth", "gt_kind", "mode", "results": [...]}).
     """
-    from emseg.evaluate import evaluate_sweep, plot_sweep
+    from emseg.workflows.evaluate import evaluate_sweep, plot_sweep
 
     if plot:  # refuse a bad plot path before scoring
         from pathlib import Path

@@ -27,7 +27,7 @@ def label(pred: str, output: str, two_d: bool | None, zarr_format: int | None, a
     or float), or a plain (z, y, x) probability map or mask.  Blocks are labelled independently,
     stitched across faces by union-find, and relabelled to ids 1..N.
     """
-    from emseg.label import label as run_label
+    from emseg.workflows.label import label as run_label
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
     options = LabelOptions.build(**pop_fields(fields, LabelOptions),

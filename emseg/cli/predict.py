@@ -24,7 +24,7 @@ def predict(volume: str, output: str, zarr_format: int | None, dry_run: bool, as
     Rerunning the same command resumes an interrupted run; exit code 3 means some blocks failed
     and a rerun resumes.
     """
-    from emseg.predict import predict as run_predict
+    from emseg.workflows.predict import predict as run_predict
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
     options = PredictOptions.build(**pop_fields(fields, PredictOptions))

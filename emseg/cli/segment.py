@@ -39,7 +39,7 @@ def segment(volume: str, output: str | None, pipeline: str | None, method: str |
     Rerunning the same command resumes an interrupted run.
     """
     from emseg.config import load_pipeline, segment_overrides
-    from emseg.pipeline import segment as run_segment
+    from emseg.workflows.segment import segment as run_segment
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
     config = load_pipeline(pipeline, segment_overrides(

@@ -2,7 +2,7 @@
 
 Stages (each through :func:`emseg.runner.run_blockwise`, each resumable):
 
-1. **fragments** (:func:`make_fragments`): the seeded watershed of :func:`emseg.label.label`, with
+1. **fragments** (:func:`make_fragments`): the seeded watershed of :func:`emseg.workflows.label.label`, with
    the fragments of every block kept apart (``merge_faces=False``): globally unique consecutive
    ids, block ``b`` holding ``offsets[b]+1 .. offsets[b+1]``, written to ``OUT/labels/fragments``.
 2. **graph** (:func:`build_graph`): every block extracts the edges it owns (the pairs of touching
@@ -168,7 +168,7 @@ class GraphReport:
 
 @dataclass(frozen=True)
 class FragmentsReport:
-    """What :func:`mutex_fragments_blockwise` did (the watershed's is a :class:`~emseg.label.LabelReport`)."""
+    """What :func:`mutex_fragments_blockwise` did (the watershed's is a :class:`~emseg.workflows.label.LabelReport`)."""
 
     labels_path: Path
     method: str
@@ -237,7 +237,7 @@ at 0.70-0.80 and on ISBI 0-15 / vnc_sstem the two agree within 0.005)."""
 def section_block_shape(chunks: Sequence[int]) -> Coordinate:
     """:data:`SECTION_BLOCK` in whole ``chunks`` (z, y, x) of the prediction; a z chunk deeper than
     its 16 sections shrinks the in-plane side to keep the block's voxels (never below one chunk)."""
-    from emseg.label import default_block_shape
+    from emseg.workflows.label import default_block_shape
 
     depth = default_block_shape(chunks, chunks, SECTION_BLOCK)[0]
     side = min(SECTION_BLOCK[1], int((math.prod(SECTION_BLOCK) / depth) ** 0.5))
@@ -259,10 +259,10 @@ def make_fragments(
 
     ``output`` defaults to the prediction's own image (``PRED/labels/fragments``).  The fragments
     follow ``options`` (:class:`emseg.config.AgglomerateOptions`, ``**fields`` replace single ones):
-    ``fragment_threshold``, ``seeds``, ``min_distance``, ``min_size``; see :func:`emseg.label.label`
-    for the others.  Returns its :class:`~emseg.label.LabelReport`.
+    ``fragment_threshold``, ``seeds``, ``min_distance``, ``min_size``; see :func:`emseg.workflows.label.label`
+    for the others.  Returns its :class:`~emseg.workflows.label.LabelReport`.
     """
-    from emseg.label import label
+    from emseg.workflows.label import label
 
     run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
@@ -332,9 +332,9 @@ def mutex_fragments_blockwise(
     OutputExistsError, RunIncompleteError
     """
     from emseg.io.scratch import scratch_path, write_table
-    from emseg.label import default_block_shape
     from emseg.segment.mutex import check_offsets, offsets_halo
     from emseg.segment.stitch import offsets_from_counts
+    from emseg.workflows.label import default_block_shape
 
     run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
@@ -862,7 +862,7 @@ def segment_prediction(
     affinities and their long-range ``offsets`` (default: those recorded with the prediction or its
     checkpoint; :func:`mutex_fragments_blockwise`) instead of the seeded watershed.
 
-    Returns the fragments' :class:`~emseg.label.LabelReport`, the :class:`GraphReport` and the
+    Returns the fragments' :class:`~emseg.workflows.label.LabelReport`, the :class:`GraphReport` and the
     :class:`AgglomerateReport`.
     """
     run = RunOptions.take(run, fields)

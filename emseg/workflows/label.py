@@ -54,7 +54,6 @@ import numpy.typing as npt
 
 from emseg.config import LabelOptions, RunOptions
 from emseg.errors import ConfigError, VolumeShapeError
-from emseg.evaluate import evaluate_paths  # re-exported: evaluation I/O moved to emseg.evaluate
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
 from emseg.io import (
     Volume,
@@ -92,6 +91,7 @@ from emseg.segment.stitch import (
     to_global,
     unique_pairs,
 )
+from emseg.workflows.evaluate import evaluate_paths  # re-exported: evaluation I/O lives in emseg.workflows.evaluate
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def label(
     merge_faces : bool
         False: keep every block's fragments apart (no face stage): each segment lies inside one
         block and block ``b`` holds the consecutive ids ``offsets[b]+1 .. offsets[b+1]`` (the
-        fragments of :mod:`emseg.agglomerate`).
+        fragments of :mod:`emseg.workflows.agglomerate`).
     name : str
         Name of the label image when ``output`` is the prediction's own image.
     input_kind : {"boundary", "affinities"}

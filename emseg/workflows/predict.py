@@ -56,13 +56,14 @@ __all__ = [
     "PredictOptions",
     "PredictReport",
     "PredictionPlan",
+    "default_batch_size",
     "default_checkpoint",
     "plan_prediction",
     "predict",
 ]
 
 STAGE = "predict"
-BUNDLED = Path(__file__).parent / "models" / "bundled"
+BUNDLED = Path(__file__).parents[1] / "models" / "bundled"
 DEFAULT_BLOCK_3D = (64, 256, 256)
 DEFAULT_BLOCK_2D = (4, 512, 512)  # rounded up to the 2D tile (1024): 4 Mvoxel, enough blocks to share
 DEFAULT_CHUNKS_3D = (64, 128, 128)

@@ -75,11 +75,11 @@ def segment(
     cluster.  Returns the prediction plan instead when ``dry_run``.  ``zarr_format`` (2 or 3) of
     the output: default the input's; the label images inside it follow.
     """
-    from emseg.agglomerate import check_thresholds, choose_mode, segment_prediction
     from emseg.cluster import connect
-    from emseg.io.pyramid import build_pyramids
-    from emseg.label import label
-    from emseg.predict import plan_prediction, predict
+    from emseg.export.pyramid import build_pyramids
+    from emseg.workflows.agglomerate import check_thresholds, choose_mode, segment_prediction
+    from emseg.workflows.label import label
+    from emseg.workflows.predict import plan_prediction, predict
 
     run = RunOptions.build(run, **fields)  # an unknown keyword: ConfigError naming it
     out = Path(output) if output is not None else default_output(volume)
