@@ -157,13 +157,6 @@ class Ledger:
     def exists(self) -> bool:
         return (self.path / "zarr.json").exists() or (self.path / ".zarray").exists()
 
-    def matches(self, fingerprint: str, n_blocks: int) -> bool:
-        """Whether records of exactly this run (fingerprint and block count) exist."""
-        if not self.exists():
-            return False
-        array = zarr.open_array(str(self.path), mode="r")
-        return array.attrs.get("fingerprint") == fingerprint and array.shape == (n_blocks,)
-
     def attrs(self) -> dict[str, Any]:
         """The records' attributes: ``fingerprint``, ``params``, ``format``, ``writes``."""
         return dict(self.open().attrs)
