@@ -206,7 +206,7 @@ class PredictOptions(Options):
     chunks: Shape | None = None
     """Output chunk shape Z,Y,X; default 64,128,128 (3-D models) or 4,256,256 (2-D), dividing the block."""
     batch_size: int | None = Field(default=None, ge=1)
-    """Tiles per forward pass; default about 1 Mvoxel of model input on a CPU, 8 Mvoxel on a GPU."""
+    """Tiles per forward pass; default about 0.4 Mvoxel of model input on a CPU (one 2-D tile), 8 Mvoxel on a GPU."""
     tta: bool = False
     """Average over all flips of the spatial axes (4x the compute in 2-D, 8x in 3-D)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

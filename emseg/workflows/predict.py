@@ -69,9 +69,11 @@ DEFAULT_BLOCK_2D = (4, 512, 512)  # rounded up to the 2D tile (1024): 4 Mvoxel, 
 DEFAULT_CHUNKS_3D = (64, 128, 128)
 DEFAULT_CHUNKS_2D = (4, 256, 256)
 DEFAULT_BATCH_SIZE = 4
-#: Automatic batch size: about this many model input voxels per forward pass (CPU, CUDA).  On a CPU a
-#: large tile already fills the cores (batch 1 for 1116^2 tiles); a GPU wants several.
-BATCH_INPUT_VOXELS = {"cpu": 1_000_000, "cuda": 8_000_000}
+#: Automatic batch size: about this many model input voxels per forward pass (CPU, CUDA).  On a CPU one
+#: tile already fills a worker's cores, and a smaller pass stays in cache: one 604^2 tile per pass ran
+#: 1.5x the voxels/s of two (bf16, channels-last, 1 thread, 2026-12-02; `benchmarks/README.md`), so 2-D
+#: CPU tiles go one at a time; a GPU wants several.
+BATCH_INPUT_VOXELS = {"cpu": 400_000, "cuda": 8_000_000}
 
 
 def default_batch_size(tiling: Tiling, device: str, tiles_per_block: int) -> int:
