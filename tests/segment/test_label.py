@@ -251,3 +251,15 @@ def test_refusals(connection, write_zarr, tmp_path, mask) -> None:
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputExistsError, match="not an emseg label output; pass --overwrite"):
         label(pred, tmp_path / "taken", client=connection)
+
+
+def test_cc_default_blocks_are_256_and_larger_than_watershed_blocks(connection, write_zarr, tmp_path) -> None:
+    """cc has no halo: its default block (~256 per axis) holds 4x the in-plane area of watershed's (~128)."""
+    from emseg.label import DEFAULT_BLOCK, default_block_shape
+
+    mask = np.zeros((8, 512, 512), dtype=np.uint8)
+    mask[:, 100:400, 100:400] = 255
+    pred = write_zarr(mask, chunks=(8, 64, 64))
+    report = label(pred, tmp_path / "labels.zarr", method="cc", client=connection, progress=False)
+    assert report.block_shape == (8, 256, 256) and report.blocks == 4 and report.n_segments == 1
+    assert default_block_shape(mask.shape, (8, 64, 64), DEFAULT_BLOCK)[1:] == (128, 128)  # watershed, clipped later
