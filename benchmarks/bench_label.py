@@ -175,7 +175,7 @@ def main() -> None:
         print(f"{'method':45s} {'best s':>8s} {'median s':>9s} {'segments':>9s}")
         for name, seconds, median, n in rows:
             print(f"{name:45s} {seconds:8.2f} {median:9.2f} {n:9d}")
-        print(f"emseg stages (best round): {stages}; {report.blocks} blocks of {args.block or 'default'}^3, {reused} relabelled "
+        print(f"emseg stages (best round): {stages}; {report.blocks} blocks of {'x'.join(map(str, report.block_shape))}, {reused} relabelled "
               f"from fragments kept in worker memory; load average before {load_before}, after {load_after}")
         print(f"emseg / cc3d (in memory)       = {t_emseg / t_cc3d:.2f}x (best), {med['emseg'] / med['cc3d']:.2f}x (median)")
         print(f"emseg / cc3d + zarr read/write = {t_emseg / t_cc3d_io:.2f}x (best), "
