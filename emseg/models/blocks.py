@@ -95,7 +95,7 @@ class ConvBlock(nn.Sequential):
         if batch_norm:
             layers.append(norm_layer(ndim, cout))
         if relu:
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))  # its input is this block's own fresh tensor
         super().__init__(*layers)
 
 

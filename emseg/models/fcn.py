@@ -110,10 +110,10 @@ class FCN(SegmentationModel):
         self.levels = nn.ModuleList(levels)
         self.fc = nn.Sequential(
             conv(ndim, ch[-1], fc, self._kernels[_LEVELS], same=True),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
             conv(ndim, fc, fc, (1,) * ndim, same=True),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
         )
         one = (1,) * ndim

@@ -35,7 +35,7 @@ class Residual(nn.Module):
             ConvBlock(ndim, channels, channels, kernel, same=True, batch_norm=batch_norm),
             ConvBlock(ndim, channels, channels, kernel, same=True, batch_norm=batch_norm, relu=False),
         )
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # applied to the fresh sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.relu(x + self.body(x))
@@ -124,7 +124,7 @@ class FusionNet(SegmentationModel):
             nn.Sequential(
                 conv_transpose(ndim, ch[i + 1], ch[i], self._pools[i], self._pools[i]),
                 norm_layer(ndim, ch[i], batch_norm),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
             )
             for i in range(depth)
         )

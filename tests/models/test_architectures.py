@@ -149,3 +149,26 @@ def test_he_init_std() -> None:
         assert layer.weight.std().item() == pytest.approx(math.sqrt(2 / n), rel=0.05)
         assert layer.weight.mean().item() == pytest.approx(0.0, abs=0.05 * math.sqrt(2 / n))
         assert layer.bias is not None and not layer.bias.any()
+
+
+@pytest.mark.parametrize(("case", "ndim"), [(n, 2) for n in MODELS] + [("unet-same", 2)])
+def test_activations_are_in_place_with_the_gradients_of_out_of_place_ones(case: str, ndim: int) -> None:
+    """Every ReLU works in place (one memory pass less per layer: ~8% of a CPU forward pass, issue 15),
+    and autograd sees the same values and gradients as with out-of-place ReLUs."""
+    model = make(case, ndim).train()
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert relus and all(m.inplace for m in relus)
+    shape = model.valid_input_shape((36,) * ndim) if model.padding == "valid" else (32,) * ndim
+    x = torch.randn(2, model.in_channels, *shape)
+    results = []
+    for inplace in (True, False):
+        for m in relus:
+            m.inplace = inplace
+        torch.manual_seed(1)  # same dropout masks
+        model.zero_grad()
+        y = model(x)
+        y.square().mean().backward()
+        results.append((y.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (y_in, g_in), (y_out, g_out) = results
+    torch.testing.assert_close(y_in, y_out, rtol=0, atol=0)
+    assert len(g_in) == len(g_out) and all(torch.equal(a, b) for a, b in zip(g_in, g_out, strict=True))
