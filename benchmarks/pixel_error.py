@@ -1,0 +1,85 @@
+"""Pixel error of 2-D membrane models on ISBI 2012, at 0.5 and the way the ISBI challenge scored it.
+
+The U-Net paper's 0.0611 is the ISBI 2012 leaderboard's pixel error, which the organisers defined
+as the best value over thresholds of the submitted probability map ("1 - the maximal F-score of pixel
+similarity, or squared Euclidean distance between the original and the result labels",
+brainiac2.mit.edu/isbi_challenge/evaluation).  emseg's training validation reports the error at 0.5.
+A model trained with the U-Net weight map (class-balancing ``w_c``) over-predicts the rarer class
+(membrane), so its 0.5 error is not its pixel accuracy.  This script reports, for each checkpoint:
+
+* ``0.5``: the fraction of pixels of ISBI train sections 16-19 (validation) where ``prob > 0.5``
+  disagrees with the membrane mask (what ``emseg train`` logs as ``pixel_error``);
+* ``t*``: the threshold with the lowest error on **sections 0-15** (the training sections: chosen
+  without looking at 16-19), from 0.05 to 0.95 in steps of 0.05;
+* ``at t*``: the 16-19 error at that threshold (the ISBI-style figure, threshold chosen blind);
+* ``best``: the lowest 16-19 error over the same thresholds (the challenge's optimistic figure);
+* the same two with ``--tta`` (emseg's test-time augmentation: the mean over the flips of y and x).
+
+Whole sections, mirrored borders, fp32, the tiling ``emseg predict`` uses on a CPU
+(:func:`emseg.training.validation.predict_volume`).  ~10 s per model and mode on 2 cores.
+
+    .venv/bin/python benchmarks/pixel_error.py emseg/models/bundled [more checkpoints ...] [--tta]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "isbi2012"
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def membrane_probability(ckpt: Path, raw: np.ndarray, *, tta: bool) -> np.ndarray:
+    """``(z, y, x)`` float32 membrane probability of a 2-D sigmoid model, as ``emseg predict`` computes it."""
+    import torch
+
+    from emseg.inference import predict_array
+    from emseg.models import load_checkpoint
+    from emseg.training.validation import validation_tiling
+    from emseg.workflows.predict import default_batch_size
+
+    loaded = load_checkpoint(ckpt)
+    if loaded.model.ndim != 2 or loaded.config.activation != "sigmoid" or loaded.model.out_channels != 1:
+        raise SystemExit(f"{ckpt}: not a 2-D one-channel sigmoid (membrane) model")
+    norm = loaded.config.normalization
+    tiling = validation_tiling(loaded.model, raw.shape, "cpu")
+    with torch.inference_mode():
+        prob = predict_array(loaded.model, raw, tiling=tiling, mean=norm.mean, std=norm.std, activation="sigmoid",
+                             batch_size=default_batch_size(tiling, "cpu", 1), precision="fp32", tta=tta)
+    return np.asarray(prob[0], dtype=np.float32)
+
+
+def errors(prob: np.ndarray, membrane: np.ndarray) -> dict[float, float]:
+    return {t: float(((prob > t) != membrane).mean()) for t in (0.5, *THRESHOLDS)}
+
+
+def main() -> None:
+    import tifffile
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoints", nargs="+", type=Path)
+    ap.add_argument("--tta", action="store_true", help="also with emseg's flip test-time augmentation")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    raw = tifffile.imread(DATA / "train-volume.tif")
+    membrane = tifffile.imread(DATA / "train-labels.tif") == 0  # ISBI: 0 = membrane
+    print("| checkpoint | mode | 16-19 at 0.5 | t* (from 0-15) | 16-19 at t* | 16-19 best (threshold) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for ckpt in args.checkpoints:
+        for tta in (False, True) if args.tta else (False,):
+            train = errors(membrane_probability(ckpt, raw[:16], tta=tta), membrane[:16])
+            val = errors(membrane_probability(ckpt, raw[16:], tta=tta), membrane[16:])
+            chosen = min(THRESHOLDS, key=lambda t: train[t])
+            best = min(THRESHOLDS, key=lambda t: val[t])
+            print(f"| {ckpt} | {'flips' if tta else 'plain'} | {val[0.5]:.4f} | {chosen:.2f} | {val[chosen]:.4f} | "
+                  f"{val[best]:.4f} ({best:.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
