@@ -89,6 +89,10 @@ class CheckpointConfig(BaseModel):
     """Affinity models: the partner offset of each output channel, voxels, axis order (z, y, x):
     channel ``c`` at voxel ``p`` is the affinity of ``p`` and ``p + offsets[c]`` (so ``(-1, 0, 0)`` is
     ``aff_z``: the voxel and its z-1 neighbour).  ``None`` for non-affinity outputs."""
+    agglomeration_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Merge threshold this model's outputs were tuned for (the model card says on what data).
+    ``emseg segment`` agglomerates at it when neither a flag nor the recipe sets ``threshold``;
+    ``None``: the agglomeration's own default."""
     provenance: dict[str, Any] = Field(default_factory=dict)
     """Free-form training provenance: data, command, steps, metrics, ..."""
 
