@@ -58,18 +58,6 @@ class AgglomerationSteps:
         return "\n".join([self.fragments.summary(), self.graph.summary(), self.agglomerate.summary()])
 
 
-def _model_threshold(model: str | None, voxel_size: tuple[float, ...]) -> float | None:
-    """The ``agglomeration_threshold`` of the checkpoint the prediction will use (``--model``, else the
-    bundled model for ``voxel_size``), or None."""
-    from emseg.models import load_checkpoint
-    from emseg.models.zoo import choose_bundled
-    from emseg.workflows.predict import BUNDLED
-
-    # choose_bundled, not default_checkpoint: the prediction logs the choice and its warning
-    checkpoint = Path(model) if model is not None else choose_bundled(voxel_size, root=BUNDLED).model.path
-    return load_checkpoint(checkpoint).config.agglomeration_threshold
-
-
 def segment(
     volume: str | os.PathLike[str],
     output: str | os.PathLike[str] | None,
@@ -102,12 +90,6 @@ def segment(
                     config.name, config.voxel_size)
     p, lab, agg = config.predict, config.label, config.agglomerate
     mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
-    if lab.method == "agglomerate" and "threshold" not in agg.model_fields_set:
-        tuned = _model_threshold(p.model, source.voxel_size)
-        if tuned is not None:  # the model's own threshold, unless a flag or the recipe set one
-            log.info("agglomeration threshold %g: the model's (agglomeration_threshold in its config.json)", tuned)
-            agg = agg.model_copy(update={"threshold": tuned})
-            config = config.model_copy(update={"agglomerate": agg})
     if lab.method == "agglomerate":
         check_thresholds((agg.threshold, *agg.thresholds))  # before hours of prediction
     if dry_run:
@@ -119,6 +101,12 @@ def segment(
             on = run.model_copy(update={"client": connection})  # every stage on this one cluster
             predicted = predict(volume, out, p, run=on, zarr_format=zarr_format)
             labelled: Any
+            tuned = predicted.plan.agglomeration_threshold
+            if lab.method == "agglomerate" and tuned is not None and "threshold" not in agg.model_fields_set:
+                # the model's own threshold, unless a flag or the recipe set one
+                log.info("agglomeration threshold %g: the model's (agglomeration_threshold in its config.json)", tuned)
+                agg = agg.model_copy(update={"threshold": tuned})
+                config = config.model_copy(update={"agglomerate": agg})
             if lab.method == "agglomerate":
                 labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=mode, block_size=lab.block_size,
                                                                   run=on))
