@@ -35,21 +35,14 @@ THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 
 def membrane_probability(ckpt: Path, raw: np.ndarray, *, tta: bool) -> np.ndarray:
     """``(z, y, x)`` float32 membrane probability of a 2-D sigmoid model, as ``emseg predict`` computes it."""
-    import torch
-
-    from emseg.inference import predict_array
     from emseg.models import load_checkpoint
-    from emseg.training.validation import validation_tiling
-    from emseg.workflows.predict import default_batch_size
+    from emseg.training.validation import predict_volume
 
     loaded = load_checkpoint(ckpt)
     if loaded.model.ndim != 2 or loaded.config.activation != "sigmoid" or loaded.model.out_channels != 1:
         raise SystemExit(f"{ckpt}: not a 2-D one-channel sigmoid (membrane) model")
     norm = loaded.config.normalization
-    tiling = validation_tiling(loaded.model, raw.shape, "cpu")
-    with torch.inference_mode():
-        prob = predict_array(loaded.model, raw, tiling=tiling, mean=norm.mean, std=norm.std, activation="sigmoid",
-                             batch_size=default_batch_size(tiling, "cpu", 1), precision="fp32", tta=tta)
+    prob = predict_volume(loaded.model, raw, (norm.mean, norm.std), activation="sigmoid", tta=tta)
     return np.asarray(prob[0], dtype=np.float32)
 
 

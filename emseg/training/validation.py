@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from emseg.errors import ConfigError
-from emseg.inference import DEFAULT_TILE_2D_CPU, Tiling, make_tiling, predict_array
+from emseg.inference import DEFAULT_TILE_2D_CPU, Activation, Tiling, make_tiling, predict_array
 from emseg.metrics import Scores, evaluate, evaluate_sections, mean_scores
 from emseg.predict import default_batch_size
 from emseg.segment.components import label_components
@@ -73,12 +73,15 @@ def validation_tiling(model: Any, shape: Sequence[int], device_type: str) -> Til
 
 
 def predict_volume(
-    model: nn.Module, raw: npt.NDArray[Any], normalization: tuple[float, float], *, ndim: int | None = None
+    model: nn.Module, raw: npt.NDArray[Any], normalization: tuple[float, float], *, ndim: int | None = None,
+    activation: Activation = "none", tta: bool = False,
 ) -> torch.Tensor:
     """Logits ``(c, z, y, x)`` float32 of a whole ``(z, y, x)`` volume, tiled and mirrored as ``emseg predict`` does.
 
     Runs on the model's device in float32 and leaves the model in the mode (train/eval) it was in.
-    ``ndim``, when given, must be the model's (2: per section, 3: in 3-D).
+    ``ndim``, when given, must be the model's (2: per section, 3: in 3-D).  ``activation`` and ``tta``
+    as in :func:`emseg.inference.predict_block` (``tta`` averages after the activation, as
+    ``emseg predict --tta`` does).
     """
     if ndim is not None and ndim != int(model.ndim):  # type: ignore[arg-type]
         raise ConfigError(f"a {int(model.ndim)}-D model cannot predict with ndim={ndim}")  # type: ignore[arg-type]
@@ -87,7 +90,8 @@ def predict_volume(
     was_training = model.training
     model.eval()
     try:
-        logits = predict_array(model, raw, tiling=tiling, mean=normalization[0], std=normalization[1], activation="none",
+        logits = predict_array(model, raw, tiling=tiling, mean=normalization[0], std=normalization[1],
+                               activation=activation, tta=tta,
                                batch_size=default_batch_size(tiling, device_type, math.prod(tiling.grid_shape)),
                                precision="fp32")
     finally:

@@ -39,6 +39,24 @@ def test_predict_array_equals_predict_block_on_a_mirrored_volume(tmp_path: Path,
     np.testing.assert_array_equal(got, expected)
 
 
+def test_predict_volume_tta_averages_the_flipped_probabilities() -> None:
+    """``predict_volume(tta=True)`` (what benchmarks/pixel_error.py --tta scores): the mean over the 4 in-plane
+    flips of each flipped volume's sigmoid, flipped back; not the mean of logits, nor one pass."""
+    torch.manual_seed(0)
+    model = build("unet", ndim=2, in_channels=1, out_channels=1, base_channels=2, depth=2, padding="valid").eval()
+    # one tile exactly (a multiple of the pooling): flipping a tile is flipping the volume.  On a larger
+    # volume they differ, as a valid U-Net's output depends on the pooling grid's phase.
+    raw = np.random.default_rng(1).integers(0, 256, (2, 72, 88), dtype=np.uint8)
+    norm = (0.4, 0.2)
+    flips = [(), (1,), (2,), (1, 2)]  # volume axes (y, x) = tensor dims 2, 3 of the (b, c, y, x) batch
+    expected = np.mean([np.flip(torch.sigmoid(predict_volume(model, np.flip(raw, f).copy(), norm)).numpy(), [a + 1 for a in f])
+                        for f in flips], axis=0)
+    got = predict_volume(model, raw, norm, activation="sigmoid", tta=True).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    plain = torch.sigmoid(predict_volume(model, raw, norm)).numpy()
+    assert np.abs(got - plain).max() > 1e-3  # the flips change the result: the check above can fail
+
+
 def test_validation_prediction_matches_one_pass_per_section(shared_data: Path) -> None:
     """The bundled valid 2-D U-Net on ISBI sections larger than a CPU tile: the overlap-tile prediction of
     validation equals one mirrored whole-section pass, with the checkpoint's normalisation."""
