@@ -1,4 +1,4 @@
-"""`emseg segment` agglomerates at the checkpoint's own ``agglomeration_threshold`` unless told otherwise."""
+"""`emseg segment` and `emseg agglomerate` merge at the checkpoint's own ``agglomeration_threshold`` unless told otherwise."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ def test_segment_uses_the_models_threshold_unless_a_flag_or_recipe_sets_one(shar
     assert (own, flag, default, recipe, unset) == (0.5, 0.5, 0.8, 0.92, 0.5)
     assert np.array_equal(labels_own, labels_flag)  # the model's threshold is the one used, not only recorded
     assert len(np.unique(labels_own)) > len(np.unique(labels_default))  # 0.5 merges less than 0.8
+
+    # emseg agglomerate on an existing output: the model that predicted it gives the threshold too
+    def again(target: Path, *flags: str) -> np.ndarray:
+        result = runner.invoke(cli, ["agglomerate", str(target), "--workers", "1", "--no-progress", "--overwrite", *flags])
+        assert result.exit_code == 0, result.output
+        segments = open_volume(tmp_path / "default.zarr" / "labels" / "segments")
+        return segments.read(segments.roi)
+
+    fragments = tmp_path / "default.zarr" / "labels" / "fragments"
+    assert np.array_equal(again(fragments), labels_own)
+    assert np.array_equal(again(fragments, "--threshold", "0.8"), labels_default)
+    assert np.array_equal(again(tmp_path / "default.zarr"), labels_own)  # the prediction image as the target

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import click
 
-from emseg.cli.options import cluster_options, option_flags, output_options, pop_fields
+from emseg.cli.options import cluster_options, field_option, option_flags, output_options, pop_fields
 from emseg.cli.types import INT_ZYX
 from emseg.config import AgglomerateOptions, RunOptions
+
+log = logging.getLogger(__name__)
 
 
 @click.command()
 @click.argument("target", type=click.Path(path_type=str))
-@option_flags(AgglomerateOptions)
+@field_option(AgglomerateOptions, "threshold", show_default=False,
+              help="Merge fragments whose edge score (1 - mean affinity at the merge) is below this; written to "
+                   "labels/segments  [default: the predicting model's agglomeration_threshold, else 0.8].")
+@option_flags(AgglomerateOptions, exclude=("threshold",))
 @click.option("--2d/--3d", "two_d", default=None,
               help="Fragments and graph per section, or in 3-D [default: per section when z >= 2.5 x the y/x voxel size].")
 @click.option("--block-size", type=INT_ZYX, default=None, help="Block core shape Z,Y,X of fragments and graph.")
@@ -31,12 +37,14 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     other thresholds without recomputing the graph.  A prediction image whose graph is finished is
     agglomerated again too, unless fragment or graph options are given (then they are made again
     with those options, which needs --overwrite when they differ).  Segments go to OUT.zarr/labels/segments and
-    labels/segments_<t> for each of --thresholds.
+    labels/segments_<t> for each of --thresholds.  Without --threshold, the threshold is the
+    predicting model's own (`agglomeration_threshold` in its config.json, as `emseg segment` uses it),
+    else 0.8.
     """
     from emseg.errors import ConfigError
     from emseg.io.lock import run_lock
     from emseg.workflows.agglomerate import agglomerate as run_agglomerate
-    from emseg.workflows.agglomerate import is_fragments, segment_prediction
+    from emseg.workflows.agglomerate import is_fragments, model_threshold, segment_prediction
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
     given = pop_fields(fields, AgglomerateOptions)
@@ -47,6 +55,10 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     image = Path(target).resolve()
     while image.parent.name == "labels" and image.parent.parent != image.parent:
         image = image.parent.parent
+    tuned = model_threshold(image) if "threshold" not in given else None
+    if tuned is not None:  # the predicting model's own threshold, as `emseg segment` uses it
+        log.info("agglomeration threshold %g: the model's (agglomeration_threshold in its config.json)", tuned)
+        options = options.model_copy(update={"threshold": tuned})
     with run_lock(image, "agglomerate"):
         if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / "fragments",
                                                                          image_only=True)):

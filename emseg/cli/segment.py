@@ -20,8 +20,9 @@ from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, Segment
                    "below override its fields.")
 @option_flags(PredictOptions)
 @field_option(SegmentLabelOptions, "method")
-@field_option(AgglomerateOptions, "threshold", "--merge-threshold", dest="merge_threshold",
-              help="agglomerate: merge fragments whose edge score (1 - mean affinity) is below this.")
+@field_option(AgglomerateOptions, "threshold", "--merge-threshold", dest="merge_threshold", show_default=False,
+              help="agglomerate: merge fragments whose edge score (1 - mean affinity) is below this  [default: the "
+                   "recipe's, else the model's agglomeration_threshold, else 0.8].")
 @field_option(AgglomerateOptions, "thresholds")
 @field_option(SegmentLabelOptions, "threshold",
               help="Boundary probability below which a voxel is inside a cell (agglomerate: seeds of the fragments).")

@@ -16,6 +16,7 @@ from emseg.models.checkpoint import (
     CheckpointConfig,
     Normalization,
     load_checkpoint,
+    load_checkpoint_config,
     save_checkpoint,
 )
 from emseg.models.fcn import FCN
@@ -37,5 +38,6 @@ __all__ = [
     "UNetPlusPlus",
     "build",
     "load_checkpoint",
+    "load_checkpoint_config",
     "save_checkpoint",
 ]

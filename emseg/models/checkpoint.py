@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointConfig",
     "Normalization",
     "load_checkpoint",
+    "load_checkpoint_config",
     "save_checkpoint",
 ]
 
@@ -231,6 +232,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{weights}: weights do not match the config's {config.model.get('name')!r} model ({details})")
     model.load_state_dict(state)
     return Checkpoint(model=model.eval(), config=config)
+
+
+def load_checkpoint_config(path: str | Path) -> CheckpointConfig:
+    """The ``config.json`` of a checkpoint directory (or of its ``model.safetensors``'s directory),
+    without the weights.  Raises :class:`~emseg.errors.CheckpointError` as :func:`load_checkpoint`."""
+    given = Path(path)
+    return _read_config((given if given.is_dir() else given.parent) / CONFIG_NAME)
 
 
 def _check_model_size(config: CheckpointConfig, where: Path, weights: Path) -> None:

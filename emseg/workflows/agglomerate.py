@@ -130,6 +130,26 @@ def input_kind_of(pred_path: str | os.PathLike[str]) -> InputKind:
     return "boundary"
 
 
+def model_threshold(image: str | os.PathLike[str]) -> float | None:
+    """The ``agglomeration_threshold`` of the checkpoint that predicted the OME-Zarr ``image`` (recorded
+    in its status by ``emseg predict``), or ``None``: no such record, no threshold in the checkpoint, or the
+    checkpoint no longer readable (logged)."""
+    from emseg.errors import CheckpointError
+    from emseg.models import load_checkpoint_config
+
+    try:
+        checkpoint = read_status(image).get("checkpoint")
+    except (OSError, ValueError, KeyError):  # not a zarr group
+        return None
+    if not checkpoint:
+        return None
+    try:
+        return load_checkpoint_config(checkpoint).agglomeration_threshold
+    except (CheckpointError, OSError) as e:
+        log.warning("%s: cannot read the threshold of the checkpoint that predicted it (%s)", image, e)
+        return None
+
+
 def segments_name(threshold: float) -> str:
     """Name of the label image of an extra threshold: ``segments_0.50``."""
     text = f"{threshold:.2f}"
