@@ -1,0 +1,77 @@
+"""Forward passes only: what one 2-D tile costs per voxel, by tile size (issue 15, ``benchmarks/README.md``).
+
+Why ``emseg same / monai 0.5`` in ``bench_predict.py`` sits near 2x: per input voxel, MONAI's 256^2 x 4
+windows run faster than emseg's 608^2 tiles, while emseg computes 1.41x its output and MONAI 4x.  This
+prints both figures and the ratio they allow, then scans tile cores (input = core + context), each size
+in several passes so that the noise shows.  One process, bf16 autocast + channels-last, the model of
+``bench_predict.py``'s "same" runs (random weights, base 16, depth 3) or the bundled valid model.
+
+    .venv/bin/python benchmarks/bench_tiles.py                     # same-padded, 1 thread
+    .venv/bin/python benchmarks/bench_tiles.py --model bundled --scan 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+
+def forward_seconds(model: Any, size: int, batch: int, reps: int) -> float:
+    """Best of ``reps`` forward passes of ``batch`` tiles of ``size``^2 (after two warm-up passes)."""
+    x = torch.randn(batch, 1, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        model(x)
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    from emseg.inference import prepare_model
+    from emseg.models import build, load_checkpoint
+    from emseg.workflows.predict import BUNDLED
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("same", "bundled"), default="same")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--scan", type=int, default=1, help="passes over the scan of tile cores 256-1024 (0: none)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.model == "same":
+        model = prepare_model(build("unet", ndim=2, in_channels=1, out_channels=1, base_channels=16, depth=3,
+                                    padding="same"))
+        context = 96  # emseg's halo 48 per side
+    else:
+        model = prepare_model(load_checkpoint(BUNDLED).model)
+        context = 88  # the valid model's context
+    print(f"model {args.model}, {args.threads} thread(s), bf16 + channels-last, best of {args.reps}")
+    emseg_in = 512 + context
+    t_emseg = forward_seconds(model, emseg_in, 1, args.reps)
+    t_monai = forward_seconds(model, 256, 4, args.reps)
+    rate_emseg = emseg_in**2 / t_emseg / 1e6
+    rate_monai = 4 * 256**2 / t_monai / 1e6
+    print(f"emseg tile {emseg_in}^2 x 1: {t_emseg * 1e3:.0f} ms, {rate_emseg:.2f} Mvoxel/s of input")
+    print(f"monai window 256^2 x 4: {t_monai * 1e3:.0f} ms, {rate_monai:.2f} Mvoxel/s of input")
+    if args.model == "same":
+        overhead = emseg_in**2 / 512**2
+        print(f"ratio the forward passes allow at overlap 0.5: ({rate_emseg:.2f} / {overhead:.2f}) / "
+              f"({rate_monai:.2f} / 4) = {(rate_emseg / overhead) / (rate_monai / 4):.2f}x")
+    rates: dict[int, list[float]] = {}
+    for _ in range(args.scan):
+        for core in range(256, 1025, 32):
+            rates.setdefault(core, []).append(core**2 / forward_seconds(model, core + context, 1, args.reps) / 1e6)
+    for core, values in rates.items():
+        print(f"core {core:4d} (input {core + context}): output Mvoxel/s {' '.join(f'{v:.2f}' for v in values)}")
+
+
+if __name__ == "__main__":
+    main()
