@@ -157,6 +157,23 @@ def monai_seconds(model, data: np.ndarray, overlap: float, roi: int, batch: int,
     return seconds
 
 
+def with_worker_malloc(plain: bool) -> None:
+    """Re-run this script under emseg's worker malloc settings unless it already runs under them.
+
+    glibc reads ``MALLOC_*`` once, at process start.  emseg's workers start with
+    :data:`emseg.cluster.profiles.WORKER_MALLOC_ENV`; MONAI and the in-process forward-only loop run in
+    this process, and with glibc's defaults their forward passes were up to 1.5x slower (2026-12-02:
+    same-padded U-Net, 256^2 x 4, 2 threads: 48.5 ms against 32.3 ms).  So they get the same settings:
+    no method is handicapped by its allocator.  ``--plain-malloc`` keeps glibc's defaults."""
+    import sys
+
+    from emseg.cluster.profiles import WORKER_MALLOC_ENV
+
+    if plain or all(os.environ.get(k) == v for k, v in WORKER_MALLOC_ENV.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC_ENV})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="32,1024,1024", help="volume Z,Y,X (ISBI tiled)")
@@ -169,7 +186,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda where torch sees a GPU (emseg then runs one worker per GPU)")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="run MONAI and the in-process loop with glibc's default malloc settings (handicapped)")
     args = parser.parse_args()
+    with_worker_malloc(args.plain_malloc)
     shape = tuple(int(v) for v in args.shape.split(","))
     if args.quick:
         shape = (2, 512, 512)
@@ -192,6 +212,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {n} cores{gpu}, torch {torch.__version__}, default precision "
           f"{default_precision(device)}, default CPU layout {default_layout()}; load before: {uptime()}")
     print(f"volume: ISBI 2012 test volume tiled to {'x'.join(map(str, shape))} uint8 ({voxels / 1e6:.1f} Mvoxel)")
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"this process (MONAI, in-process forward-only): malloc {malloc or 'glibc defaults'}")
     results: dict[str, float] = {}
     notes: dict[str, str] = {}
 
@@ -217,6 +239,7 @@ def main() -> None:
                 record("emseg same", seconds)
                 notes["emseg same"] = (f"defaults: tile {'x'.join(map(str, plan_same.tiling.input_shape))} input, "
                                        f"{plan_same.tiling.blend}, batch {plan_same.batch_size}, {plan_same.precision}")
+                record("forward-only same, workers", forward_only(plan_same, connection, n, device)["workers"])
         if not args.skip_same:
             for overlap in (0.25, 0.5):
                 key = f"monai {overlap}"

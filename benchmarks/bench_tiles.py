@@ -3,7 +3,8 @@
 Why ``emseg same / monai 0.5`` in ``bench_predict.py`` sits near 2x: per input voxel, MONAI's 256^2 x 4
 windows run faster than emseg's 608^2 tiles, while emseg computes 1.41x its output and MONAI 4x.  This
 prints both figures and the ratio they allow, then scans tile cores (input = core + context), each size
-in several passes so that the noise shows.  One process, bf16 autocast + channels-last, the model of
+in several passes so that the noise shows.  One process under emseg's worker malloc settings (as
+``bench_predict.py``), bf16 autocast + channels-last, the model of
 ``bench_predict.py``'s "same" runs (random weights, base 16, depth 3) or the bundled valid model.
 
     .venv/bin/python benchmarks/bench_tiles.py                     # same-padded, 1 thread
@@ -43,7 +44,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--scan", type=int, default=1, help="passes over the scan of tile cores 256-1024 (0: none)")
+    ap.add_argument("--plain-malloc", action="store_true", help="glibc's default malloc settings instead of emseg's "
+                                                                 "worker settings (slower large passes)")
     args = ap.parse_args()
+    from bench_predict import with_worker_malloc  # this folder is on sys.path when the script runs
+
+    with_worker_malloc(args.plain_malloc)  # what emseg's workers run with
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.model == "same":

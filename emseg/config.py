@@ -197,7 +197,7 @@ class PredictOptions(Options):
     block_size: Shape | None = Field(default=None, json_schema_extra=NOT_FINGERPRINTED)
     """Block core Z,Y,X in voxels: a multiple of the output chunks and of the tile; default 64,256,256 for
     3-D models, 4,512,512 for 2-D (rounded up to the tile; deeper, up to the input's z-chunk depth, while
-    the volume keeps 8 blocks, so that each input chunk is decompressed once)."""
+    the volume keeps 32 blocks, so that each input chunk is decompressed once)."""
     tile_size: Shape | None = None
     """Tile core Z,Y,X fed to the model (rounded up to its input multiple); default 64,64,64 for 3-D models,
     1,512,512 for 2-D on a CPU, 1,1024,1024 on a GPU."""

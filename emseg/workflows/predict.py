@@ -73,8 +73,10 @@ DEFAULT_CHUNKS_2D = (4, 256, 256)
 #: 16-deep chunks, read + write took 49 ms per Mvoxel in 4-deep blocks and 20 ms in 16-deep ones
 #: (2026-12-02): ~7% of a block of the base-16 same-padded U-Net, ~2% of the bundled base-32 model.
 MAX_BLOCK_DEPTH_2D = 64
-#: ... as long as the volume still has this many blocks to share among the workers.
-MIN_BLOCKS = 8
+#: ... as long as the volume still has this many blocks, so that workers that run at different speeds
+#: (shared cores) still finish together: on 32x1024x1024 with 2 workers, 8 blocks of 16 sections took
+#: 7.6-8.6 s, 16 of 8 sections 7.0-7.7 s and 32 of 4 sections 6.6-7.3 s (same-padded U-Net, 2026-12-02).
+MIN_BLOCKS = 32
 DEFAULT_BATCH_SIZE = 4
 #: Automatic batch size: about this many model input voxels per forward pass (CPU, CUDA).  On a CPU one
 #: tile already fills a worker's cores, and a smaller pass stays in cache: one 604^2 tile per pass ran
