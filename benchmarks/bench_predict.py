@@ -17,7 +17,11 @@ cores for every method:
    defaults versus ``monai.inferers.sliding_window_inference`` over the volume already in memory as
    a tensor (no I/O), Gaussian blending, bf16 autocast + channels-last, in this process with
    ``torch.set_num_threads(cores)``, ROI ``--monai-roi`` with ``--monai-batch`` windows per pass.
+   ``forward-only same, workers``: the forward passes of that emseg plan alone, on the workers.
 4. ``--layouts``: ``emseg valid`` again with 1 worker x N threads and N workers x 1 thread.
+
+The script re-executes itself under emseg's worker malloc settings (:func:`with_worker_malloc`), so that
+MONAI and the in-process loop run with the allocator emseg's workers have.
 
 Throughput is output voxels / s.  Run with ``nice``, on a quiet machine if you can; the load average
 is printed before and after.
