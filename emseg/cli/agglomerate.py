@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,8 +11,6 @@ import click
 from emseg.cli.options import cluster_options, field_option, option_flags, output_options, pop_fields
 from emseg.cli.types import INT_ZYX
 from emseg.config import AgglomerateOptions, RunOptions
-
-log = logging.getLogger(__name__)
 
 
 @click.command()
@@ -44,7 +41,7 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     from emseg.errors import ConfigError
     from emseg.io.lock import run_lock
     from emseg.workflows.agglomerate import agglomerate as run_agglomerate
-    from emseg.workflows.agglomerate import is_fragments, model_threshold, segment_prediction
+    from emseg.workflows.agglomerate import is_fragments, segment_prediction, with_model_threshold
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
     given = pop_fields(fields, AgglomerateOptions)
@@ -55,10 +52,8 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     image = Path(target).resolve()
     while image.parent.name == "labels" and image.parent.parent != image.parent:
         image = image.parent.parent
-    tuned = model_threshold(image) if "threshold" not in given else None
-    if tuned is not None:  # the predicting model's own threshold, as `emseg segment` uses it
-        log.info("agglomeration threshold %g: the model's (agglomeration_threshold in its config.json)", tuned)
-        options = options.model_copy(update={"threshold": tuned})
+    if "threshold" not in given:  # the predicting model's own threshold, as `emseg segment` uses it
+        options = with_model_threshold(options, image)
     with run_lock(image, "agglomerate"):
         if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / "fragments",
                                                                          image_only=True)):

@@ -92,8 +92,9 @@ class CheckpointConfig(BaseModel):
     ``aff_z``: the voxel and its z-1 neighbour).  ``None`` for non-affinity outputs."""
     agglomeration_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     """Merge threshold this model's outputs were tuned for (the model card says on what data).
-    ``emseg segment`` agglomerates at it when neither a flag nor the recipe sets ``threshold``;
-    ``None``: the agglomeration's own default."""
+    ``emseg segment`` and ``emseg agglomerate`` merge at it when neither a flag nor the recipe sets
+    ``threshold`` (:func:`emseg.workflows.agglomerate.with_model_threshold`); ``None``: the
+    agglomeration's own default."""
     provenance: dict[str, Any] = Field(default_factory=dict)
     """Free-form training provenance: data, command, steps, metrics, ..."""
 

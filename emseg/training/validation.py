@@ -76,7 +76,8 @@ def predict_volume(
     model: nn.Module, raw: npt.NDArray[Any], normalization: tuple[float, float], *, ndim: int | None = None,
     activation: Activation = "none", tta: bool = False,
 ) -> torch.Tensor:
-    """Logits ``(c, z, y, x)`` float32 of a whole ``(z, y, x)`` volume, tiled and mirrored as ``emseg predict`` does.
+    """Logits (or with ``activation``, probabilities) ``(c, z, y, x)`` float32 of a whole ``(z, y, x)`` volume,
+    tiled and mirrored as ``emseg predict`` does.
 
     Runs on the model's device in float32 and leaves the model in the mode (train/eval) it was in.
     ``ndim``, when given, must be the model's (2: per section, 3: in 3-D).  ``activation`` and ``tta``

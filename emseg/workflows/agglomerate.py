@@ -139,7 +139,7 @@ def model_threshold(image: str | os.PathLike[str]) -> float | None:
 
     try:
         checkpoint = read_status(image).get("checkpoint")
-    except (OSError, ValueError, KeyError):  # not a zarr group
+    except (OSError, ValueError):  # not a zarr group
         return None
     if not checkpoint:
         return None
@@ -148,6 +148,17 @@ def model_threshold(image: str | os.PathLike[str]) -> float | None:
     except (CheckpointError, OSError) as e:
         log.warning("%s: cannot read the threshold of the checkpoint that predicted it (%s)", image, e)
         return None
+
+
+def with_model_threshold(options: AgglomerateOptions, image: str | os.PathLike[str]) -> AgglomerateOptions:
+    """``options`` with the threshold of the model that predicted ``image`` (:func:`model_threshold`),
+    or unchanged when it has none: for callers whose user set no threshold (`emseg segment`,
+    `emseg agglomerate`)."""
+    tuned = model_threshold(image)
+    if tuned is None:
+        return options
+    log.info("agglomeration threshold %g: the model's (agglomeration_threshold in its config.json)", tuned)
+    return options.model_copy(update={"threshold": tuned})
 
 
 def segments_name(threshold: float) -> str:

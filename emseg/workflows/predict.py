@@ -193,8 +193,6 @@ class PredictionPlan:
     params: dict[str, Any] = field(repr=False)
     model_choice: str | None = None
     """Why this model, when it was chosen from the bundled ones (no ``--model``)."""
-    agglomeration_threshold: float | None = None
-    """The checkpoint's own merge threshold (``agglomeration_threshold`` in its ``config.json``), if any."""
 
     @property
     def out_channels(self) -> int:
@@ -395,7 +393,7 @@ def plan_prediction(
         std=cfg.normalization.std, output_voxels=math.prod(volume.shape), computed_voxels=computed, tiles=tiles,
         memory_per_block=_memory_estimate(grid, tiling, batch_size, opts.tta, in_channels, len(cfg.outputs),
                                           volume.dtype.itemsize, dtype, cfg.model),
-        params=params, model_choice=model_choice, agglomeration_threshold=cfg.agglomeration_threshold,
+        params=params, model_choice=model_choice,
     )
 
 

@@ -77,7 +77,7 @@ def segment(
     """
     from emseg.cluster import connect
     from emseg.export.pyramid import build_pyramids
-    from emseg.workflows.agglomerate import check_thresholds, choose_mode, segment_prediction
+    from emseg.workflows.agglomerate import check_thresholds, choose_mode, segment_prediction, with_model_threshold
     from emseg.workflows.label import label
     from emseg.workflows.predict import plan_prediction, predict
 
@@ -101,11 +101,9 @@ def segment(
             on = run.model_copy(update={"client": connection})  # every stage on this one cluster
             predicted = predict(volume, out, p, run=on, zarr_format=zarr_format)
             labelled: Any
-            tuned = predicted.plan.agglomeration_threshold
-            if lab.method == "agglomerate" and tuned is not None and "threshold" not in agg.model_fields_set:
+            if lab.method == "agglomerate" and "threshold" not in agg.model_fields_set:
                 # the model's own threshold, unless a flag or the recipe set one
-                log.info("agglomeration threshold %g: the model's (agglomeration_threshold in its config.json)", tuned)
-                agg = agg.model_copy(update={"threshold": tuned})
+                agg = with_model_threshold(agg, out)
                 config = config.model_copy(update={"agglomerate": agg})
             if lab.method == "agglomerate":
                 labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=mode, block_size=lab.block_size,
