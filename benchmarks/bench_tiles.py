@@ -1,9 +1,9 @@
 """Forward passes only: what one 2-D tile costs per voxel, by tile size (issue 15, ``benchmarks/README.md``).
 
-Why ``emseg same / monai 0.5`` in ``bench_predict.py`` sits near 2x: per input voxel, MONAI's 256^2 x 4
-windows run faster than emseg's 608^2 tiles, while emseg computes 1.41x its output and MONAI 4x.  This
-prints both figures and the ratio they allow, then scans tile cores (input = core + context), each size
-in several passes so that the noise shows.  One process under emseg's worker malloc settings (as
+Why ``emseg same / monai 0.5`` in ``bench_predict.py`` sits near 2x: per input voxel, emseg's 608^2
+tiles and MONAI's 256^2 x 4 windows cost about the same, while emseg computes 1.41x its output and MONAI
+3.06x (overlap 0.5 on 1024^2 sections).  This prints both per-voxel figures and the ratio they allow,
+then scans tile cores (input = core + context), each size in several passes so that the noise shows.  One process under emseg's worker malloc settings (as
 ``bench_predict.py``), bf16 autocast + channels-last, the model of
 ``bench_predict.py``'s "same" runs (random weights, base 16, depth 3) or the bundled valid model.
 
