@@ -18,6 +18,9 @@ cores for every method:
    a tensor (no I/O), Gaussian blending, bf16 autocast + channels-last, in this process with
    ``torch.set_num_threads(cores)``, ROI ``--monai-roi`` with ``--monai-batch`` windows per pass.
    ``forward-only same, workers``: the forward passes of that emseg plan alone, on the workers.
+   ``monai 0.5, fused model``: MONAI at overlap 0.5 handed the model as emseg's CPU workers run it in
+   bf16 (conv blocks fused into single oneDNN ops, :func:`emseg.inference.fuse_conv_blocks`): the same
+   engine on both sides, so that what is left is the sliding-window strategy (CPU with bf16 only).
 4. ``--layouts``: ``emseg valid`` again with 1 worker x N threads and N workers x 1 thread.
 
 The script re-executes itself under emseg's worker malloc settings (:func:`with_worker_malloc`), so that
@@ -34,6 +37,7 @@ is printed before and after.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -46,6 +50,9 @@ import numpy as np
 import torch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012" / "test-volume.tif"
+
+
+FUSED_MONAI = "monai 0.5, fused model"
 
 
 def load(path: Path = DATA) -> np.ndarray:
@@ -97,7 +104,7 @@ def _forward_loop(checkpoint: str, shape: tuple[int, ...], batches: int, precisi
     from emseg.inference import _forward, prepare_model
     from emseg.models import load_checkpoint
 
-    model = prepare_model(load_checkpoint(checkpoint).model, device)
+    model = prepare_model(load_checkpoint(checkpoint).model, device, precision)  # type: ignore[arg-type]
     x = torch.randn(*shape, device=device).contiguous(memory_format=torch.channels_last)
     _forward(model, x, activation="sigmoid", tta=False, precision=precision).cpu()  # type: ignore[arg-type]
     start = time.perf_counter()
@@ -212,6 +219,11 @@ def main() -> None:
     torch.manual_seed(0)
     same = build("unet", ndim=2, base_channels=16, depth=3, padding="same").eval()
     same_ckpt = save_checkpoint(same, tmp / "same-ckpt")
+    fused_same = None
+    if device == "cpu" and default_precision(device) == "bf16":
+        from emseg.inference import prepare_model
+
+        fused_same = prepare_model(copy.deepcopy(same), device, "bf16")
     gpu = f", GPU {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}" if device == "cuda" else ""
     print(f"machine: {platform.machine()}, {n} cores{gpu}, torch {torch.__version__}, default precision "
           f"{default_precision(device)}, default CPU layout {default_layout()}; load before: {uptime()}")
@@ -250,6 +262,9 @@ def main() -> None:
                 record(key, monai_seconds(same, data, overlap, args.monai_roi, args.monai_batch, n, device))
                 notes[key] = (f"roi {args.monai_roi}, sw_batch {args.monai_batch}, gaussian, bf16 + channels-last, "
                               + ("cuda" if device == "cuda" else f"{n} threads"))
+            if fused_same is not None:  # MONAI handed emseg's engine: what is left is the work ratio
+                record(FUSED_MONAI, monai_seconds(fused_same, data, 0.5, args.monai_roi, args.monai_batch, n, device))
+                notes[FUSED_MONAI] = "as monai 0.5, the model with emseg's fused conv blocks (its CPU bf16 workers')"
         if args.layouts and device == "cpu":
             from emseg.cluster import ClusterProfile
 
@@ -270,6 +285,8 @@ def main() -> None:
     if not args.skip_same:
         for overlap in (0.25, 0.5):
             print(f"emseg same / monai {overlap} (throughput): {results[f'monai {overlap}'] / results['emseg same']:.2f}")
+        if FUSED_MONAI in results:
+            print(f"emseg same / {FUSED_MONAI} (throughput): {results[FUSED_MONAI] / results['emseg same']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"shape": shape, "cores": n, "seconds": results, "notes": notes}, indent=1))
 

@@ -3,8 +3,10 @@
 Why ``emseg same / monai 0.5`` in ``bench_predict.py`` sits near 2x: per input voxel, emseg's 608^2
 tiles and MONAI's 256^2 x 4 windows cost about the same, while emseg computes 1.41x its output and MONAI
 3.06x (overlap 0.5 on 1024^2 sections).  This prints both per-voxel figures and the ratio they allow,
-then scans tile cores (input = core + context), each size in several passes so that the noise shows.  One process under emseg's worker malloc settings (as
-``bench_predict.py``), bf16 autocast + channels-last, the model of
+then scans tile cores (input = core + context) with emseg's fused model, each size in several passes so
+that the noise shows.  One process under emseg's worker malloc settings (as ``bench_predict.py``), bf16
+autocast + channels-last, the model unfused (as MONAI runs it) and with emseg's fused convolution blocks
+(:func:`emseg.inference.fuse_conv_blocks`, what its CPU workers run in bf16), the model of
 ``bench_predict.py``'s "same" runs (random weights, base 16, depth 3) or the bundled valid model.
 
     .venv/bin/python benchmarks/bench_tiles.py                     # same-padded, 1 thread
@@ -14,6 +16,7 @@ then scans tile cores (input = core + context), each size in several passes so t
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from typing import Any
@@ -54,27 +57,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.model == "same":
-        model = prepare_model(build("unet", ndim=2, in_channels=1, out_channels=1, base_channels=16, depth=3,
-                                    padding="same"))
+        raw = build("unet", ndim=2, in_channels=1, out_channels=1, base_channels=16, depth=3, padding="same")
         context = 96  # emseg's halo 48 per side
     else:
-        model = prepare_model(load_checkpoint(BUNDLED).model)
-        context = 88  # the valid model's context
+        raw = load_checkpoint(BUNDLED).model
+        context = raw.valid_input_shape((512 + 2 * raw.context[0],) * 2)[0] - 512  # 604^2 input for 512^2, as emseg
+    models = {"unfused": prepare_model(copy.deepcopy(raw)),  # what MONAI runs in bench_predict.py
+              "fused": prepare_model(copy.deepcopy(raw), "cpu", "bf16")}  # what emseg's CPU workers run in bf16
     print(f"model {args.model}, {args.threads} thread(s), bf16 + channels-last, best of {args.reps}")
     emseg_in = 512 + context
-    t_emseg = forward_seconds(model, emseg_in, 1, args.reps)
-    t_monai = forward_seconds(model, 256, 4, args.reps)
-    rate_emseg = emseg_in**2 / t_emseg / 1e6
-    rate_monai = 4 * 256**2 / t_monai / 1e6
-    print(f"emseg tile {emseg_in}^2 x 1: {t_emseg * 1e3:.0f} ms, {rate_emseg:.2f} Mvoxel/s of input")
-    print(f"monai window 256^2 x 4: {t_monai * 1e3:.0f} ms, {rate_monai:.2f} Mvoxel/s of input")
-    if args.model == "same":
-        overhead = emseg_in**2 / 512**2
-        # MONAI at overlap 0.5 on 1024^2 sections: windows every 128 px, 7 x 7 of 256^2 per section
-        windows = (math.ceil((1024 - 256) / 128) + 1) ** 2
-        monai_work = windows * 256**2 / 1024**2
-        print(f"ratio the forward passes allow at overlap 0.5 on 1024^2 sections: ({rate_emseg:.2f} / {overhead:.2f}) "
-              f"/ ({rate_monai:.2f} / {monai_work:.2f}) = {(rate_emseg / overhead) / (rate_monai / monai_work):.2f}x")
+    for name, model in models.items():
+        t_emseg = forward_seconds(model, emseg_in, 1, args.reps)
+        rate_emseg = emseg_in**2 / t_emseg / 1e6
+        print(f"{name}: tile {emseg_in}^2 x 1 (emseg's): {t_emseg * 1e3:.0f} ms, {rate_emseg:.2f} Mvoxel/s of input")
+        if args.model == "same":  # MONAI's windows: the valid model has no 256^2 input
+            t_monai = forward_seconds(model, 256, 4, args.reps)
+            rate_monai = 4 * 256**2 / t_monai / 1e6
+            print(f"{name}: window 256^2 x 4 (MONAI's): {t_monai * 1e3:.0f} ms, {rate_monai:.2f} Mvoxel/s of input")
+            overhead = emseg_in**2 / 512**2
+            # MONAI at overlap 0.5 on 1024^2 sections: windows every 128 px, 7 x 7 of 256^2 per section
+            windows = (math.ceil((1024 - 256) / 128) + 1) ** 2
+            monai_work = windows * 256**2 / 1024**2
+            print(f"  ratio the passes allow at overlap 0.5 on 1024^2 sections, both {name}: ({rate_emseg:.2f} / "
+                  f"{overhead:.2f}) / ({rate_monai:.2f} / {monai_work:.2f}) = "
+                  f"{(rate_emseg / overhead) / (rate_monai / monai_work):.2f}x")
+    model = models["fused"]
     rates: dict[int, list[float]] = {}
     for _ in range(args.scan):
         for core in range(256, 1025, 32):

@@ -30,6 +30,7 @@ Axis order: arrays ``(c, z, y, x)``, tensors ``(b, c, [z,] y, x)``.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,8 +48,10 @@ __all__ = [
     "Precision",
     "Tiling",
     "apply_activation",
+    "FusedConv",
     "cpu_has_native_bf16",
     "default_precision",
+    "fuse_conv_blocks",
     "gaussian_window",
     "make_tiling",
     "normalize",
@@ -63,6 +66,8 @@ PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 Blend = Literal["crop", "gaussian"]
 Activation = Literal["sigmoid", "softmax", "none"]
 OutputDtype = Literal["uint8", "float16", "float32"]
+
+log = logging.getLogger(__name__)
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -118,16 +123,124 @@ def resolve_precision(precision: str, device: str) -> Precision:
 _PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def prepare_model(model: Any, device: str | torch.device = "cpu") -> Any:
+def prepare_model(model: Any, device: str | torch.device = "cpu", precision: Precision | None = None) -> Any:
     """The model in eval mode on ``device``, weights in channels-last layout (NHWC / NDHWC).
 
     oneDNN (CPU) and cuDNN (tensor cores) run convolutions fastest channels-last, in fp32 as in bf16
     (issue 15: 1.4x fp32, 2.5x bf16 on an AVX512-BF16 CPU).  :func:`predict_block` feeds batches in
     the model's layout.  Values are those of the same model in NCHW up to float rounding.
+
+    With ``precision="bf16"`` on a CPU, every :class:`~emseg.models.blocks.ConvBlock` also becomes one
+    oneDNN primitive (:func:`fuse_conv_blocks`), checked against the unfused model once; the model
+    is modified in place either way.
     """
     model = model.eval().to(device)
     ndim = int(getattr(model, "ndim", 2))
-    return model.to(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
+    model = model.to(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
+    if precision == "bf16" and torch.device(device).type == "cpu" and _can_fuse():
+        fuse_conv_blocks(model)
+    return model
+
+
+def _can_fuse() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class FusedConv(torch.nn.Module):
+    """A :class:`~emseg.models.blocks.ConvBlock` (convolution, batch norm, ReLU) as one oneDNN convolution.
+
+    The batch norm (eval statistics) is folded into the weights and the ReLU runs as the
+    convolution's post-op, so the block's output is written once instead of two or three times:
+    the op torch's own compiler emits for such a block (``torch.ops.mkldnn._convolution_pointwise``),
+    without its compile step.  Weights in ``dtype``; input is cast to it.
+    """
+
+    def __init__(self, block: torch.nn.Sequential, dtype: torch.dtype) -> None:
+        super().__init__()
+        conv: Any = block[0]
+        bn: Any = next((m for m in block if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
+        weight = conv.weight.detach().float()
+        bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+        if bn is not None:
+            assert bn.running_mean is not None and bn.running_var is not None  # checked by _fusable
+            scale = (bn.weight.detach().float() if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
+                bn.running_var.float() + bn.eps)
+            shift = bn.bias.detach().float() if bn.affine else torch.zeros_like(scale)
+            weight = weight * scale.view(-1, *(1,) * (weight.dim() - 1))
+            bias = (bias - bn.running_mean.float()) * scale + shift
+        fmt = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+        self.weight = torch.nn.Parameter(weight.to(dtype).contiguous(memory_format=fmt), requires_grad=False)
+        self.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.padding, self.stride = list(conv.padding), list(conv.stride)
+        self.dilation, self.groups = list(conv.dilation), int(conv.groups)
+        self.post = "relu" if any(isinstance(m, torch.nn.ReLU) for m in block) else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x.to(self.weight.dtype), self.weight, self.bias, self.padding,
+                                                       self.stride, self.dilation, self.groups, self.post, [], "")
+
+
+def _fusable(block: torch.nn.Module) -> bool:
+    from emseg.models.blocks import ConvBlock
+
+    if not isinstance(block, ConvBlock) or not block or any(isinstance(m, FusedConv) for m in block):
+        return False
+    conv, rest = block[0], list(block)[1:]
+    if not isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)) or isinstance(conv.padding, str) \
+            or conv.padding_mode != "zeros":
+        return False
+    bns = [m for m in rest if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if any(m.running_mean is None or m.running_var is None for m in bns):
+        return False  # batch statistics even in eval mode: nothing to fold
+    return all(isinstance(m, (torch.nn.ReLU, torch.nn.modules.batchnorm._BatchNorm, torch.nn.Identity)) for m in rest) \
+        and len(bns) <= 1 and (bool(bns) or any(isinstance(m, torch.nn.ReLU) for m in rest))
+
+
+def fuse_conv_blocks(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace, in place, each fusable ``ConvBlock`` of ``model`` (eval mode, on the CPU) by a :class:`FusedConv`.
+
+    Blocks with nothing to fuse (a lone convolution) stay as they are.  The fused model is checked
+    once on a small random input: under bf16 autocast (the way :func:`predict_block` runs it) it must
+    be as close to the fp32 model as the unfused model is (1.5x its largest error + 0.01).  If a fused
+    op is missing or the outputs disagree, the original blocks are put back and a warning is logged.
+    Returns the number of fused blocks.
+    """
+    blocks = [m for m in model.modules() if _fusable(m)]
+    if not blocks:
+        return 0
+    ndim = int(getattr(model, "ndim", len(blocks[0][0].kernel_size)))
+    at_least = getattr(model, "valid_input_shape", lambda s: tuple(s))((32,) * ndim)
+    fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand((1, int(getattr(model, "in_channels", 1)), *at_least), generator=generator)
+    x = x.contiguous(memory_format=fmt)
+    saved = [list(b) for b in blocks]
+    try:
+        with torch.inference_mode():
+            exact = model(x).float()
+            with torch.autocast("cpu", dtype=dtype):
+                unfused = model(x).float()
+                for block in blocks:
+                    fused = FusedConv(block, dtype)
+                    for name in list(block._modules):
+                        del block._modules[name]
+                    block.append(fused)
+                got = model(x).float()
+        # folding batch norm rounds the weights differently: as close to fp32 as the unfused bf16 model, not equal
+        error, allowed = float((got - exact).abs().max()), 1.5 * float((unfused - exact).abs().max()) + 0.01
+        ok = got.shape == exact.shape and error <= allowed
+        why = "" if ok else f"max difference to fp32 {error:.3g}, unfused {allowed:.3g} allowed"
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        ok, why = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        for block, layers in zip(blocks, saved):
+            for name in list(block._modules):
+                del block._modules[name]
+            for layer in layers:
+                block.append(layer)
+        log.warning("fused oneDNN convolutions do not reproduce the model (%s); running it unfused", why)
+        return 0
+    return len(blocks)
 
 
 def _memory_format(model: Any, dims: int) -> torch.memory_format:

@@ -18,10 +18,11 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -469,13 +470,20 @@ class PredictConfig(BaseModel):
     """The run's options, every default resolved (:attr:`PredictionPlan.options`)."""
     threads: int
     """torch threads per CPU worker."""
+    run: str = ""
+    """This run's id: a worker keeps the volumes it opened for the run (:func:`_run_volume`); empty: none kept."""
 
 
-_MODEL_CACHE: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+_MODEL_CACHE: dict[tuple[str, int, str, str], tuple[Any, Any]] = {}
+#: The volumes a worker opened for the current run, by (run, path, mode): opening reads and checks the
+#: metadata, ~3-4 ms per volume and block on a local disk (issue 15).  A run holds the output's lock, and
+#: its input is read-only, so what was opened stays valid until the run ends.
+_VOLUMES: dict[tuple[str, str, str], Any] = {}
 #: One model load or forward pass at a time per worker process.  A GPU worker runs two blocks at once
 #: (:func:`predict` asks for half a GPU per block): while one holds this lock on the GPU, the other
 #: reads its input or writes its output, so zarr I/O overlaps with the model.
 _COMPUTE = threading.Lock()
+_OPENING = threading.Lock()
 
 
 def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
@@ -490,11 +498,12 @@ def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
         torch.set_num_threads(config.threads)
     if device == "cuda":  # fp32 means fp32: no TF32 convolutions / matmuls behind its back
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.options.precision != "fp32"
-    key = (config.checkpoint, config.checkpoint_mtime_ns, device)
+    key = (config.checkpoint, config.checkpoint_mtime_ns, device, config.options.precision)  # bf16 on a CPU: fused
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()  # one model per worker
         ckpt = load_checkpoint(config.checkpoint)
-        _MODEL_CACHE[key] = (prepare_model(ckpt.model, device), ckpt.config)
+        precision = None if config.options.precision == "auto" else config.options.precision  # resolved by the plan
+        _MODEL_CACHE[key] = (prepare_model(ckpt.model, device, precision), ckpt.config)
         log.info("loaded %s on %s", config.checkpoint, device)
     return _MODEL_CACHE[key]
 
@@ -517,14 +526,28 @@ def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi
     return to_output_dtype(values, options.dtype)
 
 
-def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
-    """Worker task: read the block's tiles' inputs, run the model, write the core.  Idempotent."""
+def _run_volume(config: PredictConfig, path: str, mode: Literal["r", "r+"]) -> Any:
+    """``open_volume(path)`` (the output: ``mode="r+"``, incomplete), opened once per worker and run."""
     from emseg.io import open_volume
 
+    key = (config.run, path, mode)
+    volume = _VOLUMES.get(key) if config.run else None
+    if volume is None:
+        volume = open_volume(path, mode=mode, allow_incomplete=mode == "r+")
+        if config.run:
+            with _OPENING:
+                if any(k[0] != config.run for k in _VOLUMES):
+                    _VOLUMES.clear()  # another run's: only the current run's are kept
+                _VOLUMES[key] = volume
+    return volume
+
+
+def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
+    """Worker task: read the block's tiles' inputs, run the model, write the core.  Idempotent."""
     start = time.perf_counter()
     with _COMPUTE:
         _worker_model(config)  # loaded before the first read, so that reads overlap the other block's compute
-    source = open_volume(config.input)
+    source = _run_volume(config, config.input, "r")
     read_roi = block.read_roi
     try:
         raw = source.read(read_roi, pad="reflect")
@@ -537,7 +560,7 @@ def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
         values = compute_block(config, raw, read_roi, block.write_roi)
     except InvalidDataError as e:
         raise InvalidDataError(f"{config.input}: block {block.block_id} ({block.write_roi}): {e}") from e
-    out = open_volume(config.output, mode="r+", allow_incomplete=True)
+    out = _run_volume(config, config.output, "r+")
     out.write(block.write_roi, values)
     return {"seconds": round(time.perf_counter() - start, 3), "tiles": tiles_in_block(config.tiling, block.write_roi)}
 
@@ -696,7 +719,7 @@ def predict(
         config = PredictConfig(
             input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
             checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
-            options=plan.options, threads=connection.threads_per_worker,
+            options=plan.options, threads=connection.threads_per_worker, run=uuid.uuid4().hex,
         )
         resources = connection.resources
         if resources and "GPU" in resources and connection.threads_per_worker >= 2:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -235,7 +237,85 @@ def test_bf16_channels_last_stays_within_a_few_uint8_steps_of_fp32_on_real_em(sh
     out = {p: to_output_dtype(predict_block(model, padded, raw_roi=read, write_roi=write, tiling=tiling,
                                             mean=norm.mean, std=norm.std, precision=p), "uint8").astype(int)
            for p in ("fp32", "bf16")}
-    steps = np.abs(out["bf16"] - out["fp32"])
+    # what emseg's CPU workers run in bf16: the same model with fused convolution blocks
+    fused = prepare_model(load_checkpoint(BUNDLED).model, "cpu", "bf16")
+    out["fused"] = to_output_dtype(predict_block(fused, padded, raw_roi=read, write_roi=write, tiling=tiling,
+                                                 mean=norm.mean, std=norm.std, precision="bf16"), "uint8").astype(int)
     assert out["fp32"].std() > 20  # a real prediction: membranes and cells
-    assert (steps <= 1).mean() >= 0.99, np.bincount(steps.ravel())
-    assert steps.max() <= 8 and steps.mean() <= 0.25, np.bincount(steps.ravel())
+    for bf16 in ("bf16", "fused"):
+        steps = np.abs(out[bf16] - out["fp32"])
+        assert (steps <= 1).mean() >= 0.99, (bf16, np.bincount(steps.ravel()))
+        assert steps.max() <= 8 and steps.mean() <= 0.25, (bf16, np.bincount(steps.ravel()))
+
+
+def _with_running_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch-norm statistics and affine parameters away from the identity, so that folding them shows."""
+    generator = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for tensor, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
+                                   (m.bias, -0.3, 0.3)):
+                with torch.no_grad():
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (hi - lo) + lo)
+    return model
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("unet", {"ndim": 2, "base_channels": 8, "depth": 2, "padding": "valid"}),
+    ("unet", {"ndim": 3, "base_channels": 4, "depth": 1, "padding": "same", "batch_norm": True}),
+    ("fusionnet", {"ndim": 2, "base_channels": 8, "depth": 2}),
+    ("unetpp", {"ndim": 2, "base_channels": 8, "depth": 2}),
+])
+def test_bf16_cpu_models_run_fused_blocks_with_unfused_accuracy(name: str, fields: dict) -> None:
+    """prepare_model(..., "cpu", "bf16") turns every conv(+BN)+ReLU block into one oneDNN op (issue 15):
+    as close to the fp32 model as the unfused bf16 model, on an input the check inside never saw."""
+    from emseg.inference import FusedConv, prepare_model
+    from emseg.models import build
+    from emseg.models.blocks import ConvBlock
+
+    torch.manual_seed(0)
+    model = _with_running_stats(build(name, **fields)).eval()
+    plain = prepare_model(copy.deepcopy(model))
+    fused = prepare_model(copy.deepcopy(model), "cpu", "bf16")
+    assert not any(isinstance(m, FusedConv) for m in plain.modules())
+    blocks = [m for m in fused.modules() if isinstance(m, ConvBlock)]
+    assert any(isinstance(b[0], FusedConv) for b in blocks)
+    # every block is one op: fused, or a lone convolution (nothing to fuse)
+    assert all(len(b) == 1 and isinstance(b[0], (FusedConv, torch.nn.Conv2d, torch.nn.Conv3d)) for b in blocks)
+    x = torch.rand((2, 1, *plain.valid_input_shape((40,) * plain.ndim)), generator=torch.Generator().manual_seed(7))
+    fmt = torch.channels_last if plain.ndim == 2 else torch.channels_last_3d
+    x = x.contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        exact = plain(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unfused, got = plain(x).float(), fused(x).float()
+    assert got.shape == exact.shape
+    assert float((got - exact).abs().max()) <= 1.5 * float((unfused - exact).abs().max()) + 0.01
+
+
+def test_fp32_and_cuda_models_are_not_fused() -> None:
+    from emseg.inference import FusedConv, prepare_model
+
+    for precision in (None, "fp32"):
+        model = prepare_model(tiny_model(2, padding="same"), "cpu", precision)
+        assert not any(isinstance(m, FusedConv) for m in model.modules())
+
+
+def test_a_fused_op_that_disagrees_leaves_the_model_unfused(monkeypatch, caplog) -> None:
+    """The check in fuse_conv_blocks: a fused kernel that gives other values (here: one that drops the
+    ReLU, as a wrong post-op would) is caught, and every original block is put back."""
+    from emseg.inference import FusedConv, fuse_conv_blocks, prepare_model
+
+    model = prepare_model(tiny_model(2, padding="same"))
+    before = [type(m) for m in model.modules()]
+    wrong = FusedConv.forward
+
+    def without_relu(self: FusedConv, x: torch.Tensor) -> torch.Tensor:
+        self.post = "none"
+        return wrong(self, x)
+
+    monkeypatch.setattr(FusedConv, "forward", without_relu)
+    with caplog.at_level("WARNING", logger="emseg.inference"):
+        assert fuse_conv_blocks(model) == 0
+    assert [type(m) for m in model.modules()] == before
+    assert "running it unfused" in caplog.text

@@ -78,6 +78,48 @@ def test_output_is_bit_identical_across_block_sizes_and_worker_counts(checkpoint
         np.testing.assert_array_equal(outputs[0], other)
 
 
+def _count_opens() -> None:
+    """Worker side: count emseg.io.open_volume calls (a wrapper around the real function)."""
+    import emseg.io
+
+    real = getattr(emseg.io.open_volume, "real", emseg.io.open_volume)
+
+    def counted(*args, **kwargs):
+        counted.calls.append(str(args[0]))  # type: ignore[attr-defined]
+        return real(*args, **kwargs)
+
+    counted.calls = []  # type: ignore[attr-defined]
+    counted.real = real  # type: ignore[attr-defined]
+    emseg.io.open_volume = counted
+
+
+def _opens_and_restore() -> list[str]:
+    import emseg.io
+
+    calls = list(emseg.io.open_volume.calls)
+    emseg.io.open_volume = emseg.io.open_volume.real
+    return calls
+
+
+def test_a_worker_opens_each_volume_once_per_run(checkpoints, write_volume, tmp_path, cluster2):
+    """Opening a volume reads and checks its metadata (~3-4 ms on a local disk, issue 15): a worker keeps
+    the input and output it opened for the run instead of reopening them for every block, and a new
+    run (here: over the same paths, overwritten) opens them afresh."""
+    ckpt = checkpoints(2)
+    source = write_volume(smooth_volume((8, 40, 36)))
+    out = tmp_path / "out.zarr"
+    common = dict(checkpoint=ckpt, block_size=(1, 16, 16), tile_size=(1, 16, 16), chunks=(1, 16, 16), progress=False,
+                  client=cluster2, overwrite=True)
+    for _ in range(2):
+        cluster2.client.run(_count_opens)
+        report = predict(source, out, **common)
+        opens = cluster2.client.run(_opens_and_restore)
+        assert report.computed == 8 * 3 * 3
+        for calls in opens.values():  # 72 blocks on 2 workers
+            assert sorted(calls) == sorted([str(source.resolve()), str(out.resolve())]), calls
+        assert read_output(out).std() > 0
+
+
 def test_rerun_resumes_and_other_parameters_are_refused(checkpoints, write_volume, tmp_path, cluster2):
     ckpt = checkpoints(2)
     source = write_volume(smooth_volume((4, 32, 32), seed=4))

@@ -49,7 +49,7 @@ def test_channels_axis(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("roi", [Roi((-3, -5, -7), (16, 30, 44)), Roi((4, 10, 20), (9, 15, 20)),
-                                 Roi((-25, -40, -2), (60, 90, 5))])
+                                 Roi((-25, -40, -2), (60, 90, 5)), Roi((2, -4, 25), (6, 12, 9))])
 def test_reflect_read_matches_numpy_pad(make_volume, roi: Roi) -> None:
     volume = open_volume(make_volume(shape=(10, 20, 30)))
     whole = volume.read(volume.roi)
