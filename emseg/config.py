@@ -212,7 +212,7 @@ class PredictOptions(Options):
     """Average over all flips of the spatial axes (4x the compute in 2-D, 8x in 3-D)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Arithmetic of the forward pass; auto: bf16 on GPUs and CPUs with native bf16 (AVX512-BF16, AMX),
-    else fp32."""
+    else fp32.  bf16 on a CPU also runs each convolution block (conv, batch norm, ReLU) as one oneDNN op."""
     dtype: Literal["uint8", "float16", "float32"] = "uint8"
     """Stored prediction: uint8 holds round(probability x 255); float16 or float32 the value itself."""
 
