@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from emseg.errors import ConfigError, GeometryError, InvalidDataError, UnsupportedDtypeError
 from emseg.geometry import Coordinate, Roi, round_up
@@ -161,13 +162,10 @@ class FusedConv(torch.nn.Module):
         bn: Any = next((m for m in block if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
         weight = conv.weight.detach().float()
         bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
-        if bn is not None:
-            assert bn.running_mean is not None and bn.running_var is not None  # checked by _fusable
-            scale = (bn.weight.detach().float() if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
-                bn.running_var.float() + bn.eps)
-            shift = bn.bias.detach().float() if bn.affine else torch.zeros_like(scale)
-            weight = weight * scale.view(-1, *(1,) * (weight.dim() - 1))
-            bias = (bias - bn.running_mean.float()) * scale + shift
+        if bn is not None:  # running statistics: checked by _fusable
+            weight, bias = fuse_conv_bn_weights(
+                weight, bias, bn.running_mean.float(), bn.running_var.float(), bn.eps,
+                bn.weight.detach().float() if bn.affine else None, bn.bias.detach().float() if bn.affine else None)
         fmt = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
         self.weight = torch.nn.Parameter(weight.to(dtype).contiguous(memory_format=fmt), requires_grad=False)
         self.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
@@ -196,6 +194,13 @@ def _fusable(block: torch.nn.Module) -> bool:
         and len(bns) <= 1 and (bool(bns) or any(isinstance(m, torch.nn.ReLU) for m in rest))
 
 
+def _set_layers(block: torch.nn.Sequential, layers: list[torch.nn.Module]) -> None:
+    for name in list(block._modules):
+        del block._modules[name]
+    for layer in layers:
+        block.append(layer)
+
+
 def fuse_conv_blocks(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace, in place, each fusable ``ConvBlock`` of ``model`` (eval mode, on the CPU) by a :class:`FusedConv`.
 
@@ -221,10 +226,7 @@ def fuse_conv_blocks(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
             with torch.autocast("cpu", dtype=dtype):
                 unfused = model(x).float()
                 for block in blocks:
-                    fused = FusedConv(block, dtype)
-                    for name in list(block._modules):
-                        del block._modules[name]
-                    block.append(fused)
+                    _set_layers(block, [FusedConv(block, dtype)])
                 got = model(x).float()
         # folding batch norm rounds the weights differently: as close to fp32 as the unfused bf16 model, not equal
         error, allowed = float((got - exact).abs().max()), 1.5 * float((unfused - exact).abs().max()) + 0.01
@@ -234,10 +236,7 @@ def fuse_conv_blocks(model: Any, dtype: torch.dtype = torch.bfloat16) -> int:
         ok, why = False, f"{type(e).__name__}: {e}"
     if not ok:
         for block, layers in zip(blocks, saved):
-            for name in list(block._modules):
-                del block._modules[name]
-            for layer in layers:
-                block.append(layer)
+            _set_layers(block, layers)
         log.warning("fused oneDNN convolutions do not reproduce the model (%s); running it unfused", why)
         return 0
     return len(blocks)

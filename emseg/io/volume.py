@@ -138,13 +138,12 @@ class Volume:
             return np.asarray(self.array[lead + roi.to_slices()])
         if pad is None:
             raise VolumeShapeError(f"{self.path}: {roi} reaches outside the volume {self.roi}; read with pad=...")
+        inside = roi.intersect(self.roi)
         if pad == "constant":
             out = np.zeros(((self.channels,) if self.has_channels else ()) + roi.shape, dtype=self.dtype)
-            inside = roi.intersect(self.roi)
             if not inside.empty:
                 out[lead + inside.relative_to(roi).to_slices()] = self.array[lead + inside.to_slices()]
             return out
-        inside = roi.intersect(self.roi)
         pads = [(i0 - b, e - i1) for b, e, i0, i1 in zip(roi.begin, roi.end, inside.begin, inside.end)]
         if not inside.empty and all(lo < n and hi < n for (lo, hi), n in zip(pads, inside.shape)):
             # one mirror image per side (halo < the part inside): read the inside, np.pad mirrors it

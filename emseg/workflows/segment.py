@@ -101,11 +101,10 @@ def segment(
             on = run.model_copy(update={"client": connection})  # every stage on this one cluster
             predicted = predict(volume, out, p, run=on, zarr_format=zarr_format)
             labelled: Any
-            if lab.method == "agglomerate" and "threshold" not in agg.model_fields_set:
-                # the model's own threshold, unless a flag or the recipe set one
-                agg = with_model_threshold(agg, out)
-                config = config.model_copy(update={"agglomerate": agg})
             if lab.method == "agglomerate":
+                if "threshold" not in agg.model_fields_set:  # the model's own, unless a flag or the recipe set one
+                    agg = with_model_threshold(agg, out)
+                    config = config.model_copy(update={"agglomerate": agg})
                 labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=mode, block_size=lab.block_size,
                                                                   run=on))
             else:

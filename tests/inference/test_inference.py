@@ -293,7 +293,7 @@ def test_bf16_cpu_models_run_fused_blocks_with_unfused_accuracy(name: str, field
     assert float((got - exact).abs().max()) <= 1.5 * float((unfused - exact).abs().max()) + 0.01
 
 
-def test_fp32_and_cuda_models_are_not_fused() -> None:
+def test_fp32_cpu_models_are_not_fused() -> None:
     from emseg.inference import FusedConv, prepare_model
 
     for precision in (None, "fp32"):
