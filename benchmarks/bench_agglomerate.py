@@ -12,12 +12,12 @@ memory that grows with the fragments from memory that would grow with the edges.
 For every size the real stages run on one LocalCluster (2 worker processes), through the library
 calls that ``emseg agglomerate`` / ``emseg segment`` make:
 
-* ``graph``: :func:`emseg.agglomerate.build_graph` (edges, mean affinity, hierarchical merge scores
+* ``graph``: :func:`emseg.workflows.agglomerate.build_graph` (edges, mean affinity, hierarchical merge scores
   by waterz over each block plus context, one ``.npz`` per block);
-* ``global``: :func:`emseg.agglomerate.global_lookups` alone, the client's global step (a union-find
+* ``global``: :func:`emseg.workflows.agglomerate.global_lookups` alone, the client's global step (a union-find
   over the fragment ids streaming the blocks' edge files, one lookup per threshold), measured on
   its own so that its memory is not mixed with the relabel's;
-* ``agglomerate``: :func:`emseg.agglomerate.agglomerate` with three thresholds: that global step
+* ``agglomerate``: :func:`emseg.workflows.agglomerate.agglomerate` with three thresholds: that global step
   again, the lookups stored, and the blockwise relabel of three label images.
 
 Memory: the client's resident set (this process) and every worker's are sampled every 20 ms during
@@ -187,8 +187,8 @@ def _worker_sampler_peak() -> int:
 
 
 def run_case(path: Path, workers: int, thresholds: tuple[float, ...], block: tuple[int, ...]) -> dict[str, object]:
-    from emseg.agglomerate import agglomerate, build_graph, global_lookups
     from emseg.cluster import connect
+    from emseg.workflows.agglomerate import agglomerate, build_graph, global_lookups
 
     out: dict[str, object] = {}
     with connect(workers=workers) as connection:

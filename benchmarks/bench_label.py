@@ -9,7 +9,7 @@ and the median of the rounds are reported, with the load average before and afte
   with the zarr read and the uint64 zarr write around it (what a one-machine tool does end to end;
   zarr-python decodes and encodes the chunks on its thread pool, i.e. on every core, with the same
   codec and chunks as emseg's output, :func:`emseg.io.create_volume`);
-* ``emseg``: :func:`emseg.label.label` with ``--workers`` local worker processes, zarr in -> zarr
+* ``emseg``: :func:`emseg.workflows.label.label` with ``--workers`` local worker processes, zarr in -> zarr
   out, all three stages (the cluster is started before timing: start-up excluded);
 * ``dask-image``: ``dask_image.ndmeasure.label`` of ``da.from_zarr`` on the same cluster,
   written to zarr.
@@ -91,7 +91,7 @@ def main() -> None:
 
     from emseg.cluster import connect
     from emseg.io import create_volume, mark_complete, open_volume
-    from emseg.label import label
+    from emseg.workflows.label import label
 
     work = Path(tempfile.mkdtemp(prefix="emseg-bench-", dir=args.workdir))
     shape = (args.shape,) * 3

@@ -4,7 +4,7 @@ One volume of real EM (the ISBI 2012 test volume, 30 x 512 x 512, tiled 2 x 2 in
 along z to ``--shape``, default 32 x 1024 x 1024 = 33.5 Mvoxel uint8, OME-Zarr), one machine, the same
 cores for every method:
 
-1. ``emseg valid``: :func:`emseg.predict.predict` with **default settings** (precision, tile, batch,
+1. ``emseg valid``: :func:`emseg.workflows.predict.predict` with **default settings** (precision, tile, batch,
    worker layout) and the bundled 2-D U-Net (valid padding), on a local cluster started before
    timing; stage time: zarr read with mirrored halo, normalisation, tiles, forward, uint8 zarr write.
 2. ``forward-only valid``: only the forward passes of that plan (same model, tile input and batch
@@ -19,7 +19,7 @@ cores for every method:
    ``torch.set_num_threads(cores)``, ROI ``--monai-roi`` with ``--monai-batch`` windows per pass.
    ``forward-only same, workers``: the forward passes of that emseg plan alone, on the workers.
    ``monai 0.5, fused model``: MONAI at overlap 0.5 handed the model as emseg's CPU workers run it in
-   bf16 (conv blocks fused into single oneDNN ops, :func:`emseg.inference.fuse_conv_blocks`): the same
+   bf16 (conv blocks fused into single oneDNN ops, :func:`emseg.ops.inference.fuse_conv_blocks`): the same
    engine on both sides, so that what is left is the sliding-window strategy (CPU with bf16 only).
 4. ``--layouts``: ``emseg valid`` again with 1 worker x N threads and N workers x 1 thread.
 
@@ -101,8 +101,8 @@ def _forward_task(checkpoint: str, shape: tuple[int, ...], batches: int, precisi
 def _forward_loop(checkpoint: str, shape: tuple[int, ...], batches: int, precision: str, device: str) -> float:
     import torch
 
-    from emseg.inference import _forward, prepare_model
     from emseg.models import load_checkpoint
+    from emseg.ops.inference import _forward, prepare_model
 
     model = prepare_model(load_checkpoint(checkpoint).model, device, precision)  # type: ignore[arg-type]
     x = torch.randn(*shape, device=device).contiguous(memory_format=torch.channels_last)
@@ -130,7 +130,7 @@ def forward_only(plan, connection, threads: int, device: str) -> dict[str, float
 
 
 def run_emseg(source: Path, out: Path, connection, **kwargs) -> tuple[float, object]:
-    from emseg.predict import predict
+    from emseg.workflows.predict import predict
 
     report = predict(source, out, client=connection, progress=False, overwrite=True, **kwargs)
     return report.seconds, report.plan
@@ -139,7 +139,7 @@ def run_emseg(source: Path, out: Path, connection, **kwargs) -> tuple[float, obj
 def warm(connection, ckpt: Path, tmp: Path) -> None:
     """Load the model on every worker (emseg caches it per worker process) and run the default tile shape once
     (oneDNN builds its kernels per input shape), as in a long run; the forward-only loops are warmed the same way."""
-    from emseg.predict import predict
+    from emseg.workflows.predict import predict
 
     n = len(connection.client.scheduler_info()["workers"])
     warm_vol = make_volume(tmp / f"warm{n}.zarr", tiled(load()[:2], (2 * n, 1024, 1024)))
@@ -206,9 +206,9 @@ def main() -> None:
         shape = (2, 512, 512)
 
     from emseg.cluster import connect, default_layout
-    from emseg.inference import default_precision
     from emseg.models import build, save_checkpoint
-    from emseg.predict import BUNDLED
+    from emseg.ops.inference import default_precision
+    from emseg.workflows.predict import BUNDLED
 
     n = cores()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,7 +221,7 @@ def main() -> None:
     same_ckpt = save_checkpoint(same, tmp / "same-ckpt")
     fused_same = None
     if device == "cpu" and default_precision(device) == "bf16":
-        from emseg.inference import prepare_model
+        from emseg.ops.inference import prepare_model
 
         fused_same = prepare_model(copy.deepcopy(same), device, "bf16")
     gpu = f", GPU {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}" if device == "cuda" else ""

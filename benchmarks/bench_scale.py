@@ -74,13 +74,20 @@ def _baseline(rev: str, workdir: Path) -> tuple[Any, Any]:
     repo = Path(__file__).resolve().parent.parent
     folder = workdir / f"baseline_{rev}"
     folder.mkdir(parents=True, exist_ok=True)
-    ledger = subprocess.run(["git", "show", f"{rev}:emseg/io/ledger.py"], cwd=repo, capture_output=True, text=True,
-                            check=True).stdout
-    runner = subprocess.run(["git", "show", f"{rev}:emseg/runner.py"], cwd=repo, capture_output=True, text=True,
-                            check=True).stdout
+
+    def show(*paths: str) -> str:  # the first of ``paths`` that exists at ``rev`` (the engine moved)
+        for path in paths:
+            out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+            if out.returncode == 0:
+                return out.stdout
+        raise SystemExit(f"Error: none of {paths} at {rev}")
+
+    ledger = show("emseg/engine/ledger.py", "emseg/io/ledger.py")
+    runner = show("emseg/engine/runner.py", "emseg/runner.py")
     (folder / "baseline_ledger.py").write_text(ledger)
-    (folder / "baseline_runner.py").write_text(runner.replace("from emseg.io.ledger import Ledger",
-                                                              "from baseline_ledger import Ledger"))
+    for old in ("from emseg.engine.ledger import Ledger", "from emseg.io.ledger import Ledger"):
+        runner = runner.replace(old, "from baseline_ledger import Ledger")
+    (folder / "baseline_runner.py").write_text(runner)
     sys.path.insert(0, str(folder))
     modules = []
     for name in ("baseline_ledger", "baseline_runner"):
@@ -97,10 +104,10 @@ def one(n_blocks: int, workers: int, block: int, workdir: Path, baseline: str | 
     import functools
 
     from emseg.cluster import connect
+    from emseg.engine.ledger import Ledger
+    from emseg.engine.runner import run_blockwise
     from emseg.geometry import Roi, plan_blocks
     from emseg.io import create_volume
-    from emseg.io.ledger import Ledger
-    from emseg.runner import run_blockwise
 
     if baseline:
         run_blockwise, Ledger = _baseline(baseline, workdir)  # noqa: N806 - same names as the current ones

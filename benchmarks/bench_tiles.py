@@ -6,7 +6,7 @@ tiles and MONAI's 256^2 x 4 windows cost about the same, while emseg computes 1.
 then scans tile cores (input = core + context) with emseg's fused model, each size in several passes so
 that the noise shows.  One process under emseg's worker malloc settings (as ``bench_predict.py``), bf16
 autocast + channels-last, the model unfused (as MONAI runs it) and with emseg's fused convolution blocks
-(:func:`emseg.inference.fuse_conv_blocks`, what its CPU workers run in bf16), the model of
+(:func:`emseg.ops.inference.fuse_conv_blocks`, what its CPU workers run in bf16), the model of
 ``bench_predict.py``'s "same" runs (random weights, base 16, depth 3) or the bundled valid model.
 
     .venv/bin/python benchmarks/bench_tiles.py                     # same-padded, 1 thread
@@ -39,8 +39,8 @@ def forward_seconds(model: Any, size: int, batch: int, reps: int) -> float:
 
 
 def main() -> None:
-    from emseg.inference import prepare_model
     from emseg.models import build, load_checkpoint
+    from emseg.ops.inference import prepare_model
     from emseg.workflows.predict import BUNDLED
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -14,8 +14,6 @@ Names are imported on first use, so ``import emseg`` stays fast (no torch, no da
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -47,10 +45,6 @@ _LAZY = {
     "predict": "emseg.api",
     "segment": "emseg.api",
 }
-# The API functions share their names with submodules: emseg/segment/ (the label compute) and the
-# old module paths emseg.predict, emseg.label, emseg.agglomerate (aliases of emseg.workflows.*, kept
-# importable): importing such a submodule must not replace the function.
-_FUNCTIONS = frozenset({"agglomerate", "label", "predict", "segment"})
 
 if TYPE_CHECKING:
     from emseg.api import Segmentation, agglomerate, label, predict, segment
@@ -63,20 +57,10 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'emseg' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    if name not in _FUNCTIONS:
-        globals()[name] = value
+    globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
-            return  # the submodule stays importable (sys.modules); emseg.<name> stays the function
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

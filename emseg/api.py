@@ -405,7 +405,7 @@ def agglomerate(
 ) -> Any:
     """Fragments, region graph and agglomerated segments of a boundary prediction (or affinities).
 
-    The run of ``emseg agglomerate`` (:func:`emseg.agglomerate.segment_prediction`): per-block
+    The run of ``emseg agglomerate`` (:func:`emseg.workflows.agglomerate.segment_prediction`): per-block
     watershed fragments, their region graph with merge scores, and the segments of every edge
     scored below ``threshold``.
 
@@ -418,7 +418,7 @@ def agglomerate(
     run, voxel_size
         See :func:`predict`.
     **options
-        The keyword options of :func:`emseg.agglomerate.segment_prediction`, named as there
+        The keyword options of :func:`emseg.workflows.agglomerate.segment_prediction`, named as there
         (``threshold``, ``thresholds``, ``score``, ``fragment_threshold``, ``seeds``,
         ``min_distance``, ``min_size``, ``mode``, ``block_size``, ``context`` ...).
 

@@ -4,7 +4,7 @@ Every option of a stage is declared once, here, with its type, default and doc:
 
 * the command line derives its flags from the fields (:func:`emseg.cli.options.option_flags`),
 * a recipe (``pipelines/*.toml``) is validated against them (:func:`load_pipeline`),
-* the Python API (``emseg.predict``, :func:`emseg.predict.predict`, :func:`emseg.label.label`, ...)
+* the Python API (``emseg.predict``, :func:`emseg.workflows.predict.predict`, :func:`emseg.workflows.label.label`, ...)
   takes the fields as keyword arguments (or a ready model) and builds the model with
   :meth:`Options.build`,
 * the workers receive the resolved model by value, and a stage's resume fingerprint is the
@@ -222,7 +222,7 @@ class PredictOptions(Options):
 
 
 class LabelOptions(Options):
-    """How a boundary prediction becomes segments (``emseg label``, :func:`emseg.label.label`)."""
+    """How a boundary prediction becomes segments (``emseg label``, :func:`emseg.workflows.label.label`)."""
 
     method: Literal["cc", "watershed"] = "cc"
     """cc: threshold + connected components; watershed: seeded watershed of the boundary map."""
@@ -273,7 +273,7 @@ class SegmentLabelOptions(LabelOptions):
     z voxel size is at least 2.5x its y/x size, else 3-D."""
 
     def for_label(self, mode: Literal["3d", "2d"]) -> LabelOptions:
-        """These options for :func:`emseg.label.label` (method cc or watershed), in ``mode``."""
+        """These options for :func:`emseg.workflows.label.label` (method cc or watershed), in ``mode``."""
         return LabelOptions.build(**{**self.model_dump(), "mode": mode})
 
 

@@ -42,9 +42,9 @@ from typing import Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emseg.engine.lock import locked
 from emseg.errors import ConfigError, GeometryError
 from emseg.geometry import Block, Coordinate, Roi, as_coordinate, plan_blocks, round_up
-from emseg.io.lock import locked
 
 __all__ = [
     "SynthBlock",
@@ -290,7 +290,7 @@ def write_synth(
 ) -> None:
     """Write a synthetic volume as an OME-Zarr image at ``dst`` with its labels at ``dst/labels/ground_truth``.
 
-    The blocks are a stage of :func:`emseg.runner.run_blockwise` (threads in this process), so memory
+    The blocks are a stage of :func:`emseg.engine.runner.run_blockwise` (threads in this process), so memory
     is bounded by the block shape (about 100 bytes per voxel of a block and its halo, per thread),
     not the volume, and an interrupted run resumes: the same call again writes only the blocks
     without a record.  ``dst`` is marked complete only after every block is written.
@@ -325,10 +325,10 @@ def write_synth(
     GeometryError, ConfigError
         For an invalid shape, block shape, chunk shape or seed.
     """
+    from emseg.engine.ledger import WriteSpec
+    from emseg.engine.runner import run_blockwise
+    from emseg.engine.runstate import OutputClaim
     from emseg.io import create_labels, create_volume, mark_complete
-    from emseg.io.ledger import WriteSpec
-    from emseg.io.runstate import OutputClaim
-    from emseg.runner import run_blockwise
 
     params = SynthParams() if params is None else params
     shape_c = _check_shape(shape)

@@ -1,13 +1,19 @@
-"""Shared fixtures: the real EM data beside the repo and small seeded volumes on disk."""
+"""Shared fixtures: the real EM data beside the repo, small seeded volumes on disk, tiny checkpoints, local clusters."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+
+from emseg.cluster import connect
+from emseg.models import save_checkpoint
+from tests import support
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -46,3 +52,110 @@ def tree_digest(path: Path) -> str:
         digest.update(str(f.relative_to(path.parent)).encode())
         digest.update(f.read_bytes())
     return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def connection():
+    """A real distributed LocalCluster with 2 worker processes, shared by the session."""
+    with connect(workers=2) as conn:
+        yield conn
+
+
+@pytest.fixture
+def write_zarr(tmp_path: Path) -> Callable[..., Path]:
+    """Write an array ``(z, y, x)`` or ``(c, z, y, x)`` as a finished OME-Zarr image; return its path."""
+    from emseg.io import create_volume, mark_complete
+
+    def write(data: npt.NDArray, name: str = "pred.zarr", chunks=(8, 8, 8), voxel_size=(1.0, 1.0, 1.0)) -> Path:
+        path = tmp_path / name
+        channels = data.shape[0] if data.ndim == 4 else None
+        shape = data.shape[-3:]
+        volume = create_volume(path, shape=shape, dtype=data.dtype, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
+                               voxel_size=voxel_size, channels=channels)
+        volume.write(volume.roi, data)
+        mark_complete(path)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_prediction(tmp_path: Path) -> Callable[..., Path]:
+    """Write a prediction image (c, z, y, x) as uint8 p*255 (or float affinities) and return its path."""
+    from emseg.io import create_volume, mark_complete, update_status
+
+    def write(data: npt.NDArray, name: str = "pred.zarr", chunks=(8, 16, 16), voxel_size=(1.0, 1.0, 1.0),
+              outputs: tuple[str, ...] | None = None) -> Path:
+        path = tmp_path / name
+        if data.ndim == 3:
+            data = data[None]
+        if np.issubdtype(data.dtype, np.floating) and outputs is None:
+            data = np.round(data * 255).astype(np.uint8)
+        volume = create_volume(path, shape=data.shape[1:], dtype=data.dtype, chunks=chunks, voxel_size=voxel_size,
+                               channels=data.shape[0])
+        volume.write(volume.roi, data)
+        update_status(path, outputs=list(outputs or ("membrane",)))
+        mark_complete(path)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``checkpoints(ndim, padding, ...)``: a saved tiny U-Net, cached per session."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    made: dict[tuple[Any, ...], Path] = {}
+
+    def get(ndim: int = 3, padding: str = "valid", in_channels: int = 1, out_channels: int = 1,
+            activation: str = "sigmoid", seed: int = 0) -> Path:
+        key = (ndim, padding, in_channels, out_channels, activation, seed)
+        if key not in made:
+            model = support.tiny_model(ndim, padding, in_channels, out_channels, seed)
+            outputs = tuple(f"out{i}" for i in range(out_channels))
+            made[key] = save_checkpoint(model, root / "-".join(map(str, key)), outputs=outputs,
+                                        activation=activation, normalization={"mean": 0.4, "std": 0.3})  # type: ignore[arg-type]
+        return made[key]
+
+    return get
+
+
+@pytest.fixture
+def write_volume(tmp_path: Path) -> Callable[..., Path]:
+    """Write a finished OME-Zarr image holding ``data`` (``(z, y, x)`` or ``(c, z, y, x)``)."""
+    from emseg.io import create_volume, mark_complete
+
+    def write(data: np.ndarray, name: str = "vol.zarr", chunks: tuple[int, ...] = (8, 16, 16),
+              voxel_size: tuple[float, ...] = (40.0, 4.0, 4.0)) -> Path:
+        path = tmp_path / name
+        channels = data.shape[0] if data.ndim == 4 else None
+        volume = create_volume(path, shape=data.shape[-3:], dtype=data.dtype, chunks=chunks, voxel_size=voxel_size,
+                               offset_nm=(80.0, 8.0, 4.0), channels=channels)
+        volume.write(volume.roi, data)
+        mark_complete(path)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def cluster2() -> Iterator[Any]:
+    """A real LocalCluster of 2 single-threaded worker processes, shared by the session."""
+    from emseg.cluster import connect
+
+    with connect(workers=2) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def cluster1() -> Iterator[Any]:
+    """A real LocalCluster of 1 worker process."""
+    from emseg.cluster import connect
+
+    with connect(workers=1) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return support.build_inputs(tmp_path_factory.mktemp("inputs") / "inp")

@@ -94,9 +94,9 @@ def test_asymmetric_halo_and_snap_give_the_read_region() -> None:
 
 
 def test_the_recorded_grid_rebuilds_the_same_blocks(tmp_path) -> None:
-    from emseg.io.ledger import Ledger, grid_of
-    from emseg.io.runstate import claim_stage
-    from emseg.runner import _with_grid
+    from emseg.engine.ledger import Ledger, grid_of
+    from emseg.engine.runner import _with_grid
+    from emseg.engine.runstate import claim_stage
 
     grids = [plan_blocks(Roi.from_shape((6, 40, 40)), (2, 16, 16), (1, 2, 3)),
              plan_blocks(Roi.from_shape((6, 40, 40)), (2, 16, 16), ((0, 4, 4), (0, 6, 6)), snap=(1, 8, 8))]

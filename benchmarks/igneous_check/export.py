@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emseg.export.precomputed import export_precomputed
 from emseg.io import create_labels, create_volume, mark_complete
-from emseg.io.precomputed import export_precomputed
 
 if __name__ == "__main__":
     f = Path(sys.argv[1])

@@ -38,8 +38,8 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     predicting model's own (`agglomeration_threshold` in its config.json, as `emseg segment` uses it),
     else 0.8.
     """
+    from emseg.engine.lock import run_lock
     from emseg.errors import ConfigError
-    from emseg.io.lock import run_lock
     from emseg.workflows.agglomerate import agglomerate as run_agglomerate
     from emseg.workflows.agglomerate import is_fragments, segment_prediction, with_model_threshold
 

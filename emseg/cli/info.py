@@ -35,8 +35,8 @@ def info(path: str, as_json: bool, verify: bool) -> None:
 
 
 def _verify(path: str) -> None:
+    from emseg.engine.ledger import verify_output
     from emseg.errors import IncompleteOutputError, VolumeNotFoundError
-    from emseg.io.ledger import verify_output
 
     if not Path(path).exists():
         raise VolumeNotFoundError(f"{path}: no such file or directory")

@@ -169,8 +169,8 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
         directives.insert(0, f"--gres=gpu:{opts.gpus_per_job}")
         worker_args += ["--resources", "GPU=1"]
         if processes > 1:
-            # dask_setup below pins one GPU per process (emseg.slurm re-exports it; the name workers import is kept stable)
-            worker_args += ["--preload", "emseg.slurm"]
+            # dask_setup below pins one GPU per process (the preload runs this module on each worker)
+            worker_args += ["--preload", "emseg.cluster.slurm"]
     # Retire workers gracefully before SLURM kills them at the walltime; adaptive scaling replaces them.
     seconds = parse_walltime(opts.walltime)
     if seconds >= 600:
@@ -210,7 +210,7 @@ def _security_kwargs(enabled: bool, shared: Path) -> dict[str, Any]:
 
 
 def dask_setup(worker: Any) -> None:
-    """Worker preload (``--preload emseg.slurm``): pin worker ``NAME-i`` to the job's i-th GPU.
+    """Worker preload (``--preload emseg.cluster.slurm``): pin worker ``NAME-i`` to the job's i-th GPU.
 
     SLURM exposes a job's GPUs in ``CUDA_VISIBLE_DEVICES``; each of the job's worker processes keeps
     one of them so tasks asking for ``{"GPU": 1}`` never share a device.  Runs before any task (and so

@@ -6,6 +6,5 @@
 * :mod:`emseg.export.preview`: a PNG montage of raw, prediction and labels.
 * :mod:`emseg.export.view`: neuroglancer on a local, read-only store server (``emseg view``).
 
-The old import paths (``emseg.io.pyramid``, ``emseg.io.precomputed``, ``emseg.io.meshes``,
-``emseg.preview``, ``emseg.viewer``) still work.  Imports point one way: export -> io, runner.
+Imports point one way: export -> io, engine, ops.
 """

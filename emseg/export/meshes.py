@@ -1,8 +1,8 @@
 """Meshes and skeletons of a label image as neuroglancer precomputed, blockwise and resumable.
 
-Both are stages of :func:`emseg.runner.run_blockwise` (on a cluster's workers, or threads here)
+Both are stages of :func:`emseg.engine.runner.run_blockwise` (on a cluster's workers, or threads here)
 over blocks of the label image, each block read one voxel past its high faces
-(:mod:`emseg.mesh` computes; this module reads and writes):
+(:mod:`emseg.ops.mesh` computes; this module reads and writes):
 
 ``LAYER/mesh/``       legacy precomputed meshes (``neuroglancer_legacy_mesh``, unsharded, one level
                       of detail): ``<id>:0:<block id>`` fragments written by the workers, then one
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from emseg.engine.runstate import StageOutputs
 from emseg.geometry import Block, Coordinate, plan_blocks
-from emseg.io.runstate import StageOutputs
 from emseg.io.volume import Volume, open_volume
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _mesh_task(job: _Job, block: Block) -> dict[str, int]:
-    from emseg.mesh import mesh_block
+    from emseg.ops.mesh import mesh_block
 
     origin, labels = _read(job, block)
     fragments = mesh_block(labels, resolution_xyz=job.resolution_xyz, origin_nm_xyz=origin)
@@ -100,7 +100,7 @@ def _mesh_task(job: _Job, block: Block) -> dict[str, int]:
 
 
 def _skeleton_task(job: _Job, block: Block) -> dict[str, int]:
-    from emseg.mesh import encode_skeleton, skeletonize_block
+    from emseg.ops.mesh import encode_skeleton, skeletonize_block
 
     origin, labels = _read(job, block)
     pieces = skeletonize_block(labels, resolution_xyz=job.resolution_xyz, origin_nm_xyz=origin,
@@ -117,14 +117,14 @@ def _skeleton_task(job: _Job, block: Block) -> dict[str, int]:
 
 def _geometry(volume: Volume) -> tuple[tuple[float, ...], tuple[float, ...]]:
     resolution = tuple(float(v) for v in reversed(volume.voxel_size))
-    # The precomputed layer's corner: voxel_offset * resolution (see emseg.io.precomputed).
+    # The precomputed layer's corner: voxel_offset * resolution (see emseg.export.precomputed).
     origin = tuple(round(o / v) * v for o, v in reversed(list(zip(volume.offset_nm, volume.voxel_size))))
     return resolution, origin
 
 
 def _run(stage: str, volume: Volume, job: _Job, task: Any, state_root: Path, client: Any, progress: bool,
          extra: dict[str, Any]) -> None:
-    from emseg.runner import run_blockwise
+    from emseg.engine.runner import run_blockwise
 
     grid = plan_blocks(volume.roi, _block_shape(volume), chunk_shape=None)
     params = {"source": str(Path(volume.path).resolve()), "resolution": list(job.resolution_xyz),
@@ -202,10 +202,10 @@ def write_skeletons(
     """Precomputed skeletons (kimimaro TEASAR) of every segment of ``volume`` into ``layer/skeletons``.
 
     Blocks are skeletonized on the workers; the pieces of each segment are then merged at their
-    shared border points (:func:`emseg.mesh.merge_skeletons`; components shorter than
+    shared border points (:func:`emseg.ops.mesh.merge_skeletons`; components shorter than
     ``dust_threshold`` nm are dropped).  Returns the number of skeletons written.
     """
-    from emseg.mesh import SKELETON_ATTRIBUTES, decode_skeleton, encode_skeleton, merge_skeletons
+    from emseg.ops.mesh import SKELETON_ATTRIBUTES, decode_skeleton, encode_skeleton, merge_skeletons
 
     layer_path = Path(layer)
     root = Path(state_root) if state_root is not None else layer_path

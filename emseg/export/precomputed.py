@@ -6,13 +6,13 @@ Layout of the destination (a directory of layers, one per OME-Zarr image)::
       image/              the source image: "image" layer, raw encoding, one scale per level
       labels/<name>/      each label image: "segmentation" layer, compressed_segmentation
         mesh/             optional legacy meshes (zmesh), one fragment per segment and block
-        skeletons/        optional skeletons (kimimaro), one per segment (see emseg.io.meshes)
+        skeletons/        optional skeletons (kimimaro), one per segment (see emseg.export.meshes)
 
 Axes: precomputed stores ``(x, y, z, channel)``; OME-Zarr ``([c,] z, y, x)`` is transposed on write.
 Resolution is the OME voxel size in nanometres.  Every multiscale level becomes a scale, and
 ``voxel_offset = round(translation_0 / resolution)``: the OME position of level-0 voxel 0 is taken as
 the precomputed corner of voxel 0 at every scale (emseg's pyramids keep corners aligned, see
-:mod:`emseg.io.pyramid`).
+:mod:`emseg.export.pyramid`).
 
 The info files and chunk encodings are written by tensorstore; only the mesh manifests and the
 ``mesh`` key of the info are added here.
@@ -34,10 +34,10 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
+from emseg.engine.lock import locked
+from emseg.engine.runstate import OutputClaim
 from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
 from emseg.geometry import Block, Coordinate, plan_blocks
-from emseg.io.lock import locked
-from emseg.io.runstate import OutputClaim
 from emseg.io.safety import check_distinct
 from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume, prepare_output
 
@@ -113,10 +113,10 @@ def export_precomputed(
         Replace an existing ``dst``.
     mesh : bool
         Also write legacy meshes (zmesh) for segmentation layers, from their finest scale, blockwise
-        (:func:`emseg.io.meshes.write_meshes`).
+        (:func:`emseg.export.meshes.write_meshes`).
     skeleton : bool
         Also write skeletons (kimimaro TEASAR) for segmentation layers, blockwise and merged per
-        segment (:func:`emseg.io.meshes.write_skeletons`).
+        segment (:func:`emseg.export.meshes.write_skeletons`).
     progress : bool
         Progress bars on stderr.
     client : distributed.Client or emseg.cluster.Connection, optional
@@ -233,11 +233,11 @@ def export_layer(
 ) -> ExportedLayer:
     """Write one OME-Zarr image (every multiscale level) as one precomputed layer at ``dst``.
 
-    Each scale is a stage of :func:`emseg.runner.run_blockwise` (on ``client``'s workers, or on
+    Each scale is a stage of :func:`emseg.engine.runner.run_blockwise` (on ``client``'s workers, or on
     threads here): blocks of whole precomputed chunks, completion records in ``state_root``
     (default: the layer itself), so an interrupted export resumes where it stopped.
     """
-    from emseg.runner import run_blockwise
+    from emseg.engine.runner import run_blockwise
 
     ts = _ts()
     path = Path(image_path)

@@ -1,4 +1,4 @@
-"""Looking at outputs: a PNG montage of a few slices (neuroglancer lives in :mod:`emseg.viewer`).
+"""Looking at outputs: a PNG montage of a few slices (neuroglancer lives in :mod:`emseg.export.view`).
 
 ``render_preview`` reads only the slices it shows (from a pyramid level near the display size when
 the output has one).  ``find_sources`` finds the raw, prediction and label images of an output.
@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emseg.engine.lock import locked
 from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError
 from emseg.geometry import Roi
-from emseg.io.lock import locked
 from emseg.io.volume import Volume, label_image_paths, open_volume, read_status
 
 log = logging.getLogger(__name__)

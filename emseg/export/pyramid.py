@@ -33,11 +33,11 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
+from emseg.engine.ledger import STATE_GROUP, Ledger, WriteSpec
+from emseg.engine.runstate import StageOutputs
 from emseg.errors import ConfigError, NotAVolumeError
 from emseg.geometry import Block, Coordinate, Roi, plan_blocks
-from emseg.io.ledger import STATE_GROUP, Ledger, WriteSpec
 from emseg.io.ome import parse_multiscale
-from emseg.io.runstate import StageOutputs
 from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ def build_pyramid(
 
     Levels are written in passes (:func:`_passes`): each block of a pass reads its region of the
     pass's source level once and writes it downsampled at every level of the pass.  Each pass is
-    a stage of :func:`emseg.runner.run_blockwise` (on ``client``'s workers, or on threads in this
+    a stage of :func:`emseg.engine.runner.run_blockwise` (on ``client``'s workers, or on threads in this
     process without one) with its completion records in the image, so a killed build resumes;
     levels are listed in the multiscales metadata only once all are written.  Existing levels
     other than 0 are replaced unless they hold this very pyramid (resume).  Arrays ``"1"``..``"N"`` go next to ``"0"`` with the
@@ -456,7 +456,7 @@ def build_pyramid(
                                    tuple(translation[i] for i in spatial), cumulative))
         datasets.append(_dataset(names[index], scale, translation))
 
-    from emseg.runner import run_blockwise
+    from emseg.engine.runner import run_blockwise
 
     passes = _passes(base.write_unit, [f for f, _, _ in plan])
     stages = {f"pyramid-{first}-{last}" for first, last in passes}
@@ -494,7 +494,7 @@ def build_pyramid(
     ms["type"] = method
     ms["metadata"] = {
         "description": f"{method} downsampling, blockwise",
-        "method": f"emseg.io.pyramid.downsample_{method}",  # its recorded name (an alias of emseg.export.pyramid)
+        "method": f"emseg.io.pyramid.downsample_{method}",  # the name recorded in existing outputs (emseg.export.pyramid)
         "kwargs": {"factors": [list(factor) for factor, _, _ in plan]},
     }
     group.attrs.put(attrs)

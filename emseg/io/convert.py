@@ -14,9 +14,9 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
+from emseg.engine.lock import locked
 from emseg.errors import VolumeShapeError
 from emseg.geometry import Roi
-from emseg.io.lock import locked
 from emseg.io.sources import open_source
 from emseg.io.volume import (
     check_distinct,

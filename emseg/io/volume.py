@@ -19,6 +19,7 @@ import numpy.typing as npt
 import zarr
 import zarr.errors
 
+from emseg.engine.ledger import check_census
 from emseg.errors import (
     EmsegError,
     IncompleteOutputError,
@@ -30,7 +31,6 @@ from emseg.errors import (
     VolumeShapeError,
 )
 from emseg.geometry import Coordinate, Roi
-from emseg.io.ledger import check_census
 from emseg.io.ome import (
     Multiscale,
     image_label_attrs,

@@ -29,7 +29,7 @@ __all__ = ["ANISOTROPY_2D", "BUNDLED_DIR", "BundledChoice", "BundledModel", "bun
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 ANISOTROPY_2D = 2.5
 """z spacing / in-plane spacing at or above which a volume is treated as serial-section (2-D model);
-the same rule as the agglomeration's per-section mode (:func:`emseg.agglomerate.choose_mode`)."""
+the same rule as the agglomeration's per-section mode (:func:`emseg.workflows.agglomerate.choose_mode`)."""
 FAR_FACTOR = 1.5
 """A volume whose in-plane (2-D model) or any (3-D model) spacing differs from the model's training
 resolution by more than this factor gets a warning."""

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.errors import InvalidDataError, UnsupportedDtypeError, VolumeNotFoundError, VolumeShapeError
-from emseg.metrics import instances_from_mask
+from emseg.ops.metrics import instances_from_mask
 from emseg.training import augment
 from emseg.training.config import DataSource, TrainConfig
 from emseg.training.losses import weight_map

@@ -98,7 +98,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     # missing inputs fail before the output is touched or processes are spawned
     _check_sources(cfg)
     check_training_memory(cfg)
-    from emseg.io.lock import run_lock
+    from emseg.engine.lock import run_lock
 
     if env is None:
         with run_lock(cfg.output, "train"):  # one run per output directory

@@ -1,10 +1,10 @@
 """Validation during training: the package's own inference and scores.
 
 The validation volumes are predicted as ``emseg predict`` predicts them, in this process on the
-training device and without Dask: :func:`emseg.inference.make_tiling`'s overlap-tile grid (2-D
-models on a CPU: tiles of :data:`~emseg.inference.DEFAULT_TILE_2D_CPU`), mirrored beyond the borders,
-:func:`emseg.inference.normalize` with the run's mean/std (those written to the checkpoint's
-``config.json``), run by :func:`emseg.inference.predict_array` in float32.
+training device and without Dask: :func:`emseg.ops.inference.make_tiling`'s overlap-tile grid (2-D
+models on a CPU: tiles of :data:`~emseg.ops.inference.DEFAULT_TILE_2D_CPU`), mirrored beyond the borders,
+:func:`emseg.ops.inference.normalize` with the run's mean/std (those written to the checkpoint's
+``config.json``), run by :func:`emseg.ops.inference.predict_array` in float32.
 
 Scores (lower is better except Dice/IoU), by target:
 
@@ -13,7 +13,7 @@ Scores (lower is better except Dice/IoU), by target:
 
   - ``dice``, ``iou``, ``pixel_error``: of that membrane against the true membrane
     (:func:`~emseg.training.data.membrane_from_instances`), over every validation pixel;
-  - ``adapted_rand_error`` (:mod:`emseg.metrics`): segments are the connected components of the
+  - ``adapted_rand_error`` (:mod:`emseg.ops.metrics`): segments are the connected components of the
     non-membrane (4-connected per section for 2-D models, 6-connected for 3-D ones), grown over the
     membrane (``skimage.segmentation.expand_labels``: else all membrane would be one segment).  The
     ground truth is that of ``emseg evaluate``: for 2-D models and for binary-mask labels the
@@ -35,13 +35,13 @@ import torch
 from torch import nn
 
 from emseg.errors import ConfigError
-from emseg.inference import DEFAULT_TILE_2D_CPU, Activation, Tiling, make_tiling, predict_array
-from emseg.metrics import Scores, evaluate, evaluate_sections, mean_scores
-from emseg.predict import default_batch_size
-from emseg.segment.components import label_components
+from emseg.ops.components import label_components
+from emseg.ops.inference import DEFAULT_TILE_2D_CPU, Activation, Tiling, make_tiling, predict_array
+from emseg.ops.metrics import Scores, evaluate, evaluate_sections, mean_scores
 from emseg.training.config import TrainConfig
 from emseg.training.data import PreparedVolume, affinity_mask, targets_from_instances
 from emseg.training.losses import total_loss
+from emseg.workflows.predict import default_batch_size
 
 __all__ = [
     "SegmentationScores",
@@ -62,7 +62,7 @@ class SegmentationScores(NamedTuple):
     pixel_error: float
     """Fraction of pixels whose thresholded membrane label is wrong."""
     adapted_rand_error: float
-    """Adapted Rand error of :mod:`emseg.metrics` (mean over sections when scored per section)."""
+    """Adapted Rand error of :mod:`emseg.ops.metrics` (mean over sections when scored per section)."""
 
 
 # ------------------------------------------------------------------------------------ inference
@@ -81,7 +81,7 @@ def predict_volume(
 
     Runs on the model's device in float32 and leaves the model in the mode (train/eval) it was in.
     ``ndim``, when given, must be the model's (2: per section, 3: in 3-D).  ``activation`` and ``tta``
-    as in :func:`emseg.inference.predict_block` (``tta`` averages after the activation, as
+    as in :func:`emseg.ops.inference.predict_block` (``tta`` averages after the activation, as
     ``emseg predict --tta`` does).
     """
     if ndim is not None and ndim != int(model.ndim):  # type: ignore[arg-type]
@@ -124,7 +124,7 @@ def segments_from_membrane(
 
 def _rand_scores(prob: npt.NDArray[np.floating[Any]], instances: npt.NDArray[np.integer[Any]],
                  threshold: float, per_section: bool) -> list[Scores]:
-    """:mod:`emseg.metrics` scores of the segments of ``prob``: one per section, or one for the volume."""
+    """:mod:`emseg.ops.metrics` scores of the segments of ``prob``: one per section, or one for the volume."""
     segments = segments_from_membrane(prob, threshold, per_section=per_section)
     if per_section:
         return evaluate_sections(segments, instances)

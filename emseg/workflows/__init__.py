@@ -1,5 +1,5 @@
 """Orchestration: one module per pipeline step, each wiring I/O, compute and the block runner
-(:func:`emseg.runner.run_blockwise`) into a run of one command.
+(:func:`emseg.engine.runner.run_blockwise`) into a run of one command.
 
 ::
 
@@ -9,8 +9,7 @@
     segment.py       emseg segment      predict + label/agglomerate + pyramids on one cluster
     evaluate.py      emseg evaluate     segmentations vs ground truth (Rand, VI), threshold sweeps
 
-The compute they call lives in :mod:`emseg.inference` and :mod:`emseg.segment`, the storage in
-:mod:`emseg.io`, the cluster in :mod:`emseg.cluster`, exports and pyramids in :mod:`emseg.export`.
-The old module paths (``emseg.predict``, ``emseg.label``, ``emseg.agglomerate``, ``emseg.pipeline``,
-``emseg.evaluate``) are aliases of these same module objects.
+The compute they call lives in :mod:`emseg.ops` (numpy in, numpy out), the storage in
+:mod:`emseg.io`, the block engine in :mod:`emseg.engine`, the cluster in :mod:`emseg.cluster`, exports
+and pyramids in :mod:`emseg.export`.
 """

@@ -1,6 +1,6 @@
 """From supervoxels to neurons: fragments -> region graph -> agglomeration -> relabel, blockwise.
 
-Stages (each through :func:`emseg.runner.run_blockwise`, each resumable):
+Stages (each through :func:`emseg.engine.runner.run_blockwise`, each resumable):
 
 1. **fragments** (:func:`make_fragments`): the seeded watershed of :func:`emseg.workflows.label.label`, with
    the fragments of every block kept apart (``merge_faces=False``): globally unique consecutive
@@ -23,7 +23,7 @@ Scores: ``score="hierarchical"`` (default) thresholds the merge scores of stage 
 so on the whole volume as one block).
 
 Inputs: a boundary map (1 channel, affinities ``1 - max(b_i, b_j)``) or affinities (channels
-z, y, x first); see :mod:`emseg.segment.affinities`.
+z, y, x first); see :mod:`emseg.ops.affinities`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.config import AgglomerateOptions, RunOptions
+from emseg.engine.runner import StageReport, WriteSpec, run_blockwise
+from emseg.engine.runstate import OutputClaim, Scratch, fingerprint_of
 from emseg.errors import (
     ConfigError,
     GraphNotFoundError,
@@ -61,11 +63,9 @@ from emseg.io.edges import (
     write_block_edges,
     write_lookup,
 )
-from emseg.io.runstate import OutputClaim, Scratch, fingerprint_of
-from emseg.runner import StageReport, WriteSpec, run_blockwise
-from emseg.segment.affinities import INPUT_KINDS, InputKind, prediction_affinities
-from emseg.segment.agglomerate import UnionFind, consecutive_lookup, merge_scores
-from emseg.segment.graph import block_edges, check_quantile
+from emseg.ops.affinities import INPUT_KINDS, InputKind, prediction_affinities
+from emseg.ops.agglomerate import UnionFind, consecutive_lookup, merge_scores
+from emseg.ops.graph import block_edges, check_quantile
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +362,9 @@ def mutex_fragments_blockwise(
     ConfigError (offsets unknown or not fitting the channels), VolumeShapeError, ResumeMismatchError,
     OutputExistsError, RunIncompleteError
     """
-    from emseg.io.scratch import scratch_path, write_table
-    from emseg.segment.mutex import check_offsets, offsets_halo
-    from emseg.segment.stitch import offsets_from_counts
+    from emseg.engine.scratch import scratch_path, write_table
+    from emseg.ops.mutex import check_offsets, offsets_halo
+    from emseg.ops.stitch import offsets_from_counts
     from emseg.workflows.label import default_block_shape
 
     run = RunOptions.take(run, fields)
@@ -422,9 +422,9 @@ def mutex_fragments_blockwise(
 
 
 def _mutex_block(job: _MutexJob, block: Block) -> dict[str, Any]:
-    from emseg.io.scratch import scratch_path
-    from emseg.segment.mutex import mutex_fragments
-    from emseg.segment.threshold import probability
+    from emseg.engine.scratch import scratch_path
+    from emseg.ops.mutex import mutex_fragments
+    from emseg.ops.threshold import probability
 
     data = open_volume(job.pred, allow_incomplete=True).read(block.read_roi, pad="reflect")
     affs = probability(data[: len(job.offsets)])
@@ -439,7 +439,7 @@ def _mutex_block(job: _MutexJob, block: Block) -> dict[str, Any]:
 
 
 def _offset_block(state: str, scratch: str, fragments: str, block: Block) -> dict[str, Any]:
-    from emseg.io.scratch import read_table
+    from emseg.engine.scratch import read_table
 
     start = int(read_table(state, "mutex_offsets", block.block_id, block.block_id + 1)[0])
     local = open_volume(scratch, allow_incomplete=True).read(block.write_roi).astype(np.uint64)
@@ -694,7 +694,7 @@ def _graph_status(image: Path) -> dict[str, Any]:
     if not isinstance(graph, dict) or not graph.get("complete"):
         what = "an unfinished region graph" if isinstance(graph, dict) else "no region graph"
         raise GraphNotFoundError(f"{image}: fragments with {what}; build it with `emseg agglomerate PRED` "
-                                 "on the prediction (or emseg.agglomerate.build_graph) first")
+                                 "on the prediction (or emseg.workflows.agglomerate.build_graph) first")
     return graph
 
 

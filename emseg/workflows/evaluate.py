@@ -1,6 +1,6 @@
 """Evaluation of label volumes on disk: one segmentation or a threshold sweep against ground truth.
 
-The scores and their conventions are those of :mod:`emseg.metrics`; this module reads the volumes
+The scores and their conventions are those of :mod:`emseg.ops.metrics`; this module reads the volumes
 slab by slab (OME-Zarr images or label images, zarr arrays, TIFF/HDF5 stacks), turns the ground
 truth into instances when it is a binary mask, and draws the split-vs-merge curve of a sweep.
 
@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from emseg.errors import ConfigError, VolumeShapeError
 from emseg.geometry import Coordinate, Roi
-from emseg.metrics import (
+from emseg.ops.metrics import (
     Contingency,
     GtKind,
     Scores,

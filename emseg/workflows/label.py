@@ -1,6 +1,6 @@
 """Blockwise labelling: boundary predictions -> one globally consistent uint64 segmentation.
 
-Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the whole volume:
+Three stages run through :func:`emseg.engine.runner.run_blockwise`; no step holds the whole volume:
 
 1. ``label-fragments``: every block labels its core (``cc``: threshold + connected components of
    the core alone; ``watershed``: seeded watershed of core + halo, cropped to the core) with local
@@ -13,7 +13,7 @@ Three stages run through :func:`emseg.runner.run_blockwise`; no step holds the w
    (``local + offset``, offsets = prefix sum of the counts) and returns the pairs that touch
    (``watershed``: pairs whose interior contact covers ``min_contact`` of the smaller face area),
    written to storage by the worker.  The client streams them through a compact 64-bit
-   union-find (:func:`emseg.segment.stitch.resolve_merges_streamed`), never holding them all, and sends
+   union-find (:func:`emseg.ops.stitch.resolve_merges_streamed`), never holding them all, and sends
    small relabel tables with the tasks (stores large ones).  With little face data
    (:data:`CLIENT_FACE_VOXELS`) the client runs this stage on its own threads: the work is less
    than a cluster stage's scheduling.
@@ -53,6 +53,11 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.config import LabelOptions, RunOptions
+from emseg.engine.lock import locked
+from emseg.engine.pairs import iter_pairs, write_pairs
+from emseg.engine.runner import StageReport, WriteSpec, run_blockwise
+from emseg.engine.runstate import OutputClaim, Scratch
+from emseg.engine.scratch import Table, scratch_path, write_table
 from emseg.errors import ConfigError, VolumeShapeError
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
 from emseg.io import (
@@ -62,12 +67,7 @@ from emseg.io import (
     create_volume,
     open_volume,
 )
-from emseg.io.lock import locked
-from emseg.io.pairs import iter_pairs, write_pairs
-from emseg.io.runstate import OutputClaim, Scratch
-from emseg.io.scratch import Table, scratch_path, write_table
-from emseg.runner import StageReport, WriteSpec, run_blockwise
-from emseg.segment import (
+from emseg.ops import (
     RULES,
     WatershedParams,
     absorb_boundary_only,
@@ -80,7 +80,7 @@ from emseg.segment import (
     probability,
     watershed_fragments,
 )
-from emseg.segment.stitch import (
+from emseg.ops.stitch import (
     block_relabel_table,
     crossing_shifts,
     offsets_from_counts,
@@ -291,7 +291,7 @@ def label(
     chunks = tuple(c if b % c == 0 else b for b, c in zip(block, pred.chunks))
     halo = ws.halo(mode, pred.voxel_size) if method == "watershed" else (0, 0, 0)
     grid = plan_blocks(Roi.from_shape(shape), block, halo, chunk_shape=chunks)
-    from emseg.resources import check_memory, worker_memory
+    from emseg.engine.resources import check_memory, worker_memory
 
     read_voxels = int(np.prod([b + 2 * h for b, h in zip(grid.block_shape, halo)]))
     # prediction + float boundary map + mask + local and global ids (+ watershed's distance map and queue)
@@ -385,7 +385,7 @@ def _label_claim(
     zarr_format: int = 3,
 ) -> OutputClaim:
     """The label image: a new image ``output``, or ``name`` in the prediction's own image, resumed
-    when it holds a run with the same parameters (:mod:`emseg.io.runstate`), with the run's scratch."""
+    when it holds a run with the same parameters (:mod:`emseg.engine.runstate`), with the run's scratch."""
     shape = job.grid.total_roi.shape
 
     def create(record: dict[str, Any]) -> None:
@@ -574,7 +574,7 @@ def _read_prediction(job: _Job, roi: Roi) -> npt.NDArray[Any]:
     pred = _volume(job.pred, "r", job.token)
     data = pred.read(roi, pad="reflect")
     if job.affinities:
-        from emseg.segment.affinities import boundary_from_affinities
+        from emseg.ops.affinities import boundary_from_affinities
 
         return boundary_from_affinities(probability(data[:3]), mode=job.mode)  # type: ignore[arg-type]
     return data[0] if pred.has_channels else data
@@ -617,7 +617,7 @@ def _fragment_block(job: _Job, block: Block) -> dict[str, int]:
 def _faces_block(job: _Job, block: Block) -> dict[str, int]:
     """Stage 2: pairs of global ids touching across this block's upper faces (and edges, corners).
 
-    The pairs go to storage (:mod:`emseg.io.pairs`), not back to the client; the result is their number.
+    The pairs go to storage (:mod:`emseg.engine.pairs`), not back to the client; the result is their number.
     """
     grid = job.grid
     total = grid.total_roi

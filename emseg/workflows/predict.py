@@ -1,8 +1,8 @@
 """``emseg predict``: run a checkpoint over a volume, block by block, into an OME-Zarr image.
 
 Orchestration glue only: plan the tiles and blocks (:func:`plan_prediction`), create the output,
-hand one task per block to :func:`emseg.runner.run_blockwise`, and mark the output complete.
-The compute lives in :mod:`emseg.inference`; each worker loads the model once and keeps it.
+hand one task per block to :func:`emseg.engine.runner.run_blockwise`, and mark the output complete.
+The compute lives in :mod:`emseg.ops.inference`; each worker loads the model once and keeps it.
 
 A rerun of the same command resumes (finished blocks are skipped); a rerun with another model,
 block layout or parameter is refused with :class:`~emseg.errors.ResumeMismatchError` unless
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from emseg.config import PredictOptions, RunOptions
+from emseg.engine.lock import locked
 from emseg.errors import (
     ConfigError,
     EmsegError,
@@ -36,7 +37,7 @@ from emseg.errors import (
     VolumeShapeError,
 )
 from emseg.geometry import Block, BlockGrid, Coordinate, Roi, plan_blocks, round_up
-from emseg.inference import (
+from emseg.ops.inference import (
     DEFAULT_TILE_2D_CPU,
     OutputDtype,
     Precision,
@@ -45,10 +46,9 @@ from emseg.inference import (
     resolve_precision,
     tiles_in_block,
 )
-from emseg.io.lock import locked
 
 if TYPE_CHECKING:
-    from emseg.io.runstate import OutputClaim
+    from emseg.engine.runstate import OutputClaim
 
 log = logging.getLogger(__name__)
 
@@ -295,9 +295,9 @@ def plan_prediction(
         bundled model for the voxel size (:func:`default_checkpoint`), block ``64,256,256`` (3D
         models) or ``4,512,512`` (2D; deeper to match the input's z-chunks, :func:`_block_depth_2d`) rounded
         up to the chunks and tile, the tile of
-        :func:`emseg.inference.make_tiling` (2D models on a CPU: ``DEFAULT_TILE_2D_CPU``), chunks
+        :func:`emseg.ops.inference.make_tiling` (2D models on a CPU: ``DEFAULT_TILE_2D_CPU``), chunks
         ``64,128,128`` / ``4,256,256`` clipped to the block, :func:`default_batch_size`, and the
-        precision of :func:`emseg.inference.resolve_precision`.
+        precision of :func:`emseg.ops.inference.resolve_precision`.
     device : {"cpu", "cuda"}, optional
         Where the blocks will run (for the automatic precision and batch size); default: CUDA if
         this process sees a GPU.
@@ -490,8 +490,8 @@ def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
     """The checkpoint's model on this worker's device, loaded once per worker process."""
     import torch
 
-    from emseg.inference import prepare_model
     from emseg.models import load_checkpoint
+    from emseg.ops.inference import prepare_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and torch.get_num_threads() != config.threads:
@@ -512,7 +512,7 @@ def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi
     """The model's outputs for ``write_roi``, ``(c, z, y, x)`` in the output dtype, from the input ``raw``
     read over ``read_roi`` (mirrored beyond the volume): the compute of one block, shared by the
     workers (:func:`predict_block_task`) and the lazy dask path of :func:`emseg.predict` on arrays."""
-    from emseg.inference import predict_block, to_output_dtype
+    from emseg.ops.inference import predict_block, to_output_dtype
 
     options = config.options
     assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
@@ -618,8 +618,8 @@ class PredictReport:
 
 def output_claim(plan: PredictionPlan, output: Path, overwrite: bool, zarr_format: int | None = None) -> OutputClaim:
     """The prediction image ``output``: resumed when it holds this very run, else created (see
-    :mod:`emseg.io.runstate`)."""
-    from emseg.io.runstate import OutputClaim
+    :mod:`emseg.engine.runstate`)."""
+    from emseg.engine.runstate import OutputClaim
 
     def create(record: dict[str, Any]) -> None:
         from emseg.io import create_volume, update_status
@@ -695,8 +695,8 @@ def predict(
     RunIncompleteError
         Some blocks failed otherwise; a rerun resumes.
     """
+    from emseg.engine.runner import WriteSpec, run_blockwise
     from emseg.io import check_distinct
-    from emseg.runner import WriteSpec, run_blockwise
 
     run = RunOptions.take(run, fields)
     plan = plan_prediction(volume_path, options, device=target_device(run.cluster, run.devices, run.client), **fields)
@@ -704,7 +704,7 @@ def predict(
     if dry_run:
         return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
     check_distinct(volume_path, output)
-    from emseg.resources import check_memory, worker_memory
+    from emseg.engine.resources import check_memory, worker_memory
 
     check_memory(plan.memory_per_block, worker_memory(**run.where),
                  f"a prediction block of {'x'.join(map(str, plan.grid.block_shape))} voxels",

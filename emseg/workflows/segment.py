@@ -94,7 +94,7 @@ def segment(
         check_thresholds((agg.threshold, *agg.thresholds))  # before hours of prediction
     if dry_run:
         return plan_prediction(volume, p)  # no model: predict picks the bundled model from the voxel size
-    from emseg.io.lock import run_lock
+    from emseg.engine.lock import run_lock
 
     with run_lock(out, "segment"):
         with connect(**run.where) as connection:

@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from emseg.cluster import Connection, connect, load_profile
+from emseg.cluster.slurm import SlurmError
+from emseg.engine.runner import StageReport, run_blockwise
 from emseg.geometry import Block, plan_blocks
 from emseg.io import create_volume, open_volume
-from emseg.runner import StageReport, run_blockwise
-from emseg.slurm import SlurmError
 
 from .conftest import TEST_PROFILE, queue, wait_queue_empty
 

@@ -11,7 +11,7 @@ import tifffile
 import yaml
 
 from emseg.cluster import load_profile
-from emseg.slurm import SlurmError, submit_training
+from emseg.cluster.slurm import SlurmError, submit_training
 
 from .conftest import TEST_PROFILE, queue, wait_queue_empty
 

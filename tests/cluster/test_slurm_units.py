@@ -1,4 +1,4 @@
-"""emseg.slurm without a SLURM: profile validation, worker job settings, GPU pinning, sbatch rendering.
+"""emseg.cluster.slurm without a SLURM: profile validation, worker job settings, GPU pinning, sbatch rendering.
 
 Not marked ``cluster``: these run everywhere.  The real-SLURM tests are in the other modules here.
 """
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from emseg.cluster import ClusterProfile, SlurmOptions, connect, load_profile
+from emseg.cluster.slurm import SlurmError, cluster_kwargs, dask_setup, parse_walltime, render_training_script
 from emseg.errors import ConfigError
-from emseg.slurm import SlurmError, cluster_kwargs, dask_setup, parse_walltime, render_training_script
 
 PROFILES = Path(__file__).resolve().parents[2] / "cluster" / "profiles"
 
@@ -55,7 +55,7 @@ def test_gpu_worker_job_one_worker_per_gpu() -> None:
     kwargs = cluster_kwargs(ClusterProfile(kind="slurm", slurm=opts), "emseg-ab")
     assert kwargs["processes"] == 4
     assert kwargs["job_extra_directives"] == ["--gres=gpu:4", "--constraint=a100"]
-    assert kwargs["worker_extra_args"] == ["--resources", "GPU=1", "--preload", "emseg.slurm",
+    assert kwargs["worker_extra_args"] == ["--resources", "GPU=1", "--preload", "emseg.cluster.slurm",
                                            "--lifetime", "6900s", "--lifetime-stagger", "150s"]
     assert kwargs["job_script_prologue"][0] == "export OMP_NUM_THREADS=4"
 
@@ -107,7 +107,7 @@ def test_importing_dask_jobqueue_keeps_ctrl_c_a_keyboard_interrupt() -> None:
     """dask-jobqueue 0.9 sets SIGINT to sys.exit() on import (exit 0 on Ctrl-C); emseg undoes it."""
     import signal
 
-    from emseg.slurm import _import_slurm_cluster
+    from emseg.cluster.slurm import _import_slurm_cluster
 
     _import_slurm_cluster()
     assert getattr(signal.getsignal(signal.SIGINT), "__module__", None) != "dask_jobqueue.runner"

@@ -57,7 +57,7 @@ def test_no_voxel_size_is_the_2d_default_without_warning() -> None:
 
 
 def test_predict_plan_picks_and_reports_the_model(make_volume, caplog: pytest.LogCaptureFixture) -> None:
-    from emseg.predict import default_checkpoint, plan_prediction
+    from emseg.workflows.predict import default_checkpoint, plan_prediction
 
     iso = make_volume("iso.zarr", shape=(16, 64, 64), voxel_size=(10.0, 10.0, 10.0))
     ssTEM = make_volume("sstem.zarr", shape=(4, 96, 96), voxel_size=(50.0, 4.0, 4.0))

@@ -1,4 +1,4 @@
-"""Validation predicts through emseg.inference (as ``emseg predict``) and scores with emseg.metrics."""
+"""Validation predicts through emseg.ops.inference (as ``emseg predict``) and scores with emseg.ops.metrics."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from scipy import ndimage
 
 from emseg.errors import ConfigError
 from emseg.geometry import Roi
-from emseg.inference import make_tiling, predict_array, predict_block
 from emseg.io import create_volume
-from emseg.metrics import evaluate_sections, instances_from_mask, mean_scores
 from emseg.models import build, load_checkpoint
+from emseg.ops.inference import make_tiling, predict_array, predict_block
+from emseg.ops.metrics import evaluate_sections, instances_from_mask, mean_scores
 from emseg.training import membrane_scores, predict_volume, segments_from_membrane
 from emseg.training.validation import validation_tiling
 
@@ -60,7 +60,7 @@ def test_predict_volume_tta_averages_the_flipped_probabilities() -> None:
 def test_validation_prediction_matches_one_pass_per_section(shared_data: Path) -> None:
     """The bundled valid 2-D U-Net on ISBI sections larger than a CPU tile: the overlap-tile prediction of
     validation equals one mirrored whole-section pass, with the checkpoint's normalisation."""
-    from emseg.predict import BUNDLED
+    from emseg.workflows.predict import BUNDLED
 
     ckpt = load_checkpoint(BUNDLED)
     model = ckpt.model
@@ -95,7 +95,7 @@ def test_rand_error_is_emseg_evaluates_on_isbi_masks(shared_data: Path) -> None:
     expected = mean_scores(evaluate_sections(segments, truth)).adapted_rand_error
     assert s.adapted_rand_error == pytest.approx(expected) and 0.05 < s.adapted_rand_error < 1
     assert s.pixel_error == pytest.approx(float(((prob > 0.6) != membrane).mean()))
-    # skimage's adapted Rand error of each section agrees (the convention emseg.metrics follows)
+    # skimage's adapted Rand error of each section agrees (the convention emseg.ops.metrics follows)
     from skimage.metrics import adapted_rand_error
 
     per = [adapted_rand_error(truth[z].astype(np.int64), segments[z].astype(np.int64))[0] for z in range(2)]
@@ -105,7 +105,7 @@ def test_rand_error_is_emseg_evaluates_on_isbi_masks(shared_data: Path) -> None:
 
 def test_3d_validation_scores_instances_as_a_volume_and_masks_per_section(shared_data: Path, tmp_path: Path) -> None:
     """3-D membrane model: instance labels are scored as one volume, mask labels per section (emseg evaluate)."""
-    from emseg.metrics import evaluate
+    from emseg.ops.metrics import evaluate
     from emseg.training import DataSource, TrainConfig, validate
     from emseg.training.data import load_source
 

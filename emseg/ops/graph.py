@@ -1,0 +1,174 @@
+"""Region adjacency graph of fragments, one block at a time (numpy in, numpy out).
+
+Edges are pairs of touching fragments ``u < v`` with statistics over their contact: the number
+of voxel pairs (contact area), the sum of the affinities across it (the exact mean affinity is
+``aff_sum / area``) and optionally a quantile of those affinities.
+
+Ownership: a voxel pair ``(p, p + e_d)`` belongs to the block whose core holds the lower voxel
+``p``.  A block reads its core plus one voxel on the high side of every axis and counts exactly
+the pairs it owns.  When every fragment lies inside one block (fragments not merged across block
+faces), all contacts of an edge ``(u, v)`` belong to one block, so every edge is computed exactly
+once, complete, with no aggregation across blocks::
+
+    core of block A   | core of block B
+    . . . . . . u u u | v v . . .        the pairs (u, v) across the face are A's:
+                    ^---^                 A reads its core and B's first section
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from emseg.errors import ConfigError, InvalidDataError
+from emseg.geometry import Coordinate
+
+__all__ = ["Edges", "block_edges", "check_quantile", "edge_union"]
+
+
+@dataclass(frozen=True)
+class Edges:
+    """Edges of a region graph, sorted by ``(u, v)``, ``u < v``.
+
+    Attributes
+    ----------
+    u, v : uint64 arrays
+        Fragment ids of the two ends.
+    area : int64 array
+        Number of touching voxel pairs (face contacts).
+    aff_sum : float64 array
+        Sum of the affinities of those pairs; ``aff_sum / area`` is the mean affinity.
+    quantile : float32 array
+        The requested quantile of the contact affinities (NaN when none was asked for).
+    score : float32 array
+        Merge score of the hierarchical agglomeration with context (``1.0`` = never merged);
+        ``1 - mean affinity`` until :func:`emseg.ops.agglomerate.merge_scores` fills it.
+    """
+
+    u: npt.NDArray[np.uint64]
+    v: npt.NDArray[np.uint64]
+    area: npt.NDArray[np.int64]
+    aff_sum: npt.NDArray[np.float64]
+    quantile: npt.NDArray[np.float32]
+    score: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+    @property
+    def mean_affinity(self) -> npt.NDArray[np.float64]:
+        return self.aff_sum / np.maximum(self.area, 1)
+
+    def with_score(self, score: npt.NDArray[np.float32]) -> Edges:
+        return Edges(self.u, self.v, self.area, self.aff_sum, self.quantile, np.asarray(score, dtype=np.float32))
+
+    def as_arrays(self) -> dict[str, npt.NDArray[Any]]:
+        return {"u": self.u, "v": self.v, "area": self.area, "aff_sum": self.aff_sum, "quantile": self.quantile,
+                "score": self.score}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> Edges:
+        return cls(*(np.asarray(arrays[k]) for k in ("u", "v", "area", "aff_sum", "quantile", "score")))
+
+    @classmethod
+    def empty(cls) -> Edges:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.float64),
+                   np.zeros(0, np.float32), np.zeros(0, np.float32))
+
+
+def check_quantile(quantile: float | None) -> float | None:
+    if quantile is not None and not 0.0 <= float(quantile) <= 1.0:
+        raise ConfigError(f"quantile must lie in [0, 1], got {quantile}")
+    return None if quantile is None else float(quantile)
+
+
+def block_edges(
+    fragments: npt.NDArray[Any],
+    affs: npt.NDArray[np.float32],
+    core_shape: Coordinate,
+    *,
+    mode: Literal["3d", "2d"] = "3d",
+    quantile: float | None = None,
+) -> Edges:
+    """The edges a block owns.
+
+    Parameters
+    ----------
+    fragments : integer array (z, y, x)
+        Global fragment ids (0 = none) of the block's core plus at most one voxel on the high side
+        of each axis (less at the volume's end); the core starts at index (0, 0, 0).
+    affs : float32 array (3, z, y, x)
+        Nearest-neighbour affinities over the same region (``affs[d][p]`` joins ``p`` and ``p - e_d``).
+    core_shape : (z, y, x)
+        Shape of the core: pairs whose lower voxel lies in it are counted.
+    mode : {"3d", "2d"}
+        ``"2d"``: no edges across sections.
+    quantile : float in [0, 1], optional
+        Also compute this quantile (linear interpolation) of each edge's contact affinities.
+
+    Returns
+    -------
+    Edges
+        Sorted by ``(u, v)``; ``score`` is ``1 - mean affinity``.
+    """
+    quantile = check_quantile(quantile)
+    shape = fragments.shape
+    if affs.shape[1:] != shape or any(c > s or s > c + 1 for c, s in zip(core_shape, shape)):
+        raise InvalidDataError(f"block of fragments {shape}, affinities {affs.shape[1:]} and core {core_shape} "
+                               "do not fit: the region must be the core plus at most one voxel per axis")
+    us, vs, values = [], [], []
+    for d in range(3):
+        if mode == "2d" and d == 0:
+            continue
+        lo = [slice(0, c) for c in core_shape]
+        hi = [slice(0, c) for c in core_shape]
+        stop = min(core_shape[d], shape[d] - 1)  # the upper voxel must be inside the region
+        lo[d] = slice(0, stop)
+        hi[d] = slice(1, stop + 1)
+        a = fragments[tuple(lo)]
+        b = fragments[tuple(hi)]
+        keep = (a != b) & (a != 0) & (b != 0)
+        if not keep.any():
+            continue
+        a, b = a[keep].astype(np.uint64), b[keep].astype(np.uint64)
+        us.append(np.minimum(a, b))
+        vs.append(np.maximum(a, b))
+        values.append(affs[d][tuple(hi)][keep].astype(np.float32))
+    if not us:
+        return Edges.empty()
+    u, v, value = np.concatenate(us), np.concatenate(vs), np.concatenate(values)
+    ids, inverse = np.unique(np.concatenate([u, v]), return_inverse=True)
+    n = np.int64(len(ids))
+    key = inverse[: len(u)].astype(np.int64) * n + inverse[len(u):].astype(np.int64)
+    order = np.lexsort((value, key))
+    key, value = key[order], value[order]
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    area = np.diff(np.append(starts, len(key))).astype(np.int64)
+    aff_sum = np.add.reduceat(value.astype(np.float64), starts)
+    if quantile is None:
+        q = np.full(len(starts), np.nan, dtype=np.float32)
+    else:
+        pos = quantile * (area - 1)
+        below = np.floor(pos).astype(np.int64)
+        above = np.minimum(below + 1, area - 1)
+        frac = (pos - below).astype(np.float32)
+        q = value[starts + below] + (value[starts + above] - value[starts + below]) * frac
+    edge_key = key[starts]
+    out_u = ids[edge_key // n]
+    out_v = ids[edge_key % n]
+    mean = aff_sum / area
+    return Edges(out_u.astype(np.uint64), out_v.astype(np.uint64), area, aff_sum, q.astype(np.float32),
+                 (1.0 - mean).astype(np.float32))
+
+
+def edge_union(parts: list[Edges]) -> Edges:
+    """Concatenate edges of several blocks (for tests and small volumes), sorted by ``(u, v)``."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Edges.empty()
+    arrays = {k: np.concatenate([p.as_arrays()[k] for p in parts]) for k in parts[0].as_arrays()}
+    order = np.lexsort((arrays["v"], arrays["u"]))
+    return Edges.from_arrays({k: a[order] for k, a in arrays.items()})

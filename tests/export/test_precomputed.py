@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from emseg.errors import OutputExistsError, SameInputOutputError, VolumeNotFoundError
+from emseg.export.precomputed import export_precomputed, open_precomputed
+from emseg.export.pyramid import build_pyramids
+from emseg.io import open_volume
+
+
+def _xyzc_to_czyx(data: np.ndarray) -> np.ndarray:
+    return np.asarray(data).transpose(3, 2, 1, 0)
+
+
+def test_export_reads_back_same_voxels_and_ids(output_image: Path, tmp_path: Path):
+    build_pyramids(output_image, levels=2, progress=False)
+    report = export_precomputed(output_image, tmp_path / "pc", overwrite=False, progress=False)
+    assert [(lay.path.relative_to(tmp_path / "pc").as_posix(), lay.type, lay.scales) for lay in report.layers] == [
+        ("image", "image", 3), ("labels/segments", "segmentation", 3)]
+    assert "precomputed://file://" in report.summary()
+
+    seg_info = json.loads((tmp_path / "pc" / "labels" / "segments" / "info").read_text())
+    assert seg_info["type"] == "segmentation" and seg_info["data_type"] == "uint64"
+    assert {s["encoding"] for s in seg_info["scales"]} == {"compressed_segmentation"}
+    assert [s["resolution"] for s in seg_info["scales"]] == [[4, 4, 8], [8, 8, 16], [16, 16, 32]]
+    img_info = json.loads((tmp_path / "pc" / "image" / "info").read_text())
+    assert img_info["type"] == "image" and img_info["num_channels"] == 2
+
+    for k in range(3):
+        # read back with a plain tensorstore spec, not through emseg
+        store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{tmp_path}/pc/labels/segments",
+                         "scale_index": k}).result()
+        got = _xyzc_to_czyx(store.read().result())[0]
+        want = open_volume(output_image / "labels" / "segments", level=k).array[:]
+        assert got.dtype == np.uint64
+        np.testing.assert_array_equal(got, want)
+        assert set(np.unique(got)) == set(np.unique(want))
+        image = _xyzc_to_czyx(open_precomputed(tmp_path / "pc" / "image", scale_index=k).read().result())
+        np.testing.assert_array_equal(image, open_volume(output_image, level=k).array[:])
+
+
+def test_export_label_image_with_meshes(output_image: Path, tmp_path: Path):
+    pytest.importorskip("zmesh")
+    report = export_precomputed(output_image / "labels" / "segments", tmp_path / "pc", overwrite=False, mesh=True,
+                                progress=False)
+    (layer,) = report.layers
+    assert layer.type == "segmentation" and layer.meshes > 0
+    info = json.loads((layer.path / "info").read_text())
+    assert info["mesh"] == "mesh"
+    ids = set(np.unique(open_volume(output_image / "labels" / "segments").array[:])) - {0}
+    manifests = {int(p.name[:-2]) for p in (layer.path / "mesh").glob("*:0") if p.name.count(":") == 1}
+    assert manifests == {int(i) for i in ids}
+    some = next(iter(manifests))
+    fragments = json.loads((layer.path / "mesh" / f"{some}:0").read_text())["fragments"]
+    blob = (layer.path / "mesh" / fragments[0]).read_bytes()
+    n_vertices = int(np.frombuffer(blob[:4], np.uint32)[0])
+    vertices = np.frombuffer(blob[4 : 4 + 12 * n_vertices], np.float32).reshape(-1, 3)
+    extent_nm = np.array([40 * 4, 48 * 4, 20 * 8])  # x, y, z
+    assert (vertices >= -1e-3).all() and (vertices <= extent_nm + 1e-3).all()
+    # the info file stays readable by tensorstore after adding "mesh"
+    assert open_precomputed(layer.path).shape == (40, 48, 20, 1)
+
+
+def test_export_float16_prediction_becomes_float32(tmp_path: Path):
+    from emseg.io import create_volume, mark_complete
+
+    vol = create_volume(tmp_path / "p.zarr", shape=(4, 8, 8), dtype=np.float16, chunks=(4, 8, 8),
+                        voxel_size=(8.0, 8.0, 8.0), channels=1)
+    data = np.linspace(0, 1, vol.array.size, dtype=np.float16).reshape(vol.array.shape)
+    vol.write(vol.roi, data)
+    mark_complete(tmp_path / "p.zarr")
+    (layer,) = export_precomputed(tmp_path / "p.zarr", tmp_path / "pc", overwrite=False, progress=False).layers
+    assert layer.data_type == "float32"
+    np.testing.assert_array_equal(_xyzc_to_czyx(open_precomputed(layer.path).read().result()), data.astype(np.float32))
+
+
+def test_export_errors(output_image: Path, tmp_path: Path):
+    with pytest.raises(VolumeNotFoundError, match="no such file"):
+        export_precomputed(tmp_path / "missing.zarr", tmp_path / "pc", overwrite=False, progress=False)
+    (tmp_path / "pc").mkdir()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export_precomputed(output_image, tmp_path / "pc", overwrite=False, progress=False)
+    with pytest.raises(SameInputOutputError):
+        export_precomputed(output_image, output_image / "pc", overwrite=True, progress=False)

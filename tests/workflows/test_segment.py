@@ -1,0 +1,74 @@
+"""`emseg segment` end to end on the real ISBI 2012 test volume with the bundled model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastremap
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader
+from ome_zarr_models import open_ome_zarr
+
+from emseg.cli import cli
+from emseg.io import open_volume, read_status
+from emseg.workflows.segment import default_output
+
+PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "isbi2012.toml"
+
+
+@pytest.mark.slow
+def test_segment_isbi_test_volume(shared_data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    volume = tmp_path / "isbi.zarr"
+    result = runner.invoke(cli, ["import", str(shared_data / "isbi2012" / "test-volume.tif"), str(volume),
+                                 "--voxel-size", "50,4,4", "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["segment", str(volume), "--pipeline", str(PIPELINE), "--workers", "2",
+                                 "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = default_output(volume)
+    assert out == tmp_path / "isbi_seg.zarr"
+
+    # layout: prediction at OUT/0, uint64 labels at OUT/labels/segments/0, both finished
+    prediction = open_volume(out)
+    assert prediction.path == out / "0" and prediction.axes == ("c", "z", "y", "x")
+    assert prediction.shape == (30, 512, 512) and prediction.voxel_size == (50.0, 4.0, 4.0)
+    segments = open_volume(out / "labels" / "segments")
+    assert segments.path == out / "labels" / "segments" / "0" and segments.dtype == np.uint64
+    assert read_status(out)["pipeline"]["name"] == "isbi2012"
+
+    # readable by ome-zarr tooling: the validator and ome-zarr-py's reader
+    open_ome_zarr(zarr.open_group(str(out), mode="r"))
+    open_ome_zarr(zarr.open_group(str(out / "labels" / "segments"), mode="r"))
+    specs = [sorted(type(s).__name__ for s in node.specs) for node in Reader(parse_url(str(out)))()]
+    assert ["Multiscales"] in specs and ["Label", "Multiscales"] in specs
+
+    # IDs consecutive from 1; a membrane prediction of real EM gives many cells per section
+    labels = segments.read(segments.roi)
+    ids = fastremap.unique(labels)
+    ids = ids[ids > 0]
+    assert np.array_equal(ids, np.arange(1, len(ids) + 1, dtype=np.uint64))
+    assert len(ids) > 30 * 50
+    membrane = prediction.read(prediction.roi)[0] > 127
+    assert 0.1 < membrane.mean() < 0.6  # membranes are a minority of pixels, but present
+
+    # a rerun resumes: nothing is computed again
+    rerun = runner.invoke(cli, ["segment", str(volume), "--pipeline", str(PIPELINE), "--workers", "2",
+                                "--no-progress"], catch_exceptions=False)
+    # 30 sections in the default 2-D blocks of 4 sections: 8 blocks
+    assert rerun.exit_code == 0 and "(0 computed, 8 already done)" in rerun.stdout, rerun.output
+
+
+def test_segment_help_and_bad_input(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["segment", "--help"]).exit_code == 0
+    result = runner.invoke(cli, ["segment", str(tmp_path / "missing.zarr")])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[label]\nmethod = 'magic'\n")
+    result = runner.invoke(cli, ["segment", str(tmp_path / "missing.zarr"), "--pipeline", str(bad)])
+    assert result.exit_code == 1 and "label.method" in result.stderr

@@ -1,0 +1,59 @@
+"""`emseg segment` and `emseg agglomerate` merge at the checkpoint's own ``agglomeration_threshold`` unless told otherwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from click.testing import CliRunner
+
+from emseg.cli import cli
+from emseg.io import open_volume, read_status
+from emseg.workflows.predict import BUNDLED
+
+
+def test_segment_uses_the_models_threshold_unless_a_flag_or_recipe_sets_one(shared_data: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    crop = tmp_path / "crop.tif"
+    tifffile.imwrite(crop, tifffile.imread(shared_data / "isbi2012" / "test-volume.tif")[:2, :256, :256])
+    volume = tmp_path / "em.zarr"
+    assert runner.invoke(cli, ["import", str(crop), str(volume), "--voxel-size", "50,4,4", "--no-progress"]).exit_code == 0
+    model = tmp_path / "tuned"
+    shutil.copytree(BUNDLED, model, ignore=shutil.ignore_patterns("fib3d", "*.md", "*.png"))
+    config = json.loads((model / "config.json").read_text())
+    config["agglomeration_threshold"] = 0.5
+    (model / "config.json").write_text(json.dumps(config))
+
+    def run(name: str, *flags: str) -> tuple[float, np.ndarray]:
+        out = tmp_path / name
+        result = runner.invoke(cli, ["segment", str(volume), "-o", str(out), "--model", str(model), "--workers", "1",
+                                     "--no-progress", *flags])
+        assert result.exit_code == 0, result.output
+        segments = open_volume(out / "labels" / "segments")
+        return read_status(out)["pipeline"]["agglomerate"]["threshold"], segments.read(segments.roi)
+
+    own, labels_own = run("own.zarr")
+    flag, labels_flag = run("flag.zarr", "--merge-threshold", "0.5")
+    default, labels_default = run("default.zarr", "--merge-threshold", "0.8")
+    recipes = Path(__file__).resolve().parents[2] / "pipelines"
+    recipe, _ = run("recipe.zarr", "--pipeline", str(recipes / "cremi.toml"))
+    unset, _ = run("unset.zarr", "--pipeline", str(recipes / "isbi2012.toml"))
+    # the cremi recipe sets 0.92: it wins over the model; the isbi2012 recipe leaves it to the model
+    assert (own, flag, default, recipe, unset) == (0.5, 0.5, 0.8, 0.92, 0.5)
+    assert np.array_equal(labels_own, labels_flag)  # the model's threshold is the one used, not only recorded
+    assert len(np.unique(labels_own)) > len(np.unique(labels_default))  # 0.5 merges less than 0.8
+
+    # emseg agglomerate on an existing output: the model that predicted it gives the threshold too
+    def again(target: Path, *flags: str) -> np.ndarray:
+        result = runner.invoke(cli, ["agglomerate", str(target), "--workers", "1", "--no-progress", "--overwrite", *flags])
+        assert result.exit_code == 0, result.output
+        segments = open_volume(tmp_path / "default.zarr" / "labels" / "segments")
+        return segments.read(segments.roi)
+
+    fragments = tmp_path / "default.zarr" / "labels" / "fragments"
+    assert np.array_equal(again(fragments), labels_own)
+    assert np.array_equal(again(fragments, "--threshold", "0.8"), labels_default)
+    assert np.array_equal(again(tmp_path / "default.zarr"), labels_own)  # the prediction image as the target
