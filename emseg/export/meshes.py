@@ -4,18 +4,23 @@ Both are stages of :func:`emseg.engine.runner.run_blockwise` (on a cluster's wor
 over blocks of the label image, each block read one voxel past its high faces
 (:mod:`emseg.ops.mesh` computes; this module reads and writes):
 
-``LAYER/mesh/``       legacy precomputed meshes (``neuroglancer_legacy_mesh``, unsharded, one level
-                      of detail): ``<id>:0:<block id>`` fragments written by the workers, then one
-                      ``<id>:0`` manifest per segment listing its fragments.
+``LAYER/mesh/``       multi-resolution meshes (``neuroglancer_multilod_draco``, sharded, as
+                      igneous writes them): ``<shard>.shard`` files keyed by segment id, each
+                      segment's draco-encoded octree levels of detail followed by its manifest;
+                      ``<bbox>.spatial`` files (igneous's spatial index: segment id -> bounding box,
+                      nm, for each block) and ``info`` (vertex quantization, transform voxels -> nm,
+                      sharding, ``spatial_index``).
 ``LAYER/skeletons/``  precomputed skeletons (``neuroglancer_skeletons``, unsharded), vertices in nm,
-                      attributes ``radius`` (float32) and ``vertex_types`` (uint8): per-block TEASAR
-                      pieces (in ``STATE/skeleton-pieces/``) merged per segment into ``<id>``.
+                      attribute ``radius`` (float32): per-block TEASAR pieces (in
+                      ``STATE/skeleton-pieces/``) merged per segment into ``<id>``.
 
-Format plan: the multi-resolution sharded mesh format (``neuroglancer_multilod_draco``, what
-igneous writes for large volumes) is not written yet; the legacy format is what neuroglancer,
-CloudVolume and igneous all read.  The step there is per-segment octree levels of detail from these
-same block fragments (simplified with zmesh), draco-encoded, in shard files keyed by segment id;
-only the stitching stage changes.
+Meshes are two blockwise stages: the workers mesh blocks (zmesh marching cubes, simplified
+within about a voxel while the block faces are kept, so neighbouring pieces meet) into
+``STATE/mesh-pieces/``, then build the segments of one shard each (pieces joined, simplified per
+level, cut into octree cells, draco-encoded; :func:`emseg.ops.mesh.multires_mesh`) and write the shard.
+The pieces are removed once every shard is written.  A block touching the volume's border is read
+with one voxel of zeros beyond it, so that meshes are closed there (igneous's
+``closed_dataset_edges``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from emseg.engine.runstate import StageOutputs
-from emseg.geometry import Block, Coordinate, plan_blocks
+from emseg.geometry import Block, Coordinate, Roi, plan_blocks
 from emseg.io.volume import Volume, open_volume
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,8 @@ log = logging.getLogger(__name__)
 __all__ = ["write_meshes", "write_skeletons"]
 
 BLOCK_VOXELS = 1 << 21  # voxels per mesh / skeleton block (before the one-voxel overlap)
+REDUCTION_FACTOR = 100  # block meshes simplified towards 1/100 of marching cubes' triangles, within about a voxel
+MAX_SEGMENTS_PER_SHARD = 2048  # meshes built per shard task (more shards, more tasks)
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
@@ -56,6 +63,8 @@ class _Job:
     origin_nm_xyz: tuple[float, ...]
     token: str
     teasar: tuple[tuple[str, float], ...] = ()
+    voxel_offset_xyz: tuple[int, ...] = (0, 0, 0)
+    spatial_dir: str = ""
 
 
 def _block_shape(volume: Volume) -> Coordinate:
@@ -76,11 +85,17 @@ def _volume(path: str, token: str) -> Volume:
     return open_volume(path)
 
 
-def _read(job: _Job, block: Block) -> tuple[Any, np.ndarray[Any, Any]]:
+def _read(job: _Job, block: Block, *, close_borders: bool = False) -> tuple[Any, np.ndarray[Any, Any]]:
     volume = _volume(job.source, job.token)
-    read_roi = block.write_roi.grow(0, 1).intersect(volume.roi)  # one voxel past the high faces
+    read_roi = block.write_roi.grow(0, 1)  # one voxel past the high faces
+    if close_borders:  # and one voxel of zeros past the volume's borders
+        read_roi = read_roi.grow([int(b == v) for b, v in zip(block.write_roi.begin, volume.roi.begin)], 0)
+        data = volume.read(read_roi, pad="constant")
+    else:
+        read_roi = read_roi.intersect(volume.roi)
+        data = volume.read(read_roi)
     origin = np.asarray(job.origin_nm_xyz) + np.asarray(read_roi.offset[::-1]) * np.asarray(job.resolution_xyz)
-    return origin, volume.read(read_roi)
+    return origin, data
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -89,14 +104,89 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _save_pieces(path: Path, pieces: dict[int, bytes]) -> None:
+    ids = np.array(sorted(pieces), dtype=np.uint64)
+    blobs = [pieces[int(i)] for i in ids]
+    offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.uint64)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    np.savez(tmp, ids=ids, offsets=offsets, data=np.frombuffer(b"".join(blobs), dtype=np.uint8))
+    os.replace(tmp, path)
+
+
+def _load_pieces(path: Path) -> dict[int, bytes]:
+    with np.load(path, allow_pickle=False) as npz:
+        ids, offsets, data = npz["ids"], npz["offsets"], npz["data"].tobytes()
+    return {int(seg_id): data[int(offsets[k]): int(offsets[k + 1])] for k, seg_id in enumerate(ids)}
+
+
+def _spatial_name(job: _Job, block: Block) -> str:
+    """igneous's spatial index file of a block: its bounds in nm, ``x0-x1_y0-y1_z0-z1.spatial``."""
+    res = job.resolution_xyz
+    lo = [(v + b) * r for v, b, r in zip(job.voxel_offset_xyz, block.write_roi.begin[::-1], res)]
+    hi = [(v + e) * r for v, e, r in zip(job.voxel_offset_xyz, block.write_roi.end[::-1], res)]
+    return "_".join(f"{_num(a)}-{_num(b)}" for a, b in zip(lo, hi)) + ".spatial"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _mesh_task(job: _Job, block: Block) -> dict[str, int]:
+    import zmesh
+
     from emseg.ops.mesh import mesh_block
 
-    origin, labels = _read(job, block)
-    fragments = mesh_block(labels, resolution_xyz=job.resolution_xyz, origin_nm_xyz=origin)
-    for seg_id, data in fragments.items():
-        _atomic_write(Path(job.out) / f"{seg_id}:0:{block.block_id}", data)
-    return {"fragments": len(fragments)}
+    origin, labels = _read(job, block, close_borders=True)
+    pieces = mesh_block(labels, resolution_xyz=job.resolution_xyz, origin_nm_xyz=origin,
+                        reduction_factor=REDUCTION_FACTOR)
+    bounds: dict[str, list[float]] = {}
+    for seg_id, data in pieces.items():
+        vertices = zmesh.Mesh.from_precomputed(data).vertices
+        bounds[str(seg_id)] = [float(v) for v in (*vertices.min(axis=0), *vertices.max(axis=0))]
+    _save_pieces(Path(job.out) / f"{block.block_id}.npz", pieces)
+    _atomic_write(Path(job.spatial_dir) / _spatial_name(job, block), json.dumps(bounds).encode())
+    return {"fragments": len(pieces)}
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What a worker needs to write one mesh shard (sent by value)."""
+
+    pieces: str
+    mesh_dir: str
+    resolution_xyz: tuple[float, ...]
+    sharding: tuple[tuple[str, Any], ...]
+    shards: tuple[str, ...]
+
+
+def _shard_task(job: _ShardJob, block: Block) -> dict[str, int]:
+    """Build the multi-resolution meshes of the segments of one shard and write the shard file."""
+    from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, synthesize_shard_file
+
+    from emseg.ops.mesh import multires_mesh
+
+    shard = job.shards[block.block_id]
+    members = json.loads((Path(job.pieces) / "shards" / f"{shard}.json").read_text())
+    files: dict[int, dict[int, bytes]] = {}
+    data: dict[int, bytes] = {}
+    offsets: dict[int, int] = {}
+    for seg_id_text, block_ids in sorted(members.items(), key=lambda kv: int(kv[0])):
+        seg_id = int(seg_id_text)
+        pieces = []
+        for block_id in block_ids:
+            if block_id not in files:
+                files[block_id] = _load_pieces(Path(job.pieces) / f"{block_id}.npz")
+            pieces.append(files[block_id][seg_id])
+        mesh = multires_mesh(pieces, resolution_xyz=job.resolution_xyz)
+        if mesh is None or not mesh.fragments:
+            continue
+        data[seg_id] = mesh.fragments + mesh.manifest
+        offsets[seg_id] = len(mesh.manifest)
+    if not data:
+        return {"segments": 0}
+    spec = ShardingSpecification.from_dict(dict(job.sharding))
+    _atomic_write(Path(job.mesh_dir) / f"{shard}.shard", synthesize_shard_file(spec, data, offsets))
+    return {"segments": len(data)}
 
 
 def _skeleton_task(job: _Job, block: Block) -> dict[str, int]:
@@ -123,23 +213,27 @@ def _geometry(volume: Volume) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _run(stage: str, volume: Volume, job: _Job, task: Any, state_root: Path, client: Any, progress: bool,
-         extra: dict[str, Any]) -> None:
+         extra: dict[str, Any], fresh: tuple[Path, ...] = ()) -> None:
     from emseg.engine.runner import run_blockwise
 
     grid = plan_blocks(volume.roi, _block_shape(volume), chunk_shape=None)
     params = {"source": str(Path(volume.path).resolve()), "resolution": list(job.resolution_xyz),
               "origin": list(job.origin_nm_xyz), "block": list(grid.block_shape), **extra}
     Path(job.out).mkdir(parents=True, exist_ok=True)
-    # the pieces start over with the stage's records (those of another run are replaced)
+    # the pieces (and ``fresh`` folders) start over with the stage's records (those of another run
+    # are replaced); the records are kept only while the pieces are there
+    dirs = (Path(job.out), *fresh)
     run_blockwise(client, stage=stage, grid=grid, fn=functools.partial(task, job), output=state_root, params=params,
-                  overwrite=True, progress=progress, outputs=StageOutputs(functools.partial(_fresh_dir, Path(job.out))))
+                  overwrite=True, progress=progress,
+                  outputs=StageOutputs(functools.partial(_fresh_dirs, dirs), functools.partial(Path(job.out).is_dir)))
 
 
-def _fresh_dir(path: Path) -> None:
-    """An empty ``path``: the pieces an earlier run left there are removed."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+def _fresh_dirs(paths: tuple[Path, ...]) -> None:
+    """Empty folders at ``paths``: the pieces an earlier run left there are removed."""
+    for path in paths:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
 
 
 def _update_info(layer: Path, **keys: Any) -> None:
@@ -165,28 +259,72 @@ def write_meshes(
     client: Any = None,
     progress: bool = True,
 ) -> int:
-    """Legacy precomputed meshes of every segment of ``volume`` (a label image level) into ``layer/mesh``.
+    """Multi-resolution sharded meshes of every segment of ``volume`` (a label image level) into ``layer/mesh``.
 
-    Returns the number of segments meshed.  ``state_root`` holds the completion records (default:
-    the layer); a rerun after an interruption meshes only the missing blocks.
+    Returns the number of segments meshed.  ``state_root`` holds the completion records and the
+    block pieces (default: the layer); a rerun after an interruption meshes only the missing
+    blocks and writes only the missing shards.
     """
+    from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, compute_shard_params_for_hashed
+
+    from emseg.ops.mesh import QUANTIZATION_BITS
+
     layer_path = Path(layer)
     root = Path(state_root) if state_root is not None else layer_path
     resolution, origin = _geometry(volume)
+    voxel_offset = tuple(round(o / r) for o, r in zip(origin, resolution))
     mesh_dir = layer_path / "mesh"
-    job = _Job(str(volume.path), str(mesh_dir), resolution, origin, uuid.uuid4().hex)
-    _run(_stage_name("mesh", layer_path, root), volume, job, _mesh_task, root, client, progress, {"kind": "mesh"})
-    fragments: dict[int, list[str]] = defaultdict(list)
-    for entry in os.scandir(mesh_dir):
-        parts = entry.name.split(":")
-        if len(parts) == 3 and not entry.name.startswith("."):
-            fragments[int(parts[0])].append(entry.name)
-    for seg_id, names in fragments.items():
-        names.sort(key=lambda n: int(n.rsplit(":", 1)[1]))
-        _atomic_write(mesh_dir / f"{seg_id}:0", json.dumps({"fragments": names}).encode())
-    _atomic_write(mesh_dir / "info", json.dumps({"@type": "neuroglancer_legacy_mesh", "mip": 0}).encode())
+    stage = _stage_name("mesh", layer_path, root)
+    pieces_dir = root / "mesh-pieces" / stage
+    mesh_dir.mkdir(parents=True, exist_ok=True)
+    job = _Job(str(volume.path), str(pieces_dir), resolution, origin, uuid.uuid4().hex,
+               voxel_offset_xyz=voxel_offset, spatial_dir=str(mesh_dir))
+    block_shape = _block_shape(volume)
+    _run(stage, volume, job, _mesh_task, root, client, progress,
+         {"kind": "mesh", "reduction": REDUCTION_FACTOR, "closed_borders": True}, fresh=(mesh_dir,))
+
+    members: dict[int, list[int]] = defaultdict(list)
+    for path in sorted(pieces_dir.glob("*.npz"), key=lambda p: int(p.stem)):
+        with np.load(path, allow_pickle=False) as npz:
+            for seg_id in npz["ids"]:
+                members[int(seg_id)].append(int(path.stem))
+    shard_bits, minishard_bits, preshift_bits = compute_shard_params_for_hashed(
+        len(members), min_shards=max(1, math.ceil(len(members) / MAX_SEGMENTS_PER_SHARD)))
+    spec = ShardingSpecification(type="neuroglancer_uint64_sharded_v1", preshift_bits=preshift_bits,
+                                 hash="murmurhash3_x86_128", minishard_bits=minishard_bits, shard_bits=shard_bits,
+                                 minishard_index_encoding="gzip", data_encoding="raw")
+    sharding = {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in spec.to_dict().items()}
+    by_shard: dict[str, dict[str, list[int]]] = defaultdict(dict)
+    for seg_id, block_ids in members.items():
+        by_shard[spec.compute_shard_location(seg_id).shard_number][str(seg_id)] = block_ids
+    (pieces_dir / "shards").mkdir(exist_ok=True)
+    for shard, segments in by_shard.items():
+        _atomic_write(pieces_dir / "shards" / f"{shard}.json", json.dumps(segments).encode())
+    shards = tuple(sorted(by_shard))
+    info = {
+        "@type": "neuroglancer_multilod_draco",
+        "vertex_quantization_bits": QUANTIZATION_BITS,
+        "transform": [resolution[0], 0, 0, 0, 0, resolution[1], 0, 0, 0, 0, resolution[2], 0],
+        "lod_scale_multiplier": 1.0,
+        "sharding": sharding,
+        "mip": 0,
+        "chunk_size": list(block_shape[::-1]),
+        "spatial_index": {"resolution": list(resolution),
+                          "chunk_size": [b * r for b, r in zip(block_shape[::-1], resolution)]},
+    }
+    if shards:
+        from emseg.engine.runner import run_blockwise
+
+        shard_job = _ShardJob(str(pieces_dir), str(mesh_dir), resolution, tuple(sorted(sharding.items())), shards)
+        grid = plan_blocks(Roi((0, 0, 0), (1, 1, len(shards))), (1, 1, 1), chunk_shape=None)
+        run_blockwise(client, stage=f"{stage}-shards", grid=grid, fn=functools.partial(_shard_task, shard_job),
+                      output=root, params={"kind": "mesh-shards", "pieces": stage, "sharding": sharding,
+                                           "shards": list(shards)},
+                      overwrite=True, progress=progress)
+    _atomic_write(mesh_dir / "info", json.dumps(info).encode())
     _update_info(layer_path, mesh="mesh")
-    return len(fragments)
+    shutil.rmtree(pieces_dir, ignore_errors=True)
+    return len(members)
 
 
 def write_skeletons(

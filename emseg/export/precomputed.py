@@ -5,8 +5,8 @@ Layout of the destination (a directory of layers, one per OME-Zarr image)::
     DST/
       image/              the source image: "image" layer, raw encoding, one scale per level
       labels/<name>/      each label image: "segmentation" layer, compressed_segmentation
-        mesh/             optional legacy meshes (zmesh), one fragment per segment and block
-        skeletons/        optional skeletons (kimimaro), one per segment (see emseg.export.meshes)
+        mesh/             optional multi-resolution sharded meshes (zmesh, draco; see emseg.export.meshes)
+        skeletons/        optional skeletons (kimimaro), one per segment
 
 Axes: precomputed stores ``(x, y, z, channel)``; OME-Zarr ``([c,] z, y, x)`` is transposed on write.
 Resolution is the OME voxel size in nanometres.  Every multiscale level becomes a scale, and
@@ -14,8 +14,8 @@ Resolution is the OME voxel size in nanometres.  Every multiscale level becomes 
 the precomputed corner of voxel 0 at every scale (emseg's pyramids keep corners aligned, see
 :mod:`emseg.export.pyramid`).
 
-The info files and chunk encodings are written by tensorstore; only the mesh manifests and the
-``mesh`` key of the info are added here.
+The info files and chunk encodings are written by tensorstore; only the ``mesh`` and
+``skeletons`` keys of the info are added here.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def export_precomputed(
     overwrite : bool
         Replace an existing ``dst``.
     mesh : bool
-        Also write legacy meshes (zmesh) for segmentation layers, from their finest scale, blockwise
-        (:func:`emseg.export.meshes.write_meshes`).
+        Also write multi-resolution sharded meshes (zmesh, draco) for segmentation layers, from
+        their finest scale, blockwise (:func:`emseg.export.meshes.write_meshes`).
     skeleton : bool
         Also write skeletons (kimimaro TEASAR) for segmentation layers, blockwise and merged per
         segment (:func:`emseg.export.meshes.write_skeletons`).
@@ -141,9 +141,10 @@ def export_precomputed(
         raise NotAVolumeError(f"{src_path}: expected an OME-Zarr image group, got a bare zarr array")
     image_path = base.image_path
     if mesh:
-        _require("zmesh", "meshes")
+        for module, package in (("zmesh", "zmesh"), ("DracoPy", "DracoPy"), ("cloudvolume", "cloud-volume")):
+            _require(module, "meshes", package)
     if skeleton:
-        _require("kimimaro", "skeletons")
+        _require("kimimaro", "skeletons", "kimimaro")
     check_distinct(image_path, dst)
     dst_path = Path(dst)
 
@@ -172,11 +173,11 @@ def export_precomputed(
     return ExportReport(dst_path, tuple(layers))
 
 
-def _require(module: str, what: str) -> None:
+def _require(module: str, what: str, package: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{what} need the optional package {module}; pip install {module}, or drop the option")
+        raise ConfigError(f"{what} need the optional package {package}; pip install 'emseg[mesh]', or drop the option")
 
 
 def _levels(image_path: Path) -> list[Volume]:

@@ -21,6 +21,7 @@ web page the user's browser opens, so it is closed by default):
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
@@ -306,6 +307,21 @@ def _host_name(host_header: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``Range: bytes=a-b`` (one range, ``a-``, ``-n`` too) -> ``(start, stop)``; None: send the whole file."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[len("bytes="):].strip().partition("-")
+    try:
+        if first == "":
+            return max(size - int(last), 0), size
+        start = int(first)
+        stop = min(int(last) + 1, size) if last else size
+    except ValueError:
+        return None
+    return min(start, size), stop
+
+
 class _StoreHandler(SimpleHTTPRequestHandler):
     """Static files of a few checked mounts; GET/HEAD only, Host checked, CORS for listed origins."""
 
@@ -349,10 +365,30 @@ class _StoreHandler(SimpleHTTPRequestHandler):
         return real
 
     def send_head(self) -> Any:
-        if not self.translate_path(self.path):
+        path = self.translate_path(self.path)
+        if not path:
             self.send_error(404, "File not found")
             return None
-        return super().send_head()
+        byte_range = _byte_range(self.headers.get("Range"), os.path.getsize(path))
+        if byte_range is None:
+            return super().send_head()
+        # one range of a file (sharded precomputed layers are read so: shard index, minishard index, chunk)
+        start, stop = byte_range
+        if start >= stop:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{os.path.getsize(path)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(stop - start)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{os.path.getsize(path)}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return io.BytesIO(data)
 
     def list_directory(self, path: str | os.PathLike[str]) -> None:
         self.send_error(404, "No directory listings")
@@ -364,6 +400,7 @@ class _StoreHandler(SimpleHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
             self.send_header("Access-Control-Allow-Headers", "Range, Content-Type")
+            self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length")
             self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Vary", "Origin")
         super().end_headers()

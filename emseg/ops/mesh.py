@@ -11,25 +11,29 @@ pieces of neighbouring blocks meet on a shared plane:
   that overlapping pieces may close: kimimaro's own ``postprocess`` drops every edge of such
   skeletons in kimimaro 5.8, so it is not used).
 
-Vertices are in nanometres, axes ``x, y, z`` (neuroglancer's model space): voxel ``(i, j, k)``
-has its centre at ``origin_nm + ((k, j, i) + 0.5) * resolution`` (kimimaro's and zmesh's
-voxel-centred convention shifted by half a voxel, as neuroglancer draws voxels).
+Vertices are in nanometres, axes ``x, y, z`` (neuroglancer's model space), voxel ``(i, j, k)``
+spanning ``origin_nm + (k, j, i) * resolution`` to ``origin_nm + (k + 1, j + 1, i + 1) * resolution``
+as neuroglancer draws voxels: a mesh surface runs along the faces of its segment's voxels
+(zmesh's ``voxel_centered=True`` output is already in this convention) and a skeleton vertex sits
+at a voxel centre (kimimaro's voxel-index vertices shifted by half a voxel).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
     "DEFAULT_TEASAR",
+    "MultiresMesh",
     "decode_skeleton",
     "encode_skeleton",
     "merge_skeletons",
     "mesh_block",
+    "multires_mesh",
     "skeletonize_block",
 ]
 
@@ -46,8 +50,9 @@ def mesh_block(
     *,
     resolution_xyz: Sequence[float],
     origin_nm_xyz: Sequence[float],
+    reduction_factor: int = 0,
 ) -> dict[int, bytes]:
-    """Legacy precomputed mesh fragments of every non-zero label of one block.
+    """Mesh fragments (legacy precomputed encoding) of every non-zero label of one block.
 
     Parameters
     ----------
@@ -57,6 +62,10 @@ def mesh_block(
         Voxel size, nm.
     origin_nm_xyz : (x, y, z) floats
         Position, nm, of the corner of the block's first voxel.
+    reduction_factor : int
+        Simplify each fragment to about 1/``reduction_factor`` of its triangles (zmesh), moving no
+        vertex by more than about one voxel and none on the block's faces, so that the fragments of
+        neighbouring blocks still meet; 0 keeps marching cubes' triangles.
 
     Returns
     -------
@@ -67,12 +76,12 @@ def mesh_block(
 
     mesher = Mesher(tuple(float(r) for r in resolution_xyz))
     mesher.mesh(_xyz(labels_zyx))
-    shift = np.asarray(origin_nm_xyz, dtype=np.float64) + 0.5 * np.asarray(resolution_xyz, dtype=np.float64)
+    shift = np.asarray(origin_nm_xyz, dtype=np.float64)  # zmesh's voxel_centered output starts at the corner
     fragments: dict[int, bytes] = {}
     for seg_id in mesher.ids():
         if seg_id == 0:
             continue
-        m = mesher.get(int(seg_id), normals=False, voxel_centered=True)
+        m = mesher.get(int(seg_id), normals=False, reduction_factor=reduction_factor, voxel_centered=True)
         mesher.erase(seg_id)
         if len(m.faces) == 0:
             continue
@@ -80,6 +89,126 @@ def mesh_block(
         fragments[int(seg_id)] = m.to_precomputed()
     mesher.clear()
     return fragments
+
+
+class MultiresMesh(NamedTuple):
+    """One segment's multi-resolution mesh (``neuroglancer_multilod_draco``).
+
+    ``fragments`` are the draco-encoded octree nodes, level 0 first, in the manifest's order, and
+    ``manifest`` the binary manifest; in a shard they are stored back to back, ``fragments``
+    first, and the minishard index points at the manifest.
+    """
+
+    fragments: bytes
+    manifest: bytes
+    lods: int
+
+
+# Multi-resolution meshes: a segment gets one more level of detail each time its largest extent
+# doubles past MIN_CHUNK_NM (up to MAX_LODS); each level has about half the triangles of the one below.
+MIN_CHUNK_NM = 256.0
+MAX_LODS = 5
+QUANTIZATION_BITS = 16
+
+
+def _zorder(position: Sequence[int]) -> int:
+    """Morton code of an octree node's (x, y, z) grid position (x in the lowest bit)."""
+    code = 0
+    for bit in range(21):
+        for axis in range(3):
+            code |= ((int(position[axis]) >> bit) & 1) << (3 * bit + axis)
+    return code
+
+
+def multires_mesh(
+    pieces: Iterable[bytes],
+    *,
+    resolution_xyz: Sequence[float],
+    min_chunk_nm: float | None = None,
+    max_lods: int | None = None,
+    quantization_bits: int = QUANTIZATION_BITS,
+    compression_level: int = 7,
+) -> MultiresMesh | None:
+    """The multi-resolution mesh of one segment from its block fragments (:func:`mesh_block`).
+
+    The fragments are joined (their vertices on shared block faces coincide), then simplified
+    level by level (zmesh's quadric simplification, half the triangles per level) and cut into an
+    octree of ``chunk * 2**lod`` cells, each cell draco-encoded with integer positions of
+    ``quantization_bits`` bits, as igneous does.  Stored model coordinates are voxels of the
+    finest scale (the mesh info's ``transform`` scales them to nm).
+
+    The segment gets one level more each time its largest extent doubles past ``min_chunk_nm``
+    (default :data:`MIN_CHUNK_NM`), up to ``max_lods`` (default :data:`MAX_LODS`).  Returns None
+    when the segment has no triangles.
+    """
+    import DracoPy
+    import zmesh
+
+    resolution = np.asarray(resolution_xyz, dtype=np.float64)
+    parts = [zmesh.Mesh.from_precomputed(p) for p in pieces]
+    parts = [p for p in parts if len(p.faces)]
+    if not parts:
+        return None
+    mesh = zmesh.Mesh.concatenate(*parts).consolidate()
+    if len(mesh.faces) == 0:
+        return None
+    mesh.vertices = (mesh.vertices.astype(np.float64) / resolution).astype(np.float32)  # nm -> voxels
+    extent_nm = (mesh.vertices.max(axis=0) - mesh.vertices.min(axis=0)) * resolution
+    lods = 1 + int(max(0.0, np.floor(np.log2(max(float(extent_nm.max()), 1e-9) / (min_chunk_nm or MIN_CHUNK_NM)))))
+    lods = max(1, min(lods, max_lods or MAX_LODS))
+
+    levels = [mesh]
+    for lod in range(1, lods):
+        target = max(int(len(mesh.faces) / 2**lod), 4)
+        levels.append(zmesh.simplify_fqmr(levels[-1], target_count=target, preserve_border=False))
+    levels = [level for level in levels if len(level.faces)]
+    lods = len(levels)
+    grid_origin = np.floor(np.min([lv.vertices.min(axis=0) for lv in levels], axis=0))
+    grid_end = np.ceil(np.max([lv.vertices.max(axis=0) for lv in levels], axis=0))
+    chunk = np.maximum(np.ceil((grid_end - grid_origin) / 2 ** (lods - 1)), 1.0)
+    scale = float(2**quantization_bits - 1)
+
+    nodes: list[dict[tuple[int, int, int], Any]] = []
+    for lod, level in enumerate(levels):
+        if lod == lods - 1:
+            nodes.append({(0, 0, 0): level})
+        else:
+            grid = zmesh.chunk_mesh(level, (chunk * 2**lod).tolist(), tuple(grid_origin.tolist()))
+            nodes.append({(int(k[0]), int(k[1]), int(k[2])): m for k, m in grid.items() if len(m.faces)})
+    for lod in range(lods - 1):  # neuroglancer descends from the top: every node's parent is listed (empty if need be)
+        for x, y, z in list(nodes[lod]):
+            nodes[lod + 1].setdefault((x >> 1, y >> 1, z >> 1), None)
+
+    positions: list[npt.NDArray[np.uint32]] = []
+    sizes: list[list[int]] = []
+    blobs: list[bytes] = []
+    for lod in range(lods):
+        cell = chunk * 2**lod
+        order = sorted(nodes[lod], key=_zorder)
+        lod_sizes: list[int] = []
+        for node in order:
+            sub = nodes[lod][node]
+            data = b""
+            if sub is not None:
+                local = (sub.vertices.astype(np.float64) - grid_origin) / cell - np.asarray(node, dtype=np.float64)
+                quantized = np.clip(np.round(local * scale), 0, scale).astype(np.uint32)
+                try:
+                    data = bytes(DracoPy.encode(quantized, sub.faces, quantization_bits=quantization_bits,
+                                                compression_level=compression_level, create_metadata=True))
+                except DracoPy.EncodingFailedException:
+                    data = b""
+            lod_sizes.append(len(data))
+            blobs.append(data)
+        positions.append(np.asarray(order, dtype=np.uint32).reshape(-1, 3))
+        sizes.append(lod_sizes)
+
+    header = [np.asarray(chunk, "<f4").tobytes(), np.asarray(grid_origin, "<f4").tobytes(),
+              np.uint32(lods).astype("<u4").tobytes(), np.asarray([2.0**i for i in range(lods)], "<f4").tobytes(),
+              np.zeros((lods, 3), "<f4").tobytes(), np.asarray([len(s) for s in sizes], "<u4").tobytes()]
+    for pos, lod_sizes in zip(positions, sizes):
+        header.append(np.ascontiguousarray(pos.T).astype("<u4").tobytes())  # all x, then all y, then all z
+        header.append(np.asarray(lod_sizes, "<u4").tobytes())
+    return MultiresMesh(b"".join(blobs), b"".join(header), lods)
 
 
 def skeletonize_block(

@@ -48,8 +48,14 @@ def test_blockwise_meshes_and_skeletons_are_stitched(tubes: Path, tmp_path: Path
     info = json.loads((layer.path / "info").read_text())
     assert info["mesh"] == "mesh" and info["skeletons"] == "skeletons"
     assert json.loads((layer.path / "skeletons" / "info").read_text())["@type"] == "neuroglancer_skeletons"
-    fragments = json.loads((layer.path / "mesh" / "11:0").read_text())["fragments"]
-    assert len(fragments) >= 3  # the x tube crosses blocks: one fragment per block
+    mesh_info = json.loads((layer.path / "mesh" / "info").read_text())
+    assert mesh_info["@type"] == "neuroglancer_multilod_draco" and mesh_info["sharding"]["@type"] == \
+        "neuroglancer_uint64_sharded_v1"
+    assert mesh_info["spatial_index"]["chunk_size"] == [32 * 4, 32 * 4, 16 * 8]  # one index file per block
+    spatial = sorted((layer.path / "mesh").glob("*.spatial"))
+    assert len(spatial) == 3 * 2 * 2  # 96x64x24 voxels in 32x32x16 blocks
+    assert sum("11" in json.loads(p.read_text()) for p in spatial) >= 3  # the x tube crosses blocks
+    assert list((layer.path / "mesh").glob("*.shard")) and not list(tmp_path.glob("pc/mesh-pieces/*/*.npz"))
 
     from osteoid import Skeleton
 
@@ -70,20 +76,35 @@ def test_blockwise_meshes_and_skeletons_are_stitched(tubes: Path, tmp_path: Path
     assert y.min() < 24 * 4 and y.max() > 40 * 4
 
 
-def test_cloudvolume_reads_labels_meshes_and_skeletons(tubes: Path, tmp_path: Path):
-    cloudvolume = pytest.importorskip("cloudvolume", reason="pip install cloud-volume (not in the test extra: its "
-                                      "boto3 and torch's s3fs pin botocore apart, pip backtracks for minutes)")
+def test_cloudvolume_reads_labels_meshes_and_skeletons(tubes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import cloudvolume
+
+    import emseg.ops.mesh
+
+    monkeypatch.setattr(emseg.ops.mesh, "MIN_CHUNK_NM", 64.0)  # levels of detail for these small segments
     export_precomputed(tubes, tmp_path / "pc", overwrite=False, mesh=True, skeleton=True, progress=False)
     cv = cloudvolume.CloudVolume(f"file://{tmp_path}/pc/labels/segments", progress=False, fill_missing=False)
     labels = open_volume(tubes / "labels" / "segments").array[...]
     np.testing.assert_array_equal(np.asarray(cv[:, :, :])[..., 0].transpose(2, 1, 0), labels)
     assert cv.resolution.tolist() == [4, 4, 8]
-    mesh = cv.mesh.get(11)
-    mesh = mesh[11] if isinstance(mesh, dict) else mesh
-    lo, hi = mesh.vertices.min(0), mesh.vertices.max(0)
-    # the x tube: x 3..93, y 20..30, z 8..16 voxels -> nm (corner convention), within a voxel
-    np.testing.assert_allclose(lo, [3 * 4, 20 * 4, 8 * 8], atol=8)
-    np.testing.assert_allclose(hi, [93 * 4, 30 * 4, 16 * 8], atol=8)
+    assert cv.mesh.meta.info["@type"] == "neuroglancer_multilod_draco"
+    voxel = np.array([4.0, 4.0, 8.0])
+    for seg_id in (11, 22, 33):
+        z, y, x = np.nonzero(labels == seg_id)
+        # the voxels' corners (neuroglancer draws voxel i over [i, i + 1) * resolution)
+        lo, hi = np.array([x.min(), y.min(), z.min()]) * voxel, np.array([x.max(), y.max(), z.max()]) * voxel + voxel
+        faces = []
+        for lod in range(3):  # 11 (360 nm) has 3 levels of detail at 64 nm: each simplified further
+            mesh = cv.mesh.get(seg_id, lod=lod)
+            mesh = mesh[seg_id] if isinstance(mesh, dict) else mesh
+            # level 0 on the voxel faces; level k simplified within its scale, 2**k voxels
+            tolerance = voxel / 4 if lod == 0 else voxel * 2**lod
+            assert np.all(np.abs(mesh.vertices.min(0) - lo) <= tolerance), (seg_id, lod, mesh.vertices.min(0), lo)
+            assert np.all(np.abs(mesh.vertices.max(0) - hi) <= tolerance), (seg_id, lod, mesh.vertices.max(0), hi)
+            faces.append(len(mesh.faces))
+            if seg_id != 11:
+                break
+        assert seg_id != 11 or faces[0] > faces[1] > faces[2], faces
     skeleton = cv.skeleton.get(22)
     assert len(skeleton.vertices) > 10 and skeleton.cable_length() > 40 * 4
 

@@ -58,6 +58,19 @@ def test_serves_metadata_and_chunks_of_the_images(server: StoreServer, output_im
     assert _get(server, "/raw.zarr/0/zarr.json")[0] == 200
 
 
+def test_byte_ranges_are_answered_with_206(server: StoreServer, output_image: Path):
+    """Sharded precomputed layers are read in byte ranges (shard index, minishard index, chunk)."""
+    chunk = next(p for p in (output_image / "labels" / "segments" / "0").rglob("*") if p.is_file()
+                 and p.name != "zarr.json" and p.stat().st_size > 8)
+    rel, data = chunk.relative_to(output_image).as_posix(), chunk.read_bytes()
+    status, headers, body = _get(server, f"/out.zarr/{rel}", Range="bytes=2-5")
+    assert (status, body, headers["content-range"]) == (206, data[2:6], f"bytes 2-5/{len(data)}")
+    assert _get(server, f"/out.zarr/{rel}", Range="bytes=-3")[2] == data[-3:]
+    assert _get(server, f"/out.zarr/{rel}", Range="bytes=4-")[2] == data[4:]
+    assert _get(server, f"/out.zarr/{rel}", Range=f"bytes={len(data) + 5}-")[0] == 416
+    assert _get(server, "/out.zarr/emseg_state/zarr.json", Range="bytes=0-3")[0] == 404  # still only what is served
+
+
 def test_only_ome_zarr_arrays_are_served(server: StoreServer, output_image: Path):
     # emseg's own bookkeeping and stray files inside the store are not part of the image
     (output_image / "notes.txt").write_text("private")
