@@ -51,6 +51,10 @@ BLOCK_VOXELS = 1 << 22
 # (z, y, x) cap on the precomputed chunk taken from the zarr chunks: 64^3 like igneous, so that
 # igneous downsampling adds mips down to one chunk (256x256 chunks of a 512x512 section gave one)
 MAX_CHUNK = (64, 64, 64)
+# Scales of at least SHARD_MIN_BYTES (uncompressed) are sharded (neuroglancer_uint64_sharded_v1, as
+# igneous shards images): shards of about SHARD_BYTES uncompressed instead of one file per chunk.
+SHARD_MIN_BYTES = 1 << 30
+SHARD_BYTES = 1 << 30
 IMAGE_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "float32"}
 
 
@@ -270,6 +274,13 @@ def export_layer(
         }
         if layer_type == "segmentation":
             scale["compressed_segmentation_block_size"] = [8, 8, 8]
+        chunk = _chunk_size(volume)
+        block = _block_of(volume, chunk)
+        unit = chunk
+        if math.prod(volume.shape) * dtype.itemsize * channels >= SHARD_MIN_BYTES:
+            scale["sharding"], shard = _sharding(volume, chunk, scale["encoding"], dtype, channels)
+            # whole shards per block (a shard file is written by one worker), at least BLOCK_VOXELS
+            block, unit = tuple(min(-(-max(b, s) // s) * s, v) for b, s, v in zip(block, shard, volume.shape)), shard
         spec = {
             "driver": "neuroglancer_precomputed",
             "kvstore": {"driver": "file", "path": str(dst_path.resolve())},
@@ -279,10 +290,9 @@ def export_layer(
             "open": True,
         }
         ts.open(spec).result()  # writes (or checks) the info file's scale
-        chunk = _chunk_size(volume)
-        grid = plan_blocks(volume.roi, _block_of(volume, chunk), chunk_shape=chunk)
+        grid = plan_blocks(volume.roi, block, chunk_shape=tuple(min(u, v) for u, v in zip(unit, volume.shape)))
         job = _ExportJob(str(volume.path), volume.has_channels, str(dst_path.resolve()), index, dtype.name,
-                         uuid.uuid4().hex)
+                         uuid.uuid4().hex, "sharding" in scale)
         params = {"source": str(Path(volume.path).resolve()), "scale": scale, "data_type": dtype.name,
                   "layer": layer_type}
         # records of another export are replaced (the scale is written over); matching ones resume
@@ -325,6 +335,7 @@ class _ExportJob:
     scale_index: int
     data_type: str
     token: str
+    sharded: bool = False
 
 
 @functools.lru_cache(maxsize=16)
@@ -346,8 +357,27 @@ def _export_block(job: _ExportJob, block: Block) -> dict[str, int]:
     roi = block.write_roi
     data = _to_xyzc(volume.read(roi), job.has_channels, np.dtype(job.data_type), volume.path)
     (z0, y0, x0), (z1, y1, x1) = roi.begin, roi.end
-    _scale_store(job.layer, job.scale_index, job.token)[x0:x1, y0:y1, z0:z1, :].write(data).result()
+    store = _scale_store(job.layer, job.scale_index, job.token)
+    if not job.sharded:
+        store[x0:x1, y0:y1, z0:z1, :].write(data).result()
+        return {"voxels": roi.size}
+    txn = _ts().Transaction()  # the block's whole shards, each written once
+    store.with_transaction(txn)[x0:x1, y0:y1, z0:z1, :].write(data).result()
+    txn.commit_async().result()
     return {"voxels": roi.size}
+
+
+def _sharding(volume: Volume, chunk: Coordinate, encoding: str, dtype: np.dtype[Any],
+              channels: int) -> tuple[dict[str, Any], Coordinate]:
+    """Sharding of a scale as igneous computes it (cloud-volume), and the shard's shape (z, y, x voxels)."""
+    from cloudvolume.datasource.precomputed.sharding import compute_shard_params_for_image, image_shard_shape_from_spec
+
+    size, chunk_xyz = tuple(volume.shape[::-1]), tuple(chunk[::-1])
+    spec = compute_shard_params_for_image(size, chunk_xyz, encoding, dtype,
+                                          uncompressed_shard_bytesize=SHARD_BYTES // max(channels, 1))
+    sharding = {k: (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in spec.to_dict().items()}
+    shard = image_shard_shape_from_spec(sharding, size, chunk_xyz)
+    return sharding, tuple(int(v) for v in shard[::-1])
 
 
 def open_precomputed(path: str | os.PathLike[str], *, scale_index: int = 0) -> Any:

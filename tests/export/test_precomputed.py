@@ -44,6 +44,30 @@ def test_export_reads_back_same_voxels_and_ids(output_image: Path, tmp_path: Pat
         np.testing.assert_array_equal(image, open_volume(output_image, level=k).array[:])
 
 
+def test_large_scales_are_sharded_and_read_back(output_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import cloudvolume
+
+    import emseg.export.precomputed as precomputed
+
+    # "large" scaled down: every scale is sharded, shards of 16 KiB (a few per layer)
+    monkeypatch.setattr(precomputed, "SHARD_MIN_BYTES", 0)
+    monkeypatch.setattr(precomputed, "SHARD_BYTES", 1 << 14)
+    monkeypatch.setattr(precomputed, "MAX_CHUNK", (8, 16, 16))
+    export_precomputed(output_image, tmp_path / "pc", overwrite=False, progress=False)
+    for layer, source in (("labels/segments", output_image / "labels" / "segments"), ("image", output_image)):
+        info = json.loads((tmp_path / "pc" / layer / "info").read_text())
+        (scale,) = info["scales"]
+        assert scale["sharding"]["@type"] == "neuroglancer_uint64_sharded_v1"
+        files = list((tmp_path / "pc" / layer / scale["key"]).iterdir())
+        assert len(files) > 1 and all(f.suffix == ".shard" for f in files)
+        want = open_volume(source).array[...]
+        want = want if want.ndim == 4 else want[None]
+        store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{tmp_path}/pc/{layer}"}).result()
+        np.testing.assert_array_equal(_xyzc_to_czyx(store.read().result()), want)
+        cv = cloudvolume.CloudVolume(f"file://{tmp_path}/pc/{layer}", progress=False)
+        np.testing.assert_array_equal(np.asarray(cv[:, :, :]).transpose(3, 2, 1, 0), want)
+
+
 def test_export_label_image_with_meshes(output_image: Path, tmp_path: Path):
     report = export_precomputed(output_image / "labels" / "segments", tmp_path / "pc", overwrite=False, mesh=True,
                                 progress=False)
