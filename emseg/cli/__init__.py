@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "agglomerate": "emseg.cli.agglomerate:agglomerate",
     "evaluate": "emseg.cli.evaluate:evaluate",
     "train": "emseg.cli.train:train",
+    "finetune": "emseg.cli.finetune:finetune",
+    "calibrate": "emseg.cli.finetune:calibrate",
     "preview": "emseg.cli.preview:preview",
     "view": "emseg.cli.view:view",
 }
