@@ -652,13 +652,12 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
         done = max(v.step for v in validations)
         rounds_left = MAX_ROUNDS - (len(validations) - 1)
         while rounds_left > 0 and done < max_steps:
-            # equal rounds of training, each followed by one validation, in what is left of the budget
+            # equal rounds in what is left of the budget, each one training at least twice as long as
+            # one validation takes, then validating once: slow validations mean fewer, longer rounds
+            rounds_left = max(1, min(rounds_left, int(remaining() // (3 * one_validation))))
             per_round = remaining() / rounds_left - one_validation
             if per_round < one_validation:
-                rounds_left -= 1
-                if rounds_left == 0 or remaining() < 2 * one_validation:
-                    break
-                continue
+                break
             best = min(validations, key=lambda v: v.best_total)
             tick(f"training from step {done} (best {best.name}: {best.best_total:.3f})")
             latest = ckpt_state.latest_checkpoint(run_dir / "checkpoints")

@@ -1,0 +1,142 @@
+"""`emseg finetune` and `emseg calibrate`: bad input fails in one line with nothing written; the written
+checkpoint carries the threshold chosen on the labels, and `emseg segment --model CKPT` merges at it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from emseg.cli import cli
+from emseg.io import open_volume, read_status
+from emseg.workflows.finetune import holdout_split, load_labelled
+
+
+@pytest.fixture
+def gala_crop(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A small FIB-SEM crop with 3-D instance labels (gala train), as TIFFs."""
+    raw = tmp_path / "raw.tif"
+    labels = tmp_path / "labels.tif"
+    tifffile.imwrite(raw, tifffile.imread(shared_data / "fib_gala" / "train-raw.tif")[:16, :40, :64])
+    tifffile.imwrite(labels, tifffile.imread(shared_data / "fib_gala" / "train-labels.tif")[:16, :40, :64])
+    return raw, labels
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def _nothing_written(out: Path) -> bool:
+    return not out.exists() and not (out.parent / f".{out.name}.finetune").exists()
+
+
+def test_holdout_is_the_last_part_of_the_longest_axis_in_nm() -> None:
+    assert holdout_split((50, 100, 200), (10, 10, 10), 0.25) == (2, 150)
+    assert holdout_split((3, 500, 500), (40, 4, 4), 0.25) == (1, 375)  # a strip of every section
+    assert holdout_split((40, 100, 100), (40, 4, 4), 0.25) == (0, 30)  # 1600 nm deep > 400 nm wide
+
+
+@pytest.mark.parametrize("command", ["finetune", "calibrate"])
+def test_bad_input_is_one_error_line_and_writes_nothing(command: str, gala_crop: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    raw, labels = gala_crop
+    out = tmp_path / "ckpt"
+    other = tmp_path / "other.tif"
+    tifffile.imwrite(other, tifffile.imread(labels)[:, :32])
+    single = tmp_path / "single.tif"
+    tifffile.imwrite(single, np.full((16, 40, 64), 7, np.uint16))
+    before = tifffile.imread(labels).copy()
+    cases = {
+        "labels of another shape": (["--labels", str(other)], "shape"),
+        "one id": (["--labels", str(single)], "single"),
+        "slice outside the volume": (["--raw", f"{raw}[10:20]", "--labels", f"{labels}[10:20]"], "outside"),
+        "no voxel size": (["--voxel-size", None], "voxel size"),
+    }
+    for name, (change, word) in cases.items():
+        args = {"--raw": str(raw), "--labels": str(labels), "--voxel-size": "10,10,10"}
+        for flag, value in zip(change[::2], change[1::2], strict=True):
+            args[flag] = value
+        argv = [command, "-o", str(out)] + [v for k, val in args.items() if val is not None for v in (k, val)]
+        code, output = _invoke(*argv)
+        assert code != 0, name
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and word in errors[0], (name, output)
+        assert "Traceback" not in output
+        assert _nothing_written(out), name
+    assert np.array_equal(tifffile.imread(labels), before)  # the input is never modified
+
+
+def test_load_labelled_reads_zarr_voxel_size_and_slices(make_volume, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    raw = make_volume("raw.zarr", shape=(6, 16, 16), voxel_size=(40.0, 4.0, 4.0))
+    labels = tmp_path / "labels.tif"
+    tifffile.imwrite(labels, np.arange(6 * 16 * 16, dtype=np.uint16).reshape(6, 16, 16) % 5)
+    vol = load_labelled(f"{raw}[1:4]", f"{labels}[1:4]")
+    assert vol.raw.shape == (3, 16, 16) and vol.voxel_size == (40.0, 4.0, 4.0)
+
+
+def test_time_limit_too_small_for_one_validation(gala_crop: tuple[Path, Path], tmp_path: Path) -> None:
+    raw, labels = gala_crop
+    out = tmp_path / "ckpt"
+    code, output = _invoke("finetune", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
+                           "-o", str(out), "--time-limit", "0.05", "--no-progress")
+    assert code != 0
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--time-limit" in errors[0] and "too small" in errors[0], output
+    assert _nothing_written(out)
+
+
+def _segment(volume: Path, out: Path, *flags: str) -> tuple[float, np.ndarray]:
+    code, output = _invoke("segment", str(volume), "-o", str(out), "--workers", "1", "--no-progress", *flags)
+    assert code == 0, output
+    segments = open_volume(out / "labels" / "segments")
+    return float(read_status(out)["pipeline"]["agglomerate"]["threshold"]), segments.read(segments.roi)
+
+
+def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_crop: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    raw, labels = gala_crop
+    out = tmp_path / "ckpt"
+    code, output = _invoke("calibrate", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
+                           "-o", str(out), "--json")
+    assert code == 0, output
+    report = json.loads(output.splitlines()[-1])
+    chosen = report["after"]["threshold"]
+    # the lowest ARE + VOI of the sweep is the one written
+    assert report["after"]["sum"] == min(r["sum"] for r in report["sweep"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["agglomeration_threshold"] == chosen
+    assert config["provenance"]["calibration"]["chosen"]["threshold"] == chosen
+
+    volume = tmp_path / "vol.zarr"
+    assert _invoke("import", str(raw), str(volume), "--voxel-size", "10,10,10", "--no-progress")[0] == 0
+    used, own = _segment(volume, tmp_path / "own.zarr", "--model", str(out))
+    _, flagged = _segment(volume, tmp_path / "flag.zarr", "--model", str(out), "--merge-threshold", f"{chosen}")
+    assert used == chosen
+    assert np.array_equal(own, flagged)  # merged at the checkpoint's threshold, not only recorded
+
+
+@pytest.mark.slow
+def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    raw, labels = gala_crop
+    out = tmp_path / "ckpt"
+    code, output = _invoke("finetune", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
+                           "-o", str(out), "--time-limit", "3", "--patch-shape", "24,24,24", "--threads", "1",
+                           "--no-progress", "--json")
+    assert code == 0, output
+    report = json.loads(output.splitlines()[-1])
+    config = json.loads((out / "config.json").read_text())
+    assert config["agglomeration_threshold"] == report["after"]["threshold"]
+    assert report["after"]["sum"] <= report["before_calibrated"]["sum"]  # the starting model is a candidate
+    assert report["steps"] >= 1 and len(report["validations"]) >= 2
+    assert not (tmp_path / ".ckpt.finetune").exists()  # the work directory is gone once the output is in place
+
+    volume = tmp_path / "vol.zarr"
+    assert _invoke("import", str(raw), str(volume), "--voxel-size", "10,10,10", "--no-progress")[0] == 0
+    used, _ = _segment(volume, tmp_path / "seg.zarr", "--model", str(out))
+    assert used == report["after"]["threshold"]
