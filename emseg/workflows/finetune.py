@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from emseg.engine.lock import locked
 from emseg.errors import (
     ConfigError,
     InvalidDataError,
@@ -437,6 +438,7 @@ def _input_fingerprint(vol: LabelledVolume, model: Path, **params: Any) -> dict[
 # calibrate
 
 
+@locked("output", "calibrate")
 def calibrate(raw: str, labels: str, output: str | os.PathLike[str], *, model: str | None = None,
               voxel_size: Sequence[float] | None = None, labels_kind: LabelsKind = "auto",
               thresholds: Sequence[float] = SWEEP, workers: int = 1, overwrite: bool = False) -> CalibrationReport:
@@ -545,6 +547,7 @@ def _append_validation(path: Path, s: ModelScores) -> None:
                             "scores": {k: list(v) for k, v in s.scores.items()}, "seconds": s.seconds}) + "\n")
 
 
+@locked("output", "finetune")
 def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: str | None = None,
              voxel_size: Sequence[float] | None = None, labels_kind: LabelsKind = "auto",
              time_limit_min: float = 15.0, val_fraction: float = 0.25, max_steps: int = 5000,
@@ -569,8 +572,8 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
     from emseg.cluster import connect
     from emseg.errors import ResourceLimitError
     from emseg.models import load_checkpoint_config
-    from emseg.training import train
     from emseg.training import state as ckpt_state
+    from emseg.training import train
     from emseg.workflows.agglomerate import check_thresholds
 
     started = time.perf_counter()
@@ -619,6 +622,8 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
     validations = _read_validations(validations_path)
     val_raw, val_gt = work / "val_raw.zarr", work / "val_labels.zarr"
 
+    one_validation = 0.0  # seconds of the latest validation
+
     def remaining() -> float:
         return budget - (time.perf_counter() - started)
 
@@ -665,8 +670,8 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
                                 labels_kind=labels_kind, voxel_size=vol.voxel_size, steps=max_steps,
                                 minutes=per_round / 60.0, resume=latest is not None, patch_shape=patch_shape,
                                 lr=lr, batch_size=batch_size, threads=threads, precision=precision, seed=seed)
-            report = train(cfg)
-            done = report.steps
+            trained = train(cfg)
+            done = trained.steps
             latest = ckpt_state.latest_checkpoint(run_dir / "checkpoints")
             if latest is None:
                 break
