@@ -1,8 +1,10 @@
 """Run locks: one emseg run per output at a time, also across the nodes of a shared filesystem.
 
-A run that writes ``OUT`` first creates the lock file ``.OUT.emseg-lock`` beside it (``O_CREAT |
-O_EXCL``, atomic on local filesystems and NFS v3+), holding the owner's host, pid, process start
-time and command.  While the run lasts a daemon thread touches the file every ``HEARTBEAT_S``
+A run that writes ``OUT`` first creates the lock file ``.OUT.emseg-lock`` beside it, holding the
+owner's host, pid, process start time and command.  ``OUT`` is resolved first (symlinks followed), so
+that two runs naming one output through different links take one lock.  The record is written in full
+to a temporary file and then published with ``link`` (atomic and exclusive on local filesystems and
+NFS v3+), so a lock file is never empty or half-written, not even when the disk fills up meanwhile.  While the run lasts a daemon thread touches the file every ``HEARTBEAT_S``
 seconds.  A second run on the same output fails with :class:`~emseg.errors.OutputInUseError`
 (or waits, ``wait_s``), before anything is read, created or deleted, so ``--overwrite`` of an
 output in use is refused too.
@@ -17,6 +19,7 @@ of this host that no longer exists (SIGKILL, crash), or when its heartbeat is ol
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -45,9 +48,13 @@ _held: dict[Path, _Held] = {}
 _held_guard = threading.Lock()
 
 
+UNREADABLE_S = 5.0
+"""A lock file without a readable owner record older than this many seconds is taken over."""
+
+
 def lock_path(output: str | os.PathLike[str]) -> Path:
-    """The lock file of ``output``: ``.<name>.emseg-lock`` in the same folder."""
-    out = Path(os.path.abspath(output))
+    """The lock file of ``output`` (symlinks resolved): ``.<name>.emseg-lock`` in the same folder."""
+    out = Path(os.path.realpath(output))
     return out.parent / f".{out.name}{SUFFIX}"
 
 
@@ -98,8 +105,8 @@ def is_stale(path: Path, owner: dict[str, Any] | None, stale_s: float = STALE_S)
     if age is None:
         return True  # vanished meanwhile
     if owner is None:
-        # being written right now, or garbage: trust it only while it is fresh
-        return age > stale_s
+        # locks are published complete, so this is garbage (or an older emseg still writing it)
+        return age > min(stale_s, UNREADABLE_S)
     if owner.get("host") == socket.gethostname():
         pid = owner.get("pid")
         if not isinstance(pid, int) or pid <= 0:
@@ -132,6 +139,35 @@ def _describe(path: Path, output: Path, owner: dict[str, Any] | None) -> str:
 
 
 def _try_create(path: Path, record: dict[str, Any]) -> bool:
+    """Publish ``record`` as the lock file ``path`` unless one exists; False if one does.
+
+    The record is written and synced to a temporary file first and then hard-linked into place, so
+    the lock file appears whole or not at all (a full disk fails the write, before anything is
+    published).  Filesystems without hard links fall back to ``O_EXCL`` creation.
+    """
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, json.dumps(record).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            return _create_exclusive(path, record)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -139,8 +175,12 @@ def _try_create(path: Path, record: dict[str, Any]) -> bool:
     try:
         os.write(fd, json.dumps(record).encode())
         os.fsync(fd)
-    finally:
+    except OSError:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()  # never leave an empty lock behind
+        raise
+    os.close(fd)
     return True
 
 
@@ -266,6 +306,10 @@ def locked(argument: str, command: str) -> Callable[[F], F]:
             output = bound.arguments.get(argument)
             if output is None or bound.arguments.get("dry_run"):
                 return fn(*args, **kwargs)
+            # the output as it is on disk: a symlink's target is what gets checked, locked and written
+            output = type(output)(os.path.realpath(output)) if isinstance(output, Path) else os.path.realpath(output)
+            bound.arguments[argument] = output
+            args, kwargs = bound.args, bound.kwargs
             from emseg.io.volume import storage_errors
 
             # an OSError that lost its path (zarr's stores drop it) is reported against the output

@@ -40,7 +40,7 @@ import numpy.typing as npt
 from emseg.engine.ledger import Ledger, WriteSpec
 from emseg.engine.scratch import remove_scratch, require_scratch
 from emseg.errors import OutputExistsError, ResumeMismatchError
-from emseg.io.safety import overwrite_hint, zarr_attrs
+from emseg.io.safety import made_by_emseg, overwrite_hint, zarr_attrs
 from emseg.io.volume import STATUS_KEY, mark_complete, update_status
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ class OutputClaim:
             raise OutputExistsError(f"{self.path} already exists and is not an emseg {self.kind} but another emseg "
                                     f"image ({self.others}); choose another output path")
         if self.overwrite:
+            if not made_by_emseg(self.path):  # refused before a cluster starts, not by create
+                raise OutputExistsError(f"{self.path} already exists; {overwrite_hint(self.path)}")
             return False
         if previous is None:
             raise OutputExistsError(f"{self.path} already exists and is not an emseg {self.kind}; "

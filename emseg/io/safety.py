@@ -81,9 +81,7 @@ def _file_is_emseg(path: Path) -> bool:
 
 def made_by_emseg(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is something emseg wrote (or an empty folder), so ``--overwrite`` may remove it."""
-    p = Path(path)
-    if p.is_symlink():
-        return True  # removing a link deletes nothing else
+    p = Path(os.path.realpath(path))  # a symlink is judged by what it points to: that is what gets written
     if not p.exists():
         return True
     try:
@@ -173,13 +171,14 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
 def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it).
 
-    ``overwrite`` removes only what emseg wrote itself (:func:`made_by_emseg`).
+    ``overwrite`` removes only what emseg wrote itself (:func:`made_by_emseg`).  ``path`` is
+    resolved first: through a symlink, the folder it points to is checked, removed and returned.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     _check_not_inside_a_store(path)
-    if path.exists() or path.is_symlink():
+    if path.exists():
         _check_replaceable(path, overwrite)
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
@@ -190,11 +189,11 @@ def check_file_output(path: str | os.PathLike[str], inputs: list[Path], overwrit
     """Refuse a file output inside an input, or an existing one without ``overwrite`` (or not emseg's)."""
     from emseg.errors import OutputExistsError
 
-    out = Path(path)
+    out = Path(os.path.realpath(path))
     for source in inputs:
         check_distinct(source, out)
     _check_not_inside_a_store(out)
-    if out.exists() or out.is_symlink():
+    if out.exists():
         if out.is_dir():
             raise OutputExistsError(f"{out} is a folder; give the path of a file")
         _check_replaceable(out, overwrite)

@@ -5,8 +5,12 @@ A source reads z-slabs on demand so that import never holds the whole volume.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from emseg.errors import NotAVolumeError, UnsupportedDtypeError, VolumeNotFoundError, VolumeShapeError
+from emseg.errors import InvalidDataError, NotAVolumeError, UnsupportedDtypeError, VolumeNotFoundError, VolumeShapeError
 from emseg.io.volume import SUPPORTED_DTYPES, open_volume
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -48,13 +52,27 @@ class TiffSource:
         import tifffile
 
         try:
-            with tifffile.TiffFile(path) as tif:
+            with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 shape = tuple(int(s) for s in series.shape)
                 dtype = np.dtype(series.dtype)
                 voxel_size = _tiff_voxel_size(tif)
-        except (tifffile.TiffFileError, ValueError, IndexError) as e:
+                others = [(tuple(int(n) for n in s.shape), str(s.dtype)) for s in tif.series[1:]]
+                end = max((int(o) + int(n) for page in tif.pages  # type: ignore[union-attr]
+                           for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)  # type: ignore[union-attr]
+                if series.dataoffset is not None:  # contiguous data (tifffile's own stacks): one extent
+                    end = max(end, int(series.dataoffset) + int(series.nbytes))
+                size = tif.filehandle.size
+        except (tifffile.TiffFileError, ValueError, IndexError, KeyError, struct.error, EOFError) as e:
             raise NotAVolumeError(f"{path}: not a readable TIFF ({e})") from e
+        if end > size:
+            raise NotAVolumeError(f"{path}: truncated TIFF (its pages need {end} bytes, the file has {size}); "
+                                  "copy it again or re-export it")
+        if others:  # pages of another shape or dtype start a new series: importing series 0 would drop them
+            raise VolumeShapeError(
+                f"{path}: holds {len(others) + 1} image series of different shapes or dtypes ({shape} {dtype}, then "
+                f"{', '.join(f'{s} {d}' for s, d in others[:3])}); emseg imports one (z, y, x) stack of equal "
+                "sections: split the file, or make every page the same shape")
         if len(shape) == 2:
             shape = (1, *shape)
         if len(shape) != 3:
@@ -64,15 +82,31 @@ class TiffSource:
     def read(self, z0: int, z1: int) -> npt.NDArray[Any]:
         import tifffile
 
-        with tifffile.TiffFile(self.path) as tif:
-            series = tif.series[0]
-            if len(series.pages) == self.shape[0]:
-                # every page exists: the series has exactly shape[0] of them
-                data = np.stack([series.pages[z].asarray() for z in range(z0, z1)])  # type: ignore[union-attr]
-            else:  # one page holds the whole volume
-                data = series.asarray()
-                data = data.reshape(self.shape)[z0:z1]
+        try:
+            with _quiet_tifffile(), tifffile.TiffFile(self.path) as tif:
+                series = tif.series[0]
+                if len(series.pages) == self.shape[0]:
+                    # every page exists: the series has exactly shape[0] of them
+                    data = np.stack([series.pages[z].asarray() for z in range(z0, z1)])  # type: ignore[union-attr]
+                else:  # one page holds the whole volume
+                    data = series.asarray()
+                    data = data.reshape(self.shape)[z0:z1]
+        except (tifffile.TiffFileError, ValueError, IndexError, KeyError, struct.error, EOFError) as e:
+            raise InvalidDataError(f"{self.path}: sections {z0}-{z1 - 1} cannot be read ({e}); the file is damaged or "
+                                   "truncated") from e
         return data.reshape((z1 - z0, *self.shape[1:]))
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """tifffile logs what it then raises: the error that follows says it once."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _tiff_voxel_size(tif: Any) -> tuple[float, float, float] | None:
@@ -211,6 +245,8 @@ def open_source(path: str | os.PathLike[str], dataset: str | None = None) -> Sou
         source = SliceFolderSource(path, (path,), (1, *_read_slice(path).shape), _read_slice(path).dtype)  # type: ignore[arg-type]
     else:
         raise NotAVolumeError(f"{path}: unknown image format; expected .tif/.tiff, .png, .h5/.hdf5 or a folder of sections")
+    if 0 in source.shape:
+        raise VolumeShapeError(f"{path}: the image is empty (shape {source.shape}); expected at least one voxel per axis")
     if source.dtype not in SUPPORTED_DTYPES or source.dtype == np.bool_:
         raise UnsupportedDtypeError(f"{path}: dtype {source.dtype} is not supported; expected an integer or float grayscale image")
     return source

@@ -189,7 +189,7 @@ def _check_not_input(cfg: TrainConfig, out: Path) -> None:
 def _prepare_output(cfg: TrainConfig) -> None:
     from emseg.io.safety import made_by_emseg, overwrite_hint
 
-    out = Path(cfg.output)
+    out = Path(os.path.realpath(cfg.output))  # through a symlink: the directory it points to
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a directory; choose another -o")
     _check_not_input(cfg, out)

@@ -908,6 +908,12 @@ def segment_prediction(
     if pred.image_path is None:
         raise NotAVolumeError(f"{pred_path}: agglomeration writes label images into the prediction's OME-Zarr "
                               "image; pass an image made by emseg predict")
+    if not pred.has_channels:
+        raise NotAVolumeError(f"{pred_path}: not a prediction (no channel axis; raw EM or a single image?); "
+                              "agglomeration needs the output of emseg predict (or emseg segment)")
+    if not made_by_emseg(pred.image_path):
+        raise NotAVolumeError(f"{pred.image_path}: not made by emseg, and agglomeration writes label images into it; "
+                              "run emseg predict and pass its output")
     kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
     resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
     from emseg.cluster import connect

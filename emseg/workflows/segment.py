@@ -82,7 +82,7 @@ def segment(
     from emseg.workflows.predict import plan_prediction, predict
 
     run = RunOptions.build(run, **fields)  # an unknown keyword: ConfigError naming it
-    out = Path(output) if output is not None else default_output(volume)
+    out = Path(os.path.realpath(output if output is not None else default_output(volume)))  # a link's target
     check_distinct(volume, out)
     source = open_volume(volume)
     if config.voxel_size is not None and tuple(config.voxel_size) != tuple(source.voxel_size):

@@ -1,0 +1,213 @@
+"""Outputs through symlinks, inputs of the wrong kind, ragged files, locks on a full disk.
+
+Each case runs the real command on real stores: the output a symlink points to is what is checked,
+locked and replaced; a store emseg did not make is never written, input or not.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from click.testing import CliRunner
+
+from emseg.cli import cli
+from emseg.errors import OutputInUseError
+from emseg.engine.lock import acquire, lock_path, read_owner, release
+from tests.conftest import tree_digest
+from tests.support import environment, small_tmpfs
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(result, code: int = 1) -> str:
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def foreign_store(path: Path, kind: str) -> Path:
+    """A zarr store emseg did not make: a plain array, or an OME-Zarr image of another tool."""
+    if kind == "array":
+        zarr.create_array(str(path), shape=(8, 32, 32), chunks=(4, 16, 16), dtype="uint8")[:] = 7
+    else:
+        group = zarr.open_group(str(path), mode="w")
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+            "axes": [{"name": a, "type": "space"} for a in "zyx"],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1]}]}]}]}
+        group.create_array("0", shape=(8, 32, 32), chunks=(4, 16, 16), dtype="uint8")[:] = 9
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite through a symlink
+
+
+@pytest.fixture(scope="module")
+def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic EM volume large enough for the bundled 2-D model."""
+    path = tmp_path_factory.mktemp("em") / "em.zarr"
+    result = run("synth", path, "--shape", "4,128,128", "--voxel-size", "40,4,4", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.mark.parametrize("kind", ["array", "ome"])
+@pytest.mark.parametrize("command", ["predict", "import", "synth"])
+def test_overwrite_through_a_symlink_never_replaces_a_foreign_store(inputs, em: Path, tmp_path: Path, kind: str,
+                                                                    command: str) -> None:
+    target = foreign_store(tmp_path / "foreign.zarr", kind)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(target.name)
+    before = tree_digest(target)
+    args = {"predict": ["predict", em, "-o", link],
+            "import": ["import", inputs["tif"], link],
+            "synth": ["synth", link, "--shape", "8,16,16"]}[command]
+    line = error_line(run(*args, "--overwrite", "--no-progress"))
+    assert str(target) in line and "not made by emseg" in line
+    assert tree_digest(target) == before
+    assert link.is_symlink()
+
+
+def test_overwrite_through_a_symlink_replaces_emseg_output_where_it_lies(inputs, tmp_path: Path) -> None:
+    real = tmp_path / "real.zarr"
+    assert run("import", inputs["tif"], real, "--no-progress").exit_code == 0
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real)
+    result = run("import", inputs["tif"], link, "--overwrite", "--voxel-size", "2,2,2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == real
+    assert json.loads((real / "zarr.json").read_text())["attributes"]["emseg"]["status"] == "complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# run locks: one lock per output on disk, and whole or absent
+
+
+def test_a_second_run_through_a_symlink_is_refused(inputs, tmp_path: Path) -> None:
+    real = tmp_path / "out.zarr"
+    link = tmp_path / "alias.zarr"
+    link.symlink_to(real)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from emseg.io.lock import acquire; acquire(sys.argv[1], 'import'); "
+        "print('held', flush=True); time.sleep(60)"), str(real)], stdout=subprocess.PIPE, text=True,
+        env=environment())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert lock_path(link) == lock_path(real)
+        with pytest.raises(OutputInUseError, match="in use by emseg import"):
+            acquire(link, "predict")
+        assert "in use by emseg import" in error_line(run("import", inputs["tif"], link, "--no-progress"))
+        assert not real.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last byte; returns the filler file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        for size in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_disk_full_while_taking_the_lock_leaves_no_lock(inputs, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "full", "64k") as disk:
+        if disk is None:
+            pytest.skip("cannot mount a tmpfs here (needs root and mount)")
+        out = disk / "out.zarr"
+        filler = _fill(disk)
+        with pytest.raises(OSError) as caught:
+            acquire(out, "import")
+        assert caught.value.errno == errno.ENOSPC
+        assert not lock_path(out).exists()
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no temporary file left either
+        line = error_line(run("import", inputs["tif"], out, "--no-progress"))
+        assert "No space left" in line and "in use" not in line
+        filler.unlink()
+        result = run("import", inputs["tif"], out, "--no-progress")  # at once, not after the stale timeout
+        assert result.exit_code == 0, result.output
+
+
+def test_an_empty_lock_file_is_taken_over(tmp_path: Path) -> None:
+    """An empty lock (what a full disk left behind before locks were published whole) does not block for minutes."""
+    out = tmp_path / "out.zarr"
+    lock = lock_path(out)
+    lock.write_bytes(b"")
+    then = time.time() - 10
+    os.utime(lock, (then, then))
+    acquire(out, "predict")
+    try:
+        assert read_owner(lock)["pid"] == os.getpid()
+    finally:
+        release(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs of the wrong kind, or damaged
+
+
+def test_agglomerate_refuses_raw_em_and_leaves_it_untouched(inputs) -> None:
+    before = tree_digest(inputs["raw"])
+    line = error_line(run("agglomerate", inputs["raw"], "--no-progress"))
+    assert "not a prediction" in line
+    assert tree_digest(inputs["raw"]) == before
+    assert not (inputs["raw"] / "labels" / "fragments").exists()
+
+
+def test_agglomerate_refuses_a_prediction_emseg_did_not_make(tmp_path: Path) -> None:
+    pred = tmp_path / "theirs.zarr"
+    group = zarr.open_group(str(pred), mode="w")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1, 1]}]}]}]}
+    group.create_array("0", shape=(1, 8, 32, 32), chunks=(1, 4, 16, 16), dtype="uint8")[:] = 100
+    before = tree_digest(pred)
+    assert "not made by emseg" in error_line(run("agglomerate", pred, "--no-progress"))
+    assert tree_digest(pred) == before
+
+
+def test_import_refuses_a_ragged_tiff(tmp_path: Path) -> None:
+    ragged = tmp_path / "ragged.tif"
+    with tifffile.TiffWriter(ragged) as tif:
+        tif.write(np.ones((128, 128), np.uint8))
+        tif.write(np.ones((64, 64), np.uint8))
+    line = error_line(run("import", ragged, tmp_path / "r.zarr", "--no-progress"))
+    assert "2 image series" in line and "(64, 64)" in line
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_import_refuses_truncated_tiff_and_empty_hdf5(tmp_path: Path) -> None:
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, np.random.default_rng(0).integers(0, 255, (8, 64, 64), dtype=np.uint8))
+    trunc = tmp_path / "trunc.tif"
+    trunc.write_bytes(full.read_bytes()[:20000])
+    assert "truncated TIFF" in error_line(run("import", trunc, tmp_path / "t.zarr", "--no-progress"))
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as f:
+        f["d"] = np.zeros((0, 5, 5), np.uint8)
+    assert "empty" in error_line(run("import", empty, tmp_path / "e.zarr", "--no-progress"))
