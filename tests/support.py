@@ -180,6 +180,40 @@ def build_inputs(root: Path) -> dict[str, Path]:
     shutil.copytree(BUNDLED, p["ckpt_binary"])
     (p["ckpt_binary"] / "config.json").write_bytes(b"\xff\xfe\x00" * 50)
     p["missing"] = root / "does-not-exist.zarr"
+    # symlinks: a loop, and a link to a store emseg did not make (--overwrite through it must refuse)
+    (root / "loop_a").symlink_to("loop_b")
+    (root / "loop_b").symlink_to("loop_a")
+    p["loop"] = root / "loop_a"
+    p["foreign_zarr"] = root / "foreign.zarr"
+    zarr.create_array(str(p["foreign_zarr"]), shape=(8, 32, 32), chunks=(4, 16, 16), dtype="uint8")[:] = 7
+    p["link_foreign"] = root / "link.zarr"
+    p["link_foreign"].symlink_to("foreign.zarr")
+    # an image whose metadata lists a level that is not there, and one with a codec nobody knows
+    p["missing_level"] = root / "missing_level.zarr"
+    shutil.copytree(p["raw"], p["missing_level"], ignore=shutil.ignore_patterns("labels"))
+    meta = json.loads((p["missing_level"] / "zarr.json").read_text())
+    datasets = meta["attributes"]["ome"]["multiscales"][0]["datasets"]
+    datasets.append({**datasets[0], "path": "1"})
+    (p["missing_level"] / "zarr.json").write_text(json.dumps(meta))
+    p["codec"] = root / "codec.zarr"
+    shutil.copytree(p["raw"], p["codec"], ignore=shutil.ignore_patterns("labels"))
+    meta = json.loads((p["codec"] / "0" / "zarr.json").read_text())
+    meta["codecs"].append({"name": "no-such-codec", "configuration": {}})
+    (p["codec"] / "0" / "zarr.json").write_text(json.dumps(meta))
+    # files import must refuse: pages of two shapes, a truncated stack, an empty HDF5 dataset
+    p["ragged_tif"] = root / "ragged.tif"
+    with tifffile.TiffWriter(p["ragged_tif"]) as tif:
+        tif.write(np.ones((32, 32), np.uint8))
+        tif.write(np.ones((16, 16), np.uint8))
+    p["trunc_tif"] = root / "trunc.tif"
+    p["trunc_tif"].write_bytes(p["tif"].read_bytes()[: p["tif"].stat().st_size // 2])
+    p["empty_h5"] = root / "empty.h5"
+    import h5py
+
+    with h5py.File(p["empty_h5"], "w") as f:
+        f["d"] = np.zeros((0, 5, 5), np.uint8)
+    p["bad_interface"] = root / "bad_interface.yaml"
+    p["bad_interface"].write_text("kind: local\nworkers: 1\ninterface: nosuchif0\n")
     return p
 
 

@@ -96,6 +96,9 @@ def cli(verbose: int) -> None:
     # Dask's own INFO chatter (scheduler/nanny start-up and shut-down) only with -vv.
     for name in ("distributed", "dask_jobqueue"):
         logging.getLogger(name).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+    # zarr reads chunks concurrently: when one is damaged, the others' "Task exception was never
+    # retrieved" reports repeat the error that emseg reports once
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL if verbose < 2 else logging.DEBUG)
 
 
 def main() -> None:

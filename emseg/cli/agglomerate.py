@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,7 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     rebuild = two_d is not None or block_size is not None or bool(set(given) - AgglomerateOptions.AGGLOMERATION_ONLY)
     # the run lock of the image that receives the labels (the one `emseg segment` takes), so that an
     # agglomeration never runs beside another run on the same output
-    image = Path(target).resolve()
+    image = Path(os.path.realpath(target))  # realpath: a symlink loop stays a path that does not exist
     while image.parent.name == "labels" and image.parent.parent != image.parent:
         image = image.parent.parent
     if "threshold" not in given:  # the predicting model's own threshold, as `emseg segment` uses it

@@ -41,11 +41,23 @@ def _verify(path: str) -> None:
     if not Path(path).exists():
         raise VolumeNotFoundError(f"{path}: no such file or directory")
     found = verify_output(path)
-    bad = [d for d in found if d.block_ids]
+    bad = [d for d in found if d.block_ids or d.pending]
     if bad:
-        parts = "; ".join(f"{d.output.name} {d.stage}: {len(d.block_ids)} of {d.checked} blocks "
-                          f"(first {list(d.block_ids)[:5]})" for d in bad)
-        raise IncompleteOutputError(f"{path}: stored chunks are missing or damaged ({parts}); marked for "
-                                    "recomputation: rerun the command that made it")
+        parts = "; ".join(_damage_text(d) for d in bad)
+        raise IncompleteOutputError(f"{path}: stored chunks are missing or damaged, or blocks are not done ({parts}); "
+                                    "rerun the command that made it to recompute them")
     checked = sum(d.checked for d in found)
     click.echo(f"verified {checked} blocks of {len(found)} stage(s): all chunks match their records", err=True)
+
+
+def _damage_text(d: object) -> str:
+    from emseg.io.ledger import Damage
+
+    assert isinstance(d, Damage)
+    text = []
+    if d.block_ids:
+        text.append(f"{len(d.block_ids)} of {d.checked} blocks damaged (first {list(d.block_ids)[:5]}), "
+                    "marked for recomputation")
+    if d.pending:
+        text.append(f"{len(d.pending)} blocks not done (first {list(d.pending)[:5]})")
+    return f"{d.output.name} {d.stage}: {', '.join(text)}"

@@ -17,6 +17,7 @@ from typing import Any
 from emseg.cluster.local import local_cluster
 from emseg.cluster.profiles import Connection, load_profile
 from emseg.cluster.slurm import slurm_cluster
+from emseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,34 @@ def _attach(client: Any) -> Connection:
     return Connection(client, {"GPU": 1} if has_gpu else None, 1)
 
 
+def _join(address: str) -> Any:
+    """A client of the scheduler at ``address``; a ConfigError when it is no address or does not answer."""
+    from distributed import Client
+    from distributed.comm import resolve_address
+
+    try:
+        resolve_address(address)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--scheduler {address!r} is not a scheduler address ({e}); expected e.g. "
+                          "tcp://10.0.0.5:8786") from e
+    try:
+        return Client(address)
+    except (OSError, TimeoutError) as e:
+        raise ConfigError(f"--scheduler {address}: no Dask scheduler answered ({e}); is it running?") from e
+
+
+def _check_interface(interface: str | None) -> None:
+    """Refuse a profile's network ``interface`` that this machine does not have (before anything starts)."""
+    if not interface:
+        return
+    import psutil
+
+    known = sorted(psutil.net_if_addrs())
+    if interface not in known:
+        raise ConfigError(f"cluster profile: network interface {interface!r} does not exist on this machine; "
+                          f"it has {', '.join(known)}")
+
+
 @contextlib.contextmanager
 def connect(
     cluster: str | os.PathLike[str] | None = None,
@@ -106,7 +135,7 @@ def connect(
         yield _attach(client)
         return
     if scheduler is not None:
-        joined = Client(scheduler)
+        joined = _join(scheduler)
         try:
             yield _attach(joined)
         finally:
@@ -119,6 +148,7 @@ def connect(
     if devices is not None:
         updates["devices"] = tuple(devices)
     profile = profile.model_copy(update=updates)
+    _check_interface(profile.interface)
     cluster_cm = slurm_cluster(profile) if profile.kind == "slurm" else local_cluster(profile)
     with cluster_cm as connection:
         _configure(connection.client)

@@ -335,6 +335,8 @@ class Damage:
     output: Path
     block_ids: tuple[int, ...]
     checked: int
+    pending: tuple[int, ...] = ()
+    """Blocks without a record: found damaged by an earlier check, or never finished; a rerun makes them."""
 
 
 def stages_of(output: str | os.PathLike[str]) -> list[str]:
@@ -342,8 +344,18 @@ def stages_of(output: str | os.PathLike[str]) -> list[str]:
     state = Path(output) / STATE_GROUP
     if not state.is_dir():
         return []
-    return sorted(p.name for p in state.iterdir()
-                  if p.is_dir() and ((p / "zarr.json").exists() or (p / ".zarray").exists()))
+    return sorted(p.name for p in state.iterdir() if p.is_dir() and _is_array(p))
+
+
+def _is_array(path: Path) -> bool:
+    """Whether ``path`` holds a zarr array (ledgers), not a group (the scratch of a run)."""
+    if (path / ".zarray").exists():
+        return True
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("node_type") == "array"
 
 
 def grid_of(ledger: Ledger) -> Any:
@@ -367,17 +379,19 @@ def verify_stage(output: str | os.PathLike[str], stage: str, mode: Verify = "ful
     wrapped = ledger.open().attrs.get("format") == RECORD_FORMAT
     grid = grid_of(ledger)
     bad: list[int] = []
+    pending: list[int] = []
     checked = 0
     if writes and wrapped and grid is not None:
         for ids, values in ledger.iter_chunks():
             done = values != ""
+            pending += [int(i) for i in ids[~done]]
             for block_id, (_, record) in zip(ids[done], parse_records(values[done], True)):
                 if record is None:
                     continue
                 checked += 1
                 if not record_matches(record, writes, grid.block(int(block_id)).write_roi, mode):
                     bad.append(int(block_id))
-    return Damage(stage, Path(output), tuple(bad), checked)
+    return Damage(stage, Path(output), tuple(bad), checked, tuple(pending))
 
 
 def forget_blocks(output: str | os.PathLike[str], stage: str, block_ids: Sequence[int]) -> None:

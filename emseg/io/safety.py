@@ -126,7 +126,7 @@ def recorded_sources(path: str | os.PathLike[str], depth: int = 4) -> list[Path]
                     source = params.get("source") if isinstance(params, dict) else None
                     source = source if isinstance(source, str) and os.path.isabs(source) else status.get("source")
                 if isinstance(source, str) and source:
-                    src = Path(source).resolve()
+                    src = Path(os.path.realpath(source))
                     if src not in found:
                         found.append(src)
                         nxt.append(src)
@@ -141,8 +141,8 @@ def check_distinct(source: str | os.PathLike[str], output: str | os.PathLike[str
     """Refuse an output that is, contains, or lies inside the input or an input the input was made from."""
     from emseg.errors import SameInputOutputError
 
-    src = Path(source).resolve()
-    dst = Path(output).resolve()
+    src = Path(os.path.realpath(source))  # realpath: a symlink loop is left as it is, not a RuntimeError
+    dst = Path(os.path.realpath(output))
     if src == dst or src in dst.parents or dst in src.parents:
         raise SameInputOutputError(f"output {output} would overwrite the input {source}; choose another output path")
     for upstream in recorded_sources(src):

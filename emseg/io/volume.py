@@ -130,7 +130,9 @@ class Volume:
             if isinstance(e, (VolumeShapeError, NotAVolumeError)):
                 raise
             raise InvalidDataError(f"{self.path}: cannot read {roi}: a stored chunk is damaged or unreadable "
-                                   f"({type(e).__name__}: {e})") from e
+                                   f"({type(e).__name__}: {e}); if emseg made it, `emseg info --verify "
+                                   f"{self.image_path or self.path}` marks its damaged blocks and a rerun of the "
+                                   "command that made it recomputes them") from e
 
     def _read(self, roi: Roi, pad: PadMode | None) -> npt.NDArray[Any]:
         lead: tuple[slice, ...] = (slice(None),) if self.has_channels else ()
@@ -278,7 +280,11 @@ def open_volume(
         key = paths[level] if isinstance(level, int) and 0 <= level < len(paths) else str(level)
         if key not in paths:
             raise NotAVolumeError(f"{path}: no multiscale level {level!r}; levels are {list(paths)}")
-        array = node[key]
+        try:
+            array = node[key]
+        except (KeyError, ValueError, TypeError) as e:  # a listed level that is missing, or an unknown codec
+            raise NotAVolumeError(f"{path}: multiscale level {key!r} cannot be opened ({type(e).__name__}: {e}); "
+                                  "the image is damaged or was written by a tool emseg cannot read") from e
         array_path = path / key
         if not allow_incomplete:
             check_census(path, key)

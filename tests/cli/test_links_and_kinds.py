@@ -211,3 +211,49 @@ def test_import_refuses_truncated_tiff_and_empty_hdf5(tmp_path: Path) -> None:
     with h5py.File(empty, "w") as f:
         f["d"] = np.zeros((0, 5, 5), np.uint8)
     assert "empty" in error_line(run("import", empty, tmp_path / "e.zarr", "--no-progress"))
+
+
+# ---------------------------------------------------------------------------------------------
+# integrity: --verify never reports clean while damage is on disk, and a rerun repairs it
+
+
+def test_verify_keeps_reporting_damage_until_a_rerun_repairs_it(tmp_path: Path) -> None:
+    out = tmp_path / "s.zarr"
+    synth = ["synth", out, "--shape", "16,64,64", "--chunks", "8,32,32", "--block-size", "8,32,32", "--no-progress"]
+    assert run(*synth).exit_code == 0
+    chunk = out / "0" / "c" / "1" / "0" / "1"
+    good = chunk.read_bytes()
+    chunk.write_bytes(bytes(reversed(good)))  # same size, other bytes: a stat cannot see it
+    assert "damaged" in error_line(run("info", out, "--verify"))
+    second = error_line(run("info", out, "--verify"))  # the garbage is still there: never "all match"
+    assert "not done" in second
+    result = run(*synth)  # the rerun recomputes the marked blocks
+    assert result.exit_code == 0, result.output
+    assert chunk.read_bytes() == good
+    result = run("info", out, "--verify")
+    assert result.exit_code == 0 and "all chunks match" in result.stderr, result.output
+
+
+def test_verify_an_output_holding_a_run_scratch(tmp_path: Path) -> None:
+    from emseg.io.scratch import require_scratch
+
+    out = tmp_path / "s.zarr"
+    assert run("synth", out, "--shape", "8,32,32", "--no-progress").exit_code == 0
+    require_scratch(out, "fragments", shape=(8, 32, 32), dtype="uint64", chunks=(8, 32, 32))
+    result = run("info", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "all chunks match" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster options that cannot work are refused up front
+
+
+def test_bad_interface_and_scheduler_are_one_error_line(em: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "if.yaml"
+    profile.write_text("kind: local\nworkers: 1\ninterface: nosuchif0\n")
+    line = error_line(run("predict", em, "-o", tmp_path / "a.zarr", "--cluster", profile, "--no-progress"))
+    assert "nosuchif0" in line and "does not exist" in line
+    line = error_line(run("predict", em, "-o", tmp_path / "b.zarr", "--scheduler", "not a url", "--no-progress"))
+    assert "not a scheduler address" in line
+    assert not (tmp_path / "a.zarr").exists()

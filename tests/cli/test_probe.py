@@ -22,7 +22,7 @@ from tests.support import read_only_dir
 
 # inputs that are not readable volumes, each tried wherever a command takes a volume
 BAD_VOLUMES = ["missing", "emptydir", "text", "garbage", "garbage_tif", "badmeta", "flat", "group", "incomplete",
-               "empty", "corrupt", "foreign"]
+               "empty", "corrupt", "foreign", "loop", "codec"]
 # commands that only read metadata never see the damaged chunk, and info shows incomplete outputs
 NOT_BAD_FOR = {"info": {"corrupt", "incomplete"}, "view": {"corrupt"}}
 # commands whose bad-volume probes would reach a cluster (blocks read on workers): corrupt data
@@ -138,6 +138,16 @@ def file_probes(o: Path) -> list[list[str]]:
         ["import", "{complex_tif}", f"{o}/c.zarr"],
         ["import", "{tif4d}", f"{o}/4d.zarr"],
         ["predict", "{nanpred}", "-o", f"{o}/p.zarr"],  # float input, wrong channel count for the model
+        ["info", "{missing_level}"],  # level 0 is there, but the image lists a level that is not
+        ["export", "{missing_level}", f"{o}/m.tif", "--level", "1"],
+        ["import", "{ragged_tif}", f"{o}/r.zarr"],
+        ["import", "{trunc_tif}", f"{o}/t.zarr"],
+        ["import", "{empty_h5}", f"{o}/h.zarr"],
+        ["label", "{pred}", "-o", f"{o}/l.zarr", "--cluster", "{bad_interface}"],
+        ["label", "{pred}", "-o", f"{o}/l.zarr", "--scheduler", "not a url"],
+        ["label", "{pred}", "-o", f"{o}/l.zarr", "--scheduler", "tcp://host-without-port"],
+        ["agglomerate", "{raw}", "--no-progress"],  # raw EM is no prediction: nothing may be written into it
+        ["agglomerate", "{seg}", "--no-progress"],
     ]
     return probes
 
@@ -170,7 +180,8 @@ def output_probes(o: Path) -> list[list[str]]:
     for command in (["import", "{tif}", "{T}"], ["synth", "{T}", "--shape", "8,16,16"],
                     ["export", "{raw}", "{T}", "--format", "precomputed"], ["predict", "{raw}", "-o", "{T}"],
                     ["label", "{pred}", "-o", "{T}"], ["train", "--raw", "{raw}", "--labels", "{seg}", "-o", "{T}"]):
-        for target, flags in itertools.product(("{foreign}", "{text}"), ([], ["--overwrite"])):
+        for target, flags in itertools.product(("{foreign}", "{text}", "{link_foreign}", "{foreign_zarr}"),
+                                               ([], ["--overwrite"])):
             probes.append([a.replace("{T}", target) for a in command] + flags)
     # an output whose parent is a file
     for command in (["import", "{tif}", "{text}/x.zarr"], ["synth", "{text}/x.zarr", "--shape", "8,16,16"],
@@ -201,7 +212,8 @@ def all_probes(o: Path) -> list[list[str]]:
         for bad in BAD_VOLUMES:
             if bad in NOT_BAD_FOR.get(command, ()) or bad in NOT_PROBED.get(command, ()):
                 continue
-            if command == "import" and bad in ("incomplete", "empty", "flat", "group", "corrupt", "badmeta"):
+            if command == "import" and bad in ("incomplete", "empty", "flat", "group", "corrupt", "badmeta",
+                                               "codec"):
                 continue  # zarr stores are not import sources: covered by "foreign" folder cases
             probes.append([a.replace("{V}", "{%s}" % bad) for a in template])
     return probes + number_probes(o) + file_probes(o) + output_probes(o)
