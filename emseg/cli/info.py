@@ -51,7 +51,7 @@ def _verify(path: str) -> None:
 
 
 def _damage_text(d: object) -> str:
-    from emseg.io.ledger import Damage
+    from emseg.engine.ledger import Damage
 
     assert isinstance(d, Damage)
     text = []

@@ -125,7 +125,6 @@ def connect(
     :class:`Connection` or a bare ``distributed.Client``) is used as it is and left open: that is how
     ``emseg segment`` runs predict and label on one cluster.
     """
-    from distributed import Client
 
     _quiet_dask_logs()
     if isinstance(client, Connection):

@@ -63,6 +63,7 @@ from emseg.io.edges import (
     write_block_edges,
     write_lookup,
 )
+from emseg.io.safety import made_by_emseg
 from emseg.ops.affinities import INPUT_KINDS, InputKind, prediction_affinities
 from emseg.ops.agglomerate import UnionFind, consecutive_lookup, merge_scores
 from emseg.ops.graph import block_edges, check_quantile

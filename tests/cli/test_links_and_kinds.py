@@ -22,8 +22,8 @@ import zarr
 from click.testing import CliRunner
 
 from emseg.cli import cli
-from emseg.errors import OutputInUseError
 from emseg.engine.lock import acquire, lock_path, read_owner, release
+from emseg.errors import OutputInUseError
 from tests.conftest import tree_digest
 from tests.support import environment, small_tmpfs
 
@@ -104,7 +104,7 @@ def test_a_second_run_through_a_symlink_is_refused(inputs, tmp_path: Path) -> No
     link = tmp_path / "alias.zarr"
     link.symlink_to(real)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from emseg.io.lock import acquire; acquire(sys.argv[1], 'import'); "
+        "import sys, time; from emseg.engine.lock import acquire; acquire(sys.argv[1], 'import'); "
         "print('held', flush=True); time.sleep(60)"), str(real)], stdout=subprocess.PIPE, text=True,
         env=environment())
     try:
@@ -235,7 +235,7 @@ def test_verify_keeps_reporting_damage_until_a_rerun_repairs_it(tmp_path: Path) 
 
 
 def test_verify_an_output_holding_a_run_scratch(tmp_path: Path) -> None:
-    from emseg.io.scratch import require_scratch
+    from emseg.engine.scratch import require_scratch
 
     out = tmp_path / "s.zarr"
     assert run("synth", out, "--shape", "8,32,32", "--no-progress").exit_code == 0
