@@ -301,16 +301,17 @@ def write_meshes(
     for shard, segments in by_shard.items():
         _atomic_write(pieces_dir / "shards" / f"{shard}.json", json.dumps(segments).encode())
     shards = tuple(sorted(by_shard))
+    res = [int(r) if float(r).is_integer() else r for r in resolution]  # as the layer's info (CloudVolume names
+    # the spatial index files with the precision of these numbers: 4.0 would ask for "0.0-128.0_..." files)
     info = {
         "@type": "neuroglancer_multilod_draco",
         "vertex_quantization_bits": QUANTIZATION_BITS,
-        "transform": [resolution[0], 0, 0, 0, 0, resolution[1], 0, 0, 0, 0, resolution[2], 0],
+        "transform": [res[0], 0, 0, 0, 0, res[1], 0, 0, 0, 0, res[2], 0],
         "lod_scale_multiplier": 1.0,
         "sharding": sharding,
         "mip": 0,
         "chunk_size": list(block_shape[::-1]),
-        "spatial_index": {"resolution": list(resolution),
-                          "chunk_size": [b * r for b, r in zip(block_shape[::-1], resolution)]},
+        "spatial_index": {"resolution": res, "chunk_size": [b * r for b, r in zip(block_shape[::-1], res)]},
     }
     if shards:
         from emseg.engine.runner import run_blockwise

@@ -88,6 +88,8 @@ def test_cloudvolume_reads_labels_meshes_and_skeletons(tubes: Path, tmp_path: Pa
     np.testing.assert_array_equal(np.asarray(cv[:, :, :])[..., 0].transpose(2, 1, 0), labels)
     assert cv.resolution.tolist() == [4, 4, 8]
     assert cv.mesh.meta.info["@type"] == "neuroglancer_multilod_draco"
+    # igneous's spatial index, as igneous queries it before meshing into another mesh dir
+    assert {int(i) for i in cv.mesh.spatial_index.query(cv.bounds * cv.resolution)} == {11, 22, 33}
     voxel = np.array([4.0, 4.0, 8.0])
     for seg_id in (11, 22, 33):
         z, y, x = np.nonzero(labels == seg_id)
