@@ -21,7 +21,8 @@ from emseg.config import AgglomerateOptions, RunOptions
                    "labels/segments  [default: the predicting model's agglomeration_threshold, else 0.8].")
 @option_flags(AgglomerateOptions, exclude=("threshold",))
 @click.option("--2d/--3d", "two_d", default=None,
-              help="Fragments and graph per section, or in 3-D [default: per section when z >= 2.5 x the y/x voxel size].")
+              help="Fragments and graph per section (per-section labels), or both in 3-D  [default: 3-D segments; "
+                   "fragments per section when z >= 2.5 x the y/x voxel size, linked across sections by the graph].")
 @click.option("--block-size", type=INT_ZYX, default=None, help="Block core shape Z,Y,X of fragments and graph.")
 @cluster_options(devices=False)
 @output_options(zarr_format=None)

@@ -27,8 +27,9 @@ from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, Segment
 @field_option(SegmentLabelOptions, "threshold",
               help="Boundary probability below which a voxel is inside a cell (agglomerate: seeds of the fragments).")
 @click.option("--2d/--3d", "two_d", default=None,
-              help="Label each section on its own, or in 3-D  [default: per section when z >= 2.5 x the y/x "
-                   "voxel size].")
+              help="Per-section labels (--2d, for per-section benchmarks such as ISBI), or 3-D labels with "
+                   "fragments in 3-D too (--3d)  [default: 3-D segments; the agglomeration links fragments made "
+                   "per section when z >= 2.5 x the y/x voxel size; plain watershed/cc labels per section there].")
 @field_option(SegmentLabelOptions, "min_size", help="Smallest fragment kept (voxels; watershed and agglomerate).", show_default=False)
 @cluster_options()
 @output_options(dry_run=True)

@@ -97,6 +97,7 @@ __all__ = [
     "build_graph",
     "check_thresholds",
     "choose_mode",
+    "graph_mode",
     "input_kind_of",
     "is_fragments",
     "make_fragments",
@@ -113,9 +114,19 @@ __all__ = [
 
 
 def choose_mode(voxel_size: Sequence[float]) -> Literal["3d", "2d"]:
-    """``"2d"`` (per section) for strongly anisotropic voxels (z >= 2.5 x the in-plane size), else ``"3d"``."""
+    """Mode of the *fragments*: ``"2d"`` (per section) for strongly anisotropic voxels (z >= 2.5 x the
+    in-plane size), else ``"3d"``.  The region graph and the agglomeration are 3-D unless asked
+    otherwise (:func:`graph_mode`), so per-section fragments are linked across sections."""
     z, y, x = (float(v) for v in voxel_size)
     return "2d" if z >= ANISOTROPY_2D * min(y, x) else "3d"
+
+
+def graph_mode(mode: Mode) -> Literal["3d", "2d"]:
+    """Mode of the region graph and the agglomeration: ``"3d"`` (edges across sections, so that a neuron
+    keeps one id through the stack) unless ``mode="2d"`` asks for per-section labels."""
+    if mode not in ("auto", "3d", "2d"):
+        raise ConfigError(f"mode must be 'auto', '3d' or '2d', got {mode!r}")
+    return "2d" if mode == "2d" else "3d"
 
 
 def input_kind_of(pred_path: str | os.PathLike[str]) -> InputKind:
@@ -192,10 +203,13 @@ class GraphReport:
     blocks: int
     seconds: float
     stage: StageReport | None = field(default=None, repr=False)
+    mode: str = "3d"
+    """``"3d"``: edges across sections too (3-D segments); ``"2d"``: per-section segments."""
 
     def summary(self) -> str:
-        return (f"{self.fragments_path}: region graph of {self.n_fragments} fragments, {self.n_edges} edges, "
-                f"{self.blocks} blocks in {self.seconds:.1f} s")
+        across = "3-D, edges across sections" if self.mode == "3d" else "per section"
+        return (f"{self.fragments_path}: region graph ({across}) of {self.n_fragments} fragments, "
+                f"{self.n_edges} edges, {self.blocks} blocks in {self.seconds:.1f} s")
 
 
 @dataclass(frozen=True)
@@ -559,7 +573,8 @@ def build_graph(
         default half the block, at most 64, 0 along z in 2D mode) and ``quantile`` (also store this
         quantile of each edge's contact affinities); ``**fields`` replace single ones.
     mode : {"auto", "3d", "2d"}
-        ``"2d"``: no edges across sections; ``"auto"`` from the voxel size (:func:`choose_mode`).
+        ``"2d"``: no edges across sections; ``"auto"`` and ``"3d"``: edges across sections too, also
+        between per-section fragments of an anisotropic volume (:func:`graph_mode`).
     hierarchical : bool
         Compute the hierarchical merge scores (waterz); without them only ``score="mean"`` works.
     block_size : (z, y, x), optional
@@ -588,9 +603,7 @@ def build_graph(
     if kind == "affinities" and (pred.channels or 0) < 3:
         raise VolumeShapeError(f"{pred_path}: affinities need at least 3 channels (z, y, x), got "
                                f"{pred.channels or 'none'}")
-    resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
-    if resolved not in ("2d", "3d"):
-        raise ConfigError(f"mode must be 'auto', '3d' or '2d', got {mode!r}")
+    resolved = graph_mode(mode)
     grid, n_fragments = _fragment_grid(frag, image, block_size)
     if context is None:
         ctx = tuple(min(64, b // 2) for b in grid.block_shape)
@@ -630,7 +643,7 @@ def build_graph(
     if n_fragments < 0:
         n_fragments = max((int(stage.results[b]["max_id"]) for b in range(len(grid))), default=0)
     claim.complete(n_edges=n_edges, n_fragments=n_fragments, blocks=len(grid))
-    report = GraphReport(image, n_fragments, n_edges, len(grid), time.perf_counter() - start, stage)
+    report = GraphReport(image, n_fragments, n_edges, len(grid), time.perf_counter() - start, stage, mode=resolved)
     log.info("%s", report.summary())
     return report
 
@@ -916,18 +929,20 @@ def segment_prediction(
         raise NotAVolumeError(f"{pred.image_path}: not made by emseg, and agglomeration writes label images into it; "
                               "run emseg predict and pass its output")
     kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
-    resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
+    # fragments per section on anisotropic volumes (auto) or when asked (2d); the graph links them
+    # across sections unless per-section labels are asked for
+    fragment_mode = choose_mode(pred.voxel_size) if mode == "auto" else mode
     from emseg.cluster import connect
 
     with connect(**run.where) as connection:
         on = run.model_copy(update={"client": connection})  # every stage on this one cluster
         if opts.fragments == "mutex":
-            fragments = mutex_fragments_blockwise(pred_path, pred.image_path, opts, offsets=offsets, mode=resolved,
-                                                  block_size=block_size, run=on)
+            fragments = mutex_fragments_blockwise(pred_path, pred.image_path, opts, offsets=offsets,
+                                                  mode=fragment_mode, block_size=block_size, run=on)
         else:
-            fragments = make_fragments(pred_path, pred.image_path, opts, mode=resolved, input_kind=kind,
+            fragments = make_fragments(pred_path, pred.image_path, opts, mode=fragment_mode, input_kind=kind,
                                        block_size=block_size, run=on)
         frag_path = pred.image_path / "labels" / FRAGMENTS_NAME
-        graph = build_graph(pred_path, frag_path, opts, mode=resolved, input_kind=kind, run=on)
+        graph = build_graph(pred_path, frag_path, opts, mode=graph_mode(mode), input_kind=kind, run=on)
         result = agglomerate(frag_path, opts, run=on)
     return fragments, graph, result

@@ -125,7 +125,8 @@ class SweepReport:
             how += (", instances = 4-connected components of the interior per section" if self.mode == "section"
                     else ", instances = 6-connected components of the interior")
         scored = ("per section (scores: mean over sections with ground truth; segment counts: summed)"
-                  if self.mode == "section" else "as one volume")
+                  if self.mode == "section" else "in 3-D, as one volume (a segment continuing into the next "
+                  "section must be the same object there; --mode section for per-section scores)")
         return f"ground truth {self.ground_truth}: {how}; 0 ignored; scored {scored}"
 
     def table(self) -> str:

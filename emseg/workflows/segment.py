@@ -36,10 +36,14 @@ class SegmentReport:
     output: Path
     predict: Any
     label: Any
+    findings: tuple[Any, ...] = ()
+    """Degenerate properties of the result (:func:`emseg.workflows.diagnose.diagnose`), empty when none."""
 
     def summary(self) -> str:
-        return "\n".join([self.predict.summary(), self.label.summary(),
-                          f"wrote {self.output} (prediction at 0, segments at labels/segments)"])
+        lines = [self.predict.summary(), self.label.summary(),
+                 f"wrote {self.output} (prediction at 0, segments at labels/segments)"]
+        lines += [f"WARNING: {f.message}" for f in self.findings]
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ def segment(
         log.warning("%s: voxel size %s nm differs from the %s recipe's %s nm", volume, source.voxel_size,
                     config.name, config.voxel_size)
     p, lab, agg = config.predict, config.label, config.agglomerate
+    # plain labels (watershed, cc) follow the voxel size; the agglomeration links per-section
+    # fragments across sections unless per-section labels (mode 2d) are asked for
     mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
     if lab.method == "agglomerate":
         check_thresholds((agg.threshold, *agg.thresholds))  # before hours of prediction
@@ -105,11 +111,20 @@ def segment(
                 if "threshold" not in agg.model_fields_set:  # the model's own, unless a flag or the recipe set one
                     agg = with_model_threshold(agg, out)
                     config = config.model_copy(update={"agglomerate": agg})
-                labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=mode, block_size=lab.block_size,
+                labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=lab.mode, block_size=lab.block_size,
                                                                   run=on))
             else:
                 labelled = label(out, out, lab.for_label(mode), run=on)
             # on the run's workers, resumable like the other stages
             build_pyramids(out, progress=run.progress, client=connection)
         update_status(out, pipeline=config.model_dump(mode="json"))
-    return SegmentReport(out, predicted, labelled)
+    findings: tuple[Any, ...] = ()
+    if isinstance(labelled, AgglomerationSteps):
+        from emseg.workflows.agglomerate import input_kind_of
+        from emseg.workflows.diagnose import diagnose
+
+        agg_report = labelled.agglomerate
+        findings = diagnose(out, agg_report.labels_path, n_fragments=agg_report.n_fragments,
+                            n_segments=labelled.n_segments, threshold=agg_report.threshold,
+                            boundary_kind=input_kind_of(out) == "boundary")
+    return SegmentReport(out, predicted, labelled, findings)
