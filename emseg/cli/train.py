@@ -65,7 +65,7 @@ _FIELDS = {
 @click.option("--nproc", type=click.IntRange(min=1), help="DDP processes on this node (ignored under srun/torchrun). [default: 1]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
 @click.option("--threads", type=click.IntRange(min=0), help="torch CPU threads per process (0: default).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), help="Forward/backward arithmetic: bf16 autocast or fp32. [default: bf16]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="Forward/backward arithmetic: bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with native bf16, else fp32. [default: auto]")
 @click.option("--channels-last/--no-channels-last", default=None, help="Channels-last memory format. [default: off]")
 @click.option("--init", type=click.Path(exists=True), help="Checkpoint whose weights start the run (warm start, same architecture).")
 @click.option("--elastic-sigma", type=click.FloatRange(min=0), help="Elastic deformation strength, voxels (0: off). [default: 10]")

@@ -164,10 +164,11 @@ class TrainConfig(BaseModel):
     """``auto``: CUDA when available."""
     threads: int = Field(0, ge=0)
     """torch CPU threads per process (0: torch's default)."""
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Arithmetic of the forward/backward pass: ``bf16`` autocast (weights, optimiser and loss stay
-    float32; measured 1.7x the patches/s of fp32 on 2 CPU cores with avx512_bf16, same validation
-    scores within noise: see the model card) or plain ``fp32``.  On CUDA, bf16 autocast as well."""
+    float32; 1.7x the patches/s of fp32 on 2 CPU cores with avx512_bf16, same validation scores within
+    noise) or plain ``fp32``.  ``auto``: bf16 on CUDA and on CPUs that compute bf16 natively, fp32 on
+    the others, where bf16 is emulated (a U-Net step 15-20x slower than fp32 on an AVX2-only CPU)."""
     channels_last: bool = False
     """Channels-last memory format for the model and input (measured slower on CPU for these models)."""
     init: str | None = None

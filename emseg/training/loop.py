@@ -467,7 +467,16 @@ def _loop(cfg: TrainConfig, dist_info: DistInfo, device: torch.device, started: 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> Any:
     """bf16 autocast of the forward pass (``cfg.precision == "bf16"``), else a disabled context."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolved_precision(cfg, device) == "bf16")
+
+
+def resolved_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.precision``, with ``auto`` resolved for ``device`` (:func:`emseg.inference.default_precision`)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    from emseg.inference import default_precision
+
+    return default_precision(device.type)
 
 
 def _channels_last(ndim: int) -> torch.memory_format:
