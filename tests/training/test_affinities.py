@@ -95,7 +95,7 @@ def test_transposes_and_3d_elastic_keep_labels_aligned() -> None:
 
 def test_config_defaults_and_checks() -> None:
     cfg = TrainConfig(train=[{"raw": "a.tif", "labels": "b.tif"}], output="x")
-    assert cfg.precision == "bf16" and cfg.channels_last is False  # the measured-fastest setting
+    assert cfg.precision == "auto" and cfg.channels_last is False  # the measured-fastest setting per machine
     aff = TrainConfig(train=[{"raw": "a.tif", "labels": "b.tif"}], output="x", ndim=3, patch_shape=(8, 8, 8),
                       target="affinities", loss="bce-dice", affinity_offsets=[(-1, 0, 0), (0, 0, -4)])
     assert aff.out_channels == 2
@@ -177,3 +177,14 @@ def test_balance_weights_equalise_the_classes() -> None:
     logits = torch.zeros(1, 2, 6)
     t = torch.from_numpy(target)[None]
     assert torch.isfinite(bce_dice_loss(logits, t, torch.from_numpy(w)[None]))
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it() -> None:
+    import torch
+
+    from emseg.inference import cpu_has_native_bf16
+    from emseg.training.loop import resolved_precision
+
+    cfg = TrainConfig(train=[{"raw": "a.tif", "labels": "b.tif"}], output="x")
+    assert resolved_precision(cfg, torch.device("cpu")) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolved_precision(cfg.model_copy(update={"precision": "bf16"}), torch.device("cpu")) == "bf16"
