@@ -471,10 +471,10 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> Any:
 
 
 def resolved_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """``cfg.precision``, with ``auto`` resolved for ``device`` (:func:`emseg.inference.default_precision`)."""
+    """``cfg.precision``, with ``auto`` resolved for ``device`` (:func:`emseg.ops.inference.default_precision`)."""
     if cfg.precision != "auto":
         return cfg.precision
-    from emseg.inference import default_precision
+    from emseg.ops.inference import default_precision
 
     return default_precision(device.type)
 

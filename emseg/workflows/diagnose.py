@@ -126,7 +126,7 @@ def diagnose(
     """Findings of a run's output: ``segments`` (a label image) and the prediction ``image`` (its
     coarsest levels; ``boundary_kind=False`` for affinity predictions, whose boundary share is the
     complement of the mean nearest-neighbour affinity).  Each finding is also logged as a warning."""
-    from emseg.segment.threshold import probability
+    from emseg.ops.threshold import probability
 
     seg = _coarsest(Path(segments))
     labels = np.asarray(seg.array[...])

@@ -182,7 +182,7 @@ def test_balance_weights_equalise_the_classes() -> None:
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it() -> None:
     import torch
 
-    from emseg.inference import cpu_has_native_bf16
+    from emseg.ops.inference import cpu_has_native_bf16
     from emseg.training.loop import resolved_precision
 
     cfg = TrainConfig(train=[{"raw": "a.tif", "labels": "b.tif"}], output="x")
