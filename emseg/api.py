@@ -153,8 +153,10 @@ def _scheduler(run: RunOptions) -> Iterator[RunOptions]:
         return
     from distributed import LocalCluster
 
-    # Threads in this process (inproc transport: nothing listens on the network).
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,  # type: ignore[no-untyped-call]
+    from emseg.cluster.tls import quiet_scheduler_http
+
+    # Threads in this process (inproc transport: only the scheduler's health check listens, on loopback).
+    with quiet_scheduler_http(), LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,  # type: ignore[no-untyped-call]
                       scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"}) as local:
         yield run.model_copy(update={"scheduler": local.scheduler_address})
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emseg.cluster.profiles import WORKER_MALLOC_ENV, WORKER_MEMORY, ClusterProfile, Connection
+from emseg.cluster.tls import cluster_security, quiet_scheduler_http
 from emseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -111,19 +112,22 @@ def local_cluster(profile: ClusterProfile) -> Iterator[Connection]:
     gpus = list(profile.devices) if profile.devices is not None else visible_gpus()
     if profile.kind == "local-gpu" and not gpus:
         raise ConfigError("--cluster local-gpu: no CUDA device is visible; use --cluster local")
-    if gpus:  # local or local-gpu: one pinned worker per GPU wherever GPUs are visible or named
-        gpus = gpus[: profile.workers] if profile.workers else gpus
-        threads = profile.threads_per_worker or max(1, _cpu_count() // len(gpus))
-        cluster_obj = _gpu_cluster(gpus, profile, threads)
-        resources: dict[str, float] | None = {"GPU": 1}
-        log.info("local cluster: %d GPU worker(s) x %d thread(s)", len(gpus), threads)
-    else:
-        layout = _layout(profile)
-        threads = layout.threads_per_worker
-        cluster_obj = _cpu_cluster(profile, layout)
-        resources = None
-        log.info("local cluster: %d worker(s) x %d thread(s)", layout.workers, threads)
-    with cluster_obj, Client(cluster_obj) as client:
+    tls = cluster_security(profile.security)
+    with quiet_scheduler_http():
+        if gpus:  # local or local-gpu: one pinned worker per GPU wherever GPUs are visible or named
+            gpus = gpus[: profile.workers] if profile.workers else gpus
+            threads = profile.threads_per_worker or max(1, _cpu_count() // len(gpus))
+            cluster_obj = _gpu_cluster(gpus, profile, threads, tls)
+            resources: dict[str, float] | None = {"GPU": 1}
+            log.info("local cluster: %d GPU worker(s) x %d thread(s)", len(gpus), threads)
+        else:
+            layout = _layout(profile)
+            threads = layout.threads_per_worker
+            cluster_obj = _cpu_cluster(profile, layout, tls)
+            resources = None
+            log.info("local cluster: %d worker(s) x %d thread(s)", layout.workers, threads)
+    log.debug("scheduler at %s", cluster_obj.scheduler_address)
+    with cluster_obj, Client(cluster_obj, security=tls.get("security")) as client:
         yield Connection(client, resources, threads)
 
 
@@ -132,7 +136,7 @@ def _silence() -> int:
     return logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.CRITICAL
 
 
-def _cpu_cluster(profile: ClusterProfile, layout: Layout) -> Any:
+def _cpu_cluster(profile: ClusterProfile, layout: Layout, tls: dict[str, Any]) -> Any:
     from distributed import LocalCluster
 
     return LocalCluster(
@@ -146,11 +150,12 @@ def _cpu_cluster(profile: ClusterProfile, layout: Layout) -> Any:
         # no dashboard; its HTTP server (health checks) on a free port: the default 8787 warns when taken
         scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
         **_listen(profile),
+        **tls,
         env={"OMP_NUM_THREADS": str(layout.threads_per_worker)},
     )
 
 
-def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile, threads: int) -> Any:
+def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile, threads: int, tls: dict[str, Any]) -> Any:
     """One Nanny per GPU, pinned with CUDA_VISIBLE_DEVICES, advertising resource GPU=1."""
     from distributed import Scheduler, SpecCluster
 
@@ -164,13 +169,14 @@ def _gpu_cluster(gpus: Sequence[int], profile: ClusterProfile, threads: int) -> 
                 "env": {"CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": str(threads)},
                 **({"memory_limit": profile.memory_limit} if profile.memory_limit else {}),
                 **_listen(profile),
+                **tls,
             },
         }
         for gpu in gpus
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0",
-                                               **_listen(profile)}}
-    return SpecCluster(workers=workers, scheduler=scheduler, name="emseg-local-gpu")
+                                               **_listen(profile), **tls}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="emseg-local-gpu", security=tls.get("security"))
 
 
 def _listen(profile: ClusterProfile) -> dict[str, str]:

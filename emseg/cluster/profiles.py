@@ -83,10 +83,6 @@ class SlurmOptions(BaseModel):
     interface: str | None = None
     """Network interface workers and scheduler talk on (``ib0``, ``lo`` on a single node).  The
     scheduler on the login node listens on it: choose the cluster-internal network, not a public one."""
-    security: bool = False
-    """TLS between scheduler, workers and client with temporary self-signed credentials
-    (``distributed.Security.temporary()``): only holders of the run's key may connect.  The
-    workers' copy of the credentials goes to ``log_directory`` (shared, readable by you only)."""
     minimum_jobs: int = Field(default=1, ge=0)
     """Adaptive scaling: fewest worker jobs kept while the run lasts."""
     maximum_jobs: int = Field(default=4, ge=1)
@@ -132,6 +128,11 @@ class ClusterProfile(BaseModel):
     """Network interface the local scheduler, nannies and workers listen on (``eth0``, ``ib0``).
     Default: none, they listen on 127.0.0.1 only: Dask runs whatever task a peer sends, so nobody
     else on the network may reach them unless you ask for it."""
+    security: bool = True
+    """Mutual TLS between client, scheduler, nannies and workers with credentials made for the run
+    (``distributed.Security.temporary()``, :mod:`emseg.cluster.tls`): nobody else on the machine or
+    the network can join the cluster or run code on its workers.  ``false`` only where every user who
+    can reach the listening ports may act as you (a single-user machine)."""
     slurm: SlurmOptions = SlurmOptions()
     """Settings for kind ``slurm``."""
 

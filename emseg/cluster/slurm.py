@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 from emseg.cluster.profiles import WORKER_MALLOC_ENV, ClusterProfile, Connection, parse_walltime
+from emseg.cluster.tls import cluster_security, private_directory, quiet_scheduler_http
 from emseg.errors import ConfigError, SlurmError
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,20 @@ def default_log_directory() -> Path:
     return Path.home() / ".cache" / "emseg" / "slurm-logs"
 
 
-def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
-    """``SLURMCluster`` keyword arguments for ``profile`` (one job: ``max(1, gpus_per_job)`` workers)."""
+def log_directory(profile: ClusterProfile) -> Path:
+    """The worker jobs' log directory: the profile's, else :func:`default_log_directory`."""
+    opts = profile.slurm
+    return Path(opts.log_directory).expanduser() if opts.log_directory else default_log_directory()
+
+
+def cluster_kwargs(profile: ClusterProfile, job_name: str, credentials: Path | None = None) -> dict[str, Any]:
+    """``SLURMCluster`` keyword arguments for ``profile`` (one job: ``max(1, gpus_per_job)`` workers).
+
+    With ``profile.security`` (the default) the cluster uses TLS with a key pair made here; the
+    worker jobs read their copy from files that dask-jobqueue writes into ``credentials`` (a
+    directory private to this user on a filesystem the compute nodes share, default the log
+    directory).
+    """
     opts = profile.slurm
     processes = max(1, opts.gpus_per_job)
     threads = max(1, opts.cores // processes)
@@ -176,7 +189,10 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
     if seconds >= 600:
         margin = min(300, seconds // 10)
         worker_args += ["--lifetime", f"{seconds - margin}s", "--lifetime-stagger", f"{margin // 2}s"]
-    log_directory = Path(opts.log_directory).expanduser() if opts.log_directory else default_log_directory()
+    logs = log_directory(profile)
+    tls = cluster_security(profile.security)
+    if tls:
+        tls["shared_temp_directory"] = str(credentials or logs)
     return {
         "queue": opts.queue,
         "account": opts.account,
@@ -188,7 +204,7 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
         "job_extra_directives": directives,
         "worker_extra_args": worker_args,
         "interface": opts.interface,
-        "log_directory": str(log_directory),
+        "log_directory": str(logs),
         "local_directory": opts.local_directory,
         "python": opts.python or sys.executable,
         "death_timeout": opts.death_timeout,
@@ -196,17 +212,8 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str) -> dict[str, Any]:
                                 *(f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items()),  # see emseg.cluster.profiles
                                 *opts.job_script_prologue],
         "scheduler_options": {"dashboard": False},  # no web server: nothing to collide on login nodes
-        **_security_kwargs(opts.security, log_directory),
+        **tls,
     }
-
-
-def _security_kwargs(enabled: bool, shared: Path) -> dict[str, Any]:
-    """TLS with temporary credentials (``distributed.Security.temporary()``), or nothing."""
-    if not enabled:
-        return {}
-    from distributed.security import Security
-
-    return {"security": Security.temporary(), "protocol": "tls://", "shared_temp_directory": str(shared)}
 
 
 def dask_setup(worker: Any) -> None:
@@ -277,14 +284,15 @@ def slurm_cluster(profile: ClusterProfile) -> Iterator[Connection]:
         _require(command)
     opts = profile.slurm
     job_name = f"{JOB_PREFIX}-{secrets.token_hex(4)}"
-    kwargs = cluster_kwargs(profile, job_name)
     cluster = client = None
-    with _signals_raise_systemexit():
+    with _signals_raise_systemexit(), private_directory(log_directory(profile)) as credentials:
+        kwargs = cluster_kwargs(profile, job_name, credentials)
         try:
-            cluster = SLURMCluster(**kwargs)
+            with quiet_scheduler_http():
+                cluster = SLURMCluster(**kwargs)
             log.info("SLURM worker job script:\n%s", cluster.job_script())
             _check_submittable(cluster.job_script())
-            client = Client(cluster)  # type: ignore[no-untyped-call]
+            client = Client(cluster, security=kwargs.get("security"))  # type: ignore[no-untyped-call]
             cluster.adapt(minimum_jobs=opts.minimum_jobs, maximum_jobs=opts.maximum_jobs)
             log.info("waiting for a SLURM worker (jobs named %s, logs in %s)", job_name, kwargs["log_directory"])
             _wait_for_workers(client, job_name, opts.start_timeout, kwargs["log_directory"])

@@ -352,8 +352,8 @@ def test_profile_interface_and_slurm_tls() -> None:
 
     assert _listen(ClusterProfile()) == {"host": "127.0.0.1"}
     assert _listen(ClusterProfile(interface="eth0")) == {"interface": "eth0"}
-    plain = cluster_kwargs(ClusterProfile(kind="slurm"), "emseg-test")
+    plain = cluster_kwargs(ClusterProfile(kind="slurm", security=False), "emseg-test")
     assert "security" not in plain
-    tls = cluster_kwargs(ClusterProfile(kind="slurm", slurm=SlurmOptions(security=True, interface="ib0")), "emseg-test")
+    tls = cluster_kwargs(ClusterProfile(kind="slurm", slurm=SlurmOptions(interface="ib0")), "emseg-test")
     assert tls["protocol"] == "tls://" and tls["interface"] == "ib0"
     assert tls["security"].require_encryption and tls["security"].tls_scheduler_cert
