@@ -196,6 +196,9 @@ class _Batch(NamedTuple):
     repaired: int
     voxels: int
     seconds: float
+    found: tuple[npt.NDArray[np.int64], list[Any], list[Any]] = (np.zeros(0, np.int64), [], [])
+    """Blocks of the task already recorded when it ran: ids, results, storage records.  The client
+    counts those it did not know were done (a task that finished them was lost with its worker)."""
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -220,11 +223,13 @@ def _run_batch(fn: BlockFn, grid: BlockGrid, output: str, stage: str,
     start = time.perf_counter()
     parts = [_run_chunk(fn, grid, output, stage, c, sel, writes, verify, retries, token) for c, sel in chunks]
     records = [p.records for p in parts if p.records is not None and len(p.records)]
+    found = (np.concatenate([p.found[0] for p in parts]), [r for p in parts for r in p.found[1]],
+             [w for p in parts for w in p.found[2]])
     return _Batch(np.concatenate([p.ids for p in parts]), [r for p in parts for r in p.results],
                   np.concatenate(records) if records else (np.zeros((0, 2 + 2 * len(writes)), np.int64)
                                                            if writes else None),
                   [f for p in parts for f in p.failures], sum(p.repaired for p in parts),
-                  sum(p.voxels for p in parts), time.perf_counter() - start)
+                  sum(p.voxels for p in parts), time.perf_counter() - start, found)
 
 
 def _run_chunk(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int, ids: npt.NDArray[np.int64] | None,
@@ -242,6 +247,8 @@ def _run_chunk(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int
     results: list[Any] = []
     records: list[list[int]] = []
     failures: list[tuple[int, BaseException]] = []
+    found_ids: list[int] = []
+    found: list[str] = []
     repaired = voxels = 0
     dirty = False
     last_flush = time.monotonic()
@@ -250,10 +257,14 @@ def _run_chunk(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int
         block: Block | None = None
         if entry:
             if verify == "none" or not writes or not wrapped:
+                found_ids.append(block_id)
+                found.append(entry)
                 continue
             block = grid.block(block_id)
             record = json.loads(entry).get("w")
             if record is None or record_matches(record, writes, block.write_roi, verify):
+                found_ids.append(block_id)
+                found.append(entry)
                 continue
             log.warning("%s: block %d: stored chunks missing or changed since it was written; recomputing",
                         stage, block_id)
@@ -285,8 +296,10 @@ def _run_chunk(fn: BlockFn, grid: BlockGrid, output: str, stage: str, chunk: int
             last_flush = time.monotonic()
     if dirty:
         array[c0:c1] = values
+    parsed = parse_records(np.asarray(found, dtype=object), wrapped)
     return _Batch(np.asarray(done_ids, dtype=np.int64), results,
-                  np.asarray(records, dtype=np.int64) if writes else None, failures, repaired, voxels, 0.0)
+                  np.asarray(records, dtype=np.int64) if writes else None, failures, repaired, voxels, 0.0,
+                  (np.asarray(found_ids, dtype=np.int64), [r for r, _ in parsed], [w for _, w in parsed]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,11 +421,13 @@ def run_blockwise(
     results = BlockResults(n)
     files = np.zeros((n, len(specs)), dtype=np.int64) if specs else None
     nbytes = np.zeros((n, len(specs)), dtype=np.int64) if specs else None
+    known = np.zeros(n, dtype=bool)  # blocks whose result and storage record the client holds
     tasks: list[tuple[int, npt.NDArray[np.int64] | None]] = []
     skipped = 0
     for part, values in ledger.iter_chunks(ids):
         done = values != ""
         if done.any():
+            known[part[done]] = True
             parsed = parse_records(values[done], wrapped)
             results.update(part[done], [r for r, _ in parsed])
             skipped += int(done.sum())
@@ -495,9 +510,22 @@ def run_blockwise(
                 per_chunk[0] += batch.seconds
                 per_chunk[1] += len(chunks)
                 results.update(batch.ids, batch.results)
+                known[batch.ids] = True
                 if batch.records is not None and len(batch.ids) and files is not None and nbytes is not None:
                     _add_census(files, nbytes, batch.ids, batch.records.tolist(), len(specs))
                 computed += len(batch.ids)
+                # blocks finished by an earlier try of this task whose worker was lost before it returned
+                found_ids, found_results, found_records = batch.found
+                new = ~known[found_ids]
+                if new.any():
+                    take = np.flatnonzero(new).tolist()
+                    results.update(found_ids[new], [found_results[i] for i in take])
+                    known[found_ids[new]] = True
+                    if files is not None and nbytes is not None and found_records and found_records[0] is not None:
+                        _add_census(files, nbytes, found_ids[new], [found_records[i] for i in take], len(specs))
+                    computed += len(take)
+                    voxels += sum(grid.block(int(b)).write_roi.size for b in found_ids[new].tolist())
+                    bar.update(len(take))
                 repaired += batch.repaired
                 voxels += batch.voxels
                 n_failed += len(batch.failures)

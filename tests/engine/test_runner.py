@@ -174,3 +174,47 @@ def test_label_rerun_recomputes_a_deleted_label_chunk(client, tmp_path) -> None:
     assert np.array_equal(after, before)
     expected = cc3d.connected_components(mask, connectivity=6)
     assert len(np.unique(after)) == len(np.unique(expected))
+
+
+_BLOCKS_RUN: dict[str, int] = {}
+"""Worker side: task key -> blocks this process has run for it."""
+
+
+def add_one_dying_once(block: Block, *, src: str, dst: str, marker: str) -> dict[str, int]:
+    """add_one; the first time a task reaches its second block, its worker process is killed.
+
+    Tasks hold several ledger chunks once the runner has timed the first ones (a run of many blocks):
+    the killed task has recorded its first block, so its retry finds that block already done.
+    """
+    import os
+    import signal
+
+    from distributed.worker import thread_state
+
+    key = str(getattr(thread_state, "key", ""))
+    if _BLOCKS_RUN.get(key, 0) >= 1 and not Path(marker).exists():
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    _BLOCKS_RUN[key] = _BLOCKS_RUN.get(key, 0) + 1
+    return add_one(block, src=src, dst=dst)
+
+
+def test_blocks_recorded_by_a_task_lost_with_its_worker_are_counted(client, make_volume, tmp_path: Path) -> None:
+    """A task records a block, then its worker is killed: the retry finds that block done, and the run
+    still reports it, keeps its result and counts its chunk (else the census refuses the finished output)."""
+    from emseg.engine.runner import WriteSpec
+    from emseg.io import mark_complete
+
+    shape, blocks = (2, 80, 80), (1, 8, 8)  # 200 blocks: the runner groups several per task
+    src = make_volume(shape=shape, chunks=blocks)
+    dst = tmp_path / "out.zarr"
+    out = create_volume(dst, shape=shape, dtype="uint8", chunks=blocks, voxel_size=(1, 1, 1))
+    grid = plan_blocks(out.roi, blocks, 0, chunk_shape=out.chunks)
+    fn = functools.partial(add_one_dying_once, src=str(src), dst=str(dst), marker=str(tmp_path / "killed"))
+    report = run_blockwise(client, stage="copy", grid=grid, fn=fn, output=dst, params={}, progress=False,
+                           writes=[WriteSpec(str(dst / "0"))])
+    assert (tmp_path / "killed").exists(), "no worker was killed"
+    assert (report.computed, report.skipped) == (len(grid), 0)
+    assert sorted(report.results) == list(range(len(grid)))
+    mark_complete(dst)
+    assert np.array_equal(open_volume(dst).read(out.roi), open_volume(src).read(out.roi) + 1)  # census holds
