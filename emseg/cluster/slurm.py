@@ -305,9 +305,22 @@ def slurm_cluster(profile: ClusterProfile) -> Iterator[Connection]:
                         client.close(timeout=10)  # type: ignore[no-untyped-call]
                 finally:
                     if cluster is not None:
-                        cluster.close(timeout=30)
+                        try:
+                            cluster.close(timeout=30)
+                        finally:
+                            _delete_credential_files(cluster)
             finally:  # runs even when a second Ctrl-C interrupts the closing above
                 cancel_jobs_named(job_name)
+
+
+def _delete_credential_files(cluster: Any) -> None:
+    """Delete the workers' copy of the key pair now (dask-jobqueue holds them as temporary files
+    deleted when the cluster object is collected; the private directory holding them goes next)."""
+    import tempfile
+
+    for value in list(vars(cluster).values()):
+        if isinstance(value, tempfile._TemporaryFileWrapper):
+            value.close()
 
 
 # -- training as an sbatch job ------------------------------------------------------------------

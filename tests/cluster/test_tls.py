@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask
 import pytest
 
 from emseg.cluster import connect
@@ -159,6 +160,12 @@ def test_local_cluster_lets_only_the_runs_key_in(intruder: Intruder) -> None:
                 for f in (creds, *creds.iterdir()):
                     os.chown(f, pwd.getpwnam("nobody").pw_uid, -1)
             admitted = intruder.attack(ports, credentials=creds, scheduler=scheduler)
+            # --scheduler: joining a TLS cluster with the TLS settings of one's own Dask configuration
+            tls = {"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": str(creds / "ca.pem"),
+                   "distributed.comm.tls.client.cert": str(creds / "cert.pem"),
+                   "distributed.comm.tls.client.key": str(creds / "key.pem")}
+            with dask.config.set(tls), connect(scheduler=scheduler) as joined:
+                assert joined.client.submit(os.getpid, pure=False).result() in client.run(os.getpid).values()
     assert all(outcome == "joined" for tries in admitted["ports"].values() for outcome in tries.values()), admitted
     assert admitted["scheduler_uid"] == os.getuid() and admitted["worker_uids"] == [os.getuid()]
 
@@ -235,3 +242,30 @@ def test_segment_run_refuses_another_user(intruder: Intruder, tmp_path: Path) ->
         assert_all_refused(result)
     handshakes = [o for r in results for tries in r["ports"].values() for h, o in tries.items() if h == "tls-own-key"]
     assert any("SSL" in o or "certificate" in o.lower() for o in handshakes), handshakes  # TLS servers said no
+
+
+@pytest.mark.cluster
+def test_slurm_cluster_lets_only_the_runs_key_in(slurm: None, intruder: Intruder, tmp_path: Path) -> None:
+    """A SLURM run: scheduler and worker refuse the intruder; the workers' copy of the key is private
+    to the user while the run lasts and gone after it."""
+    import yaml
+
+    from .conftest import TEST_PROFILE, wait_queue_empty
+
+    data = yaml.safe_load(TEST_PROFILE.read_text())
+    data["slurm"].update(log_directory=str(tmp_path / "jobs"), maximum_jobs=1)
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    with connect(profile) as connection:
+        client = connection.client
+        workers = client.scheduler_info()["workers"]
+        addresses = [client.scheduler.address, *workers]
+        assert all(a.startswith("tls://127.0.0.1:") for a in addresses), addresses
+        assert_all_refused(intruder.attack([port(a) for a in addresses]))
+        (credentials,) = (tmp_path / "jobs").glob(".emseg-tls-*")
+        assert credentials.stat().st_mode & 0o777 == 0o700
+        files = list(credentials.iterdir())
+        assert files and all(f.stat().st_mode & 0o777 == 0o600 for f in files), files
+        assert any("PRIVATE KEY" in f.read_text() for f in files)
+    assert not credentials.exists()
+    assert wait_queue_empty() == []
