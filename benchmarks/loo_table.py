@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-THRESHOLDS = (0.7, 0.75, 0.8, 0.85, 0.9)
+THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,12 @@ class Dataset:
     gt: str
     voxel_size: str
     gt_3d: bool  # instance ids in 3-D (scored as one volume) or section masks (scored per section)
+    sections: tuple[int, int] | None = None  # a z range of the TIFFs (written to --work as its own TIFFs)
 
 
 DATASETS = (
     Dataset("isbi", "isbi2012/train-volume.tif", "isbi2012/train-labels.tif", "50,4,4", False),
+    Dataset("isbi_16_19", "isbi2012/train-volume.tif", "isbi2012/train-labels.tif", "50,4,4", False, (16, 20)),
     Dataset("vnc", "vnc_sstem/raw.tif", "vnc_sstem/membranes.tif", "50,4.6,4.6", False),
     Dataset("cremi", "cremi_b_crop/raw.tif", "cremi_b_crop/neuron_ids.tif", "40,4,4", True),
     Dataset("gala_train", "fib_gala/train-raw.tif", "fib_gala/train-labels.tif", "10,10,10", True),
@@ -67,11 +69,28 @@ def emseg(*args: str, log: Path) -> str:
     return done.stdout
 
 
+def files(ds: Dataset, work: Path) -> tuple[Path, Path]:
+    """The raw and ground-truth TIFFs of ``ds`` (its section range cut into ``work``)."""
+    if ds.sections is None:
+        return DATA / ds.raw, DATA / ds.gt
+    import tifffile
+
+    z0, z1 = ds.sections
+    out = []
+    for name, src in (("raw", ds.raw), ("gt", ds.gt)):
+        path = work / f"{ds.name}-{name}.tif"
+        if not path.exists():
+            tifffile.imwrite(path, tifffile.imread(DATA / src)[z0:z1])
+        out.append(path)
+    return out[0], out[1]
+
+
 def segment(ds: Dataset, config: str, model: str | None, work: Path, log: Path) -> tuple[Path, float]:
     """``emseg segment`` of one dataset in one configuration (resumed when done); the output and its seconds."""
     volume = work / f"{ds.name}.zarr"
     if not volume.exists():
-        emseg("import", str(DATA / ds.raw), str(volume), "--voxel-size", ds.voxel_size, "--no-progress", log=log)
+        emseg("import", str(files(ds, work)[0]), str(volume), "--voxel-size", ds.voxel_size, "--no-progress",
+              log=log)
     tag = f"{ds.name}-{config}-{Path(model).name if model else 'auto'}"
     out = work / f"{tag}.zarr"
     args = ["segment", str(volume), "-o", str(out), "--no-progress", "--json"]
@@ -86,11 +105,11 @@ def segment(ds: Dataset, config: str, model: str | None, work: Path, log: Path) 
     return out, seconds
 
 
-def sweep(ds: Dataset, out: Path, log: Path) -> dict[float, dict[str, float]]:
+def sweep(ds: Dataset, out: Path, work: Path, log: Path) -> dict[float, dict[str, float]]:
     """Scores of the default segments and of every threshold of :data:`THRESHOLDS` from the same graph."""
     emseg("agglomerate", str(out), "--thresholds", ",".join(f"{t:g}" for t in THRESHOLDS), "--no-progress",
           log=log)
-    result = json.loads(emseg("evaluate", str(out), str(DATA / ds.gt), "--json", log=log).strip().splitlines()[-1])
+    result = json.loads(emseg("evaluate", str(out), str(files(ds, work)[1]), "--json", log=log).strip().splitlines()[-1])
     scores: dict[float, dict[str, float]] = {}
     for row in result["results"]:
         t = row.get("threshold")
@@ -108,8 +127,11 @@ def main() -> None:
                              "automatic choice (which saw it). Repeatable.")
     parser.add_argument("--seen", action="append", default=[],
                         help="DATASET=what: the automatic model saw DATASET (printed beside its figures).")
-    parser.add_argument("--datasets", default=",".join(d.name for d in DATASETS))
+    parser.add_argument("--model", default=None,
+                        help="A checkpoint for every row without a --loo model (default: the automatic choice).")
+    parser.add_argument("--datasets", default=",".join(d.name for d in DATASETS if d.name != "isbi_16_19"))
     parser.add_argument("--configs", default="default,2d")
+    parser.add_argument("--label", default="run", help="Name of this run's results file in --work.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "emseg.log"
@@ -123,20 +145,18 @@ def main() -> None:
                 continue
             if config == "fib3d" and not ds.voxel_size.startswith("10,"):
                 continue
-            model = "fib3d" if config == "fib3d" else loo.get(ds.name)
-            if config == "fib3d":
-                model = str(ROOT / "emseg" / "models" / "bundled" / "fib3d")
+            model = "fib3d" if config == "fib3d" else loo.get(ds.name, args.model)
             out, seconds = segment(ds, config, model, args.work, log)
             report = json.loads((args.work / f"{out.stem}.report.json").read_text())
             default_t = report["label"]["agglomerate"]["threshold"]
-            scores = sweep(ds, out, log)
+            scores = sweep(ds, out, args.work, log)
             results.setdefault(config, {})[ds.name] = {
                 "model": model or "automatic choice", "seen": seen.get(ds.name, "") if not model else "",
                 "threshold": default_t, "seconds": seconds, "scores": {str(t): s for t, s in scores.items()},
                 "findings": [f["code"] for f in report.get("findings", [])],
             }
             print(f"{config} {ds.name}: {json.dumps(results[config][ds.name])}", flush=True)
-            (args.work / "loo_results.json").write_text(json.dumps(results, indent=1))
+            (args.work / f"loo_results-{args.label}.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
 
 

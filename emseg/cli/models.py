@@ -73,14 +73,14 @@ def models(input_size: tuple[int, ...] | None, ndim: str, as_json: bool, bundled
 
 
 def _bundled(as_json: bool) -> None:
-    from emseg.models.zoo import ANISOTROPY_2D, bundled_models
+    from emseg.models.zoo import bundled_models
 
     found = bundled_models()
     if as_json:
         click.echo(json.dumps([{"name": m.name, "path": str(m.path), "ndim": m.ndim, "outputs": list(m.outputs),
                                 "voxel_size_nm": m.voxel_size_nm, "card": m.figures} for m in found], indent=2))
         return
-    click.echo(f"bundled models (no --model: z/xy spacing >= {ANISOTROPY_2D:g} -> sstem2d, else fib3d):")
+    click.echo("bundled models (no --model: sstem2d for every voxel size, per section, linked in 3-D; --model NAME picks one):")
     for m in found:
         vs = "x".join(f"{v:g}" for v in m.voxel_size_nm) if m.voxel_size_nm else "?"
         click.echo(f"  {m.name}  {m.ndim}D  outputs {','.join(m.outputs)}  trained at {vs} nm  {m.path}")

@@ -2,15 +2,17 @@
 
 Two bundled checkpoints::
 
-    bundled/            sstem2d: 2-D membrane U-Net for anisotropic serial-section TEM (ISBI 2012,
-                        VNC, CREMI-like; ~4 nm in-plane, sections 40-50 nm apart); output "membrane"
-    bundled/fib3d/      fib3d: 3-D affinity U-Net for isotropic FIB-SEM (~10 nm); outputs
+    bundled/            sstem2d: 2-D membrane U-Net, run per section (ssTEM: ISBI 2012, VNC,
+                        CREMI-like, ~4 nm in-plane; also isotropic FIB-SEM); output "membrane"
+    bundled/fib3d/      fib3d: 3-D affinity U-Net trained on one FIB-SEM crop (~10 nm); outputs
                         "aff_z", "aff_y", "aff_x" (see its MODEL_CARD.md for the convention)
 
-:func:`choose_bundled` picks one from a volume's voxel size ``(z, y, x)`` in nm: strongly anisotropic
-volumes (``z / min(y, x) >= ANISOTROPY_2D``) get the 2-D model, near-isotropic ones the 3-D model.
-A voxel size of exactly 1 nm on every axis is what emseg records when the source had none; it is
-treated as unknown and gets the 2-D model (the historical default), with a warning.
+:func:`choose_bundled` picks the 2-D model for every volume: on the leave-one-dataset-out table
+(``benchmarks/loo_table.py``) it transfers to data it never saw, on anisotropic and isotropic volumes,
+where ``fib3d`` has only been measured on crops of its own training volume and merges the whole of
+FIB-SEM volumes from other labs.  ``fib3d`` stays available by name (``--model fib3d``).  A voxel size
+of exactly 1 nm on every axis is what emseg records when the source had none; it is treated as
+unknown, with a warning.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ANISOTROPY_2D", "BUNDLED_DIR", "BundledChoice", "BundledModel", "bundled_models", "choose_bundled"]
+__all__ = ["ANISOTROPY_2D", "BUNDLED_DIR", "BundledChoice", "BundledModel", "bundled_models", "bundled_path",
+           "choose_bundled"]
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 ANISOTROPY_2D = 2.5
@@ -112,9 +115,9 @@ def choose_bundled(voxel_size: Sequence[float] | None, root: Path | None = None)
                              "--voxel-size so that the model matching its resolution is chosen")
     z, y, x = (float(v) for v in voxel_size)
     anisotropy = z / min(y, x)
-    want = "sstem2d" if anisotropy >= ANISOTROPY_2D else "fib3d"
-    rule = (f"voxel size {z:g},{y:g},{x:g} nm, z/xy {anisotropy:.2f} "
-            f"{'>=' if want == 'sstem2d' else '<'} {ANISOTROPY_2D:g}: {want}")
+    want = "sstem2d"
+    kind = "serial sections" if anisotropy >= ANISOTROPY_2D else "near-isotropic: sections linked in 3-D"
+    rule = f"voxel size {z:g},{y:g},{x:g} nm, z/xy {anisotropy:.2f} ({kind}): {want}"
     wanted = models.get(want)
     if wanted is None:
         model = next(iter(models.values()))
@@ -122,6 +125,14 @@ def choose_bundled(voxel_size: Sequence[float] | None, root: Path | None = None)
     else:
         model = wanted
     return BundledChoice(model, rule, _resolution_warning(model, (z, y, x)))
+
+
+def bundled_path(name: str, root: Path | None = None) -> Path | None:
+    """The directory of the bundled model called ``name`` (``sstem2d``, ``fib3d``), or ``None``."""
+    for model in bundled_models(root):
+        if model.name == name:
+            return model.path
+    return None
 
 
 def _resolution_warning(model: BundledModel, voxel_size: tuple[float, float, float]) -> str | None:

@@ -132,6 +132,18 @@ def default_checkpoint(voxel_size: Sequence[float] | None = None) -> Path:
     return _choose_bundled(voxel_size)[0]
 
 
+def model_path(model: str | os.PathLike[str]) -> Path:
+    """A checkpoint path, or the name of a bundled model (``sstem2d``, ``fib3d``) where no such path exists."""
+    from emseg.models.zoo import bundled_path
+
+    path = Path(model)
+    if not path.exists():
+        named = bundled_path(str(model), root=BUNDLED)
+        if named is not None:
+            return named
+    return path
+
+
 def _choose_bundled(voxel_size: Sequence[float] | None) -> tuple[Path, str]:
     from emseg.models.zoo import choose_bundled
 
@@ -320,7 +332,7 @@ def plan_prediction(
     if opts.model is None:
         ckpt_dir, model_choice = _choose_bundled(volume.voxel_size)
     else:
-        ckpt_dir = Path(opts.model)
+        ckpt_dir = model_path(opts.model)
     ckpt = load_checkpoint(ckpt_dir)
     model, cfg = ckpt.model, ckpt.config
     ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent

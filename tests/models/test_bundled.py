@@ -36,11 +36,10 @@ def test_both_models_are_shipped_and_declared() -> None:
     [
         ((50.0, 4.0, 4.0), "sstem2d", False),   # ISBI 2012
         ((40.0, 4.0, 4.0), "sstem2d", False),   # CREMI
-        ((10.0, 10.0, 10.0), "fib3d", False),   # gala FIB-SEM
-        ((8.0, 8.0, 8.0), "fib3d", False),
-        ((12.0, 8.0, 8.0), "fib3d", False),     # mildly anisotropic FIB-SEM
+        ((10.0, 10.0, 10.0), "sstem2d", True),  # gala FIB-SEM: 10 nm in-plane, far from 4 nm (a warning)
+        ((8.0, 8.0, 8.0), "sstem2d", True),     # FIB-SEM: the 2-D model per section, linked in 3-D
+        ((12.0, 4.0, 4.0), "sstem2d", False),   # mildly anisotropic at the model's in-plane resolution
         ((50.0, 10.0, 10.0), "sstem2d", True),  # ssTEM at 10 nm in-plane: far from 4 nm
-        ((30.0, 30.0, 30.0), "fib3d", True),    # 3x coarser than the FIB model
         ((1.0, 1.0, 1.0), "sstem2d", True),     # what emseg records when the source had no voxel size
     ],
 )
@@ -62,12 +61,14 @@ def test_predict_plan_picks_and_reports_the_model(make_volume, caplog: pytest.Lo
     iso = make_volume("iso.zarr", shape=(16, 64, 64), voxel_size=(10.0, 10.0, 10.0))
     ssTEM = make_volume("sstem.zarr", shape=(4, 96, 96), voxel_size=(50.0, 4.0, 4.0))
     plan = plan_prediction(iso)
-    assert plan.checkpoint == BUNDLED_DIR / "fib3d" and plan.outputs == ("aff_z", "aff_y", "aff_x")
-    assert "bundled fib3d" in plan.summary()
+    assert plan.checkpoint == BUNDLED_DIR and plan.outputs == ("membrane",)
+    assert "bundled sstem2d" in plan.summary() and "near-isotropic" in plan.summary()
     plan = plan_prediction(ssTEM)
     assert plan.checkpoint == BUNDLED_DIR and "bundled sstem2d" in plan.summary()
+    plan = plan_prediction(iso, model="fib3d")  # the 3-D model by its name
+    assert plan.checkpoint == BUNDLED_DIR / "fib3d" and plan.outputs == ("aff_z", "aff_y", "aff_x")
     with caplog.at_level(logging.WARNING):
-        assert default_checkpoint((30.0, 30.0, 30.0)) == BUNDLED_DIR / "fib3d"
+        assert default_checkpoint((30.0, 30.0, 30.0)) == BUNDLED_DIR
     assert "far" in caplog.text
 
 
@@ -88,7 +89,7 @@ def test_fib3d_predicts_gala_affinities(shared_data: Path) -> None:
     """Not random weights: on the held-out raveler crop the affinities match the ground truth's."""
     raw = tifffile.imread(shared_data / "fib_gala" / "raveler-raw.tif")[:24, :64, :64]
     ids = tifffile.imread(shared_data / "fib_gala" / "raveler-labels.tif")[:24, :64, :64]
-    ckpt = load_checkpoint(choose_bundled((10.0, 10.0, 10.0)).model.path)
+    ckpt = load_checkpoint(BUNDLED_DIR / "fib3d")
     norm = (ckpt.config.normalization.mean, ckpt.config.normalization.std)
     with torch.no_grad():
         affs = torch.sigmoid(predict_volume(ckpt.model, raw, norm, ndim=3)).numpy()
