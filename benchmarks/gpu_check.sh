@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for emseg (issue 15): on a machine with CUDA, run the GPU-marked tests and the predict
-# benchmark on the GPU(s) and print the figures, in under 5 minutes; without CUDA, say why and skip.
+# benchmark on the GPU(s), then `emseg segment` end to end (benchmarks/bench_segment.py: each stage's
+# share of the run and the forward-only limit), and print the figures, in under 9 minutes; without
+# CUDA, say why and skip.
 #
 #   benchmarks/gpu_check.sh                  # uses .venv/bin/python (or $PYTHON)
 #   PYTHON=/path/to/python benchmarks/gpu_check.sh
@@ -46,5 +48,11 @@ timeout $((280 - (SECONDS - start))) "$PYTHON" benchmarks/bench_predict.py --dev
     --json "$OUT/bench_predict.json" 2>&1 | tee "$OUT/bench_predict.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: tests exit $tests_rc, benchmark exit $bench_rc, $((SECONDS - start)) s; figures in $OUT"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
+echo "== emseg segment end to end on the GPU (volume $SHAPE): each stage's share, forward-only limit"
+timeout 240 "$PYTHON" benchmarks/bench_segment.py --device cuda --shape "$SHAPE" --rounds 1 --blocks 1 --no-3d \
+    --json "$OUT/bench_segment.json" 2>&1 | tee "$OUT/bench_segment.txt"
+segment_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: tests exit $tests_rc, predict benchmark exit $bench_rc, segment benchmark exit $segment_rc," \
+     "$((SECONDS - start)) s; figures in $OUT"
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $segment_rc -eq 0 ]]

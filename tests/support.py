@@ -214,6 +214,13 @@ def build_inputs(root: Path) -> dict[str, Path]:
         f["d"] = np.zeros((0, 5, 5), np.uint8)
     p["bad_interface"] = root / "bad_interface.yaml"
     p["bad_interface"].write_text("kind: local\nworkers: 1\ninterface: nosuchif0\n")
+    p["bad_scale"] = root / "bad_scale.zarr"  # a voxel size of 0 nm in the metadata
+    shutil.copytree(p["raw"], p["bad_scale"], ignore=shutil.ignore_patterns("labels"))
+    meta = json.loads((p["bad_scale"] / "zarr.json").read_text())
+    meta["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [0, 4, 4]
+    (p["bad_scale"] / "zarr.json").write_text(json.dumps(meta))
+    p["tiny_memory"] = root / "tiny_memory.yaml"
+    p["tiny_memory"].write_text("kind: local\nworkers: 1\nmemory_limit: 1MB\n")
     return p
 
 

@@ -49,15 +49,34 @@ class EmsegGroup(click.Group):
         command: click.Command = getattr(importlib.import_module(module_name), attr)
         return command
 
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise usage_error(e) from e
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            raise usage_error(e) from e
         except EmsegError as e:
             exc = click.ClickException(_one_line(str(e)))
             exc.exit_code = e.exit_code  # type: ignore[misc]  # click declares a ClassVar; each error has its own code
             raise exc from e
         except OSError as e:  # the machine said no (permissions, disk full, read-only): not a bug
             raise click.ClickException(describe_os_error(e)) from e
+
+
+def usage_error(e: click.UsageError) -> click.ClickException:
+    """A usage error as one ``Error:`` line naming the help to read (exit code 2, click's), not three lines."""
+    if type(e).__name__ == "NoArgsIsHelpError":  # a bare `emseg` (or a command without arguments) shows the help
+        return e
+    where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    exc = click.ClickException(_one_line(e.format_message()) + where)
+    exc.exit_code = e.exit_code  # type: ignore[misc]  # 2
+    return exc
 
 
 def describe_os_error(e: OSError) -> str:

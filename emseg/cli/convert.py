@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from emseg.cli.output import JSON_OPTION, echo_report
+from emseg.cli.output import JSON_OPTION, PROGRESS_OPTION, echo_report
 from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 
 
@@ -17,16 +17,16 @@ from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 @click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True,
               help="3 writes OME-NGFF 0.5, 2 writes OME-NGFF 0.4.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@PROGRESS_OPTION
 @JSON_OPTION
 def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, chunks: tuple[int, ...] | None,
-               dataset: str | None, zarr_format: str, overwrite: bool, no_progress: bool, as_json: bool) -> None:
+               dataset: str | None, zarr_format: str, overwrite: bool, progress: bool, as_json: bool) -> None:
     """Convert SOURCE (TIFF stack, folder of TIFF/PNG sections, HDF5 dataset) into an OME-Zarr image."""
     from emseg.io.convert import import_volume
 
     report = import_volume(source, output, voxel_size=voxel_size, chunks=chunks, dataset=dataset,
                            zarr_format=int(zarr_format), overwrite=overwrite,  # type: ignore[arg-type]
-                           progress=not no_progress)
+                           progress=progress)
     echo_report(report, as_json)
 
 
@@ -44,10 +44,10 @@ def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, c
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="precomputed: join a running Dask scheduler.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="precomputed: local workers (with --cluster).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@PROGRESS_OPTION
 @JSON_OPTION
 def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool, skeleton: bool,
-               cluster: str | None, scheduler: str | None, workers: int | None, overwrite: bool, no_progress: bool,
+               cluster: str | None, scheduler: str | None, workers: int | None, overwrite: bool, progress: bool,
                as_json: bool) -> None:
     """Export SOURCE (OME-Zarr image or zarr array) to a TIFF stack or neuroglancer precomputed."""
     from emseg.errors import ConfigError
@@ -61,18 +61,18 @@ def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool
         from emseg.io.convert import export_tiff
 
         path = export_tiff(source, output, level=int(level) if level.isdigit() else level,
-                           overwrite=overwrite, progress=not no_progress)
+                           overwrite=overwrite, progress=progress)
         echo_report(f"wrote {path}", as_json, path=path, format="tiff")
     else:
         from emseg.export.precomputed import export_precomputed
 
         if cluster is None and scheduler is None and workers is None:
             report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
-                                        progress=not no_progress)
+                                        progress=progress)
         else:
             from emseg.cluster import connect
 
             with connect(cluster, scheduler=scheduler, workers=workers) as connection:
                 report = export_precomputed(source, output, overwrite=overwrite, mesh=mesh, skeleton=skeleton,
-                                            progress=not no_progress, client=connection.client)
+                                            progress=progress, client=connection.client)
         echo_report(report, as_json)

@@ -28,7 +28,18 @@ def info(path: str, as_json: bool, verify: bool) -> None:
 
     layer = describe_precomputed(path)  # a neuroglancer precomputed layer or export
     if layer is not None:
-        click.echo(json.dumps(layer, indent=2) if as_json else precomputed_summary(layer))
+        from emseg.export.precomputed import export_status
+
+        status = export_status(path)
+        if status is not None:
+            layer["emseg_status"] = status
+        text = json.dumps(layer, indent=2) if as_json else precomputed_summary(layer)
+        if status is not None and not as_json:
+            text += f"\nemseg status: {status}"
+        click.echo(text)
+        if status == "incomplete":
+            click.echo(f"Warning: {path} is an export that was interrupted (half-written); rerun the emseg export "
+                       "command that made it to finish it", err=True)
         return
     report = describe(path)
     click.echo(report.to_json() if as_json else report.summary())

@@ -19,7 +19,7 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from emseg.cli.output import JSON_OPTION
+from emseg.cli.output import JSON_OPTION, PROGRESS_OPTION
 from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
 from emseg.config import RunOptions
 
@@ -180,8 +180,7 @@ def output_options(*, zarr_format: str | None = "the input's", dry_run: bool = F
         options.append(click.option("--dry-run", is_flag=True, help="Print the plan (blocks, halo, voxels, memory) "
                                                                      "and exit."))
     options += [
-        field_option(RunOptions, "progress", default=True, show_default=False, help="Progress bars on stderr.  "
-                     "[default: progress]"),
+        PROGRESS_OPTION,
         JSON_OPTION,
     ]
     return _stack(*options)

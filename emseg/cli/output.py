@@ -68,3 +68,18 @@ def echo_report(report: Any, as_json: bool, **extra: Any) -> None:
 
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+
+
+def _progress_default(ctx: click.Context, param: click.Parameter, value: bool | None) -> bool:
+    """Progress bars when asked, else only when stderr is a terminal (no ``\r`` lines in logs)."""
+    if value is not None:
+        return value
+    import sys
+
+    return bool(sys.stderr.isatty())
+
+
+PROGRESS_OPTION = click.option(
+    "--progress/--no-progress", default=None, callback=_progress_default,
+    help="Progress bars on stderr  [default: only when stderr is a terminal].")
+"""The one progress flag of every command that shows progress bars."""

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from emseg.cli.output import JSON_OPTION, echo_report
+from emseg.cli.output import JSON_OPTION, PROGRESS_OPTION, echo_report
 from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 
 CONFIRM_BYTES = 16 * 2**30
@@ -27,7 +27,7 @@ CONFIRM_BYTES = 16 * 2**30
               help="Mean cell diameter in nm (spacing of the cell seeds).")
 @click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@PROGRESS_OPTION
 @click.option("-y", "--yes", is_flag=True,
               help=f"Write volumes over {CONFIRM_BYTES // 2**30} GiB without asking (needed where no one can answer).")
 @JSON_OPTION

@@ -98,6 +98,42 @@ def _join(address: str) -> Any:
         raise ConfigError(f"--scheduler {address}: no Dask scheduler answered ({e}); is it running?") from e
 
 
+MIN_WORKER_MEMORY = 256 * 2**20
+"""Bytes below which a worker process (python, numpy, dask) cannot even start its first task."""
+
+
+def _check_worker_memory(profile: Any) -> None:
+    """Refuse a local cluster whose workers would each get too little memory (thousands of workers,
+    ``memory_limit: 1MB``) before any process starts, instead of a hang or a closed connection."""
+    import psutil
+    from dask.utils import format_bytes, parse_bytes
+
+    from emseg.errors import ResourceLimitError
+
+    if profile.memory_limit:
+        per_worker = int(parse_bytes(profile.memory_limit))
+    else:
+        n = profile.workers or (len(profile.devices) if profile.devices else 1)
+        per_worker = int(psutil.virtual_memory().total) // max(1, n)
+    if per_worker < MIN_WORKER_MEMORY:
+        raise ResourceLimitError(f"a Dask worker process needs about {format_bytes(MIN_WORKER_MEMORY)} but a worker "
+                                 f"would have {format_bytes(per_worker)}; use fewer --workers, or a larger "
+                                 "memory_limit in the cluster profile")
+
+
+def _check_devices(devices: Sequence[int] | None) -> None:
+    """Refuse GPUs (``--devices``) this machine does not have, instead of running on the CPU unasked."""
+    if devices is None:
+        return
+    from emseg.cluster.local import visible_gpus
+
+    visible = visible_gpus()
+    missing = [d for d in devices if d not in visible]
+    if missing:
+        raise ConfigError(f"--devices {','.join(map(str, devices))}: no CUDA device {missing} on this machine "
+                          f"(visible: {visible or 'none'}); leave --devices out to run on the CPU")
+
+
 def _check_interface(interface: str | None) -> None:
     """Refuse a profile's network ``interface`` that this machine does not have (before anything starts)."""
     if not interface:
@@ -148,6 +184,9 @@ def connect(
         updates["devices"] = tuple(devices)
     profile = profile.model_copy(update=updates)
     _check_interface(profile.interface)
+    if profile.kind != "slurm":
+        _check_worker_memory(profile)
+        _check_devices(profile.devices)
     cluster_cm = slurm_cluster(profile) if profile.kind == "slurm" else local_cluster(profile)
     with cluster_cm as connection:
         _configure(connection.client)

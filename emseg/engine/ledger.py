@@ -285,6 +285,12 @@ def store_census(writes: Sequence[WriteSpec], files: Sequence[int], nbytes: Sequ
         group.attrs[STATUS_KEY] = status
 
 
+def census_of(array_path: str | os.PathLike[str]) -> list[int]:
+    """``[files, bytes]`` of the chunk objects stored for the array at ``array_path`` (for a census
+    recorded by a writer that does not run blockwise, such as ``emseg import``)."""
+    return list(_count_objects(Path(array_path)))
+
+
 def _count_objects(array_path: Path) -> tuple[int, int]:
     """Stored chunk objects of a zarr array (metadata files excluded) and their total size."""
     files = total = 0

@@ -503,7 +503,7 @@ def run_blockwise(
                 n_failed += lost
                 c, sel = chunks[0]
                 failures.append((int(sel[0]) if sel is not None else c * k, error))
-                log.error("%s: blocks of ledger chunks %d.. failed: %s", stage, c, error)
+                log.info("%s: blocks of ledger chunks %d.. failed: %s", stage, c, error)  # the Error line says it
                 bar.update(lost)
             else:
                 batch: _Batch = future.result()

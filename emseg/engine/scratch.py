@@ -42,7 +42,7 @@ def require_scratch(
     """Open the 3-D scratch array ``name``, creating it (zero-filled) unless one of this very
     shape, dtype and chunking exists already (a resumed run keeps what finished blocks wrote)."""
     path = scratch_path(output, name)
-    group = zarr.open_group(str(Path(output) / STATE_GROUP), mode="a").require_group(SCRATCH_GROUP)
+    group = _state_group(output).require_group(SCRATCH_GROUP)
     shape_t, chunks_t, dtype_n = tuple(int(s) for s in shape), tuple(int(c) for c in chunks), np.dtype(dtype)
     if name in group:
         old = group[name]
@@ -52,6 +52,12 @@ def require_scratch(
     group.create_array(name, shape=shape_t, chunks=chunks_t, dtype=dtype_n, fill_value=0,
                        compressors=_fast_codec(group.metadata.zarr_format))
     return open_volume(path, mode="r+")
+
+
+def _state_group(output: str | os.PathLike[str]) -> zarr.Group:
+    """``OUT/emseg_state``, made through the output's own group so that it has the output's zarr format
+    (opened on its own, a missing one would be made as zarr v3 inside a v2 output)."""
+    return zarr.open_group(str(output), mode="a").require_group(STATE_GROUP)
 
 
 def _fast_codec(zarr_format: int) -> Any:
@@ -65,7 +71,7 @@ def _fast_codec(zarr_format: int) -> Any:
 
 def write_table(output: str | os.PathLike[str], name: str, data: npt.NDArray[Any], *, chunk: int = 1 << 16) -> None:
     """Store a 1-D table (replacing any previous one)."""
-    group = zarr.open_group(str(Path(output) / STATE_GROUP), mode="a").require_group(SCRATCH_GROUP)
+    group = _state_group(output).require_group(SCRATCH_GROUP)
     if name in group:
         del group[name]
     data = np.ascontiguousarray(data).reshape(-1)
@@ -112,6 +118,6 @@ def remove_scratch(output: str | os.PathLike[str]) -> None:
     """Delete every scratch array of ``output`` (the completion markers stay)."""
     path = Path(output) / STATE_GROUP / SCRATCH_GROUP
     if path.exists():
-        group = zarr.open_group(str(Path(output) / STATE_GROUP), mode="a")
+        group = _state_group(output)
         del group[SCRATCH_GROUP]
         shutil.rmtree(path, ignore_errors=True)

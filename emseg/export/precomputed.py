@@ -20,11 +20,13 @@ The info files and chunk encodings are written by tensorstore; only the ``mesh``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +163,8 @@ def export_precomputed(
                         kind="export", what="an earlier export", create=create, key="export", overwrite=overwrite,
                         once=True)
     claim.ensure()
+    if not claim.started_over:
+        remove_partial_files(dst_path)
     layers: list[ExportedLayer] = []
     if is_label_image(image_path):
         jobs = [(image_path, dst_path / "labels" / image_path.name, "segmentation")]
@@ -175,6 +179,37 @@ def export_precomputed(
         )
     claim.complete()
     return ExportReport(dst_path, tuple(layers))
+
+
+_PARTIAL = re.compile(r"^\..+\.tmp(\.npz)?$")
+"""Files written before their atomic rename (``.<name>.<hex>.tmp``): what a killed writer leaves."""
+
+
+def remove_partial_files(root: Path) -> int:
+    """Delete the temporary files a killed export left under ``root`` (resuming it); returns how many."""
+    removed = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if _PARTIAL.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(folder) / name).unlink()
+                    removed += 1
+    if removed:
+        log.info("%s: removed %d partial files of the interrupted export", root, removed)
+    return removed
+
+
+def export_status(path: str | os.PathLike[str]) -> str | None:
+    """``"complete"`` or ``"incomplete"`` for a precomputed export made by emseg (its folder, or a layer
+    in it); None for a layer emseg did not export."""
+    from emseg.io.safety import zarr_attrs
+
+    here = Path(path)
+    for root in (here, here.parent, here.parent.parent):  # DST, DST/image, DST/labels/<name>
+        status = ((zarr_attrs(root) if root.is_dir() else None) or {}).get("emseg")
+        if isinstance(status, dict) and isinstance(status.get("export"), dict):
+            return "complete" if status.get("status") == "complete" else "incomplete"
+    return None
 
 
 def _require(module: str, what: str, package: str) -> None:

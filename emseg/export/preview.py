@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.engine.lock import locked
-from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError
+from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError, VolumeShapeError
 from emseg.geometry import Roi
 from emseg.io.volume import Volume, label_image_paths, open_volume, read_status
 
@@ -49,6 +49,14 @@ def _is_prediction(volume: Volume) -> bool:
     return volume.has_channels or np.issubdtype(volume.dtype, np.floating)
 
 
+def _check_same_grid(raw_path: Path, out: Any) -> None:
+    """Refuse a ``--raw`` whose voxels are not those of the output (it would be shown misaligned)."""
+    raw = open_volume(raw_path)
+    if tuple(raw.shape[-3:]) != tuple(out.shape[-3:]):
+        raise VolumeShapeError(f"--raw {raw_path}: shape {tuple(raw.shape[-3:])} (z, y, x) differs from the output's "
+                               f"{tuple(out.shape[-3:])}; pass the raw EM the output was made from")
+
+
 def find_sources(out_path: str | os.PathLike[str], raw_path: str | os.PathLike[str] | None = None) -> PreviewSources:
     """Raw, prediction and label images of an emseg output (or of a synthetic / raw volume).
 
@@ -73,11 +81,11 @@ def find_sources(out_path: str | os.PathLike[str], raw_path: str | os.PathLike[s
     if not _is_prediction(out):
         raw = Path(raw_path) if raw_path is not None else image
         if raw_path is not None:
-            open_volume(raw)  # fail early on a bad --raw
+            _check_same_grid(raw, out)  # fail early on a bad --raw
         return PreviewSources(raw, None, label)
     if raw_path is not None:
         raw = Path(raw_path)
-        open_volume(raw)
+        _check_same_grid(raw, out)
     else:
         raw = recorded_source(image)
     return PreviewSources(raw, image, label)

@@ -33,7 +33,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from emseg.errors import ConfigError, EmsegError, NotAVolumeError, VolumeNotFoundError
+from emseg.errors import ConfigError, EmsegError, IncompleteOutputError, NotAVolumeError, VolumeNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,11 @@ def neuroglancer_state(
         segments: dict[str, Any] = {"type": "segmentation", "name": sources.labels.name,
                                     "source": url_of(sources.labels), "selectedAlpha": 0.4}
         if precomputed is not None:
+            from emseg.export.precomputed import export_status
+
+            if export_status(precomputed) == "incomplete":
+                raise IncompleteOutputError(f"{precomputed} was left half-written by an interrupted export; rerun "
+                                            "the emseg export command that made it to finish it")
             layer_dir = Path(precomputed) / "labels" / sources.labels.name
             if not (layer_dir / "info").is_file():
                 raise VolumeNotFoundError(f"{precomputed}: no precomputed layer labels/{sources.labels.name} "
@@ -238,6 +243,11 @@ def _image_entries(root: Path, image: Path) -> tuple[set[str], list[str]]:
 
 def _precomputed_entries(root: Path) -> tuple[set[str], list[str]]:
     """The layers of a precomputed export (``image/``, ``labels/<name>/``): info files, scales, meshes, skeletons."""
+    from emseg.export.precomputed import export_status
+
+    if export_status(root) == "incomplete":  # never served as if it were finished
+        raise IncompleteOutputError(f"{root} was left half-written by an interrupted export; rerun the emseg export "
+                                    "command that made it to finish it")
     files: set[str] = set()
     trees: list[str] = []
     layers = [root / "image"] + sorted((root / "labels").glob("*")) if (root / "labels").is_dir() else [root / "image"]

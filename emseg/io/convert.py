@@ -87,7 +87,11 @@ def import_volume(
             z1 = min(z0 + depth, src.shape[0])
             volume.write(Roi((z0, 0, 0), (z1 - z0, *src.shape[1:])), src.read(z0, z1))
             bar.update(z1 - z0)
-    mark_complete(output, source=str(Path(source).resolve()), command="import")
+    from emseg.engine.ledger import census_of
+
+    # the chunk census lets every reader notice a chunk deleted or truncated later (check_census)
+    mark_complete(output, source=str(Path(source).resolve()), command="import",
+                  census={volume.path.name: census_of(volume.path)})
     return ImportReport(Path(output), src.shape, str(src.dtype), chunk_shape, size)
 
 

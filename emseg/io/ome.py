@@ -6,6 +6,7 @@ groups under ``attributes["ome"]``.  This module only turns dicts into dicts; it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,4 +118,8 @@ def parse_multiscale(attrs: Mapping[str, Any], where: str) -> Multiscale | None:
             translations.append(tuple(translation))
     except (KeyError, TypeError, IndexError, ValueError) as e:
         raise NotAVolumeError(f"{where}: malformed OME-Zarr multiscales metadata ({e!r})") from e
+    for path, level_scale in zip(paths, scales):
+        if not all(math.isfinite(v) and v > 0 for v in level_scale):
+            raise NotAVolumeError(f"{where}: the voxel size (OME-Zarr scale) {list(level_scale)} of level {path} is not "
+                                  "positive and finite; fix the metadata, or re-import the data with --voxel-size")
     return Multiscale(axes, types, tuple(paths), tuple(scales), tuple(translations), version)

@@ -231,6 +231,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             if keys
         )
         raise CheckpointError(f"{weights}: weights do not match the config's {config.model.get('name')!r} model ({details})")
+    import torch
+
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:  # NaN/inf weights predict a constant: refused rather than segmented into nonsense
+        raise CheckpointError(f"{weights}: weights hold NaN or infinite values ({', '.join(bad[:5])}"
+                              f"{' ...' if len(bad) > 5 else ''}); the training diverged or the file is damaged")
     model.load_state_dict(state)
     return Checkpoint(model=model.eval(), config=config)
 

@@ -2,15 +2,18 @@
 
 Seeds come from the maxima of the distance transform of the foreground (``seeds="distance"``, the
 usual choice for thick membranes and binary masks) or from the low-boundary minima of the map
-(``seeds="minima"``).  The boundary map itself is flooded (:func:`skimage.segmentation.watershed`),
-so fragments meet along its ridges.  Fragments smaller than ``min_size`` voxels are removed and
-flooded again from their neighbours.
+(``seeds="minima"``).  The boundary map itself is flooded from them (:func:`flood`:
+:func:`scipy.ndimage.watershed_ift`, linear in the voxels), so fragments meet along its ridges; in
+``"2d"`` mode every section floods on its own.  Fragments smaller than ``min_size`` voxels merge into
+the neighbour they share most faces with (:func:`merge_into_neighbours`, numpy over the contacts
+only, instead of flooding the block a second time).
 
 Every voxel of the block receives a fragment (no background) unless the block holds no seed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +24,6 @@ import fastremap
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from skimage.segmentation import watershed
 
 from emseg.errors import ConfigError
 from emseg.geometry import Coordinate
@@ -30,7 +32,8 @@ from emseg.ops.components import Mode, label_components, local_dtype
 SeedMethod = Literal["distance", "minima"]
 SEED_METHODS: tuple[str, ...] = ("distance", "minima")
 
-__all__ = ["SEED_METHODS", "SeedMethod", "WatershedParams", "absorb_boundary_only", "filter_small", "find_seeds", "watershed_fragments"]
+__all__ = ["SEED_METHODS", "SeedMethod", "WatershedParams", "absorb_boundary_only", "boundary_only", "filter_small",
+           "find_seeds", "flood", "merge_into_neighbours", "quantize", "small_fragments", "watershed_fragments"]
 
 
 @dataclass(frozen=True)
@@ -119,19 +122,168 @@ def find_seeds(
     return label_components(peaks, connectivity=6, mode=mode)
 
 
-def _reflood(
-    labels: npt.NDArray[Any], drop: npt.NDArray[Any], elevation: npt.NDArray[np.float32], mode: Mode
-) -> npt.NDArray[Any]:
-    """Remove the fragments ``drop`` and flood their voxels from the remaining neighbours."""
-    drop = drop[drop != 0]
-    if not drop.size:
+def flood(elevation: npt.NDArray[Any], markers: npt.NDArray[Any], *, mode: Mode = "3d") -> npt.NDArray[Any]:
+    """Seeded watershed: flood ``elevation`` (z, y, x) from ``markers`` (ids > 0, 0 elsewhere).
+
+    Meyer's flooding with a hierarchical queue (one FIFO per level of the elevation quantized to
+    16 bits, exact for uint8 probabilities): linear in the voxels, the order of
+    :func:`skimage.segmentation.watershed` (lowest level first, then first come) except that a voxel
+    lower than the flood's level waits at that level.  Face neighbours; in ``"2d"`` mode every
+    section floods on its own.  Voxels no marker reaches (a section without markers) stay 0.
+    Returns labels of ``markers``' dtype.
+    """
+    labels = np.array(markers, dtype=np.int64 if markers.dtype.itemsize > 4 else np.int32, order="C")
+    if not labels.any():
+        return labels.astype(markers.dtype, copy=False)
+    levels = np.ascontiguousarray(quantize(elevation))
+    kernel = _flood_kernel()
+    if mode == "2d":  # one section at a time: a small queue that stays in cache
+        queue = np.empty(labels[0].size, dtype=np.int32 if labels[0].size < 2**31 else np.int64)
+        for z in range(labels.shape[0]):
+            kernel(levels[z: z + 1], labels[z: z + 1], queue, False)
+    else:
+        kernel(levels, labels, np.empty(labels.size, dtype=np.int32 if labels.size < 2**31 else np.int64), True)
+    return labels.astype(markers.dtype, copy=False)
+
+
+@functools.cache
+def _flood_kernel() -> Any:
+    """The compiled flooding loop (numba, cached on disk; compiled once per process otherwise)."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def kernel(levels: Any, labels: Any, nxt: Any, across_z: bool) -> None:
+        nz, ny, nx = levels.shape
+        n = nz * ny * nx
+        flat_levels = levels.ravel()
+        flat = labels.ravel()
+        head = np.full(65536, -1, dtype=np.int64)
+        tail = np.full(65536, -1, dtype=np.int64)
+        low = 65536
+        for i in range(n):  # markers enter the queue at their own level, in raster order
+            if flat[i] != 0:
+                lv = flat_levels[i]
+                if tail[lv] < 0:
+                    head[lv] = i
+                else:
+                    nxt[tail[lv]] = i
+                tail[lv] = i
+                nxt[i] = -1
+                low = min(low, lv)
+        plane = ny * nx
+        level = low
+        while level < 65536:
+            i = head[level]
+            if i < 0:
+                level += 1
+                continue
+            head[level] = nxt[i]
+            if head[level] < 0:
+                tail[level] = -1
+            lab = flat[i]
+            z = i // plane
+            y = (i - z * plane) // nx
+            x = i - z * plane - y * nx
+            for k in range(6):
+                if k < 2 and not across_z:
+                    continue
+                if k == 0:
+                    if z == 0:
+                        continue
+                    j = i - plane
+                elif k == 1:
+                    if z == nz - 1:
+                        continue
+                    j = i + plane
+                elif k == 2:
+                    if y == 0:
+                        continue
+                    j = i - nx
+                elif k == 3:
+                    if y == ny - 1:
+                        continue
+                    j = i + nx
+                elif k == 4:
+                    if x == 0:
+                        continue
+                    j = i - 1
+                else:
+                    if x == nx - 1:
+                        continue
+                    j = i + 1
+                if flat[j] != 0:
+                    continue
+                flat[j] = lab
+                lv = max(level, int(flat_levels[j]))
+                if tail[lv] < 0:
+                    head[lv] = j
+                else:
+                    nxt[tail[lv]] = j
+                tail[lv] = j
+                nxt[j] = -1
+
+    return kernel
+
+
+def quantize(elevation: npt.NDArray[Any]) -> npt.NDArray[np.uint16]:
+    """``elevation`` in [0, 1] as uint16 levels (``round(v * 65535)``); integer maps are taken as they are."""
+    if elevation.dtype in (np.uint8, np.uint16):
+        return elevation.astype(np.uint16, copy=False)
+    levels = np.clip(elevation, 0.0, 1.0) * np.float32(65535)
+    return np.rint(levels, out=levels).astype(np.uint16)
+
+
+def _contact_pairs(labels: npt.NDArray[Any], mode: Mode) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Ids of the face-neighbouring voxel pairs that differ (both non-zero), both orders."""
+    us, vs = [], []
+    for axis in range(labels.ndim):
+        if (mode == "2d" and axis == 0) or labels.shape[axis] < 2:
+            continue
+        lo = np.take(labels, np.arange(labels.shape[axis] - 1), axis=axis).ravel()
+        hi = np.take(labels, np.arange(1, labels.shape[axis]), axis=axis).ravel()
+        at = np.flatnonzero(lo != hi)
+        a, b = lo[at], hi[at]
+        keep = (a != 0) & (b != 0)
+        us += [a[keep], b[keep]]
+        vs += [b[keep], a[keep]]
+    if not us:
+        empty = np.zeros(0, dtype=labels.dtype)
+        return empty, empty
+    return np.concatenate(us), np.concatenate(vs)
+
+
+def merge_into_neighbours(labels: npt.NDArray[Any], drop: npt.NDArray[np.bool_], *, mode: Mode = "3d") -> npt.NDArray[Any]:
+    """Merge every fragment ``i`` with ``drop[i]`` into the kept neighbour it shares most faces with.
+
+    A fragment whose neighbours are all dropped merges along with the one it shares most faces
+    with (a chain ends at a kept fragment); one touching nothing is left as it is.  ``drop`` is
+    indexed by id (``len(drop) > labels.max()``).  Returns the relabelled array (same dtype).
+    """
+    drop = np.asarray(drop, dtype=bool).copy()
+    drop[0] = False
+    if not drop.any():
         return labels
-    markers = fastremap.mask(labels, drop.tolist())
-    if not markers.any():  # nothing would be left to flood from
+    u, v = _contact_pairs(labels, mode)
+    sel = drop[u]
+    u, v = u[sel].astype(np.int64), v[sel].astype(np.int64)
+    if not len(u):
         return labels
-    flooded: npt.NDArray[Any] = watershed(  # type: ignore[no-untyped-call]
-        elevation, markers=markers, connectivity=_struct(mode))
-    return flooded.astype(labels.dtype, copy=False)
+    n = np.int64(len(drop))
+    keys, counts = np.unique(u * n + v, return_counts=True)
+    src, dst = keys // n, keys % n
+    # best neighbour per dropped fragment: kept before dropped, then most contacts, then smallest id
+    order = np.lexsort((dst, -counts, drop[dst], src))
+    src, dst = src[order], dst[order]
+    first = np.concatenate([[True], src[1:] != src[:-1]])
+    table = np.arange(len(drop), dtype=np.int64)
+    table[src[first]] = dst[first]
+    for _ in range(64):  # follow chains of dropped fragments to a kept one (table[i] == i ends them)
+        nxt = table[table]
+        if np.array_equal(nxt, table):
+            break
+        table = nxt
+    out: npt.NDArray[Any] = table.astype(labels.dtype)[labels]
+    return out
 
 
 def _renumber(labels: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
@@ -140,38 +292,54 @@ def _renumber(labels: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], int]:
     return labels.astype(local_dtype(labels.size), copy=False), n
 
 
+def small_fragments(labels: npt.NDArray[Any], min_size: int, *, mode: Mode = "3d") -> npt.NDArray[np.bool_]:
+    """By id: fragments smaller than ``min_size`` voxels that do not touch the array's border (in
+    ``"2d"`` mode its y, x border: sections are segmented on their own), which may continue beyond it."""
+    sizes = np.bincount(labels.ravel())
+    if min_size <= 1 or not labels.size:
+        return np.zeros(sizes.shape, dtype=bool)
+    border = np.zeros(sizes.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        if mode == "2d" and axis == 0:
+            continue
+        for index in (0, -1):
+            border[np.unique(np.take(labels, index, axis=axis))] = True
+    small: npt.NDArray[np.bool_] = (sizes < min_size) & (sizes > 0) & ~border
+    return small
+
+
+def boundary_only(labels: npt.NDArray[Any], elevation: npt.NDArray[Any], threshold: float) -> npt.NDArray[np.bool_]:
+    """By id: fragments present in ``labels`` holding no interior voxel (``elevation < threshold``)."""
+    interior = np.bincount(labels[elevation < threshold], minlength=int(labels.max()) + 1 if labels.size else 1)
+    present = np.bincount(labels.ravel(), minlength=len(interior))
+    out: npt.NDArray[np.bool_] = (present > 0) & (interior == 0)
+    return out
+
+
 def filter_small(
     labels: npt.NDArray[Any], elevation: npt.NDArray[np.float32], min_size: int, *, mode: Mode = "3d"
 ) -> tuple[npt.NDArray[Any], int]:
-    """Merge fragments smaller than ``min_size`` voxels into their neighbours (by flooding again).
+    """Merge fragments smaller than ``min_size`` voxels into the neighbour they share most faces with.
 
     Fragments touching the array's border are kept whatever their size: they may continue beyond
-    it.  Returns consecutive labels ``1..n`` and ``n``.
+    it.  Returns consecutive labels ``1..n`` and ``n``.  (``elevation`` is not needed any more; kept
+    for callers.)
     """
     if min_size > 1 and labels.size:
-        sizes = np.bincount(labels.ravel())
-        border = np.zeros(sizes.shape, dtype=bool)
-        for axis in range(labels.ndim):
-            if mode == "2d" and axis == 0:  # sections are segmented on their own
-                continue
-            for index in (0, -1):
-                border[np.unique(np.take(labels, index, axis=axis))] = True
-        labels = _reflood(labels, np.flatnonzero((sizes < min_size) & (sizes > 0) & ~border), elevation, mode)
+        labels = merge_into_neighbours(labels, small_fragments(labels, min_size, mode=mode), mode=mode)
     return _renumber(labels)
 
 
 def absorb_boundary_only(
     labels: npt.NDArray[Any], elevation: npt.NDArray[np.float32], threshold: float, *, mode: Mode = "3d"
 ) -> tuple[npt.NDArray[Any], int]:
-    """Flood fragments that hold no interior voxel (``elevation < threshold``) from their neighbours.
+    """Merge fragments that hold no interior voxel (``elevation < threshold``) into a neighbour.
 
     Cropping a block's watershed to its core leaves slivers of membrane belonging to cells whose
     interior lies in the halo; they would never match across a face.  Returns labels ``1..n``, ``n``.
     """
     if labels.size:
-        interior = np.bincount(labels[elevation < threshold], minlength=int(labels.max()) + 1)
-        present = np.bincount(labels.ravel(), minlength=len(interior))
-        labels = _reflood(labels, np.flatnonzero((present > 0) & (interior == 0)), elevation, mode)
+        labels = merge_into_neighbours(labels, boundary_only(labels, elevation, threshold), mode=mode)
     return _renumber(labels)
 
 
@@ -201,5 +369,4 @@ def watershed_fragments(
     seeds, n_seeds = find_seeds(boundary, params, mode=mode, voxel_size=voxel_size)
     if n_seeds == 0:
         return np.zeros(boundary.shape, dtype=local_dtype(boundary.size)), 0
-    labels = watershed(boundary, markers=seeds, connectivity=_struct(mode))  # type: ignore[no-untyped-call]
-    return filter_small(labels.astype(seeds.dtype, copy=False), boundary, params.min_size, mode=mode)
+    return filter_small(flood(boundary, seeds, mode=mode), boundary, params.min_size, mode=mode)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from emseg.config import PipelineConfig, RunOptions
 from emseg.io import check_distinct, open_volume, update_status
@@ -32,16 +35,75 @@ def default_output(volume: str | os.PathLike[str]) -> Path:
 
 
 @dataclass(frozen=True)
+class StageTime:
+    """Wall-clock time of one stage of a run, its throughput over the volume and its share of the run.
+
+    Attributes
+    ----------
+    stage : str
+        ``predict``, ``fragments``, ``graph``, ``agglomerate`` (the global merge on the client),
+        ``relabel``, ``label`` (any other label method), ``pyramid``, or ``other`` (cluster start,
+        checks, metadata: the run's time no stage accounts for).
+    seconds : float
+        Wall-clock seconds of the stage.
+    voxels : int
+        Voxels of the volume (z * y * x) the stage covers.
+    voxels_per_second, voxels_per_second_per_core : float
+        ``voxels / seconds``, and that over the cores (worker threads) of the cluster.
+    share : float
+        ``seconds`` over the run's wall-clock time.
+    """
+
+    stage: str
+    seconds: float
+    voxels: int
+    voxels_per_second: float
+    voxels_per_second_per_core: float
+    share: float
+
+
+def stage_times(seconds: dict[str, float], voxels: int, cores: int, wall: float) -> tuple[StageTime, ...]:
+    """:class:`StageTime` of each named stage (in the given order), plus ``other``: ``wall`` minus their sum."""
+    timed = dict(seconds)
+    timed["other"] = max(0.0, wall - sum(seconds.values()))
+    out = []
+    for stage, s in timed.items():
+        rate = voxels / s if s > 0 else float("nan")
+        out.append(StageTime(stage, round(s, 3), voxels, rate, rate / max(cores, 1), s / wall if wall > 0 else float("nan")))
+    return tuple(out)
+
+
+def format_stage_times(stages: tuple[StageTime, ...], cores: int) -> str:
+    """A small table: seconds, Mvoxel/s (all cores and per core) and share of the run, per stage."""
+    lines = [f"{'stage':<12} {'seconds':>8} {'Mvoxel/s':>9} {'per core':>9} {'share':>6}   ({cores} cores)"]
+    for t in stages:
+        rate = f"{t.voxels_per_second / 1e6:9.2f}" if t.stage != "other" else f"{'':>9}"
+        per_core = f"{t.voxels_per_second_per_core / 1e6:9.2f}" if t.stage != "other" else f"{'':>9}"
+        lines.append(f"{t.stage:<12} {t.seconds:8.1f} {rate} {per_core} {100 * t.share:5.1f}%")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class SegmentReport:
+    """What ``emseg segment`` did: the stage reports, and the time per stage (:class:`StageTime`)."""
+
     output: Path
     predict: Any
     label: Any
     findings: tuple[Any, ...] = ()
     """Degenerate properties of the result (:func:`emseg.workflows.diagnose.diagnose`), empty when none."""
+    seconds: float = 0.0
+    """Wall-clock seconds of the whole run (lock to metadata)."""
+    cores: int = 0
+    """Worker threads of the cluster the run used."""
+    stages: tuple[StageTime, ...] = ()
 
     def summary(self) -> str:
-        lines = [self.predict.summary(), self.label.summary(),
-                 f"wrote {self.output} (prediction at 0, segments at labels/segments)"]
+        lines = [self.predict.summary(), self.label.summary()]
+        if self.stages:
+            lines.append(f"time per stage ({self.seconds:.1f} s in all):")
+            lines.append(format_stage_times(self.stages, self.cores))
+        lines.append(f"wrote {self.output} (prediction at 0, segments at labels/segments)")
         lines += [f"WARNING: {f.message}" for f in self.findings]
         return "\n".join(lines)
 
@@ -57,6 +119,12 @@ class AgglomerationSteps:
     @property
     def n_segments(self) -> int:
         return int(self.agglomerate.n_segments[self.agglomerate.threshold])
+
+    def seconds(self) -> dict[str, float]:
+        """Wall-clock seconds of the fragments, graph, agglomerate (global merge) and relabel stages."""
+        merge = float(self.agglomerate.seconds_global)
+        return {"fragments": float(self.fragments.seconds), "graph": float(self.graph.seconds),
+                "agglomerate": merge, "relabel": max(0.0, float(self.agglomerate.seconds) - merge)}
 
     def summary(self) -> str:
         return "\n".join([self.fragments.summary(), self.graph.summary(), self.agglomerate.summary()])
@@ -102,10 +170,15 @@ def segment(
         return plan_prediction(volume, p)  # no model: predict picks the bundled model from the voxel size
     from emseg.engine.lock import run_lock
 
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
     with run_lock(out, "segment"):
         with connect(**run.where) as connection:
+            cores = _cores(connection)
             on = run.model_copy(update={"client": connection})  # every stage on this one cluster
+            t0 = time.perf_counter()
             predicted = predict(volume, out, p, run=on, zarr_format=zarr_format)
+            seconds["predict"] = time.perf_counter() - t0
             labelled: Any
             if lab.method == "agglomerate":
                 if "threshold" not in agg.model_fields_set:  # the model's own, unless a flag or the recipe set one
@@ -113,10 +186,15 @@ def segment(
                     config = config.model_copy(update={"agglomerate": agg})
                 labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=lab.mode, block_size=lab.block_size,
                                                                   run=on))
+                seconds.update(labelled.seconds())
             else:
+                t0 = time.perf_counter()
                 labelled = label(out, out, lab.for_label(mode), run=on)
+                seconds["label"] = time.perf_counter() - t0
             # on the run's workers, resumable like the other stages
+            t0 = time.perf_counter()
             build_pyramids(out, progress=run.progress, client=connection)
+            seconds["pyramid"] = time.perf_counter() - t0
         update_status(out, pipeline=config.model_dump(mode="json"))
     findings: tuple[Any, ...] = ()
     if isinstance(labelled, AgglomerationSteps):
@@ -127,4 +205,14 @@ def segment(
         findings = diagnose(out, agg_report.labels_path, n_fragments=agg_report.n_fragments,
                             n_segments=labelled.n_segments, threshold=agg_report.threshold,
                             boundary_kind=input_kind_of(out) == "boundary")
-    return SegmentReport(out, predicted, labelled, findings)
+    wall = time.perf_counter() - start
+    voxels = int(np.prod(source.shape))
+    return SegmentReport(out, predicted, labelled, findings, wall, cores, stage_times(seconds, voxels, cores, wall))
+
+
+def _cores(connection: Any) -> int:
+    """Worker threads of the cluster (0 when the client cannot say)."""
+    try:
+        return int(sum(connection.client.nthreads().values()))
+    except Exception:  # noqa: BLE001 - a client without nthreads(): the report says 0 cores
+        return 0

@@ -257,3 +257,134 @@ def test_bad_interface_and_scheduler_are_one_error_line(em: Path, tmp_path: Path
     line = error_line(run("predict", em, "-o", tmp_path / "b.zarr", "--scheduler", "not a url", "--no-progress"))
     assert "not a scheduler address" in line
     assert not (tmp_path / "a.zarr").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# an imported volume carries a chunk census; an interrupted precomputed export is never taken as finished
+
+
+def test_a_chunk_deleted_from_an_imported_volume_is_refused(inputs, tmp_path: Path) -> None:
+    out = tmp_path / "i.zarr"
+    assert run("import", inputs["tif"], out, "--chunks", "4,16,16", "--no-progress").exit_code == 0
+    chunks = sorted(p for p in (out / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert len(chunks) == 8
+    chunks[3].unlink()  # read as zeros by zarr: the census is what notices
+    assert "chunks were deleted" in error_line(run("export", out, tmp_path / "e.tif", "--no-progress"))
+    assert "chunks were deleted" in error_line(run("segment", out, "-o", tmp_path / "s.zarr", "--dry-run"))
+    assert not (tmp_path / "e.tif").exists()
+
+
+def test_an_interrupted_precomputed_export_is_flagged_and_not_served(tmp_path: Path) -> None:
+    from tests.cli.test_faults import EMSEG, kill_when_running
+
+    image = tmp_path / "s.zarr"
+    assert run("synth", image, "--shape", "32,256,256", "--chunks", "16,64,64", "--no-progress").exit_code == 0
+    pc = tmp_path / "pc"
+    cmd = [EMSEG, "export", str(image), str(pc), "--format", "precomputed", "--mesh", "--no-progress"]
+    kill_when_running(cmd, pc, delay=0.0, until=lambda: (pc / "image" / "info").exists())
+    result = run("info", pc)
+    assert result.exit_code == 0, result.output
+    assert "emseg status: incomplete" in result.stdout and "interrupted" in result.stderr
+    assert "interrupted export" in error_line(run("view", image, "--precomputed", pc, "--public"))
+    (pc / "labels").mkdir(exist_ok=True)
+    stray = pc / "labels" / ".0:0.1a2b3c4d.tmp"  # what a kill between write and rename leaves
+    stray.write_bytes(b"\0" * 4096)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not [p for p in pc.rglob("*") if ".tmp" in p.name]
+    result = run("info", pc)
+    assert "emseg status: complete" in result.stdout and "interrupted" not in result.stderr
+    assert run("view", image, "--precomputed", pc, "--public").exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI conventions: usage errors, progress bars, environment variables
+
+
+@pytest.mark.parametrize("args", [["predict", "--nope"], ["nosuch"], ["--bad"], ["synth", "x.zarr", "--shape", "1,2"],
+                                  ["synth"], ["label", "p.zarr", "-o", "l.zarr", "--connectivity", "7"]])
+def test_usage_errors_are_one_line_and_exit_2(args: list[str]) -> None:
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "--help" in lines[0], result.stderr
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked(tmp_path: Path) -> None:
+    quiet = run("synth", tmp_path / "a.zarr", "--shape", "8,16,16")  # CliRunner's stderr is no terminal
+    assert quiet.exit_code == 0 and "\r" not in quiet.stderr and "block/s" not in quiet.stderr
+    shown = run("synth", tmp_path / "b.zarr", "--shape", "8,16,16", "--progress")
+    assert shown.exit_code == 0 and "block/s" in shown.stderr
+
+
+def test_one_progress_flag_on_every_command_with_a_bar() -> None:
+    from emseg.cli import cli as group
+
+    for name in ("import", "export", "synth", "predict", "label", "segment", "agglomerate"):
+        command = group.get_command(click_context(), name)
+        flags = [p for p in command.params if "--progress" in p.opts or "--no-progress" in p.opts
+                 or "--no-progress" in getattr(p, "secondary_opts", [])]
+        assert len(flags) == 1 and flags[0].opts == ["--progress"] and flags[0].secondary_opts == ["--no-progress"], name
+
+
+def click_context():
+    import click
+
+    return click.Context(cli)
+
+
+def test_options_from_environment_variables_as_the_readme_says(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "EMSEG_<COMMAND>_<OPTION>" in readme and "exit code 2 for a usage error" in readme
+    result = CliRunner().invoke(cli, ["synth", str(tmp_path / "e.zarr")], env={"EMSEG_SYNTH_SHAPE": "8,16,16",
+                                                                                 "EMSEG_SYNTH_SEED": "3"})
+    assert result.exit_code == 0, result.output
+    assert zarr.open_array(str(tmp_path / "e.zarr" / "0")).shape == (8, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# silent wrong results become refusals
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(em: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    bundled = Path(__file__).resolve().parents[2] / "emseg" / "models" / "bundled"
+    ckpt = tmp_path / "nan_ckpt"
+    ckpt.mkdir()
+    shutil.copy(bundled / "config.json", ckpt / "config.json")
+    weights = load_file(str(bundled / "model.safetensors"))
+    name = next(k for k, v in weights.items() if v.dtype.kind == "f" and v.size > 1)
+    weights[name] = np.full_like(weights[name], np.nan)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    line = error_line(run("predict", em, "-o", tmp_path / "p.zarr", "--model", ckpt, "--no-progress"))
+    assert "NaN" in line and name in line
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_devices_this_machine_does_not_have_are_refused(em: Path, tmp_path: Path) -> None:
+    from emseg.cluster.local import visible_gpus
+
+    missing = max(visible_gpus(), default=-1) + 5
+    line = error_line(run("predict", em, "-o", tmp_path / "p.zarr", "--devices", str(missing), "--no-progress"))
+    assert f"no CUDA device [{missing}]" in line
+
+
+def test_a_voxel_size_of_zero_in_the_metadata_is_refused(inputs) -> None:
+    assert "not positive and finite" in error_line(run("info", inputs["bad_scale"]))
+
+
+def test_a_zarr_v2_output_keeps_its_state_in_zarr_v2(tmp_path: Path) -> None:
+    """A v3 ``zarr.json`` beside ``.zgroup`` made every reader of a v2 output warn."""
+    from emseg.engine.ledger import Ledger
+    from emseg.engine.scratch import require_scratch
+    from emseg.io import create_volume
+
+    out = tmp_path / "v2.zarr"
+    create_volume(out, shape=(8, 16, 16), dtype="uint8", chunks=(8, 16, 16), voxel_size=(1, 1, 1), zarr_format=2)
+    require_scratch(out, "fragments", shape=(8, 16, 16), dtype="uint64", chunks=(8, 16, 16))
+    Ledger(out, "label").create(4, "f", {})
+    assert not list(out.rglob("zarr.json"))
+    zarr.open_group(str(out / "emseg_state"), mode="r")  # no ZarrUserWarning (warnings are errors here)

@@ -22,7 +22,7 @@ from tests.support import read_only_dir
 
 # inputs that are not readable volumes, each tried wherever a command takes a volume
 BAD_VOLUMES = ["missing", "emptydir", "text", "garbage", "garbage_tif", "badmeta", "flat", "group", "incomplete",
-               "empty", "corrupt", "foreign", "loop", "codec"]
+               "empty", "corrupt", "foreign", "loop", "codec", "bad_scale"]
 # commands that only read metadata never see the damaged chunk, and info shows incomplete outputs
 NOT_BAD_FOR = {"info": {"corrupt", "incomplete"}, "view": {"corrupt"}}
 # commands whose bad-volume probes would reach a cluster (blocks read on workers): corrupt data
@@ -144,8 +144,11 @@ def file_probes(o: Path) -> list[list[str]]:
         ["import", "{trunc_tif}", f"{o}/t.zarr"],
         ["import", "{empty_h5}", f"{o}/h.zarr"],
         ["label", "{pred}", "-o", f"{o}/l.zarr", "--cluster", "{bad_interface}"],
+        ["label", "{pred}", "-o", f"{o}/l.zarr", "--cluster", "{tiny_memory}"],
+        ["segment", "{raw}", "-o", f"{o}/s.zarr", "--workers", "100000"],  # would hang starting the workers
         ["label", "{pred}", "-o", f"{o}/l.zarr", "--scheduler", "not a url"],
         ["label", "{pred}", "-o", f"{o}/l.zarr", "--scheduler", "tcp://host-without-port"],
+        ["preview", "{pred}", "-o", f"{o}/v.png", "--raw", "{big}"],  # a raw of another shape
         ["agglomerate", "{raw}", "--no-progress"],  # raw EM is no prediction: nothing may be written into it
         ["agglomerate", "{seg}", "--no-progress"],
     ]
@@ -213,7 +216,7 @@ def all_probes(o: Path) -> list[list[str]]:
             if bad in NOT_BAD_FOR.get(command, ()) or bad in NOT_PROBED.get(command, ()):
                 continue
             if command == "import" and bad in ("incomplete", "empty", "flat", "group", "corrupt", "badmeta",
-                                               "codec"):
+                                               "codec", "bad_scale"):
                 continue  # zarr stores are not import sources: covered by "foreign" folder cases
             probes.append([a.replace("{V}", "{%s}" % bad) for a in template])
     return probes + number_probes(o) + file_probes(o) + output_probes(o)

@@ -3,6 +3,7 @@ the agglomeration takes affinities from the prediction's metadata and runs in 3-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,17 @@ def test_segment_with_an_affinity_model(tmp_path: Path, connection) -> None:
             recipe = tmp_path / "mutex.toml"
             recipe.write_text('[agglomerate]\nfragments = "mutex"\nthreshold = 0.5\n')
             args += ["--pipeline", str(recipe)]
-        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        result = CliRunner().invoke(cli, args + (["--json"] if fragments == "mutex" else []), catch_exceptions=False)
         assert result.exit_code == 0, result.output
+        if fragments == "mutex":  # the run report: time, throughput and share of every stage
+            report = json.loads(result.stdout)
+            stages = {s["stage"]: s for s in report["stages"]}
+            assert list(stages) == ["predict", "fragments", "graph", "agglomerate", "relabel", "pyramid", "other"]
+            assert all(s["voxels"] == raw.size and s["seconds"] >= 0 for s in stages.values())
+            assert abs(sum(s["share"] for s in stages.values()) - 1.0) < 0.01
+            assert report["cores"] >= 1 and report["seconds"] > 0
+        else:
+            assert "time per stage" in result.stdout and "fragments" in result.stdout
         graph = read_status(out / "labels" / "fragments")["graph"]["params"]
         assert graph["kind"] == "affinities" and graph["mode"] == "3d"
         seg = open_volume(out / "labels" / "segments")
