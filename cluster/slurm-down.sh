@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the single-node dev SLURM that cluster/slurm-up.sh started: cancel the dev cluster's jobs,
+# Stop the dev SLURM that cluster/slurm-up.sh started: cancel the dev cluster's jobs,
 # then end only the daemons recorded in the state dir, by PID (SIGTERM, then SIGKILL after 10 s).
 # Daemons this script did not start (e.g. a munged that was already running) are left alone.
 # Idempotent: nothing recorded, nothing to do.
@@ -35,16 +35,16 @@ if is_ours_alive slurmctld && grep -qF "$MARK" "$CONF_DIR/slurm.conf" 2>/dev/nul
     fi
 fi
 
-stop() {   # stop NAME: SIGTERM the recorded PID, SIGKILL after 10 s
-    local name=$1 pid i
+stop() {   # stop NAME: SIGTERM the recorded PID, SIGKILL after 10 s (NAME as in slurm-lib.sh)
+    local name=$1 command=${1%%@*} pid i
     pid=$(cat "$STATE/pids/$name" 2>/dev/null) || return 0
-    if is_alive "$pid" "$name"; then
+    if is_alive "$pid" "$command"; then
         kill -TERM "$pid" 2>/dev/null || true
         for (( i = 0; i < 100; i++ )); do
-            is_alive "$pid" "$name" || break
+            is_alive "$pid" "$command" || break
             sleep 0.1
         done
-        if is_alive "$pid" "$name"; then
+        if is_alive "$pid" "$command"; then
             say "$name (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
@@ -52,7 +52,10 @@ stop() {   # stop NAME: SIGTERM the recorded PID, SIGKILL after 10 s
     fi
     rm -f "$STATE/pids/$name"
 }
-stop slurmd
+# Every slurmd recorded (one per node: slurmd@NODE), then the controller, then munged.
+for record in "$STATE"/pids/slurmd*; do
+    [[ -e $record ]] && stop "${record##*/}"
+done
 stop slurmctld
 stop munged
 

@@ -18,16 +18,17 @@ is_alive() {
     ! is_zombie "$1" && [[ $(cat "/proc/$1/comm" 2>/dev/null) == "$2" ]]
 }
 
-# is_ours_alive NAME: the daemon recorded under NAME is alive.
+# is_ours_alive NAME: the daemon recorded under NAME is alive.  NAME is the command name, or
+# COMMAND@INSTANCE for one of several daemons of one command (slurmd@NODE: one slurmd per node).
 is_ours_alive() {
     local pid
     pid=$(cat "$STATE/pids/$1" 2>/dev/null) || return 1
-    is_alive "$pid" "$1"
+    is_alive "$pid" "${1%%@*}"
 }
 
 # start_daemon NAME OUTPUT PIDFILE CMD...: start a self-daemonizing CMD with every fd above 2
 # closed and stdio on OUTPUT (a CI runner waiting on an inherited pipe would otherwise hang),
-# wait for its PID file, and record the PID in $STATE/pids/NAME.
+# wait for its PID file, and record the PID in $STATE/pids/NAME (NAME as for is_ours_alive).
 start_daemon() {
     local name=$1 output=$2 pidfile=$3 fd pid i
     shift 3
@@ -40,7 +41,7 @@ start_daemon() {
     ) </dev/null >>"$output" 2>&1 || { echo "slurm-up: error: $name failed to start; see $output" >&2; tail -n 10 "$output" >&2; return 1; }
     for (( i = 0; i < 150; i++ )); do
         pid=$(cat "$pidfile" 2>/dev/null || true)
-        if is_alive "$pid" "$name"; then
+        if is_alive "$pid" "${name%%@*}"; then
             echo "$pid" >"$STATE/pids/$name"
             return 0
         fi

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Start a real single-node SLURM (munged, slurmctld, slurmd) on this machine, for development and
-# for emseg's `cluster` tests.  Debian 12 as root; no systemd needed: the daemons are started as
-# plain processes and their PIDs recorded, so cluster/slurm-down.sh ends exactly these.
+# Start a real SLURM of EMSEG_SLURM_NODES compute nodes (munged, slurmctld, one slurmd per node) on
+# this machine, for development and for emseg's `cluster` tests.  The nodes are separate slurmd
+# daemons (slurmd -N NAME, a port each) named HOST-1, HOST-2, ...: SLURM schedules, runs, loses and
+# replaces jobs on each as on separate machines, so a lost node can be tested on one host.  Debian 12
+# as root; no systemd needed: the daemons are started as plain processes and their PIDs recorded, so
+# cluster/slurm-down.sh ends exactly these.
 #
-#   cluster/slurm-up.sh          # install if needed, configure, start, wait until the node is idle
+#   cluster/slurm-up.sh          # install if needed, configure, start, wait until every node is idle
 #   cluster/slurm-down.sh        # cancel the dev cluster's jobs and stop the daemons started here
 #
-# Idempotent: when the daemons recorded in the state dir are alive and the node is up, it returns.
+# Idempotent: when the daemons recorded in the state dir are alive and every node is up, it returns.
 #
 # Environment:
 #   EMSEG_SLURM_STATE    state dir: PIDs, spool, logs, job logs  [/tmp/emseg-slurm]
-#   EMSEG_SLURM_CPUS     CPU slots advertised (config_overrides)  [max(4, real CPUs)]
-#   EMSEG_SLURM_TIMEOUT  seconds to wait for the node to be idle  [90]
+#   EMSEG_SLURM_NODES    compute nodes (slurmd daemons)           [2]
+#   EMSEG_SLURM_CPUS     CPU slots advertised per node (config_overrides)  [max(4, real CPUs)]
+#   EMSEG_SLURM_TIMEOUT  seconds to wait for the nodes to be idle [90]
 #   EMSEG_SLURM_PARTITION partition name                           [debug]
-#   EMSEG_SLURM_GPUS     fake GPUs advertised as gres gpu (device files are links to /dev/null):
+#   EMSEG_SLURM_GPUS     fake GPUs per node, advertised as gres gpu (device files are links to /dev/null):
 #                        jobs can ask for --gres=gpu:N and get CUDA_VISIBLE_DEVICES, but no
 #                        real device; enough to test GPU profiles on a machine without GPUs  [2]
 #
@@ -24,6 +28,7 @@ set -euo pipefail
 
 STATE=${EMSEG_SLURM_STATE:-/tmp/emseg-slurm}
 TIMEOUT=${EMSEG_SLURM_TIMEOUT:-90}
+NODES=${EMSEG_SLURM_NODES:-2}
 PARTITION=${EMSEG_SLURM_PARTITION:-debug}
 CONF_DIR=/etc/slurm
 MARK="# written by emseg cluster/slurm-up.sh"
@@ -50,18 +55,32 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     fi
 fi
 
-NODE=$(hostname -s)
+[[ $NODES =~ ^[1-9][0-9]?$ ]] || die "EMSEG_SLURM_NODES=$NODES: expected a number of nodes from 1 to 99"
+HOST=$(hostname -s)
+NODE_NAMES=()
+for (( i = 1; i <= NODES; i++ )); do NODE_NAMES+=("$HOST-$i"); done
+NODE_LIST="$HOST-[1-$NODES]"
 mkdir -p "$STATE"/{pids,slurmctld,slurmd,logs,jobs}
 chmod 755 "$STATE" "$STATE/jobs"
 chmod 1777 "$STATE/logs"
 
 # --- 2. already up? -----------------------------------------------------------------------------
-node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n1; }
-if is_ours_alive slurmctld && is_ours_alive slurmd && grep -qF "$MARK" "$CONF_DIR/slurm.conf" 2>/dev/null; then
-    if [[ $(node_state) == idle || $(node_state) == mixed || $(node_state) == allocated ]]; then
-        say "already up (node $NODE $(node_state); state in $STATE)"
-        exit 0
-    fi
+# node_states: "NAME STATE" per node of the dev cluster, sorted by name.
+node_states() { sinfo -h -N -o "%N %T" 2>/dev/null | sort -u; }
+all_up() {   # exactly this configuration's nodes are reported, each idle, mixed or allocated
+    local states
+    states=$(node_states) || return 1
+    [[ $(cut -d' ' -f1 <<<"$states" | tr '\n' ' ') == "${NODE_NAMES[*]} " ]] \
+        && ! grep -qvE " (idle|mixed|allocated)$" <<<"$states"
+}
+all_ours_alive() {
+    local node
+    is_ours_alive slurmctld || return 1
+    for node in "${NODE_NAMES[@]}"; do is_ours_alive "slurmd@$node" || return 1; done
+}
+if all_ours_alive && grep -qF "$MARK" "$CONF_DIR/slurm.conf" 2>/dev/null && all_up; then
+    say "already up (nodes $NODE_LIST; state in $STATE)"
+    exit 0
 fi
 # Some of ours are alive but the cluster is not usable: restart from clean.
 if ls "$STATE"/pids/* >/dev/null 2>&1; then
@@ -83,7 +102,7 @@ read -r REAL_CPUS REAL_MEM < <(slurmd -C | awk '
     /^NodeName/ { for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["CPUs"], v["RealMemory"] }')
 [[ -n ${REAL_CPUS:-} && -n ${REAL_MEM:-} ]] || die "could not read the node topology from 'slurmd -C'"
 CPUS=${EMSEG_SLURM_CPUS:-$(( REAL_CPUS > 4 ? REAL_CPUS : 4 ))}
-MEM=$(( REAL_MEM * 95 / 100 ))
+MEM=$(( REAL_MEM * 95 / 100 / NODES ))   # the nodes share this machine's memory
 DEF_MEM=$(( MEM / CPUS < 1024 ? MEM / CPUS : 1024 ))
 GPUS=${EMSEG_SLURM_GPUS:-2}
 GRES=""
@@ -97,18 +116,19 @@ for f in slurm.conf cgroup.conf gres.conf; do
 done
 mkdir -p "$CONF_DIR"
 cat >"$CONF_DIR/slurm.conf" <<EOF
-$MARK for the single-node dev cluster; slurm-down.sh removes it.
+$MARK for the dev cluster; slurm-down.sh removes it.
 ClusterName=emseg-dev
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE/slurmctld
-SlurmdSpoolDir=$STATE/slurmd
+# One slurmd per node on this host: %n (the node name) keeps their spool, PID and log apart.
+SlurmdSpoolDir=$STATE/slurmd/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/logs/slurmctld.log
-SlurmdLogFile=$STATE/logs/slurmd.log
+SlurmdLogFile=$STATE/logs/slurmd-%n.log
 # No cgroup enforcement: jobs are tracked through the process tree.  Simple and robust in containers.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -130,16 +150,19 @@ SlurmdTimeout=60
 InactiveLimit=0
 DefMemPerCPU=$DEF_MEM
 GresTypes=gpu
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM $GRES State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# Node i's slurmd listens on port 6818 + i - 1.
+NodeName=$NODE_LIST NodeHostname=$HOST NodeAddr=127.0.0.1 Port=6818-$(( 6818 + NODES - 1 )) CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM $GRES State=UNKNOWN
+PartitionName=$PARTITION Nodes=$NODE_LIST Default=YES MaxTime=INFINITE State=UP
 EOF
 # Fake GPUs: profiles with gpus_per_job can be scheduled and tested on a machine without GPUs
 # (a gres without File is reported as 0 by slurmd 22.05 and makes the node INVALID).
-mkdir -p "$STATE/dev"
-for (( i = 0; i < GPUS; i++ )); do ln -sfn /dev/null "$STATE/dev/nvidia$i"; done
 {
     echo "$MARK"
-    if (( GPUS > 0 )); then echo "NodeName=$NODE Name=gpu File=$STATE/dev/nvidia[0-$(( GPUS - 1 ))]"; fi
+    for node in "${NODE_NAMES[@]}"; do
+        mkdir -p "$STATE/dev/$node" "$STATE/slurmd/$node"
+        for (( i = 0; i < GPUS; i++ )); do ln -sfn /dev/null "$STATE/dev/$node/nvidia$i"; done
+        if (( GPUS > 0 )); then echo "NodeName=$node Name=gpu File=$STATE/dev/$node/nvidia[0-$(( GPUS - 1 ))]"; fi
+    done
 } >"$CONF_DIR/gres.conf"
 # slurmd 22.05 always loads a cgroup plugin: 'disabled' is refused, cgroup/v2 is refused on hybrid mounts.
 cat >"$CONF_DIR/cgroup.conf" <<EOF
@@ -160,19 +183,21 @@ else
     start_daemon munged "$STATE/logs/munged.out" /run/munge/munged.pid \
         setpriv --reuid=munge --regid=munge --init-groups munged --force
 fi
-rm -f "$STATE/slurmctld.pid" "$STATE/slurmd.pid"
+rm -f "$STATE"/slurmctld.pid "$STATE"/slurmd*.pid
 start_daemon slurmctld "$STATE/logs/slurmctld.out" "$STATE/slurmctld.pid" slurmctld -c
-start_daemon slurmd "$STATE/logs/slurmd.out" "$STATE/slurmd.pid" slurmd
+for node in "${NODE_NAMES[@]}"; do
+    start_daemon "slurmd@$node" "$STATE/logs/slurmd-$node.out" "$STATE/slurmd-$node.pid" slurmd -N "$node"
+done
 
-# --- 5. wait until the node is idle -------------------------------------------------------------
+# --- 5. wait until every node is idle -----------------------------------------------------------
 deadline=$(( SECONDS + TIMEOUT ))
 while :; do
-    state=$(node_state || true)
-    [[ $state == idle ]] && break
+    states=$(node_states || true)
+    [[ $(grep -c " idle$" <<<"$states") -eq $NODES ]] && break
     if (( SECONDS >= deadline )); then
-        echo "slurm-up: error: node $NODE is '${state:-not reported}' after ${TIMEOUT}s, not idle." >&2
+        echo "slurm-up: error: after ${TIMEOUT}s the nodes are not all idle: ${states//$'\n'/, }" >&2
         sinfo -R >&2 2>/dev/null || true
-        for log in slurmctld slurmd; do
+        for log in slurmctld "${NODE_NAMES[@]/#/slurmd-}"; do
             echo "--- last lines of $STATE/logs/$log.log" >&2; tail -n 15 "$STATE/logs/$log.log" >&2 2>/dev/null || true
         done
         echo "slurm-up: stop what was started with cluster/slurm-down.sh; EMSEG_SLURM_TIMEOUT raises the wait" >&2
@@ -180,4 +205,4 @@ while :; do
     fi
     sleep 1
 done
-say "up: node $NODE idle, $CPUS CPU slots, ${MEM} MB, $GPUS fake GPU(s), partition '$PARTITION'; state and logs in $STATE"
+say "up: nodes $NODE_LIST idle, $CPUS CPU slots, ${MEM} MB and $GPUS fake GPU(s) each, partition '$PARTITION'; state and logs in $STATE"
