@@ -14,7 +14,7 @@ all of them):
 1. ``segment``: :func:`emseg.workflows.segment.segment` with no options (what ``emseg segment VOL``
    does), on a local cluster started before timing; its run report gives each stage's seconds.
 2. ``forward-only``: only the forward passes of that run's prediction plan, on the same workers
-   (:func:`bench_predict.forward_only`): the limit of the whole run on this machine.
+   (as :func:`bench_predict.forward_only`, 2-D and 3-D models): the limit of the whole run on this machine.
 3. Per stage, in this process on one core (one thread for torch, numba and the libraries), over
    blocks of the prediction the run wrote, the stages' own compute (no storage):
 
@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import cores, forward_only, load, make_volume, tiled, uptime  # noqa: E402
+from bench_predict import _forward_task, cores, load, make_volume, tiled, uptime  # noqa: E402
 
 RAVELER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fib_gala" / "raveler-raw.tif"
 
@@ -72,6 +72,24 @@ def run_segment(volume: Path, out: Path, connection: Any) -> Any:
     from emseg.workflows.segment import segment
 
     return segment(volume, out, PipelineConfig(), run=RunOptions(client=connection, overwrite=True, progress=False))
+
+
+def forward_only(plan: Any, connection: Any) -> float:
+    """Seconds of exactly the forward passes of ``plan`` on the cluster's workers (each times its share
+    after loading the model; they run at once, the slowest is the wall): 2-D tiles (z = 1) as the 2-D
+    model takes them, 3-D tiles whole."""
+    import math
+
+    per_pass = plan.batch_size * math.prod(plan.tiling.input_shape)
+    passes = max(1, plan.computed_voxels // per_pass)
+    tile = tuple(plan.tiling.input_shape)
+    shape = (plan.batch_size, 1, *(tile[1:] if tile[0] == 1 else tile))
+    workers = list(connection.client.scheduler_info()["workers"])
+    split = [passes // len(workers) + (i < passes % len(workers)) for i in range(len(workers))]
+    futures = [connection.client.submit(_forward_task, str(plan.checkpoint), shape, n, plan.precision,
+                                        connection.threads_per_worker, workers=[w], pure=False)
+               for w, n in zip(workers, split) if n]
+    return float(max(connection.client.gather(futures)))
 
 
 def blocks_of(pred_image: Path, mode: str, limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -189,7 +207,7 @@ def bench_volume(name: str, volume: Path, out: Path, connection: Any, args: argp
     for r in range(args.rounds):
         report = run_segment(volume, out, connection)
         seconds = {t.stage: t.seconds for t in report.stages}
-        limit = forward_only(report.predict.plan, connection, cores(), args.device)["workers"]
+        limit = forward_only(report.predict.plan, connection)
         wall = report.seconds
         row = {"wall": wall, "forward_only": limit, "stages": seconds, "limit_ratio": limit / wall,
                "sum_of_stages": sum(v for k, v in seconds.items() if k != "other")}
