@@ -425,14 +425,14 @@ def make_tiling(
 
 
 def normalize(raw: npt.NDArray[Any], mean: float, std: float) -> npt.NDArray[np.float32]:
-    """Scale raw voxels to float32: uint8 / 255, uint16 / 65535, floats as they are; then ``(x - mean) / std``.
+    """Scale raw voxels to float32: uint8 / 255, uint16 / 65535, floats (0-1) as they are; then ``(x - mean) / std``.
 
     Raises
     ------
     UnsupportedDtypeError
         Any other dtype.
     InvalidDataError
-        Float input holding NaN or infinity.
+        Float input holding NaN or infinity, or not scaled to 0-1 (e.g. 0-255 as float).
     """
     if raw.dtype == np.uint8:
         x = raw.astype(np.float32) * np.float32(1 / 255)
@@ -443,6 +443,11 @@ def normalize(raw: npt.NDArray[Any], mean: float, std: float) -> npt.NDArray[np.
         if not np.isfinite(x).all():
             bad = int(np.count_nonzero(~np.isfinite(x)))
             raise InvalidDataError(f"float input holds {bad} NaN/inf voxel(s); fill or mask them before predicting")
+        low, high = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+        if high > 1.5 or low < -0.5:  # e.g. 0-255 stored as float: every voxel would read as saturated
+            raise InvalidDataError(f"float input ranges {low:g} to {high:g}, but float EM must be scaled to 0-1 "
+                                   "(uint8 and uint16 are scaled by emseg); divide it by its maximum, or store it as "
+                                   "uint8/uint16")
     else:
         raise UnsupportedDtypeError(f"cannot normalise {raw.dtype} input; expected uint8, uint16 or float")
     x -= np.float32(mean)

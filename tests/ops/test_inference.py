@@ -170,6 +170,8 @@ def test_normalize_scales_by_dtype() -> None:
 def test_normalize_refuses_nan_and_other_dtypes() -> None:
     with pytest.raises(InvalidDataError, match="1 NaN/inf voxel"):
         normalize(np.array([0.0, np.nan], np.float32), 0.5, 0.5)
+    with pytest.raises(InvalidDataError, match="scaled to 0-1"):  # 0-255 as float64 would read as saturated
+        normalize(np.array([0.0, 128.0, 255.0], np.float64), 0.5, 0.5)
     with pytest.raises(UnsupportedDtypeError, match="int32"):
         normalize(np.array([1], np.int32), 0.5, 0.5)
 
