@@ -407,9 +407,10 @@ def agglomerate(
 ) -> Any:
     """Fragments, region graph and agglomerated segments of a boundary prediction (or affinities).
 
-    The run of ``emseg agglomerate`` (:func:`emseg.workflows.agglomerate.segment_prediction`): per-block
+    The run of ``emseg agglomerate`` (:func:`emseg.workflows.agglomerate.agglomerate_target`): per-block
     watershed fragments, their region graph with merge scores, and the segments of every edge
-    scored below ``threshold``.
+    scored below ``threshold`` (default: the predicting model's ``agglomeration_threshold``), under
+    the output's run lock.
 
     Parameters
     ----------
@@ -420,27 +421,28 @@ def agglomerate(
     run, voxel_size
         See :func:`predict`.
     **options
-        The keyword options of :func:`emseg.workflows.agglomerate.segment_prediction`, named as there
+        The keyword options of :func:`emseg.workflows.agglomerate.agglomerate_target`, named as there
         (``threshold``, ``thresholds``, ``score``, ``fragment_threshold``, ``seeds``,
         ``min_distance``, ``min_size``, ``mode``, ``block_size``, ``context`` ...).
 
     Returns
     -------
-    For a path, the (fragments, graph, agglomeration) reports; for an array, the ``(z, y, x)``
+    For a path, the (fragments, graph, agglomeration) reports (fragments and graph ``None`` when a
+    fragments image is agglomerated again); for an array, the ``(z, y, x)``
     uint64 segments ``1..n`` as numpy, or as a dask array over the result store for a dask input.
     """
-    from emseg.workflows.agglomerate import segment_prediction
+    from emseg.workflows.agglomerate import agglomerate_target
 
     run = _run_options(run, options)
     kind = _kind(prediction)
     if kind == "path":
-        return segment_prediction(prediction, run=run, **options)
+        return agglomerate_target(prediction, run=run, **options)
     _check_array(prediction)
     if prediction.ndim == 3:
         prediction = prediction[None]
 
     def on_image(pred: Path, work: Path, where: RunOptions) -> list[Path]:
-        segment_prediction(pred, run=where, **options)
+        agglomerate_target(pred, run=where, **options)
         return [pred / "labels" / "segments"]
 
     return _on_array(prediction, voxel_size, run, name="prediction.zarr", keep=kind == "dask",

@@ -122,5 +122,5 @@ def test_copies_that_disagreed_now_agree(tmp_path: Path) -> None:
 @pytest.mark.parametrize("recipe", PIPELINES, ids=lambda p: p.stem)
 def test_recipes_leave_the_batch_to_the_device(recipe: Path) -> None:
     """A recipe describes data, not hardware: the batch is picked per device (one 2-D tile per pass on a
-    CPU, 1.5x faster than two there; several on a GPU), so no recipe pins it (issue 15)."""
+    CPU, 1.5x faster than two there; several on a GPU), so no recipe pins it."""
     assert load_pipeline(recipe).predict.batch_size is None

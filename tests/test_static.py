@@ -1,5 +1,5 @@
 """Static checks: ruff lints emseg/, tests/ and benchmarks/, mypy type-checks emseg/, and no two emseg
-modules import each other, directly or round a longer loop (issue 12).
+modules import each other, directly or round a longer loop.
 
 Both read their settings (rule set, per-file and per-module exceptions, each with its reason) from
 pyproject.toml, and run with the interpreter running the tests, so `.venv/bin/pytest` (the README's

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 import click
@@ -40,35 +38,13 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     predicting model's own (`agglomeration_threshold` in its config.json, as `emseg segment` uses it),
     else 0.8.
     """
-    from emseg.engine.lock import run_lock
-    from emseg.errors import ConfigError
-    from emseg.workflows.agglomerate import agglomerate as run_agglomerate
-    from emseg.workflows.agglomerate import is_fragments, segment_prediction, with_model_threshold
+    from emseg.workflows.agglomerate import agglomerate_target
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
-    given = pop_fields(fields, AgglomerateOptions)
-    options = AgglomerateOptions.build(**given)
-    rebuild = two_d is not None or block_size is not None or bool(set(given) - AgglomerateOptions.AGGLOMERATION_ONLY)
-    # the run lock of the image that receives the labels (the one `emseg segment` takes), so that an
-    # agglomeration never runs beside another run on the same output
-    image = Path(os.path.realpath(target))  # realpath: a symlink loop stays a path that does not exist
-    while image.parent.name == "labels" and image.parent.parent != image.parent:
-        image = image.parent.parent
-    if "threshold" not in given:  # the predicting model's own threshold, as `emseg segment` uses it
-        options = with_model_threshold(options, image)
-    with run_lock(image, "agglomerate"):
-        if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / "fragments",
-                                                                         image_only=True)):
-            if rebuild:
-                raise ConfigError(f"{target}: fragment and graph options ({', '.join(_fragment_flags())}) need the "
-                                  "prediction image, not the fragments")
-            report = run_agglomerate(target, threshold=options.threshold, thresholds=options.thresholds,
-                                     score=options.score, run=run)
-            text = report.summary()
-        else:
-            mode: Literal["auto", "2d", "3d"] = "auto" if two_d is None else ("2d" if two_d else "3d")
-            fragments, graph, report = segment_prediction(target, options, mode=mode, block_size=block_size, run=run)
-            text = "\n".join([fragments.summary(), graph.summary(), report.summary()])
+    mode: Literal["auto", "2d", "3d"] = "auto" if two_d is None else ("2d" if two_d else "3d")
+    fragments, graph, report = agglomerate_target(target, mode=mode, block_size=block_size, run=run,
+                                                  **pop_fields(fields, AgglomerateOptions))
+    text = "\n".join(r.summary() for r in (fragments, graph, report) if r is not None)
     if as_json:
         click.echo(json.dumps({"fragments": str(report.fragments_path), "n_fragments": report.n_fragments,
                                "score": report.score,
@@ -77,7 +53,3 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     else:
         click.echo(text)
 
-
-def _fragment_flags() -> list[str]:
-    fields = [f for f in AgglomerateOptions.model_fields if f not in AgglomerateOptions.AGGLOMERATION_ONLY]
-    return ["--2d/--3d", "--block-size", *("--" + f.replace("_", "-") for f in fields)]

@@ -33,7 +33,7 @@ def default_layout(cores: int | None = None, memory: int | None = None) -> Layou
     One single-threaded worker process per core (N x 1), as long as each gets
     :data:`WORKER_MEMORY`; otherwise fewer workers with more threads each.  N x 1 measured faster
     than 1 x N for the bundled 2-D U-Net in bf16 + channels_last, and it keeps every core busy in
-    the labelling stages, which are single-threaded per block (``benchmarks/README.md``, issue 15).
+    the labelling stages, which are single-threaded per block (``benchmarks/README.md``).
     Override with ``--workers`` / the profile's ``workers`` and ``threads_per_worker``.
     """
     cores = max(1, cores if cores is not None else _cpu_count())

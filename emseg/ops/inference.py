@@ -128,7 +128,7 @@ def prepare_model(model: Any, device: str | torch.device = "cpu", precision: Pre
     """The model in eval mode on ``device``, weights in channels-last layout (NHWC / NDHWC).
 
     oneDNN (CPU) and cuDNN (tensor cores) run convolutions fastest channels-last, in fp32 as in bf16
-    (issue 15: 1.4x fp32, 2.5x bf16 on an AVX512-BF16 CPU).  :func:`predict_block` feeds batches in
+    (1.4x fp32, 2.5x bf16 on an AVX512-BF16 CPU; ``benchmarks/README.md``).  :func:`predict_block` feeds batches in
     the model's layout.  Values are those of the same model in NCHW up to float rounding.
 
     With ``precision="bf16"`` on a CPU, every :class:`~emseg.models.blocks.ConvBlock` also becomes one

@@ -95,7 +95,6 @@ __all__ = [
     "Score",
     "agglomerate",
     "build_graph",
-    "check_thresholds",
     "choose_mode",
     "graph_mode",
     "input_kind_of",
@@ -177,16 +176,6 @@ def segments_name(threshold: float) -> str:
     """Name of the label image of an extra threshold: ``segments_0.50``."""
     text = f"{threshold:.2f}"
     return f"{SEGMENTS_NAME}_{text if float(text) == threshold else f'{threshold:.6g}'}"
-
-
-def check_thresholds(values: Sequence[float]) -> tuple[float, ...]:
-    out = []
-    for t in values:
-        t = float(t)
-        if not 0.0 < t < 1.0:
-            raise ConfigError(f"agglomeration thresholds must lie in (0, 1) (1 - mean affinity), got {t:g}")
-        out.append(t)
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,8 +768,7 @@ def agglomerate(
     run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
     score = opts.score
-    (threshold,) = check_thresholds([opts.threshold])
-    extra = check_thresholds(opts.thresholds)
+    threshold, extra = float(opts.threshold), tuple(float(t) for t in opts.thresholds)  # validated by the options
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
     frag, image = _fragments_image(fragments_path)
@@ -912,7 +900,6 @@ def segment_prediction(
     """
     run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
-    check_thresholds([opts.threshold, *opts.thresholds])
     check_quantile(opts.quantile)
     pred = open_volume(pred_path)
     if not pred.has_channels and np.issubdtype(pred.dtype, np.integer) and pred.dtype.itemsize >= 4:
@@ -946,3 +933,50 @@ def segment_prediction(
         graph = build_graph(pred_path, frag_path, opts, mode=graph_mode(mode), input_kind=kind, run=on)
         result = agglomerate(frag_path, opts, run=on)
     return fragments, graph, result
+
+
+def agglomerate_target(
+    target: str | os.PathLike[str],
+    options: AgglomerateOptions | None = None,
+    *,
+    mode: Mode = "auto",
+    block_size: int | Sequence[int] | None = None,
+    input_kind: InputKind | Literal["auto"] = "auto",
+    offsets: Sequence[Sequence[int]] | None = None,
+    run: RunOptions | None = None,
+    **fields: Any,
+) -> tuple[Any, GraphReport | None, AgglomerateReport]:
+    """What ``emseg agglomerate TARGET`` runs, and ``emseg.agglomerate(path)`` with it.
+
+    ``target`` is a prediction image (its fragments and region graph are made first, or resumed:
+    :func:`segment_prediction`) or a fragments label image with its graph (agglomerated again:
+    :func:`agglomerate`; fragment or graph options then need the prediction image).  The run holds
+    the run lock of the image that receives the labels, the lock ``emseg segment`` takes, and merges
+    at the predicting model's ``agglomeration_threshold`` unless a threshold is given.
+
+    Returns the fragments' and the graph's reports (``None`` when only agglomerated again) and the
+    :class:`AgglomerateReport`.
+    """
+    from emseg.engine.lock import run_lock
+
+    run = RunOptions.take(run, fields)
+    given = {k for k, v in fields.items() if v is not None} | (options.model_fields_set if options else set())
+    opts = AgglomerateOptions.build(options, **fields)
+    rebuild = mode != "auto" or block_size is not None or bool(given - AgglomerateOptions.AGGLOMERATION_ONLY)
+    image = Path(os.path.realpath(target))  # realpath: a symlink loop stays a path that does not exist
+    while image.parent.name == "labels" and image.parent.parent != image.parent:
+        image = image.parent.parent
+    if "threshold" not in given:  # the predicting model's own threshold, as `emseg segment` uses it
+        opts = with_model_threshold(opts, image)
+    with run_lock(image, "agglomerate"):
+        if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / FRAGMENTS_NAME,
+                                                                         image_only=True)):
+            if rebuild:
+                flags = [f for f in AgglomerateOptions.model_fields if f not in AgglomerateOptions.AGGLOMERATION_ONLY]
+                raise ConfigError(f"{target}: fragment and graph options (--2d/--3d, --block-size, "
+                                  f"{', '.join('--' + f.replace('_', '-') for f in flags)}) need the prediction "
+                                  "image, not the fragments")
+            return None, None, agglomerate(target, threshold=opts.threshold, thresholds=opts.thresholds,
+                                           score=opts.score, run=run)
+        return segment_prediction(target, opts, mode=mode, block_size=block_size, input_kind=input_kind,
+                                  offsets=offsets, run=run)

@@ -72,16 +72,16 @@ DEFAULT_CHUNKS_2D = (4, 256, 256)
 #: 2-D models: a block as deep as the input's z-chunks (up to this depth), so that each input chunk is
 #: decompressed once rather than once per 4-section block (`emseg import` writes 32-deep chunks).  From
 #: 16-deep chunks, read + write took 49 ms per Mvoxel in 4-deep blocks and 20 ms in 16-deep ones
-#: (2026-12-02): ~7% of a block of the base-16 same-padded U-Net, ~2% of the bundled base-32 model.
+#: ~7% of a block of the base-16 same-padded U-Net, ~2% of the bundled base-32 model.
 MAX_BLOCK_DEPTH_2D = 64
 #: ... as long as the volume still has this many blocks, so that workers that run at different speeds
 #: (shared cores) still finish together: on 32x1024x1024 with 2 workers, 8 blocks of 16 sections took
-#: 7.6-8.6 s, 16 of 8 sections 7.0-7.7 s and 32 of 4 sections 6.6-7.3 s (same-padded U-Net, 2026-12-02).
+#: 7.6-8.6 s, 16 of 8 sections 7.0-7.7 s and 32 of 4 sections 6.6-7.3 s (same-padded U-Net).
 MIN_BLOCKS = 32
 DEFAULT_BATCH_SIZE = 4
 #: Automatic batch size: about this many model input voxels per forward pass (CPU, CUDA).  On a CPU one
 #: tile already fills a worker's cores, and a smaller pass stays in cache: one 604^2 tile per pass ran
-#: 1.5x the voxels/s of two (bf16, channels-last, 1 thread, 2026-12-02; `benchmarks/README.md`), so 2-D
+#: 1.5x the voxels/s of two (bf16, channels-last, 1 thread; `benchmarks/README.md`), so 2-D
 #: CPU tiles go one at a time; a GPU wants several.
 BATCH_INPUT_VOXELS = {"cpu": 400_000, "cuda": 8_000_000}
 
@@ -488,7 +488,7 @@ class PredictConfig(BaseModel):
 
 _MODEL_CACHE: dict[tuple[str, int, str, str], tuple[Any, Any]] = {}
 #: The volumes a worker opened for the current run, by (run, path, mode): opening reads and checks the
-#: metadata, ~3-4 ms per volume and block on a local disk (issue 15).  A run holds the output's lock, and
+#: metadata, ~3-4 ms per volume and block on a local disk.  A run holds the output's lock, and
 #: its input is read-only, so what was opened stays valid until the run ends.
 _VOLUMES: dict[tuple[str, str, str], Any] = {}
 #: One model load or forward pass at a time per worker process.  A GPU worker runs two blocks at once

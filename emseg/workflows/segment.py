@@ -149,7 +149,7 @@ def segment(
     """
     from emseg.cluster import connect
     from emseg.export.pyramid import build_pyramids
-    from emseg.workflows.agglomerate import check_thresholds, choose_mode, segment_prediction, with_model_threshold
+    from emseg.workflows.agglomerate import choose_mode, segment_prediction, with_model_threshold
     from emseg.workflows.label import label
     from emseg.workflows.predict import plan_prediction, predict
 
@@ -164,8 +164,6 @@ def segment(
     # plain labels (watershed, cc) follow the voxel size; the agglomeration links per-section
     # fragments across sections unless per-section labels (mode 2d) are asked for
     mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
-    if lab.method == "agglomerate":
-        check_thresholds((agg.threshold, *agg.thresholds))  # before hours of prediction
     if dry_run:
         return plan_prediction(volume, p)  # no model: predict picks the bundled model from the voxel size
     from emseg.engine.lock import run_lock

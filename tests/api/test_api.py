@@ -119,3 +119,54 @@ def test_agglomerate_numpy_and_dask(tmp_path: Path, scheduler: str):
     lazy = emseg.agglomerate(da.from_array(boundary), voxel_size=(8, 8, 8), threshold=0.5)
     assert isinstance(lazy, da.Array)
     np.testing.assert_array_equal(lazy.compute(), segments)
+
+
+def test_agglomerate_of_a_path_runs_what_the_command_runs(tmp_path: Path, write_prediction) -> None:
+    """``emseg.agglomerate(path)`` holds the output's run lock (a second concurrent call is refused) and
+    merges at the predicting checkpoint's ``agglomeration_threshold``, as ``emseg agglomerate`` does."""
+    import json
+    import shutil
+    import time
+
+    from emseg.engine.lock import lock_path
+    from emseg.errors import OutputInUseError
+    from emseg.io import update_status
+    from emseg.workflows.predict import BUNDLED
+    from tests.support import cells
+
+    model = tmp_path / "tuned"
+    shutil.copytree(BUNDLED, model, ignore=shutil.ignore_patterns("fib3d", "*.md", "*.png"))
+    config = json.loads((model / "config.json").read_text())
+    config["agglomeration_threshold"] = 0.5
+    (model / "config.json").write_text(json.dumps(config))
+    _, boundary = cells((16, 48, 48), 12, seed=3)
+    path = write_prediction(boundary)
+    update_status(path, checkpoint=str(model))  # what `emseg predict` records
+    go = tmp_path / "go"
+    # the first call pauses inside its run (after taking the lock) until the test has tried a second one
+    first = ("import sys, time, pathlib, emseg, emseg.workflows.agglomerate as w\n"
+             "real = w.segment_prediction\n"
+             "def paused(*a, **k):\n"
+             "    while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)\n"
+             "    return real(*a, **k)\n"
+             "w.segment_prediction = paused\n"
+             "report = emseg.agglomerate(sys.argv[1])[2]\n"
+             "print(sorted(report.segments))\n")
+    process = subprocess.Popen([sys.executable, "-c", first, str(path), str(go)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not lock_path(path).exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        with pytest.raises(OutputInUseError):
+            emseg.agglomerate(path)
+    finally:
+        go.touch()
+        out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert out.strip() == "[0.5]"  # the checkpoint's threshold, not the default 0.8
+    _, _, again = emseg.agglomerate(path / "labels" / "fragments")
+    assert sorted(again.segments) == [0.5] and not lock_path(path).exists()
+    _, _, flagged = emseg.agglomerate(path / "labels" / "fragments", threshold=0.8, overwrite=True)
+    assert sorted(flagged.segments) == [0.8]

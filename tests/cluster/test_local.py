@@ -1,4 +1,4 @@
-"""emseg.cluster's local clusters: worker layout, torch-ready worker processes, a quiet run (issues 12, 15)."""
+"""emseg.cluster's local clusters: worker layout, torch-ready worker processes, a quiet run."""
 
 from __future__ import annotations
 

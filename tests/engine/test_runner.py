@@ -83,7 +83,7 @@ def test_profiles(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# integrity (issue 18): records carry the chunks a block wrote; reruns and `info --verify` check them
+# integrity: records carry the chunks a block wrote; reruns and `info --verify` check them
 
 
 def _copy_stage(client, src: Path, dst: Path, shape=(12, 40, 40), chunks=(4, 16, 16)):

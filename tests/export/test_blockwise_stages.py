@@ -1,5 +1,5 @@
 """Pyramids and precomputed export as blockwise stages: on a real LocalCluster, equal to the one-shot
-result, and resumed after SIGKILL (issue 16)."""
+result, and resumed after SIGKILL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 18's cases one by one: safe --overwrite, validation, resource guards, clear errors."""
+"""Output safety case by case: safe --overwrite, validation, resource guards, clear errors."""
 
 from __future__ import annotations
 

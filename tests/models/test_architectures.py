@@ -153,7 +153,7 @@ def test_he_init_std() -> None:
 
 @pytest.mark.parametrize(("case", "ndim"), [(n, 2) for n in MODELS] + [("unet-same", 2)])
 def test_activations_are_in_place_with_the_gradients_of_out_of_place_ones(case: str, ndim: int) -> None:
-    """Every ReLU works in place (one memory pass less per layer: ~8% of a CPU forward pass, issue 15),
+    """Every ReLU works in place (one memory pass less per layer: ~8% of a CPU forward pass),
     and autograd sees the same values and gradients as with out-of-place ReLUs."""
     model = make(case, ndim).train()
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]

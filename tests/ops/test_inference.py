@@ -268,7 +268,7 @@ def _with_running_stats(model: torch.nn.Module) -> torch.nn.Module:
     ("unetpp", {"ndim": 2, "base_channels": 8, "depth": 2}),
 ])
 def test_bf16_cpu_models_run_fused_blocks_with_unfused_accuracy(name: str, fields: dict) -> None:
-    """prepare_model(..., "cpu", "bf16") turns every conv(+BN)+ReLU block into one oneDNN op (issue 15):
+    """prepare_model(..., "cpu", "bf16") turns every conv(+BN)+ReLU block into one oneDNN op:
     as close to the fp32 model as the unfused bf16 model, on an input the check inside never saw."""
     from emseg.models import build
     from emseg.models.blocks import ConvBlock

@@ -1,4 +1,4 @@
-"""Stitching with more than a million face pairs: the client streams them, never holds them (issue 16).
+"""Stitching with more than a million face pairs: the client streams them, never holds them.
 
 The mask is built so that pairs vastly outnumber fragments: each block is three sections, stripes
 along x in its first, stripes along y in its last, nothing between.  Across every z-face the

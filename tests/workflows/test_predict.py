@@ -101,7 +101,7 @@ def _opens_and_restore() -> list[str]:
 
 
 def test_a_worker_opens_each_volume_once_per_run(checkpoints, write_volume, tmp_path, cluster2):
-    """Opening a volume reads and checks its metadata (~3-4 ms on a local disk, issue 15): a worker keeps
+    """Opening a volume reads and checks its metadata (~3-4 ms on a local disk): a worker keeps
     the input and output it opened for the run instead of reopening them for every block, and a new
     run (here: over the same paths, overwritten) opens them afresh."""
     ckpt = checkpoints(2)
