@@ -41,7 +41,7 @@ from emseg.ops.metrics import Scores, evaluate, evaluate_sections, mean_scores
 from emseg.training.config import TrainConfig
 from emseg.training.data import PreparedVolume, affinity_mask, targets_from_instances
 from emseg.training.losses import total_loss
-from emseg.workflows.predict import default_batch_size
+from emseg.workflows.predict.plan import default_batch_size
 
 __all__ = [
     "SegmentationScores",

@@ -207,8 +207,8 @@ def test_existing_foreign_output_and_missing_bundled_model(checkpoints, write_vo
     other = write_volume(smooth_volume((2, 32, 32)), name="other.zarr")
     with pytest.raises(OutputExistsError, match="not an emseg prediction"):
         predict(source, other, checkpoint=checkpoints(2), progress=False)
-    # the module, not the emseg.predict function that the package exports under the same name
-    monkeypatch.setattr(sys.modules["emseg.workflows.predict"], "BUNDLED", tmp_path / "nowhere")
+    # where the plan looks for the bundled models
+    monkeypatch.setattr(sys.modules["emseg.workflows.predict.plan"], "BUNDLED", tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="no --model given and no bundled model installed"):
         default_checkpoint()
 

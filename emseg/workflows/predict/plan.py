@@ -1,42 +1,25 @@
-"""``emseg predict``: run a checkpoint over a volume, block by block, into an OME-Zarr image.
-
-Orchestration glue only: plan the tiles and blocks (:func:`plan_prediction`), create the output,
-hand one task per block to :func:`emseg.engine.runner.run_blockwise`, and mark the output complete.
-The compute lives in :mod:`emseg.ops.inference`; each worker loads the model once and keeps it.
-
-A rerun of the same command resumes (finished blocks are skipped); a rerun with another model,
-block layout or parameter is refused with :class:`~emseg.errors.ResumeMismatchError` unless
-``overwrite``.
-"""
+"""The plan of an ``emseg predict`` run: model, tiles, blocks, batch, precision and memory, computed
+before any work starts (``--dry-run`` prints it).  Arithmetic over shapes and metadata; nothing is
+written and no model runs here."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
 import os
-import threading
-import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from emseg.config import PredictOptions, RunOptions
-from emseg.engine.lock import locked
+from emseg.config import PredictOptions
 from emseg.errors import (
     ConfigError,
-    EmsegError,
     GeometryError,
-    InvalidDataError,
-    RunIncompleteError,
     VolumeShapeError,
 )
-from emseg.geometry import Block, BlockGrid, Coordinate, Roi, plan_blocks, round_up
+from emseg.geometry import BlockGrid, Coordinate, Roi, plan_blocks, round_up
 from emseg.ops.inference import (
     DEFAULT_TILE_2D_CPU,
     OutputDtype,
@@ -47,24 +30,10 @@ from emseg.ops.inference import (
     tiles_in_block,
 )
 
-if TYPE_CHECKING:
-    from emseg.engine.runstate import OutputClaim
-
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "PredictConfig",
-    "PredictOptions",
-    "PredictReport",
-    "PredictionPlan",
-    "default_batch_size",
-    "default_checkpoint",
-    "plan_prediction",
-    "predict",
-]
-
 STAGE = "predict"
-BUNDLED = Path(__file__).parents[1] / "models" / "bundled"
+BUNDLED = Path(__file__).parents[2] / "models" / "bundled"
 DEFAULT_BLOCK_3D = (64, 256, 256)
 DEFAULT_BLOCK_2D = (4, 512, 512)  # rounded up to the 2D tile (1024): 4 Mvoxel, enough blocks to share
 DEFAULT_CHUNKS_3D = (64, 128, 128)
@@ -154,8 +123,6 @@ def _choose_bundled(voxel_size: Sequence[float] | None) -> tuple[Path, str]:
     return choice.model.path, f"bundled {choice.model.name} ({choice.reason})"
 
 
-# ---------------------------------------------------------------------------------------------
-# plan
 
 
 @dataclass(frozen=True)
@@ -457,294 +424,3 @@ def _memory_estimate(grid: BlockGrid, tiling: Tiling, batch_size: int, tta: bool
     width = int(model_cfg.get("base_channels", 32))
     activations = batch_size * tile_in * width * 4 * 4
     return arrays + tensors + activations
-
-
-# ---------------------------------------------------------------------------------------------
-# worker side
-
-
-class PredictConfig(BaseModel):
-    """What a worker needs to predict one block; sent to the workers by value."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: str
-    """Input volume path."""
-    output: str
-    """Output OME-Zarr image path (level 0 at ``output/0``)."""
-    checkpoint: str
-    """Checkpoint directory."""
-    checkpoint_mtime_ns: int
-    """Modification time of the weights, nanoseconds; part of the per-worker model cache key."""
-    tiling: Tiling
-    """The run's global tile grid."""
-    options: PredictOptions
-    """The run's options, every default resolved (:attr:`PredictionPlan.options`)."""
-    threads: int
-    """torch threads per CPU worker."""
-    run: str = ""
-    """This run's id: a worker keeps the volumes it opened for the run (:func:`_run_volume`); empty: none kept."""
-
-
-_MODEL_CACHE: dict[tuple[str, int, str, str], tuple[Any, Any]] = {}
-#: The volumes a worker opened for the current run, by (run, path, mode): opening reads and checks the
-#: metadata, ~3-4 ms per volume and block on a local disk.  A run holds the output's lock, and
-#: its input is read-only, so what was opened stays valid until the run ends.
-_VOLUMES: dict[tuple[str, str, str], Any] = {}
-#: One model load or forward pass at a time per worker process.  A GPU worker runs two blocks at once
-#: (:func:`predict` asks for half a GPU per block): while one holds this lock on the GPU, the other
-#: reads its input or writes its output, so zarr I/O overlaps with the model.
-_COMPUTE = threading.Lock()
-_OPENING = threading.Lock()
-
-
-def _worker_model(config: PredictConfig) -> tuple[Any, Any]:
-    """The checkpoint's model on this worker's device, loaded once per worker process."""
-    import torch
-
-    from emseg.models import load_checkpoint
-    from emseg.ops.inference import prepare_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and torch.get_num_threads() != config.threads:
-        torch.set_num_threads(config.threads)
-    if device == "cuda":  # fp32 means fp32: no TF32 convolutions / matmuls behind its back
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.options.precision != "fp32"
-    key = (config.checkpoint, config.checkpoint_mtime_ns, device, config.options.precision)  # bf16 on a CPU: fused
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()  # one model per worker
-        ckpt = load_checkpoint(config.checkpoint)
-        precision = None if config.options.precision == "auto" else config.options.precision  # resolved by the plan
-        _MODEL_CACHE[key] = (prepare_model(ckpt.model, device, precision), ckpt.config)
-        log.info("loaded %s on %s", config.checkpoint, device)
-    return _MODEL_CACHE[key]
-
-
-def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi) -> Any:
-    """The model's outputs for ``write_roi``, ``(c, z, y, x)`` in the output dtype, from the input ``raw``
-    read over ``read_roi`` (mirrored beyond the volume): the compute of one block, shared by the
-    workers (:func:`predict_block_task`) and the lazy dask path of :func:`emseg.predict` on arrays."""
-    from emseg.ops.inference import predict_block, to_output_dtype
-
-    options = config.options
-    assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
-    with _COMPUTE:
-        model, cfg = _worker_model(config)
-        values = predict_block(
-            model, raw, raw_roi=read_roi, write_roi=write_roi, tiling=config.tiling,
-            mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
-            batch_size=options.batch_size, tta=options.tta, precision=options.precision,
-        )
-    return to_output_dtype(values, options.dtype)
-
-
-def _run_volume(config: PredictConfig, path: str, mode: Literal["r", "r+"]) -> Any:
-    """``open_volume(path)`` (the output: ``mode="r+"``, incomplete), opened once per worker and run."""
-    from emseg.io import open_volume
-
-    key = (config.run, path, mode)
-    volume = _VOLUMES.get(key) if config.run else None
-    if volume is None:
-        volume = open_volume(path, mode=mode, allow_incomplete=mode == "r+")
-        if config.run:
-            with _OPENING:
-                if any(k[0] != config.run for k in _VOLUMES):
-                    _VOLUMES.clear()  # another run's: only the current run's are kept
-                _VOLUMES[key] = volume
-    return volume
-
-
-def predict_block_task(config: PredictConfig, block: Block) -> dict[str, Any]:
-    """Worker task: read the block's tiles' inputs, run the model, write the core.  Idempotent."""
-    start = time.perf_counter()
-    with _COMPUTE:
-        _worker_model(config)  # loaded before the first read, so that reads overlap the other block's compute
-    source = _run_volume(config, config.input, "r")
-    read_roi = block.read_roi
-    try:
-        raw = source.read(read_roi, pad="reflect")
-    except EmsegError:
-        raise
-    except (ValueError, RuntimeError, OSError, TypeError) as e:  # codec errors, truncated chunks
-        raise InvalidDataError(f"{config.input}: cannot read {read_roi} for block {block.block_id}: "
-                               f"{type(e).__name__}: {e}") from e
-    try:
-        values = compute_block(config, raw, read_roi, block.write_roi)
-    except InvalidDataError as e:
-        raise InvalidDataError(f"{config.input}: block {block.block_id} ({block.write_roi}): {e}") from e
-    out = _run_volume(config, config.output, "r+")
-    out.write(block.write_roi, values)
-    return {"seconds": round(time.perf_counter() - start, 3), "tiles": tiles_in_block(config.tiling, block.write_roi)}
-
-
-# ---------------------------------------------------------------------------------------------
-# the run
-
-
-@dataclass(frozen=True)
-class PredictReport:
-    """What a prediction run did.
-
-    Attributes
-    ----------
-    output : Path
-        The OME-Zarr image written.
-    blocks, computed, skipped : int
-        Blocks in the run; computed now; already done by an earlier run (resume).
-    seconds : float
-        Wall-clock time of the blockwise stage.
-    voxels : int
-        Output voxels computed now (spatial).
-    plan : PredictionPlan
-    dry_run : bool
-        Nothing was computed or written.
-    """
-
-    output: Path
-    blocks: int
-    computed: int
-    skipped: int
-    seconds: float
-    voxels: int
-    plan: PredictionPlan = field(repr=False)
-    dry_run: bool = False
-
-    @property
-    def voxels_per_second(self) -> float:
-        return self.voxels / self.seconds if self.seconds > 0 else float("nan")
-
-    def summary(self) -> str:
-        if self.dry_run:
-            return self.plan.summary()
-        rate = f", {self.voxels_per_second / 1e6:.2f} Mvoxel/s" if self.computed else ""
-        model = f"\nmodel: {self.plan.model_choice}" if self.plan.model_choice else ""
-        return (f"predicted {self.output}: {self.blocks} blocks ({self.computed} computed, {self.skipped} already "
-                f"done) in {self.seconds:.1f} s{rate}{model}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"output": str(self.output), "blocks": self.blocks, "computed": self.computed,
-                "skipped": self.skipped, "seconds": self.seconds, "voxels": self.voxels,
-                "voxels_per_second": None if not self.computed else self.voxels_per_second,
-                "dry_run": self.dry_run, "model": str(self.plan.checkpoint), "model_choice": self.plan.model_choice}
-
-
-def output_claim(plan: PredictionPlan, output: Path, overwrite: bool, zarr_format: int | None = None) -> OutputClaim:
-    """The prediction image ``output``: resumed when it holds this very run, else created (see
-    :mod:`emseg.engine.runstate`)."""
-    from emseg.engine.runstate import OutputClaim
-
-    def create(record: dict[str, Any]) -> None:
-        from emseg.io import create_volume, update_status
-
-        fmt = zarr_format if zarr_format is not None else _zarr_format_of(plan.volume)
-        create_volume(output, shape=plan.volume_shape, dtype=plan.dtype, chunks=plan.chunks,
-                      voxel_size=plan.voxel_size, offset_nm=_volume_offset(plan.volume), channels=plan.out_channels,
-                      overwrite=overwrite, name="predictions", zarr_format=fmt)  # type: ignore[arg-type]
-        # The source is recorded as an absolute path, so that `emseg view` finds it from any folder.
-        update_status(output, stage=record["stage"], source=str(plan.volume.resolve()), params=record["params"],
-                      outputs=list(plan.outputs), checkpoint=str(plan.checkpoint))
-
-    return OutputClaim(output, plan.params, kind="prediction", what="an earlier prediction", create=create,
-                       stage=STAGE, others="a raw image or labels", overwrite=overwrite)
-
-
-def _zarr_format_of(path: Path) -> int:
-    """2 or 3: the zarr format of a volume (outputs follow their input unless told otherwise)."""
-    from emseg.io import open_volume
-
-    return int(open_volume(path).array.metadata.zarr_format)
-
-
-def _volume_offset(path: Path) -> tuple[float, ...]:
-    from emseg.io import open_volume
-
-    return open_volume(path).offset_nm
-
-
-@locked("output_path", "predict")
-def predict(
-    volume_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
-    options: PredictOptions | None = None,
-    *,
-    run: RunOptions | None = None,
-    dry_run: bool = False,
-    zarr_format: int | None = None,
-    **fields: Any,
-) -> PredictReport:
-    """Predict ``checkpoint``'s outputs for every voxel of a volume into an OME-Zarr image.
-
-    The output has axes ``(c, z, y, x)``: one channel per model output, the input's voxel size and
-    offset, dtype ``uint8`` (probability x 255, rounded), ``float16`` or ``float32``.  Its
-    ``emseg`` attributes record the source, checkpoint and parameters; it is marked complete only
-    once every block is written.
-
-    Parameters
-    ----------
-    volume_path, output_path : path
-        Input volume; output image (refused if it exists, unless it holds this same run (resume) or
-        ``overwrite``).
-    options, **fields
-        The run's :class:`~emseg.config.PredictOptions` (``checkpoint=``, ``block_size=``,
-        ``batch_size=`` ...); see :func:`plan_prediction`.
-    run : RunOptions, optional
-        Where the blocks run and what happens to an existing output (:class:`~emseg.config.RunOptions`:
-        ``cluster``, ``scheduler``, ``workers``, ``devices``, see :func:`emseg.cluster.connect`;
-        ``overwrite``: replace an existing output, also one from a run with other parameters;
-        ``progress``: progress bar on stderr; ``client``: an open cluster, e.g. to chain predict and
-        label on one cluster); its fields may also be given among ``**fields``.
-    dry_run : bool
-        Only plan: return a report whose ``summary()`` is the plan; nothing is written.
-    zarr_format : {2, 3}, optional
-        Zarr format of the output (3: OME-NGFF 0.5, 2: 0.4); default: the input's.
-
-    Raises
-    ------
-    ResumeMismatchError
-        The output holds a run with other parameters and ``overwrite`` is false.
-    InvalidDataError
-        Some blocks hold NaN or unreadable chunks (the other blocks are kept).
-    RunIncompleteError
-        Some blocks failed otherwise; a rerun resumes.
-    """
-    from emseg.engine.runner import WriteSpec, run_blockwise
-    from emseg.io import check_distinct
-
-    run = RunOptions.take(run, fields)
-    plan = plan_prediction(volume_path, options, device=target_device(run.cluster, run.devices, run.client), **fields)
-    output = Path(output_path)
-    if dry_run:
-        return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
-    check_distinct(volume_path, output)
-    from emseg.engine.resources import check_memory, worker_memory
-
-    check_memory(plan.memory_per_block, worker_memory(**run.where),
-                 f"a prediction block of {'x'.join(map(str, plan.grid.block_shape))} voxels",
-                 "use a smaller --block-size, --tile-size or --batch-size, or workers with more memory")
-    if zarr_format not in (None, 2, 3):
-        raise ConfigError(f"--zarr-format must be 2 or 3, got {zarr_format!r}")
-    claim = output_claim(plan, output, run.overwrite, zarr_format)
-    claim.check()  # refused before a cluster starts
-    from emseg.cluster import connect
-
-    with connect(**run.where) as connection:
-        config = PredictConfig(
-            input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
-            checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
-            options=plan.options, threads=connection.threads_per_worker, run=uuid.uuid4().hex,
-        )
-        resources = connection.resources
-        if resources and "GPU" in resources and connection.threads_per_worker >= 2:
-            resources = {**resources, "GPU": resources["GPU"] / 2}  # two blocks per GPU: I/O overlaps compute
-        try:
-            stage = run_blockwise(
-                connection.client, stage=STAGE, grid=plan.grid, fn=functools.partial(predict_block_task, config),
-                output=output, params=plan.params, overwrite=run.overwrite, resources=resources,
-                progress=run.progress, writes=[WriteSpec(str(output / "0"))], claim=claim,
-            )
-        except RunIncompleteError as e:
-            if isinstance(e.__cause__, InvalidDataError):
-                raise InvalidDataError(f"{e.__cause__}; the other blocks are kept ({e})") from e
-            raise
-    claim.complete()
-    return PredictReport(output, stage.total, stage.computed, stage.skipped, stage.seconds, stage.voxels, plan)
