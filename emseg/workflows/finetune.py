@@ -449,12 +449,12 @@ def calibrate(raw: str, labels: str, output: str | os.PathLike[str], *, model: s
     lowest ARE + VOI becomes the ``agglomeration_threshold`` of ``output`` (the weights copied).
     """
     from emseg.cluster import connect
-    from emseg.workflows.agglomerate import check_thresholds
+    from emseg.config import AgglomerateOptions
 
     started = time.perf_counter()
     out = Path(output)
     _check_output(out, overwrite)
-    check_thresholds(thresholds)
+    AgglomerateOptions.build(thresholds=tuple(thresholds))  # each in (0, 1): the options' validator
     vol = load_labelled(raw, labels, voxel_size=voxel_size, labels_kind=labels_kind)
     start_model = _resolve_model(model, vol.voxel_size)
     work = _work_dir(out)
@@ -570,11 +570,11 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
         partial run is removed.
     """
     from emseg.cluster import connect
+    from emseg.config import AgglomerateOptions
     from emseg.errors import ResourceLimitError
     from emseg.models import load_checkpoint_config
     from emseg.training import state as ckpt_state
     from emseg.training import train
-    from emseg.workflows.agglomerate import check_thresholds
 
     started = time.perf_counter()
     budget = 60.0 * time_limit_min
@@ -582,7 +582,7 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
         raise ConfigError(f"--time-limit must be positive minutes, got {time_limit_min}")
     out = Path(output)
     _check_output(out, overwrite)
-    check_thresholds(thresholds)
+    AgglomerateOptions.build(thresholds=tuple(thresholds))  # each in (0, 1): the options' validator
     vol = load_labelled(raw, labels, voxel_size=voxel_size, labels_kind=labels_kind)
     start_model = _resolve_model(model, vol.voxel_size)
     axis, cut = holdout_split(vol.raw.shape, vol.voxel_size, val_fraction)
