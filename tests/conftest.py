@@ -159,3 +159,17 @@ def cluster1() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return support.build_inputs(tmp_path_factory.mktemp("inputs") / "inp")
+
+
+#: Fixtures that make a test slow: a LocalCluster of worker processes, real EM through whole runs,
+#: training on ISBI crops, the SLURM of cluster/slurm-up.sh.
+SLOW_FIXTURES = frozenset({"connection", "cluster1", "cluster2", "shared_data", "isbi_crops", "slurm"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that uses a :data:`SLOW_FIXTURES` fixture, and the static checks (ruff, mypy),
+    so that ``pytest -m "not slow and not cluster"`` is the quick loop; a plain ``pytest`` runs everything."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SLOW_FIXTURES or item.nodeid.startswith("tests/test_static.py"):
+            item.add_marker(pytest.mark.slow)
