@@ -18,11 +18,12 @@ from emseg.workflows.finetune import holdout_split, load_labelled
 
 @pytest.fixture
 def gala_crop(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """A small FIB-SEM crop with 3-D instance labels (gala train), as TIFFs."""
+    """A small FIB-SEM crop with 3-D instance labels (gala train), as TIFFs; its held-out quarter (x 156:208)
+    is wider than the context of either bundled model."""
     raw = tmp_path / "raw.tif"
     labels = tmp_path / "labels.tif"
-    tifffile.imwrite(raw, tifffile.imread(shared_data / "fib_gala" / "train-raw.tif")[:16, :40, :64])
-    tifffile.imwrite(labels, tifffile.imread(shared_data / "fib_gala" / "train-labels.tif")[:16, :40, :64])
+    tifffile.imwrite(raw, tifffile.imread(shared_data / "fib_gala" / "train-raw.tif")[:8, :64, :208])
+    tifffile.imwrite(labels, tifffile.imread(shared_data / "fib_gala" / "train-labels.tif")[:8, :64, :208])
     return raw, labels
 
 
@@ -49,12 +50,12 @@ def test_bad_input_is_one_error_line_and_writes_nothing(command: str, gala_crop:
     other = tmp_path / "other.tif"
     tifffile.imwrite(other, tifffile.imread(labels)[:, :32])
     single = tmp_path / "single.tif"
-    tifffile.imwrite(single, np.full((16, 40, 64), 7, np.uint16))
+    tifffile.imwrite(single, np.full((8, 64, 208), 7, np.uint16))
     before = tifffile.imread(labels).copy()
     cases = {
         "labels of another shape": (["--labels", str(other)], "shape"),
         "one id": (["--labels", str(single)], "single"),
-        "slice outside the volume": (["--raw", f"{raw}[10:20]", "--labels", f"{labels}[10:20]"], "outside"),
+        "slice outside the volume": (["--raw", f"{raw}[4:12]", "--labels", f"{labels}[4:12]"], "outside"),
         "no voxel size": (["--voxel-size", None], "voxel size"),
     }
     for name, (change, word) in cases.items():
