@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -48,8 +47,9 @@ def info(path: str, as_json: bool, verify: bool) -> None:
 def _verify(path: str) -> None:
     from emseg.engine.ledger import verify_output
     from emseg.errors import IncompleteOutputError, VolumeNotFoundError
+    from emseg.io.location import exists
 
-    if not Path(path).exists():
+    if not exists(path):
         raise VolumeNotFoundError(f"{path}: no such file or directory")
     found = verify_output(path)
     bad = [d for d in found if d.block_ids or d.pending]

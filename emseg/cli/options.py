@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from emseg.cli.output import JSON_OPTION, PROGRESS_OPTION
-from emseg.cli.types import INDEX_LIST, INT_ZYX, ZYX
+from emseg.cli.types import FLOAT_ZYX, INDEX_LIST, INT_ZYX, ZYX
 from emseg.config import RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -188,3 +188,10 @@ def output_options(*, zarr_format: str | None = "the input's", dry_run: bool = F
 
 def _int_or_none(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     return None if value is None else int(value)
+
+
+def voxel_size_option() -> Callable[[F], F]:
+    """``--voxel-size Z,Y,X`` (nm): replaces the voxel size an input volume's metadata gives."""
+    return click.option("--voxel-size", type=FLOAT_ZYX, default=None,
+                        help="Voxel size of the input in nm, z,y,x, replacing what its metadata says (e.g. a "
+                             "zarr without any, read as 1,1,1).")  # type: ignore[return-value]

@@ -6,7 +6,14 @@ from typing import Any
 
 import click
 
-from emseg.cli.options import cluster_options, field_option, option_flags, output_options, pop_fields
+from emseg.cli.options import (
+    cluster_options,
+    field_option,
+    option_flags,
+    output_options,
+    pop_fields,
+    voxel_size_option,
+)
 from emseg.cli.output import echo_report
 from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, SegmentLabelOptions
 
@@ -14,7 +21,9 @@ from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, Segment
 @click.command()
 @click.argument("volume", type=click.Path(path_type=str))
 @click.option("-o", "--output", type=click.Path(path_type=str),
-              help="Output OME-Zarr (default: <volume stem>_seg.zarr beside VOLUME).")
+              help="Output OME-Zarr, a path or a URL (s3://bucket/OUT.zarr)  [default: <volume stem>_seg.zarr "
+                   "beside VOLUME].")
+@voxel_size_option()
 @click.option("--pipeline", type=click.Path(dir_okay=False, path_type=str),
               help="Recipe file (pipelines/*.toml): model, block sizes, label method and thresholds; the options "
                    "below override its fields.")
@@ -33,10 +42,14 @@ from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, Segment
 @field_option(SegmentLabelOptions, "min_size", help="Smallest fragment kept (voxels; watershed and agglomerate).", show_default=False)
 @cluster_options()
 @output_options(dry_run=True)
-def segment(volume: str, output: str | None, pipeline: str | None, method: str | None, merge_threshold: float | None,
+def segment(volume: str, output: str | None, voxel_size: tuple[float, ...] | None, pipeline: str | None, method: str | None, merge_threshold: float | None,
             thresholds: tuple[float, ...] | None, threshold: float | None, two_d: bool | None, min_size: int | None,
             zarr_format: int | None, dry_run: bool, as_json: bool, **fields: Any) -> None:
-    """Segment VOLUME (an OME-Zarr image or zarr array): predict membranes, then label segments.
+    """Segment VOLUME: predict membranes, then label segments.
+
+    VOLUME is an OME-Zarr image, a zarr array (daisy's resolution/offset are read), a neuroglancer
+    precomputed layer (sharded or not) or an N5 dataset, as a path or an s3://, gs://, https:// or
+    file:// URL; credentials and endpoints come from the usual variables (AWS_ENDPOINT_URL ...).
 
     Rerunning the same command resumes an interrupted run.
     """
@@ -48,5 +61,6 @@ def segment(volume: str, output: str | None, pipeline: str | None, method: str |
         method=method, threshold=threshold, merge_threshold=merge_threshold, thresholds=thresholds,
         mode=None if two_d is None else ("2d" if two_d else "3d"), min_size=min_size,
         **pop_fields(fields, PredictOptions)))
-    report = run_segment(volume, output, config, run=run, dry_run=dry_run, zarr_format=zarr_format)
+    report = run_segment(volume, output, config, run=run, dry_run=dry_run, zarr_format=zarr_format,
+                         voxel_size=voxel_size)
     echo_report(report, as_json)

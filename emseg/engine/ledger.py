@@ -39,6 +39,7 @@ import zarr
 
 from emseg.errors import IncompleteOutputError
 from emseg.geometry import Roi
+from emseg.io.location import PathOrUrl, absolute, filesystem, is_url, location, read_bytes, size_of
 
 STATE_GROUP = "emseg_state"
 TARGET_CHUNKS = 1024
@@ -88,7 +89,7 @@ def storage_keys(spec: WriteSpec, roi: Roi) -> list[Path]:
     end = [min(e * s, n) for e, s, n in zip(roi.end, spec.scale, shape[lead:])]
     ranges = [range(-(-n // u)) for n, u in zip(shape[:lead], unit[:lead])]
     ranges += [range(b // u, -(-e // u)) for b, e, u in zip(begin, end, unit[lead:])]
-    root = Path(spec.path)
+    root = location(spec.path)
     return [root / encode(tuple(index)) for index in _product(ranges)]
 
 
@@ -112,14 +113,12 @@ def block_record(writes: Sequence[WriteSpec], roi: Roi, *, content: bool = True)
         files = total = 0
         for path in storage_keys(spec, roi):
             key = f"{spec_index}:{str(path)[len(spec.path):]}"
-            try:
-                if content:
-                    data = path.read_bytes()
-                    size, crc = len(data), zlib.crc32(data)
-                else:
-                    size, crc = os.stat(path).st_size, 0
-            except FileNotFoundError:
-                size, crc = -1, 0
+            if content:
+                data = read_bytes(path)
+                size, crc = (-1, 0) if data is None else (len(data), zlib.crc32(data))
+            else:
+                found = size_of(path)
+                size, crc = (-1, 0) if found is None else (found, 0)
             if size >= 0:
                 files += 1
                 total += size
@@ -149,8 +148,8 @@ def _jsonable(params: Mapping[str, Any]) -> Any:
 class Ledger:
     """Completion records of one stage of one output."""
 
-    def __init__(self, output: str | os.PathLike[str], stage: str) -> None:
-        self.output = Path(output)
+    def __init__(self, output: PathOrUrl, stage: str) -> None:
+        self.output = location(output)
         self.stage = stage
         self.path = self.output / STATE_GROUP / stage
 
@@ -180,12 +179,10 @@ class Ledger:
 
     def _writes_attr(self, writes: Sequence[WriteSpec]) -> list[dict[str, Any]]:
         out = []
+        root = str(absolute(self.output)).rstrip("/") + "/"
         for spec in writes:
-            path = Path(spec.path).resolve()
-            try:
-                rel = str(path.relative_to(self.output.resolve()))
-            except ValueError:
-                rel = str(path)
+            path = str(absolute(spec.path))
+            rel = path[len(root):] if path.startswith(root) else path
             out.append({"path": rel, "scale": list(spec.scale)})
         return out
 
@@ -194,8 +191,9 @@ class Ledger:
         array = zarr.open_array(str(self.path), mode="r")
         out = []
         for w in array.attrs.get("writes") or []:
-            path = Path(w["path"])
-            out.append(WriteSpec(str(path if path.is_absolute() else self.output / path), tuple(w["scale"])))
+            path = str(w["path"])
+            whole = is_url(path) or Path(path).is_absolute()
+            out.append(WriteSpec(path if whole else str(self.output / path), tuple(w["scale"])))
         return out
 
     # --- reading ---------------------------------------------------------------------------
@@ -273,7 +271,7 @@ def encode_record(result: Any, record: list[int] | None) -> str:
 def store_census(writes: Sequence[WriteSpec], files: Sequence[int], nbytes: Sequence[int]) -> None:
     """Record each written array's number of storage objects and bytes in its image's attributes."""
     for spec, f, b in zip(writes, files, nbytes):
-        path = Path(spec.path)
+        path = location(spec.path)
         parent = path.parent
         if not any((parent / m).exists() for m in ("zarr.json", ".zattrs", ".zgroup")):
             continue
@@ -285,15 +283,24 @@ def store_census(writes: Sequence[WriteSpec], files: Sequence[int], nbytes: Sequ
         group.attrs[STATUS_KEY] = status
 
 
-def census_of(array_path: str | os.PathLike[str]) -> list[int]:
+def census_of(array_path: PathOrUrl) -> list[int]:
     """``[files, bytes]`` of the chunk objects stored for the array at ``array_path`` (for a census
     recorded by a writer that does not run blockwise, such as ``emseg import``)."""
-    return list(_count_objects(Path(array_path)))
+    return list(_count_objects(location(array_path)))
 
 
-def _count_objects(array_path: Path) -> tuple[int, int]:
+def _count_objects(array_path: Any) -> tuple[int, int]:
     """Stored chunk objects of a zarr array (metadata files excluded) and their total size."""
+
     files = total = 0
+    if is_url(array_path):
+        fs, inner = filesystem(array_path)
+        for name, info in fs.find(inner, detail=True).items():
+            base = name.rsplit("/", 1)[-1]
+            if base not in ("zarr.json", ".zarray", ".zattrs", ".zgroup") and ".partial" not in base:
+                files += 1
+                total += int(info.get("size") or 0)
+        return files, total
     stack = [array_path]
     while stack:
         with os.scandir(stack.pop()) as entries:
@@ -306,7 +313,7 @@ def _count_objects(array_path: Path) -> tuple[int, int]:
     return files, total
 
 
-def check_census(image_path: str | os.PathLike[str], array_name: str) -> None:
+def check_census(image_path: PathOrUrl, array_name: str) -> None:
     """Refuse an array whose stored chunks differ from what its run wrote (deleted or truncated).
 
     Cost: one directory walk of the array (its chunk files, not its voxels).
@@ -321,10 +328,10 @@ def check_census(image_path: str | os.PathLike[str], array_name: str) -> None:
     if array_name not in census:
         return
     want_files, want_bytes = census[array_name]
-    files, total = _count_objects(Path(image_path) / array_name)
+    files, total = _count_objects(location(image_path) / array_name)
     if (files, total) != (want_files, want_bytes):
         raise IncompleteOutputError(
-            f"{Path(image_path) / array_name}: {files} chunk files ({total} bytes) on disk, but the run that "
+            f"{location(image_path) / array_name}: {files} chunk files ({total} bytes) on disk, but the run that "
             f"wrote it left {want_files} ({want_bytes} bytes): chunks were deleted or damaged; rerun the "
             "command that made it to recompute them")
 
@@ -345,9 +352,9 @@ class Damage:
     """Blocks without a record: found damaged by an earlier check, or never finished; a rerun makes them."""
 
 
-def stages_of(output: str | os.PathLike[str]) -> list[str]:
+def stages_of(output: PathOrUrl) -> list[str]:
     """Stages with records under ``output``."""
-    state = Path(output) / STATE_GROUP
+    state = location(output) / STATE_GROUP
     if not state.is_dir():
         return []
     return sorted(p.name for p in state.iterdir() if p.is_dir() and _is_array(p))
@@ -378,7 +385,7 @@ def grid_of(ledger: Ledger) -> Any:
     return BlockGrid(Roi(offset, shape), block, halo, None if halo_hi == halo else halo_hi, snap)
 
 
-def verify_stage(output: str | os.PathLike[str], stage: str, mode: Verify = "full") -> Damage:
+def verify_stage(output: PathOrUrl, stage: str, mode: Verify = "full") -> Damage:
     """Recompute the storage records of every done block of ``stage`` and list the mismatches."""
     ledger = Ledger(output, stage)
     writes = ledger.writes()
@@ -397,24 +404,24 @@ def verify_stage(output: str | os.PathLike[str], stage: str, mode: Verify = "ful
                 checked += 1
                 if not record_matches(record, writes, grid.block(int(block_id)).write_roi, mode):
                     bad.append(int(block_id))
-    return Damage(stage, Path(output), tuple(bad), checked, tuple(pending))
+    return Damage(stage, location(output), tuple(bad), checked, tuple(pending))
 
 
-def forget_blocks(output: str | os.PathLike[str], stage: str, block_ids: Sequence[int]) -> None:
+def forget_blocks(output: PathOrUrl, stage: str, block_ids: Sequence[int]) -> None:
     """Mark blocks not done (their data failed verification), so that a rerun recomputes them."""
     array = Ledger(output, stage).open("r+")
     for block_id in block_ids:
         array[int(block_id)] = ""
 
 
-def verify_output(path: str | os.PathLike[str], mode: Verify = "full") -> list[Damage]:
+def verify_output(path: PathOrUrl, mode: Verify = "full") -> list[Damage]:
     """Check every recorded block of an output (an image and its label images) against its chunks.
 
     Blocks that fail are marked not done and their image incomplete, so that readers refuse the
     output and rerunning the command that made it recomputes exactly those blocks.  Returns the
     damage found per stage (empty lists of blocks when all is well).
     """
-    root = Path(path)
+    root = location(path)
     roots = [root]
     labels = root / "labels"
     if labels.is_dir():

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from emseg.errors import OutputInUseError
+from emseg.io.location import PathOrUrl
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,8 @@ def _beat(path: Path, token: str, stop: threading.Event, interval: float) -> Non
             os.utime(path)
 
 
-def acquire(output: str | os.PathLike[str], command: str = "run", *, wait_s: float = 0.0,
-            heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> Path:
+def acquire(output: PathOrUrl, command: str = "run", *, wait_s: float = 0.0,
+            heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> Path | str:
     """Take the run lock of ``output`` (re-entrant in a process); return the lock file's path.
 
     Raises
@@ -221,7 +222,13 @@ def acquire(output: str | os.PathLike[str], command: str = "run", *, wait_s: flo
     OutputInUseError
         Another live run holds the lock (after waiting ``wait_s`` seconds).
     """
-    path = lock_path(output)
+    from emseg.io.location import is_url
+
+    if is_url(output):  # object storage: conditional writes instead of O_EXCL and rename
+        from emseg.engine import objectlock
+
+        return objectlock.acquire(output, command, wait_s=wait_s, heartbeat_s=heartbeat_s, stale_s=stale_s)
+    path = lock_path(str(output))
     with _held_guard:
         held = _held.get(path)
         if held is not None:
@@ -246,7 +253,7 @@ def acquire(output: str | os.PathLike[str], command: str = "run", *, wait_s: flo
             for d in created:
                 with contextlib.suppress(OSError):
                     d.rmdir()
-            raise OutputInUseError(_describe(path, Path(output), owner))
+            raise OutputInUseError(_describe(path, Path(str(output)), owner))
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
     stop = threading.Event()
     thread = threading.Thread(target=_beat, args=(path, token, stop, heartbeat_s), daemon=True,
@@ -257,9 +264,16 @@ def acquire(output: str | os.PathLike[str], command: str = "run", *, wait_s: flo
     return path
 
 
-def release(output: str | os.PathLike[str]) -> None:
+def release(output: PathOrUrl) -> None:
     """Give back one hold of ``output``'s lock; the file goes with the last one."""
-    path = lock_path(output)
+    from emseg.io.location import is_url
+
+    if is_url(output):
+        from emseg.engine import objectlock
+
+        objectlock.release(output)
+        return
+    path = lock_path(str(output))
     with _held_guard:
         held = _held.get(path)
         if held is None:
@@ -279,7 +293,7 @@ def release(output: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(output: str | os.PathLike[str], command: str = "run", *, wait_s: float = 0.0) -> Iterator[Path]:
+def run_lock(output: PathOrUrl, command: str = "run", *, wait_s: float = 0.0) -> Iterator[Path | str]:
     """``with run_lock(out, "predict"):`` holds ``out``'s lock for the block; see :func:`acquire`."""
     path = acquire(output, command, wait_s=wait_s)
     try:
@@ -307,7 +321,11 @@ def locked(argument: str, command: str) -> Callable[[F], F]:
             if output is None or bound.arguments.get("dry_run"):
                 return fn(*args, **kwargs)
             # the output as it is on disk: a symlink's target is what gets checked, locked and written
-            output = type(output)(os.path.realpath(output)) if isinstance(output, Path) else os.path.realpath(output)
+            # (a URL is left as it is: object storage has no links)
+            from emseg.io.location import is_url
+
+            if not is_url(output):
+                output = type(output)(os.path.realpath(output)) if isinstance(output, Path) else os.path.realpath(output)
             bound.arguments[argument] = output
             args, kwargs = bound.args, bound.kwargs
             from emseg.io.volume import storage_errors

@@ -10,15 +10,14 @@ union-find from them) and go when the output is overwritten.
 
 from __future__ import annotations
 
-import os
-import uuid
+import io
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
 from emseg.engine.ledger import STATE_GROUP
+from emseg.io.location import Location, PathOrUrl, exists, location, write_bytes
 
 PAIRS_DIR = "pairs"
 FANOUT = 4096
@@ -26,27 +25,26 @@ FANOUT = 4096
 __all__ = ["iter_pairs", "pairs_path", "write_pairs"]
 
 
-def pairs_path(output: str | os.PathLike[str], stage: str, block_id: int) -> Path:
-    return Path(output) / STATE_GROUP / PAIRS_DIR / stage / str(block_id // FANOUT) / f"{block_id}.npy"
+def pairs_path(output: PathOrUrl, stage: str, block_id: int) -> Location:
+    return location(output) / STATE_GROUP / PAIRS_DIR / stage / str(block_id // FANOUT) / f"{block_id}.npy"
 
 
-def write_pairs(output: str | os.PathLike[str], stage: str, block_id: int, pairs: npt.NDArray[np.uint64]) -> int:
+def write_pairs(output: PathOrUrl, stage: str, block_id: int, pairs: npt.NDArray[np.uint64]) -> int:
     """Store a block's pairs (an empty array removes an old file); the number of pairs."""
     path = pairs_path(output, stage, block_id)
     pairs = np.ascontiguousarray(pairs, dtype=np.uint64).reshape(-1, 2)
     if not len(pairs):
-        path.unlink(missing_ok=True)
+        if exists(path):
+            path.unlink()
         return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    with tmp.open("wb") as f:
-        np.save(f, pairs)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, pairs)
+    write_bytes(path, buffer.getvalue())  # atomic: a rename on disk, one PUT on object storage
     return len(pairs)
 
 
-def iter_pairs(output: str | os.PathLike[str], stage: str, block_ids: npt.NDArray[np.int64]
+def iter_pairs(output: PathOrUrl, stage: str, block_ids: npt.NDArray[np.int64]
                ) -> Iterator[npt.NDArray[np.uint64]]:
     """The pairs of ``block_ids`` (those that reported pairs), one block at a time."""
     for block_id in block_ids.tolist():
-        yield np.load(pairs_path(output, stage, block_id))
+        yield np.load(io.BytesIO(pairs_path(output, stage, block_id).read_bytes()))

@@ -54,6 +54,7 @@ from emseg.engine.ledger import (
 from emseg.engine.runstate import OutputClaim, StageOutputs, claim_stage, fingerprint_of
 from emseg.errors import InvalidDataError, RunIncompleteError
 from emseg.geometry import Block, BlockGrid
+from emseg.io.location import PathOrUrl
 
 log = logging.getLogger(__name__)
 
@@ -335,14 +336,14 @@ def run_blockwise(
     stage: str,
     grid: BlockGrid,
     fn: BlockFn,
-    output: str | os.PathLike[str],
+    output: PathOrUrl,
     params: Mapping[str, Any],
     overwrite: bool = False,
     resources: Mapping[str, float] | None = None,
     retries: int = 1,
     progress: bool = True,
     block_ids: Iterable[int] | None = None,
-    writes: Sequence[WriteSpec | str | os.PathLike[str]] = (),
+    writes: Sequence[WriteSpec | PathOrUrl] = (),
     verify: Verify = "sizes",
     window: int | None = None,
     placement: Callable[[int], list[str] | None] | None = None,

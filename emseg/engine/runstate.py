@@ -31,7 +31,6 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,8 @@ import numpy.typing as npt
 from emseg.engine.ledger import Ledger, WriteSpec
 from emseg.engine.scratch import remove_scratch, require_scratch
 from emseg.errors import OutputExistsError, ResumeMismatchError
-from emseg.io.safety import made_by_emseg, overwrite_hint, zarr_attrs
+from emseg.io.location import Location, is_dir
+from emseg.io.safety import made_by_emseg, occupied, overwrite_hint, zarr_attrs
 from emseg.io.volume import STATUS_KEY, mark_complete, update_status
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class OutputClaim:
         (:func:`emseg.io.safety.prepare_output`).  :meth:`check` raises nothing then.
     """
 
-    path: Path
+    path: Location
     params: Mapping[str, Any]
     kind: str
     what: str
@@ -127,7 +127,7 @@ class OutputClaim:
     within: bool = False
     overwrite: bool = False
     scratch: Sequence[Scratch] = ()
-    validate: Callable[[Path], None] | None = None
+    validate: Callable[[Any], None] | None = None
     once: bool = False
     started_over: bool = field(default=False, init=False)
     """Set by :meth:`ensure`: the run started over (the stages' records must start over too)."""
@@ -144,7 +144,7 @@ class OutputClaim:
         return {self.key: {"fingerprint": self.fingerprint, "params": dict(self.params), **extra}}
 
     def _status(self) -> dict[str, Any] | None:
-        attrs = zarr_attrs(self.path) if self.path.is_dir() else None
+        attrs = zarr_attrs(self.path) if is_dir(self.path) else None
         status = (attrs or {}).get(STATUS_KEY)
         return status if isinstance(status, dict) else None
 
@@ -181,7 +181,7 @@ class OutputClaim:
             if previous is None or not previous.get("fingerprint"):
                 return False
             return _resumable(self.path, self.what, previous, self.fingerprint, self.params, self.overwrite)
-        if not (self.path.exists() or self.path.is_symlink()):
+        if not occupied(self.path):
             return False
         if self.others is not None and status is not None and not self._of_kind(status):
             # an emseg image of another kind (a raw import, labels): --overwrite must not replace it
@@ -196,7 +196,7 @@ class OutputClaim:
                                     f"{overwrite_hint(self.path)}")
         return _resumable(self.path, self.what, previous, self.fingerprint, self.params, overwrite=False)
 
-    def ensure(self) -> Path:
+    def ensure(self) -> Location:
         """Resume the output or (re)create it, then register the scratch arrays; once per claim."""
         if self._ready:
             return self.path
@@ -229,7 +229,7 @@ class OutputClaim:
             remove_scratch(self.path)
 
 
-def _resumable(where: Path, what: str, previous: Mapping[str, Any], fingerprint: str, params: Mapping[str, Any],
+def _resumable(where: Location, what: str, previous: Mapping[str, Any], fingerprint: str, params: Mapping[str, Any],
                overwrite: bool) -> bool:
     """Whether ``previous`` (a record) holds the run of ``fingerprint``; a record of another one is
     refused unless ``overwrite`` (then False: start over)."""

@@ -7,10 +7,7 @@ resumes, and removed with :func:`remove_scratch` once the run is complete.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +16,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from emseg.engine.ledger import STATE_GROUP
+from emseg.io.location import Location, PathOrUrl, exists, location, remove_tree
 from emseg.io.volume import Volume, open_volume
 
 SCRATCH_GROUP = "scratch"
@@ -26,13 +24,13 @@ SCRATCH_GROUP = "scratch"
 __all__ = ["Table", "read_table", "read_table_at", "remove_scratch", "require_scratch", "scratch_path", "write_table"]
 
 
-def scratch_path(output: str | os.PathLike[str], name: str) -> Path:
+def scratch_path(output: PathOrUrl, name: str) -> Location:
     """Where the scratch array ``name`` of ``output`` lives."""
-    return Path(output) / STATE_GROUP / SCRATCH_GROUP / name
+    return location(output) / STATE_GROUP / SCRATCH_GROUP / name
 
 
 def require_scratch(
-    output: str | os.PathLike[str],
+    output: PathOrUrl,
     name: str,
     *,
     shape: Sequence[int],
@@ -54,7 +52,7 @@ def require_scratch(
     return open_volume(path, mode="r+")
 
 
-def _state_group(output: str | os.PathLike[str]) -> zarr.Group:
+def _state_group(output: PathOrUrl) -> zarr.Group:
     """``OUT/emseg_state``, made through the output's own group so that it has the output's zarr format
     (opened on its own, a missing one would be made as zarr v3 inside a v2 output)."""
     return zarr.open_group(str(output), mode="a").require_group(STATE_GROUP)
@@ -69,7 +67,7 @@ def _fast_codec(zarr_format: int) -> Any:
     return Blosc(cname="lz4", clevel=1, shuffle=Blosc.BITSHUFFLE)
 
 
-def write_table(output: str | os.PathLike[str], name: str, data: npt.NDArray[Any], *, chunk: int = 1 << 16) -> None:
+def write_table(output: PathOrUrl, name: str, data: npt.NDArray[Any], *, chunk: int = 1 << 16) -> None:
     """Store a 1-D table (replacing any previous one)."""
     group = _state_group(output).require_group(SCRATCH_GROUP)
     if name in group:
@@ -81,7 +79,7 @@ def write_table(output: str | os.PathLike[str], name: str, data: npt.NDArray[Any
         array[:] = data
 
 
-def read_table(output: str | os.PathLike[str], name: str, start: int = 0, stop: int | None = None) -> npt.NDArray[Any]:
+def read_table(output: PathOrUrl, name: str, start: int = 0, stop: int | None = None) -> npt.NDArray[Any]:
     """Entries ``start:stop`` of a 1-D table."""
     array = zarr.open_array(str(scratch_path(output, name)), mode="r")
     stop = int(array.shape[0]) if stop is None else int(stop)
@@ -90,7 +88,7 @@ def read_table(output: str | os.PathLike[str], name: str, start: int = 0, stop: 
     return np.asarray(array[int(start):stop])
 
 
-def read_table_at(output: str | os.PathLike[str], name: str, indices: Sequence[int]) -> npt.NDArray[Any]:
+def read_table_at(output: PathOrUrl, name: str, indices: Sequence[int]) -> npt.NDArray[Any]:
     """Entries of a 1-D table at ``indices`` (any order)."""
     array = zarr.open_array(str(scratch_path(output, name)), mode="r")
     return np.asarray(array.get_coordinate_selection(np.asarray(indices, dtype=np.int64)))
@@ -99,7 +97,7 @@ def read_table_at(output: str | os.PathLike[str], name: str, indices: Sequence[i
 class Table:
     """An open 1-D scratch table: ``table[i]`` / ``table[i:j]`` / ``table.at(indices)`` read entries."""
 
-    def __init__(self, output: str | os.PathLike[str], name: str) -> None:
+    def __init__(self, output: PathOrUrl, name: str) -> None:
         self._array = zarr.open_array(str(scratch_path(output, name)), mode="r")
 
     def __len__(self) -> int:
@@ -114,10 +112,10 @@ class Table:
         return np.asarray(self._array.get_coordinate_selection(np.asarray(indices, dtype=np.int64)))
 
 
-def remove_scratch(output: str | os.PathLike[str]) -> None:
+def remove_scratch(output: PathOrUrl) -> None:
     """Delete every scratch array of ``output`` (the completion markers stay)."""
-    path = Path(output) / STATE_GROUP / SCRATCH_GROUP
-    if path.exists():
+    path = location(output) / STATE_GROUP / SCRATCH_GROUP
+    if exists(path):
         group = _state_group(output)
         del group[SCRATCH_GROUP]
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)

@@ -41,6 +41,7 @@ import numpy as np
 
 from emseg.engine.runstate import StageOutputs
 from emseg.geometry import Block, Coordinate, Roi, plan_blocks
+from emseg.io.location import absolute
 from emseg.io.volume import Volume, open_volume
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def _run(stage: str, volume: Volume, job: _Job, task: Any, state_root: Path, cli
     from emseg.engine.runner import run_blockwise
 
     grid = plan_blocks(volume.roi, _block_shape(volume), chunk_shape=None)
-    params = {"source": str(Path(volume.path).resolve()), "resolution": list(job.resolution_xyz),
+    params = {"source": str(absolute(volume.path)), "resolution": list(job.resolution_xyz),
               "origin": list(job.origin_nm_xyz), "block": list(grid.block_shape), **extra}
     Path(job.out).mkdir(parents=True, exist_ok=True)
     # the pieces (and ``fresh`` folders) start over with the stage's records (those of another run

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from emseg.engine.lock import locked
 from emseg.errors import ConfigError, NotAVolumeError, VolumeNotFoundError, VolumeShapeError
 from emseg.geometry import Roi
+from emseg.io.location import local_path
 from emseg.io.volume import Volume, label_image_paths, open_volume, read_status
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def find_sources(out_path: str | os.PathLike[str], raw_path: str | os.PathLike[s
     out = open_volume(out_path)
     if out.image_path is None:
         raise NotAVolumeError(f"{out_path}: expected an OME-Zarr image (e.g. out.zarr), got a bare zarr array")
-    image = out.image_path
+    image = local_path(out.image_path, "a preview")
     labels = label_image_paths(image)
     preferred = [p for p in labels if p.name == "segments"] or labels
     label = preferred[0] if preferred else None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from emseg.engine.ledger import STATE_GROUP, Ledger, WriteSpec
 from emseg.engine.runstate import StageOutputs
 from emseg.errors import ConfigError, NotAVolumeError
 from emseg.geometry import Block, Coordinate, Roi, plan_blocks
+from emseg.io.location import Location, PathOrUrl, location
 from emseg.io.ome import parse_multiscale
 from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume
 
@@ -84,7 +84,7 @@ class PyramidLevel(NamedTuple):
 class Pyramid(NamedTuple):
     """What :func:`build_pyramid` wrote: every level including 0, and the method used."""
 
-    image_path: Path
+    image_path: Location
     method: Method
     levels: tuple[PyramidLevel, ...]
 
@@ -346,7 +346,7 @@ def _create_levels(group: zarr.Group, levels: Sequence[tuple[str, Coordinate]], 
         _create_level(group, name, base, shape)
 
 
-def _drop_stale_stages(path: Path, keep: set[str]) -> None:
+def _drop_stale_stages(path: Location, keep: set[str]) -> None:
     """Forget the completion records of pyramid passes that the current plan does not have."""
     state = path / STATE_GROUP
     if not state.is_dir():
@@ -364,7 +364,7 @@ def _multiscale_dict(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_pyramid(
-    image_path: str | os.PathLike[str],
+    image_path: PathOrUrl,
     *,
     levels: int | None = None,
     factors: Sequence[int] | None = None,
@@ -415,7 +415,7 @@ def build_pyramid(
         Bad ``levels``, ``factors`` or ``method`` (e.g. mode on float data).
     """
     client = getattr(client, "client", client)  # a Connection or a bare Client
-    path = Path(image_path)
+    path = location(image_path)
     base = open_volume(path, level=0, allow_incomplete=allow_incomplete)
     if base.image_path is None:
         raise NotAVolumeError(f"{path}: a pyramid needs an OME-Zarr image group (with multiscales), not a bare array")
@@ -512,7 +512,7 @@ def _dataset(path: str, scale: Sequence[float], translation: Sequence[float]) ->
 
 
 def build_pyramids(
-    image_path: str | os.PathLike[str],
+    image_path: PathOrUrl,
     *,
     levels: int | None = None,
     progress: bool = True,

@@ -86,7 +86,7 @@ def _ome_image(path: Path | None, what: str) -> Path | None:
     if volume.image_path is None:
         log.warning("not showing the %s: %s is a bare zarr array, not an OME-Zarr image", what, path)
         return None
-    return volume.image_path
+    return volume.image_path if isinstance(volume.image_path, Path) else None  # served from local files
 
 
 def neuroglancer_state(

@@ -17,6 +17,7 @@ import zarr
 from emseg.engine.lock import locked
 from emseg.errors import VolumeShapeError
 from emseg.geometry import Roi
+from emseg.io.location import Location, PathOrUrl, absolute, filesystem, is_url, location
 from emseg.io.sources import open_source
 from emseg.io.volume import (
     check_distinct,
@@ -37,7 +38,7 @@ def default_chunks(shape: Sequence[int], chunks: Sequence[int] | None = None) ->
 
 @dataclass(frozen=True)
 class ImportReport:
-    path: Path
+    path: Location
     shape: tuple[int, ...]
     dtype: str
     chunks: tuple[int, ...]
@@ -53,7 +54,7 @@ class ImportReport:
 @locked("output", "import")
 def import_volume(
     source: str | os.PathLike[str],
-    output: str | os.PathLike[str],
+    output: PathOrUrl,
     *,
     voxel_size: Sequence[float] | None = None,
     chunks: Sequence[int] | None = None,
@@ -80,7 +81,7 @@ def import_volume(
         chunks = tuple(chunks) * 3
     chunk_shape = default_chunks(src.shape, chunks)
     volume = create_volume(output, shape=src.shape, dtype=src.dtype, chunks=chunk_shape, voxel_size=size,
-                           zarr_format=zarr_format, name=Path(source).stem, overwrite=overwrite)
+                           zarr_format=zarr_format, name=location(source).stem, overwrite=overwrite)
     depth = chunk_shape[0]
     with tqdm(total=src.shape[0], desc="import", unit="section", file=sys.stderr, disable=not progress) as bar:
         for z0 in range(0, src.shape[0], depth):
@@ -90,9 +91,9 @@ def import_volume(
     from emseg.engine.ledger import census_of
 
     # the chunk census lets every reader notice a chunk deleted or truncated later (check_census)
-    mark_complete(output, source=str(Path(source).resolve()), command="import",
+    mark_complete(output, source=str(absolute(source)), command="import",
                   census={volume.path.name: census_of(volume.path)})
-    return ImportReport(Path(output), src.shape, str(src.dtype), chunk_shape, size)
+    return ImportReport(location(output), src.shape, str(src.dtype), chunk_shape, size)
 
 
 @locked("output", "export")
@@ -177,7 +178,7 @@ class VolumeInfo:
     def summary(self) -> str:
         lines = [
             f"path:         {self.path}",
-            f"kind:         {self.kind} (zarr v{self.zarr_format})",
+            f"kind:         {self.kind}" + (f" (zarr v{self.zarr_format})" if self.zarr_format else ""),
             f"shape:        {self.shape}  axes {''.join(self.axes)}",
             f"dtype:        {self.dtype}",
             f"chunks:       {self.chunks}" + (f"  shards {self.shards}" if self.shards else ""),
@@ -196,7 +197,7 @@ class VolumeInfo:
         return "\n".join(lines)
 
 
-def describe(path: str | os.PathLike[str]) -> VolumeInfo:
+def describe(path: PathOrUrl) -> VolumeInfo:
     """Shape, dtype, chunks, axes, voxel size, compressor, size on disk and levels of a volume."""
     volume = open_volume(path, allow_incomplete=True)
     array = volume.array
@@ -217,17 +218,18 @@ def describe(path: str | os.PathLike[str]) -> VolumeInfo:
         status = read_status(volume.image_path).get("status")
     return VolumeInfo(
         path=str(path),
-        kind="OME-Zarr image" if volume.image_path is not None else "zarr array",
-        zarr_format=int(array.metadata.zarr_format),
+        kind=(f"{volume.format} volume (read with tensorstore)" if volume.format != "zarr"
+              else "OME-Zarr image" if volume.image_path is not None else "zarr array"),
+        zarr_format=int(array.metadata.zarr_format) if volume.format == "zarr" else 0,
         shape=tuple(int(s) for s in array.shape),
         dtype=str(volume.dtype),
         axes=volume.axes,
         chunks=tuple(int(c) for c in array.chunks),
-        shards=None if array.shards is None else tuple(int(s) for s in array.shards),
+        shards=None if getattr(array, "shards", None) is None else tuple(int(s) for s in array.shards),
         voxel_size=volume.voxel_size,
         offset_nm=volume.offset_nm,
         compressor=compressor,
-        size_on_disk=_du(Path(path)),
+        size_on_disk=_du(location(path)),
         levels=tuple(levels),
         labels=labels,
         status=status,
@@ -242,7 +244,10 @@ def _codec_name(codec: Any) -> str:
     return f"{name}({detail})" if detail is not None else str(name)
 
 
-def _du(path: Path) -> int:
+def _du(path: Location) -> int:
+    if is_url(path):
+        fs, inner = filesystem(path)
+        return int(fs.du(inner))
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

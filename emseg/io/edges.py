@@ -12,16 +12,15 @@ lets the global step stream the graph block by block; nothing gathers it whole.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import io
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import zarr
+
+from emseg.io.location import Location, PathOrUrl, exists, location, remove_tree, write_bytes
 
 __all__ = ["GRAPH_DIR", "graph_dir", "lookup_path", "open_lookup", "read_block_edges", "remove_graph",
            "write_block_edges", "write_lookup"]
@@ -29,59 +28,53 @@ __all__ = ["GRAPH_DIR", "graph_dir", "lookup_path", "open_lookup", "read_block_e
 GRAPH_DIR = "graph"
 
 
-def graph_dir(fragments: str | os.PathLike[str]) -> Path:
-    return Path(fragments) / GRAPH_DIR
+def graph_dir(fragments: PathOrUrl) -> Location:
+    return location(fragments) / GRAPH_DIR
 
 
-def _block_file(fragments: str | os.PathLike[str], block_id: int) -> Path:
+def _block_file(fragments: PathOrUrl, block_id: int) -> Location:
     return graph_dir(fragments) / "blocks" / f"{int(block_id)}.npz"
 
 
-def write_block_edges(fragments: str | os.PathLike[str], block_id: int, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
-    """Write one block's edge arrays (replacing an earlier attempt); atomic on POSIX filesystems."""
-    target = _block_file(fragments, block_id)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".npz", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # numpy's stub matches **kwds against its allow_pickle: bool parameter
-            np.savez(f, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_block_edges(fragments: PathOrUrl, block_id: int, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Write one block's edge arrays (replacing an earlier attempt); atomic (rename on a filesystem,
+    one PUT on object storage)."""
+    buffer = io.BytesIO()
+    # numpy's stub matches **kwds against its allow_pickle: bool parameter
+    np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+    write_bytes(_block_file(fragments, block_id), buffer.getvalue())
 
 
 def read_block_edges(
-    fragments: str | os.PathLike[str], block_id: int, fields: tuple[str, ...] | None = None
+    fragments: PathOrUrl, block_id: int, fields: tuple[str, ...] | None = None
 ) -> dict[str, npt.NDArray[Any]]:
     """One block's edge arrays (all fields, or only ``fields``)."""
-    with np.load(_block_file(fragments, block_id)) as data:
+    with np.load(io.BytesIO(_block_file(fragments, block_id).read_bytes())) as data:
         return {k: np.asarray(data[k]) for k in (fields or tuple(data.files))}
 
 
-def remove_graph(fragments: str | os.PathLike[str]) -> None:
-    shutil.rmtree(graph_dir(fragments), ignore_errors=True)
+def remove_graph(fragments: PathOrUrl) -> None:
+    remove_tree(graph_dir(fragments))
 
 
-def lookup_path(fragments: str | os.PathLike[str], name: str) -> Path:
+def lookup_path(fragments: PathOrUrl, name: str) -> Location:
     return graph_dir(fragments) / f"lookup_{name}"
 
 
-def write_lookup(path: str | os.PathLike[str], lookup: npt.NDArray[np.uint64], *, attrs: Mapping[str, Any],
+def write_lookup(path: PathOrUrl, lookup: npt.NDArray[np.uint64], *, attrs: Mapping[str, Any],
                  chunk: int = 1 << 20) -> None:
     """Store a fragment -> segment lookup as a 1-D uint64 zarr array; ``attrs`` are written last
     (a reader checks them to know the array is complete)."""
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
+    path = location(path)
+    if exists(path):
+        remove_tree(path)
     array = zarr.create_array(str(path), shape=lookup.shape, chunks=(max(1, min(chunk, len(lookup))),),
                               dtype=np.uint64, fill_value=0)
     array[:] = lookup
     array.attrs.update(dict(attrs))
 
 
-def lookup_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+def lookup_attrs(path: PathOrUrl) -> dict[str, Any]:
     """Attributes of a stored lookup (``{}`` when there is none)."""
     try:
         return dict(zarr.open_array(str(path), mode="r").attrs)
@@ -89,6 +82,6 @@ def lookup_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
-def open_lookup(path: str | os.PathLike[str]) -> Any:
+def open_lookup(path: PathOrUrl) -> Any:
     """The stored lookup, opened lazily: ``lookup[a:b]`` reads only that range."""
     return zarr.open_array(str(path), mode="r")

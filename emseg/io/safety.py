@@ -18,20 +18,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from emseg.io.location import Location, PathOrUrl, exists, is_url, location, remove_tree
+
 SOFTWARE = "emseg"
 """The ``Software`` tag of the TIFF and PNG files emseg writes."""
 
 _CHECKPOINT_FORMAT = "emseg-checkpoint"
 
 
-def _json(path: Path) -> Any:
+def _json(path: Location) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
 
 
-def zarr_attrs(path: Path) -> dict[str, Any] | None:
+def zarr_attrs(path: Location) -> dict[str, Any] | None:
     """The attributes of the zarr node at ``path`` (v3 ``zarr.json`` or v2 ``.zattrs``), or None."""
     meta = _json(path / "zarr.json")
     if isinstance(meta, dict):
@@ -79,9 +81,14 @@ def _file_is_emseg(path: Path) -> bool:
     return False
 
 
-def made_by_emseg(path: str | os.PathLike[str]) -> bool:
+def made_by_emseg(path: PathOrUrl) -> bool:
     """Whether ``path`` is something emseg wrote (or an empty folder), so ``--overwrite`` may remove it."""
-    p = Path(os.path.realpath(path))  # a symlink is judged by what it points to: that is what gets written
+    if is_url(path):  # object storage: nothing there, or an emseg zarr image
+        if not exists(path):
+            return True
+        attrs = zarr_attrs(location(path))
+        return attrs is not None and "emseg" in attrs
+    p = Path(os.path.realpath(str(path)))  # a symlink is judged by what it points to: that is what gets written
     if not p.exists():
         return True
     try:
@@ -102,7 +109,18 @@ def made_by_emseg(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def overwrite_hint(path: str | os.PathLike[str]) -> str:
+def occupied(path: PathOrUrl) -> bool:
+    """Whether something is at ``path`` (on object storage: anything but a run lock waiting there)."""
+    if not is_url(path):
+        p = Path(str(path))
+        return p.exists() or p.is_symlink()
+    from emseg.engine.objectlock import LOCK_NAME
+
+    url = location(path)
+    return exists(url) and any(p.name != LOCK_NAME for p in url.iterdir())
+
+
+def overwrite_hint(path: PathOrUrl) -> str:
     """The end of an "already exists" message: --overwrite only where it would be allowed."""
     if made_by_emseg(path):
         return "pass --overwrite to replace it"
@@ -137,16 +155,23 @@ def recorded_sources(path: str | os.PathLike[str], depth: int = 4) -> list[Path]
     return found
 
 
-def check_distinct(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two locations (paths or URLs, absolute) are the same or one lies inside the other."""
+    sa, sb = str(a).rstrip("/"), str(b).rstrip("/")
+    return sa == sb or sb.startswith(sa + "/") or sa.startswith(sb + "/")
+
+
+def check_distinct(source: Any, output: Any) -> None:
     """Refuse an output that is, contains, or lies inside the input or an input the input was made from."""
     from emseg.errors import SameInputOutputError
+    from emseg.io.location import absolute
 
-    src = Path(os.path.realpath(source))  # realpath: a symlink loop is left as it is, not a RuntimeError
-    dst = Path(os.path.realpath(output))
-    if src == dst or src in dst.parents or dst in src.parents:
+    src = absolute(source)
+    dst = absolute(output)
+    if _overlap(src, dst):
         raise SameInputOutputError(f"output {output} would overwrite the input {source}; choose another output path")
-    for upstream in recorded_sources(src):
-        if upstream == dst or upstream in dst.parents or dst in upstream.parents:
+    for upstream in (recorded_sources(src) if isinstance(src, Path) else []):
+        if _overlap(upstream, dst):
             raise SameInputOutputError(f"output {output} would overwrite {upstream}, from which the input {source} "
                                        "was made; choose another output path")
 
@@ -160,7 +185,7 @@ def _check_not_inside_a_store(path: Path) -> None:
             raise SameInputOutputError(f"{path} lies inside the zarr store {parent}; write it beside the store instead")
 
 
-def _check_replaceable(path: Path, overwrite: bool) -> None:
+def _check_replaceable(path: Location, overwrite: bool) -> None:
     """Refuse an existing ``path`` unless ``overwrite`` and emseg made it."""
     from emseg.errors import OutputExistsError
 
@@ -168,13 +193,23 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"{path} already exists; {overwrite_hint(path)}")
 
 
-def prepare_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+def prepare_output(path: PathOrUrl, *, overwrite: bool) -> Location:
     """Make sure ``path`` may be written: refuse an existing one unless ``overwrite`` (then remove it).
 
-    ``overwrite`` removes only what emseg wrote itself (:func:`made_by_emseg`).  ``path`` is
+    ``overwrite`` removes only what emseg wrote itself (:func:`made_by_emseg`).  On object storage
+    the run lock inside the output stays (:mod:`emseg.engine.objectlock`).  A local ``path`` is
     resolved first: through a symlink, the folder it points to is checked, removed and returned.
     """
-    path = Path(os.path.realpath(path))
+    if is_url(path):
+        from emseg.engine.objectlock import LOCK_NAME, check_writable
+
+        url = location(path)
+        check_writable(url)
+        if occupied(url):
+            _check_replaceable(url, overwrite)
+            remove_tree(url, keep=(LOCK_NAME,))
+        return url
+    path = Path(os.path.realpath(str(path)))
     _check_not_inside_a_store(path)
     if path.exists():
         _check_replaceable(path, overwrite)

@@ -226,12 +226,47 @@ class Hdf5Source:
             return np.asarray(f[self.dataset][z0:z1])
 
 
+@dataclass
+class VolumeSource:
+    """A volume :func:`emseg.io.open_volume` reads (zarr, precomputed, N5, local or at a URL), by slabs."""
+
+    path: Any
+    volume: Any
+    shape: tuple[int, int, int]
+    dtype: np.dtype[Any]
+    voxel_size: tuple[float, float, float] | None
+
+    def read(self, z0: int, z1: int) -> npt.NDArray[Any]:
+        from emseg.geometry import Roi
+
+        return np.asarray(self.volume.read(Roi((z0, 0, 0), (z1 - z0, *self.shape[1:]))))
+
+
+def _volume_source(path: Any) -> VolumeSource:
+    volume = open_volume(path)
+    if volume.has_channels:
+        raise VolumeShapeError(f"{path}: import takes a grayscale (z, y, x) volume; this one has channels {volume.axes}")
+    return VolumeSource(volume.path, volume, volume.shape, volume.dtype, volume.voxel_size)  # type: ignore[arg-type]
+
+
+def _is_volume_store(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("zarr.json", ".zarray", ".zgroup", "info",
+                                                                 "attributes.json"))
+
+
 def open_source(path: str | os.PathLike[str], dataset: str | None = None) -> Source:
-    """Open a TIFF file, a folder of TIFF/PNG sections, or an HDF5 dataset for slab reading.
+    """Open a TIFF file, a folder of TIFF/PNG sections, an HDF5 dataset, or any volume
+    :func:`emseg.io.open_volume` reads (zarr, precomputed, N5, also at a URL) for slab reading.
 
     ``path`` may name the dataset inside an HDF5 file: ``stack.h5/volumes/raw``.
     """
+    from emseg.io.location import is_url
+
+    if is_url(path) or str(path).startswith("file://"):
+        return _volume_source(path)
     path = Path(path)
+    if _is_volume_store(path):
+        return _volume_source(path)
     h5_file, inner = _split_hdf5(path)
     if h5_file is not None:
         source: Source = Hdf5Source.open(h5_file, dataset or inner)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ import numpy.typing as npt
 import zarr
 import zarr.errors
 
-from emseg.engine.ledger import check_census
 from emseg.errors import (
     EmsegError,
     IncompleteOutputError,
@@ -31,6 +29,7 @@ from emseg.errors import (
     VolumeShapeError,
 )
 from emseg.geometry import Coordinate, Roi
+from emseg.io.location import Location, PathOrUrl, exists, is_url, location
 from emseg.io.ome import (
     Multiscale,
     image_label_attrs,
@@ -58,10 +57,10 @@ class Volume:
 
     Attributes
     ----------
-    path : Path
-        The array itself (``image.zarr/0`` for an OME-Zarr image).
-    array : zarr.Array
-        The lazily read storage array.
+    path : Path or UPath
+        The array itself (``image.zarr/0`` for an OME-Zarr image); a URL is a :class:`upath.UPath`.
+    array : zarr.Array or TensorStoreArray
+        The lazily read storage array (tensorstore's for precomputed and N5, read-only).
     axes : tuple of str
         Axis names in array order: ``("z", "y", "x")`` or ``("c", "z", "y", "x")``.
     voxel_size : tuple of float
@@ -72,12 +71,12 @@ class Volume:
         The OME-Zarr image group the array belongs to, if any.
     """
 
-    path: Path
-    array: zarr.Array
+    path: Location
+    array: Any
     axes: tuple[str, ...]
     voxel_size: tuple[float, ...]
     offset_nm: tuple[float, ...] = field(default=(0.0, 0.0, 0.0))
-    image_path: Path | None = None
+    image_path: Location | None = None
     levels: tuple[str, ...] = ()
 
     @property
@@ -176,11 +175,18 @@ class Volume:
         """The volume as a lazy dask array, chunked like the storage."""
         import dask.array as da
 
-        return da.from_zarr(self.array)
+        if isinstance(self.array, zarr.Array):
+            return da.from_zarr(self.array)
+        return da.from_array(self.array, chunks=self.array.chunks, asarray=True)
+
+    @property
+    def format(self) -> str:
+        """``"zarr"``, ``"precomputed"`` or ``"n5"``: what the volume is stored as."""
+        return "zarr" if isinstance(self.array, zarr.Array) else str(self.array.format)
 
 
 @contextlib.contextmanager
-def storage_errors(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+def storage_errors(path: PathOrUrl, what: str) -> Iterator[None]:
     """Re-raise an OSError without a path (zarr's stores drop it) as a StorageError naming ``path``."""
     try:
         yield
@@ -208,7 +214,7 @@ def _reflect_indices(begin: int, end: int, n: int) -> npt.NDArray[np.int64]:
 # opening
 
 
-def _open_node(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Array | zarr.Group:
+def _open_node(path: Location, mode: Literal["r", "r+"] = "r") -> zarr.Array | zarr.Group:
     try:
         return zarr.open(str(path), mode=mode)
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError) as e:
@@ -217,7 +223,7 @@ def _open_node(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Array | zarr.
         raise NotAVolumeError(f"{path}: not a readable zarr store ({e})") from e
 
 
-def _open_parent_group(parent: Path) -> zarr.Group | None:
+def _open_parent_group(parent: Location) -> zarr.Group | None:
     """The group holding an array, if it is a zarr group (its multiscales describe the array)."""
     if not any((parent / f).exists() for f in ("zarr.json", ".zgroup")):
         return None
@@ -228,7 +234,7 @@ def _open_parent_group(parent: Path) -> zarr.Group | None:
     return node
 
 
-def _check_status(group_attrs: Any, where: Path, allow_incomplete: bool) -> None:
+def _check_status(group_attrs: Any, where: Location, allow_incomplete: bool) -> None:
     status = (group_attrs.get(STATUS_KEY) or {}).get("status")
     if status == "incomplete" and not allow_incomplete:
         raise IncompleteOutputError(
@@ -238,35 +244,67 @@ def _check_status(group_attrs: Any, where: Path, allow_incomplete: bool) -> None
 
 
 def open_volume(
-    path: str | os.PathLike[str],
+    path: PathOrUrl | Location,
     *,
     level: int | str = 0,
     allow_incomplete: bool = False,
     mode: Literal["r", "r+"] = "r",
+    voxel_size: Sequence[float] | None = None,
 ) -> Volume:
-    """Open a zarr v2/v3 array or an OME-Zarr (NGFF 0.4/0.5) image lazily.
+    """Open a volume lazily: zarr v2/v3, OME-Zarr (NGFF 0.4/0.5), neuroglancer precomputed or N5.
 
     Parameters
     ----------
-    path : path
+    path : path or URL
         ``image.zarr`` (an OME-Zarr image: ``level`` picks the multiscale level),
-        ``image.zarr/1`` (one level), or any plain zarr array ``store.zarr/group/array``.
+        ``image.zarr/1`` (one level), any plain zarr array ``store.zarr/group/array``, a precomputed
+        layer (a folder with an ``info``) or an N5 dataset (``attributes.json``).  ``s3://``,
+        ``gs://``, ``https://`` and ``file://`` URLs are read as well (:mod:`emseg.io.location`).
     level : int or str
-        Multiscale level (index into the datasets, or its path) when ``path`` is an image group.
+        Multiscale level (index into the datasets, or its path; a precomputed scale's index or key)
+        when ``path`` is an image group.
     allow_incomplete : bool
         Open an output that an interrupted run left half-written (used when resuming).
     mode : {"r", "r+"}
         ``"r+"`` to write blocks into an existing volume (workers of a run).
+    voxel_size : tuple of float, optional
+        ``(z, y, x)`` nm, replacing what the metadata says (``--voxel-size``).
+
+    Voxel size comes from OME-Zarr ``multiscales``, else from a plain array's ``voxel_size``
+    attribute (emseg) or ``resolution``/``offset`` (daisy, funlib.persistence: nm, ``z, y, x``),
+    else 1 nm.
 
     Raises
     ------
     VolumeNotFoundError, NotAVolumeError, VolumeShapeError, UnsupportedDtypeError, IncompleteOutputError
     """
-    path = Path(path)
-    if not path.exists():
+    path = location(path)
+    if not exists(path):
         raise VolumeNotFoundError(f"{path}: no such file or directory")
+    volume = _open_any(path, level=level, allow_incomplete=allow_incomplete, mode=mode)
+    if voxel_size is not None:
+        if len(voxel_size) != 3 or not all(float(v) > 0 for v in voxel_size):
+            raise VolumeShapeError(f"voxel size {tuple(voxel_size)}: expected 3 positive values in nm (z, y, x)")
+        volume.voxel_size = tuple(float(v) for v in voxel_size)
+    return volume
+
+
+def _open_any(path: Location, *, level: int | str, allow_incomplete: bool, mode: Literal["r", "r+"]) -> Volume:
+    from emseg.engine.ledger import check_census  # here: the ledger's module imports emseg.io
+    from emseg.io.formats import detect, open_tensorstore
+
+    if not any(exists(path / marker) for marker in ("zarr.json", ".zarray", ".zgroup")):
+        found = detect(path)
+        if found is not None:
+            if mode != "r":
+                raise NotAVolumeError(f"{path}: a {found[0]} volume is read-only in emseg; write OME-Zarr")
+            opened = open_tensorstore(path, found[0], found[1], level)
+            _check_opened(path, opened.array)
+            # the path reopens this level: the layer itself (precomputed) or the dataset (N5)
+            where = path / opened.level_path if found[0] == "n5" and opened.level_path else path
+            return Volume(where, opened.array, opened.axes, opened.voxel_size, opened.offset_nm)
     node = _open_node(path, mode)
-    image_path: Path | None = None
+    image_path: Location | None = None
     multiscale: Multiscale | None = None
     if isinstance(node, zarr.Group):
         multiscale = parse_multiscale(node.attrs, str(path))
@@ -303,12 +341,7 @@ def open_volume(
                     check_census(parent, key)
     if not isinstance(array, zarr.Array):
         raise NotAVolumeError(f"{array_path}: expected a zarr array, found a group")
-    dtype = np.dtype(array.dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise UnsupportedDtypeError(
-            f"{array_path}: dtype {dtype} is not supported; expected one of "
-            f"{sorted(str(d) for d in SUPPORTED_DTYPES)}"
-        )
+    _check_opened(array_path, array)
     if multiscale is not None:
         idx = multiscale.paths.index(key)
         axes = multiscale.axes
@@ -326,8 +359,7 @@ def open_volume(
         levels = multiscale.paths
     else:
         axes = {3: ("z", "y", "x"), 4: ("c", "z", "y", "x")}.get(array.ndim, ())
-        voxel_size = tuple(float(v) for v in array.attrs.get("voxel_size", (1.0, 1.0, 1.0)))
-        offset = (0.0, 0.0, 0.0)
+        voxel_size, offset = _plain_geometry(array.attrs)
         levels = ()
     spatial_ndim = len(axes) - (1 if axes and axes[0] == "c" else 0)
     if spatial_ndim != 3:
@@ -335,9 +367,35 @@ def open_volume(
             f"{array_path}: expected 3 spatial axes (z, y, x), optionally after a channel axis; "
             f"got shape {tuple(array.shape)}" + (f" with axes {axes}" if axes else "")
         )
-    if 0 in tuple(array.shape):
-        raise VolumeShapeError(f"{array_path}: shape {tuple(array.shape)} has an empty axis; there is nothing to process")
     return Volume(array_path, array, axes, voxel_size, offset, image_path, levels)
+
+
+def _check_opened(where: Location, array: Any) -> None:
+    dtype = np.dtype(array.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedDtypeError(
+            f"{where}: dtype {dtype} is not supported; expected one of "
+            f"{sorted(str(d) for d in SUPPORTED_DTYPES)}"
+        )
+    if 0 in tuple(array.shape):
+        raise VolumeShapeError(f"{where}: shape {tuple(array.shape)} has an empty axis; there is nothing to process")
+
+
+def _plain_geometry(attrs: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Voxel size and offset (nm, z, y, x) of a zarr array without OME-Zarr metadata.
+
+    emseg's ``voxel_size``, else daisy/funlib's ``resolution`` and ``offset`` (nm, in array axis
+    order: the last three values for a channel-first array), else 1 nm and 0.
+    """
+    def three(key: str) -> tuple[float, ...] | None:
+        values = attrs.get(key)
+        if isinstance(values, (list, tuple)) and len(values) >= 3 and all(isinstance(v, (int, float)) for v in values):
+            return tuple(float(v) for v in values[-3:])
+        return None
+
+    voxel_size = three("voxel_size") or three("resolution") or (1.0, 1.0, 1.0)
+    offset = three("offset") or (0.0, 0.0, 0.0)
+    return voxel_size, offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +423,7 @@ def _array_kwargs(zarr_format: int, chunks: Sequence[int], shards: Sequence[int]
 
 
 def create_volume(
-    path: str | os.PathLike[str],
+    path: PathOrUrl,
     *,
     shape: Sequence[int],
     dtype: npt.DTypeLike,
@@ -394,13 +452,15 @@ def create_volume(
         Adds a leading channel axis ``c`` of this length (chunked whole).
     """
     dtype = np.dtype(np.dtype(dtype).str)  # tifffile's longlong 'q' -> int64: zarr knows only the canonical types
-    _check_dtype(dtype, Path(path))
+    _check_dtype(dtype, location(path))
     path = prepare_output(path, overwrite=overwrite)
     with storage_errors(path, "create the image"):
         # the status is in the group's first metadata write: a kill before multiscales are written
         # leaves an image that is refused as incomplete, never one that opens as finished
         status = {STATUS_KEY: {"status": "incomplete", **(extra_attrs or {})}}
-        group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format, attributes=status)
+        # object storage: "a" on the emptied prefix, as "w" would delete the run lock inside it
+        group = zarr.open_group(str(path), mode="a" if is_url(path) else "w", zarr_format=zarr_format,
+                                attributes=status)
         volume = _create_image(group, path, shape=shape, dtype=dtype, chunks=chunks, voxel_size=voxel_size,
                                offset_nm=offset_nm, channels=channels, shards=shards, zarr_format=zarr_format, name=name)
         attrs = dict(group.attrs)
@@ -442,7 +502,7 @@ def _create_image(
 
 
 def create_labels(
-    image_path: str | os.PathLike[str],
+    image_path: PathOrUrl,
     name: str,
     *,
     dtype: npt.DTypeLike = np.uint64,
@@ -455,7 +515,7 @@ def create_labels(
     and its ``image-label`` metadata points back at the image.  Like :func:`create_volume`, the
     label image is marked incomplete until :func:`mark_complete` is called on its path.
     """
-    image_path = Path(image_path)
+    image_path = location(image_path)
     image = open_volume(image_path, allow_incomplete=True)
     group = zarr.open_group(str(image_path), mode="a")
     zarr_format = group.metadata.zarr_format
@@ -480,7 +540,7 @@ def create_labels(
     return volume
 
 
-def remove_label_image(image_path: str | os.PathLike[str], name: str) -> None:
+def remove_label_image(image_path: PathOrUrl, name: str) -> None:
     """Delete the label image ``image_path/labels/<name>`` and its entry in the ``labels`` list."""
     group = zarr.open_group(str(image_path), mode="a")
     if "labels" not in group:
@@ -497,7 +557,7 @@ def _label_names(attrs: Any) -> list[str]:
     return list(ome.get("labels", []))
 
 
-def mark_complete(image_path: str | os.PathLike[str], **extra: Any) -> None:
+def mark_complete(image_path: PathOrUrl, **extra: Any) -> None:
     """Mark an image created by :func:`create_volume` as finished (after every block is written)."""
     with storage_errors(image_path, "mark it complete"):
         group = zarr.open_group(str(image_path), mode="a")
@@ -506,22 +566,22 @@ def mark_complete(image_path: str | os.PathLike[str], **extra: Any) -> None:
         group.attrs[STATUS_KEY] = status
 
 
-def read_status(image_path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_status(image_path: PathOrUrl) -> dict[str, Any]:
     """emseg's bookkeeping attributes of an output image (``{}`` for images emseg did not make)."""
     group = zarr.open_group(str(image_path), mode="r")
     return dict(group.attrs.get(STATUS_KEY) or {})
 
 
-def update_status(image_path: str | os.PathLike[str], **values: Any) -> None:
+def update_status(image_path: PathOrUrl, **values: Any) -> None:
     group = zarr.open_group(str(image_path), mode="a")
     status = dict(group.attrs.get(STATUS_KEY) or {})
     status.update(values)
     group.attrs[STATUS_KEY] = status
 
 
-def is_label_image(image_path: str | os.PathLike[str]) -> bool:
+def is_label_image(image_path: PathOrUrl) -> bool:
     """Whether an OME-Zarr image is a label image (``image-label`` metadata or under ``labels/``)."""
-    path = Path(image_path)
+    path = location(image_path)
     try:
         group = zarr.open_group(str(path), mode="r")
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError, ValueError):
@@ -529,9 +589,9 @@ def is_label_image(image_path: str | os.PathLike[str]) -> bool:
     return "image-label" in ome_attrs(group.attrs) or path.parent.name == "labels"
 
 
-def label_image_paths(image_path: str | os.PathLike[str]) -> list[Path]:
+def label_image_paths(image_path: PathOrUrl) -> list[Path]:
     """The label images listed in an OME-Zarr image's ``labels`` group (``[]`` when it has none)."""
-    labels = Path(image_path) / "labels"
+    labels = location(image_path) / "labels"
     if not labels.is_dir():
         return []
     try:

@@ -63,6 +63,7 @@ from emseg.io.edges import (
     write_block_edges,
     write_lookup,
 )
+from emseg.io.location import Location, PathOrUrl, absolute, location
 from emseg.io.safety import made_by_emseg
 from emseg.ops.affinities import INPUT_KINDS, InputKind, prediction_affinities
 from emseg.ops.agglomerate import UnionFind, consecutive_lookup, merge_scores
@@ -128,7 +129,7 @@ def graph_mode(mode: Mode) -> Literal["3d", "2d"]:
     return "2d" if mode == "2d" else "3d"
 
 
-def input_kind_of(pred_path: str | os.PathLike[str]) -> InputKind:
+def input_kind_of(pred_path: PathOrUrl) -> InputKind:
     """``"affinities"`` when the prediction's recorded outputs are affinities, else ``"boundary"``."""
     pred = open_volume(pred_path)
     status = read_status(pred.image_path) if pred.image_path is not None else {}
@@ -141,7 +142,7 @@ def input_kind_of(pred_path: str | os.PathLike[str]) -> InputKind:
     return "boundary"
 
 
-def model_threshold(image: str | os.PathLike[str]) -> float | None:
+def model_threshold(image: PathOrUrl) -> float | None:
     """The ``agglomeration_threshold`` of the checkpoint that predicted the OME-Zarr ``image`` (recorded
     in its status by ``emseg predict``), or ``None``: no such record, no threshold in the checkpoint, or the
     checkpoint no longer readable (logged)."""
@@ -161,7 +162,7 @@ def model_threshold(image: str | os.PathLike[str]) -> float | None:
         return None
 
 
-def with_model_threshold(options: AgglomerateOptions, image: str | os.PathLike[str]) -> AgglomerateOptions:
+def with_model_threshold(options: AgglomerateOptions, image: PathOrUrl) -> AgglomerateOptions:
     """``options`` with the threshold of the model that predicted ``image`` (:func:`model_threshold`),
     or unchanged when it has none: for callers whose user set no threshold (`emseg segment`,
     `emseg agglomerate`)."""
@@ -186,7 +187,7 @@ def segments_name(threshold: float) -> str:
 class GraphReport:
     """What :func:`build_graph` did."""
 
-    fragments_path: Path
+    fragments_path: Location
     n_fragments: int
     n_edges: int
     blocks: int
@@ -205,7 +206,7 @@ class GraphReport:
 class FragmentsReport:
     """What :func:`mutex_fragments_blockwise` did (the watershed's is a :class:`~emseg.workflows.label.LabelReport`)."""
 
-    labels_path: Path
+    labels_path: Location
     method: str
     n_segments: int
     blocks: int
@@ -231,18 +232,18 @@ class AgglomerateReport:
         Number of segments (ids ``1..n``) at each threshold.
     """
 
-    fragments_path: Path
+    fragments_path: Location
     threshold: float
     score: str
     n_fragments: int
-    segments: dict[float, Path]
+    segments: dict[float, Location]
     n_segments: dict[float, int]
     seconds: float
     stages: tuple[StageReport, ...] = field(default=(), repr=False)
     seconds_global: float = 0.0
 
     @property
-    def labels_path(self) -> Path:
+    def labels_path(self) -> Location:
         """The default label image (``labels/segments``)."""
         return self.segments[self.threshold]
 
@@ -280,8 +281,8 @@ def section_block_shape(chunks: Sequence[int]) -> Coordinate:
 
 
 def make_fragments(
-    pred_path: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None = None,
+    pred_path: PathOrUrl,
+    output: PathOrUrl | None = None,
     options: AgglomerateOptions | None = None,
     *,
     mode: Mode = "auto",
@@ -306,13 +307,13 @@ def make_fragments(
     resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
     if block_size is None and resolved == "2d":
         block_size = section_block_shape(pred.chunks)
-    out = Path(output) if output is not None else (pred.image_path or Path(pred_path))
+    out = location(output) if output is not None else (pred.image_path or location(pred_path))
     return label(pred_path, out, method="watershed", threshold=opts.fragment_threshold, mode=resolved,
                  seeds=opts.seeds, min_distance=opts.min_distance, min_size=opts.min_size, block_size=block_size,
                  run=run, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind)
 
 
-def prediction_offsets(pred_path: str | os.PathLike[str]) -> tuple[Coordinate, ...] | None:
+def prediction_offsets(pred_path: PathOrUrl) -> tuple[Coordinate, ...] | None:
     """The affinity offsets of a prediction: its recorded ``offsets``, else those of the checkpoint
     that made it (``config.json``), else the nearest neighbours for 3 ``aff*`` outputs; None if unknown."""
     import json
@@ -343,8 +344,8 @@ class _MutexJob:
 
 
 def mutex_fragments_blockwise(
-    pred_path: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None = None,
+    pred_path: PathOrUrl,
+    output: PathOrUrl | None = None,
     options: AgglomerateOptions | None = None,
     *,
     offsets: Sequence[Sequence[int]] | None = None,
@@ -383,7 +384,7 @@ def mutex_fragments_blockwise(
         raise ConfigError(f"{pred_path}: no affinity offsets recorded in the prediction or its checkpoint; pass them")
     offs = check_offsets(found, pred.channels or 0)
     resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
-    image = pred.image_path if output is None else Path(output)
+    image = pred.image_path if output is None else location(output)
     if image is None:
         raise NotAVolumeError(f"{pred_path}: pass an output image for the fragments")
     label_root = image / "labels" / FRAGMENTS_NAME
@@ -395,7 +396,7 @@ def mutex_fragments_blockwise(
     chunks = tuple(c if b % c == 0 else b for b, c in zip(block, pred.chunks))
     halo = offsets_halo(offs, resolved)  # type: ignore[arg-type]
     grid = plan_blocks(Roi.from_shape(pred.shape), block, halo, chunk_shape=chunks)
-    params: dict[str, Any] = {"method": "mutex", "prediction": str(Path(pred.path).resolve()),
+    params: dict[str, Any] = {"method": "mutex", "prediction": str(absolute(pred.path)),
                               "offsets": [list(o) for o in offs], "mode": resolved, "block": list(grid.block_shape),
                               "shape": list(pred.shape), "merge_faces": False,
                               **opts.fingerprint("mutex_bias", "long_range_bias")}
@@ -484,9 +485,9 @@ def nearest_channels(offsets: Sequence[Sequence[int]] | None) -> tuple[int, int,
     return (0, 1, 2)
 
 
-def _fragments_image(path: str | os.PathLike[str]) -> tuple[Any, Path]:
+def _fragments_image(path: PathOrUrl) -> tuple[Any, Location]:
     """The fragments volume and its image group (where status, graph and markers live)."""
-    path = Path(path)
+    path = location(path)
     if path.is_dir() and (path / "labels" / FRAGMENTS_NAME).is_dir() and not is_fragments(path, image_only=True):
         path = path / "labels" / FRAGMENTS_NAME
     volume = open_volume(path)
@@ -495,13 +496,13 @@ def _fragments_image(path: str | os.PathLike[str]) -> tuple[Any, Path]:
                                "pass the fragments label image, e.g. OUT.zarr/labels/fragments")
     if not np.issubdtype(volume.dtype, np.integer):
         raise NotAVolumeError(f"{path}: fragments must hold integer ids, got {volume.dtype}")
-    return volume, (volume.image_path or Path(volume.path))
+    return volume, (volume.image_path or volume.path)
 
 
-def is_fragments(path: str | os.PathLike[str], *, image_only: bool = False) -> bool:
+def is_fragments(path: PathOrUrl, *, image_only: bool = False) -> bool:
     """Whether ``path`` is a fragments label image (per-block fragments, or one with a graph) or,
     unless ``image_only``, an image holding ``labels/fragments`` with a finished region graph."""
-    path = Path(path)
+    path = location(path)
     if not image_only and (path / "labels" / FRAGMENTS_NAME).is_dir():
         inner = path / "labels" / FRAGMENTS_NAME
         graph = _status(inner).get(GRAPH_KEY)
@@ -512,7 +513,7 @@ def is_fragments(path: str | os.PathLike[str], *, image_only: bool = False) -> b
     return isinstance(status.get(GRAPH_KEY), dict) or (isinstance(params, dict) and params.get("merge_faces") is False)
 
 
-def _status(path: Path) -> dict[str, Any]:
+def _status(path: Location) -> dict[str, Any]:
     if not any((path / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")):
         return {}
     try:
@@ -521,7 +522,7 @@ def _status(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _fragment_grid(frag: Any, image: Path, block_size: int | Sequence[int] | None) -> tuple[BlockGrid, int]:
+def _fragment_grid(frag: Any, image: Location, block_size: int | Sequence[int] | None) -> tuple[BlockGrid, int]:
     """The block grid the fragments were made on, and the number of fragments."""
     status = read_status(image)
     label_status = status.get("label") or {}
@@ -538,8 +539,8 @@ def _fragment_grid(frag: Any, image: Path, block_size: int | Sequence[int] | Non
 
 
 def build_graph(
-    pred_path: str | os.PathLike[str],
-    fragments_path: str | os.PathLike[str],
+    pred_path: PathOrUrl,
+    fragments_path: PathOrUrl,
     options: AgglomerateOptions | None = None,
     *,
     mode: Mode = "auto",
@@ -604,7 +605,7 @@ def build_graph(
         ctx = (0, *ctx[1:])
     frag_status = read_status(image).get("label") or {}
     params: dict[str, Any] = {
-        "prediction": str(Path(pred.path).resolve()), "fragments": frag_status.get("fingerprint", str(frag.path)),
+        "prediction": str(absolute(pred.path)), "fragments": frag_status.get("fingerprint", str(frag.path)),
         "kind": kind, "mode": resolved, "hierarchical": hierarchical, "block": list(grid.block_shape),
         **opts.model_copy(update={"context": ctx, "quantile": quantile}).fingerprint("context", "quantile"),
     }
@@ -692,7 +693,7 @@ class _RelabelJob:
     lookup: str
 
 
-def _graph_status(image: Path) -> dict[str, Any]:
+def _graph_status(image: Location) -> dict[str, Any]:
     graph = read_status(image).get(GRAPH_KEY)
     if not isinstance(graph, dict) or not graph.get("complete"):
         what = "an unfinished region graph" if isinstance(graph, dict) else "no region graph"
@@ -702,7 +703,7 @@ def _graph_status(image: Path) -> dict[str, Any]:
 
 
 def global_lookups(
-    image: str | os.PathLike[str], thresholds: Sequence[float], *, score: Score = "hierarchical",
+    image: PathOrUrl, thresholds: Sequence[float], *, score: Score = "hierarchical",
     n_fragments: int, n_blocks: int,
 ) -> dict[float, tuple[npt.NDArray[np.uint64], int]]:
     """Fragment -> segment lookups (and segment counts) for ascending ``thresholds``: one streaming
@@ -730,10 +731,10 @@ def global_lookups(
 
 
 def agglomerate(
-    fragments_path: str | os.PathLike[str],
+    fragments_path: PathOrUrl,
     options: AgglomerateOptions | None = None,
     *,
-    output: str | os.PathLike[str] | None = None,
+    output: PathOrUrl | None = None,
     run: RunOptions | None = None,
     **fields: Any,
 ) -> AgglomerateReport:
@@ -778,7 +779,7 @@ def agglomerate(
                           "the graph with hierarchical=True")
     n_fragments, n_blocks = int(graph["n_fragments"]), int(graph["blocks"])
     if output is not None:
-        target = Path(output)
+        target = location(output)
     elif image.parent.name == "labels":
         target = image.parent.parent
     else:
@@ -800,7 +801,7 @@ def agglomerate(
         claim.check()
     start = time.perf_counter()
     # stage 3: lookups (reused when a resumed run finds them finished)
-    lookups: dict[float, Path] = {}
+    lookups: dict[float, Location] = {}
     counts: dict[float, int] = {}
     missing = []
     for t in wanted:
@@ -823,7 +824,7 @@ def agglomerate(
     # stage 4: relabel, one label image per threshold
     grid = plan_blocks(Roi.from_shape(frag.shape), as_coordinate(graph["params"]["block"], 3), 0)
     stages: list[StageReport] = []
-    segments: dict[float, Path] = {}
+    segments: dict[float, Location] = {}
     from emseg.cluster import connect
 
     with connect(**run.where) as connection:
@@ -842,7 +843,7 @@ def agglomerate(
     return report
 
 
-def _remove_agglomerations(fragments: Path, *, keep: str) -> None:
+def _remove_agglomerations(fragments: Location, *, keep: str) -> None:
     """Delete the label images beside ``fragments`` agglomerated from a region graph other than
     ``keep``: a rebuilt graph makes them another run's output."""
     from emseg.io.volume import label_image_paths, remove_label_image
@@ -874,7 +875,7 @@ def _relabel_block(job: _RelabelJob, block: Block) -> dict[str, Any]:
 
 
 def segment_prediction(
-    pred_path: str | os.PathLike[str],
+    pred_path: PathOrUrl,
     options: AgglomerateOptions | None = None,
     *,
     mode: Mode = "auto",
@@ -936,7 +937,7 @@ def segment_prediction(
 
 
 def agglomerate_target(
-    target: str | os.PathLike[str],
+    target: PathOrUrl,
     options: AgglomerateOptions | None = None,
     *,
     mode: Mode = "auto",
@@ -963,13 +964,13 @@ def agglomerate_target(
     given = {k for k, v in fields.items() if v is not None} | (options.model_fields_set if options else set())
     opts = AgglomerateOptions.build(options, **fields)
     rebuild = mode != "auto" or block_size is not None or bool(given - AgglomerateOptions.AGGLOMERATION_ONLY)
-    image = Path(os.path.realpath(target))  # realpath: a symlink loop stays a path that does not exist
+    image = Path(os.path.realpath(str(target)))  # realpath: a symlink loop stays a path that does not exist
     while image.parent.name == "labels" and image.parent.parent != image.parent:
         image = image.parent.parent
     if "threshold" not in given:  # the predicting model's own threshold, as `emseg segment` uses it
         opts = with_model_threshold(opts, image)
     with run_lock(image, "agglomerate"):
-        if is_fragments(Path(target)) and not (rebuild and is_fragments(Path(target) / "labels" / FRAGMENTS_NAME,
+        if is_fragments(location(target)) and not (rebuild and is_fragments(location(target) / "labels" / FRAGMENTS_NAME,
                                                                          image_only=True)):
             if rebuild:
                 flags = [f for f in AgglomerateOptions.model_fields if f not in AgglomerateOptions.AGGLOMERATION_ONLY]

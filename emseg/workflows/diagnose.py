@@ -10,13 +10,13 @@ what to try.  The findings go into the run's report (text and ``--json``); they 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from emseg.io.location import PathOrUrl, location
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def diagnose_arrays(
     return tuple(findings)
 
 
-def _coarsest(path: str | os.PathLike[str]) -> Any:
+def _coarsest(path: PathOrUrl) -> Any:
     from emseg.io import open_volume
 
     volume = open_volume(path)
@@ -115,8 +115,8 @@ def _coarsest(path: str | os.PathLike[str]) -> Any:
 
 
 def diagnose(
-    image: str | os.PathLike[str],
-    segments: str | os.PathLike[str],
+    image: PathOrUrl,
+    segments: PathOrUrl,
     *,
     n_fragments: int,
     n_segments: int,
@@ -128,9 +128,9 @@ def diagnose(
     complement of the mean nearest-neighbour affinity).  Each finding is also logged as a warning."""
     from emseg.ops.threshold import probability
 
-    seg = _coarsest(Path(segments))
+    seg = _coarsest(location(segments))
     labels = np.asarray(seg.array[...])
-    pred = _coarsest(Path(image))
+    pred = _coarsest(location(image))
     data = np.asarray(pred.array[...])
     prob = probability(data)
     if prob.ndim == 4:

@@ -40,13 +40,11 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -67,6 +65,7 @@ from emseg.io import (
     create_volume,
     open_volume,
 )
+from emseg.io.location import Location, PathOrUrl, absolute, location
 from emseg.ops import (
     RULES,
     WatershedParams,
@@ -137,7 +136,7 @@ class LabelReport:
     stages : tuple of StageReport
     """
 
-    labels_path: Path
+    labels_path: Location
     method: str
     n_segments: int
     n_fragments: int
@@ -209,8 +208,8 @@ def _resolve_rule(foreground: str, dtype: np.dtype[Any], has_channels: bool) -> 
 
 @locked("output_path", "label")
 def label(
-    pred_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
+    pred_path: PathOrUrl,
+    output_path: PathOrUrl,
     options: LabelOptions | None = None,
     *,
     run: RunOptions | None = None,
@@ -274,7 +273,7 @@ def label(
     ws = WatershedParams(threshold=threshold, seeds=seeds, min_distance=min_distance, min_size=min_size, sigma=sigma)
     pred = open_volume(pred_path)
     rule = _resolve_rule(foreground, pred.dtype, pred.has_channels)
-    output = Path(output_path)
+    output = location(output_path)
     in_image = pred.image_path is not None and output.resolve() == pred.image_path.resolve()
     if not in_image:
         check_distinct(pred_path, output)
@@ -301,7 +300,7 @@ def label(
                  "use a smaller --block-size, or workers with more memory")
     # what determines the labels: the options (every default resolved) and the layout they run on
     params: dict[str, Any] = {
-        "prediction": str(Path(pred.path).resolve()), "shape": list(shape), "block": list(grid.block_shape),
+        "prediction": str(absolute(pred.path)), "shape": list(shape), "block": list(grid.block_shape),
         **opts.model_copy(update={"foreground": rule}).fingerprint(),
     }
     if not merge_faces:
@@ -372,8 +371,8 @@ def label(
 
 def _label_claim(
     job: _Job,
-    output: Path,
-    label_root: Path,
+    output: Location,
+    label_root: Location,
     *,
     in_image: bool,
     chunks: Coordinate,
@@ -396,7 +395,7 @@ def _label_claim(
                           offset_nm=offset_nm, overwrite=overwrite, name=name, extra_attrs=record,
                           zarr_format=zarr_format)  # type: ignore[arg-type]
 
-    def validate(path: Path) -> None:
+    def validate(path: Location) -> None:
         volume = open_volume(path, allow_incomplete=True)
         if volume.shape != shape:
             raise VolumeShapeError(f"{path}: shape {volume.shape} differs from the prediction's {shape}; "

@@ -13,23 +13,23 @@ Output layout (an OME-Zarr image group)::
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from emseg.config import PipelineConfig, RunOptions
 from emseg.io import check_distinct, open_volume, update_status
+from emseg.io.location import Location, PathOrUrl, absolute, location
 
 log = logging.getLogger(__name__)
 
 
-def default_output(volume: str | os.PathLike[str]) -> Path:
-    """``<volume stem>_seg.zarr`` beside the input."""
-    path = Path(volume)
+def default_output(volume: PathOrUrl | Location) -> Location:
+    """``<volume stem>_seg.zarr`` beside the input (for a URL: under the same prefix)."""
+    path = location(volume)
     name = path.name[: -len(".zarr")] if path.name.endswith(".zarr") else path.stem
     return path.parent / f"{name}_seg.zarr"
 
@@ -87,7 +87,7 @@ def format_stage_times(stages: tuple[StageTime, ...], cores: int) -> str:
 class SegmentReport:
     """What ``emseg segment`` did: the stage reports, and the time per stage (:class:`StageTime`)."""
 
-    output: Path
+    output: Location
     predict: Any
     label: Any
     findings: tuple[Any, ...] = ()
@@ -131,13 +131,14 @@ class AgglomerationSteps:
 
 
 def segment(
-    volume: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None,
+    volume: PathOrUrl,
+    output: PathOrUrl | None,
     config: PipelineConfig,
     *,
     run: RunOptions | None = None,
     dry_run: bool = False,
     zarr_format: int | None = None,
+    voxel_size: Sequence[float] | None = None,
     **fields: Any,
 ) -> SegmentReport | Any:
     """Predict membranes over ``volume`` and label them into segments, writing one OME-Zarr output.
@@ -145,7 +146,8 @@ def segment(
     ``run`` (:class:`~emseg.config.RunOptions`, or its fields as keywords: ``overwrite=True``) says
     where the blocks run and what happens to an existing output; every stage runs on its one
     cluster.  Returns the prediction plan instead when ``dry_run``.  ``zarr_format`` (2 or 3) of
-    the output: default the input's; the label images inside it follow.
+    the output: default the input's; the label images inside it follow.  ``voxel_size`` (nm,
+    ``z, y, x``) replaces the input's metadata (``--voxel-size``).
     """
     from emseg.cluster import connect
     from emseg.export.pyramid import build_pyramids
@@ -154,9 +156,9 @@ def segment(
     from emseg.workflows.predict import plan_prediction, predict
 
     run = RunOptions.build(run, **fields)  # an unknown keyword: ConfigError naming it
-    out = Path(os.path.realpath(output if output is not None else default_output(volume)))  # a link's target
+    out = absolute(output if output is not None else default_output(volume))  # local: a link's target
     check_distinct(volume, out)
-    source = open_volume(volume)
+    source = open_volume(volume, voxel_size=voxel_size)
     if config.voxel_size is not None and tuple(config.voxel_size) != tuple(source.voxel_size):
         log.warning("%s: voxel size %s nm differs from the %s recipe's %s nm", volume, source.voxel_size,
                     config.name, config.voxel_size)
@@ -165,7 +167,7 @@ def segment(
     # fragments across sections unless per-section labels (mode 2d) are asked for
     mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
     if dry_run:
-        return plan_prediction(volume, p)  # no model: predict picks the bundled model from the voxel size
+        return plan_prediction(volume, p, voxel_size=voxel_size)  # no model: predict picks the bundled model from the voxel size
     from emseg.engine.lock import run_lock
 
     start = time.perf_counter()
@@ -175,7 +177,7 @@ def segment(
             cores = _cores(connection)
             on = run.model_copy(update={"client": connection})  # every stage on this one cluster
             t0 = time.perf_counter()
-            predicted = predict(volume, out, p, run=on, zarr_format=zarr_format)
+            predicted = predict(volume, out, p, run=on, zarr_format=zarr_format, voxel_size=voxel_size)
             seconds["predict"] = time.perf_counter() - t0
             labelled: Any
             if lab.method == "agglomerate":

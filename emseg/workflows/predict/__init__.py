@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emseg.config import PredictOptions, RunOptions
@@ -27,6 +26,7 @@ from emseg.errors import (
     InvalidDataError,
     RunIncompleteError,
 )
+from emseg.io.location import Location, PathOrUrl, absolute, location
 from emseg.workflows.predict.plan import (
     BUNDLED,
     STAGE,
@@ -82,7 +82,7 @@ class PredictReport:
         Nothing was computed or written.
     """
 
-    output: Path
+    output: Location
     blocks: int
     computed: int
     skipped: int
@@ -110,7 +110,7 @@ class PredictReport:
                 "dry_run": self.dry_run, "model": str(self.plan.checkpoint), "model_choice": self.plan.model_choice}
 
 
-def output_claim(plan: PredictionPlan, output: Path, overwrite: bool, zarr_format: int | None = None) -> OutputClaim:
+def output_claim(plan: PredictionPlan, output: Location, overwrite: bool, zarr_format: int | None = None) -> OutputClaim:
     """The prediction image ``output``: resumed when it holds this very run, else created (see
     :mod:`emseg.engine.runstate`)."""
     from emseg.engine.runstate import OutputClaim
@@ -123,21 +123,22 @@ def output_claim(plan: PredictionPlan, output: Path, overwrite: bool, zarr_forma
                       voxel_size=plan.voxel_size, offset_nm=_volume_offset(plan.volume), channels=plan.out_channels,
                       overwrite=overwrite, name="predictions", zarr_format=fmt)  # type: ignore[arg-type]
         # The source is recorded as an absolute path, so that `emseg view` finds it from any folder.
-        update_status(output, stage=record["stage"], source=str(plan.volume.resolve()), params=record["params"],
+        update_status(output, stage=record["stage"], source=str(absolute(plan.volume)), params=record["params"],
                       outputs=list(plan.outputs), checkpoint=str(plan.checkpoint))
 
     return OutputClaim(output, plan.params, kind="prediction", what="an earlier prediction", create=create,
                        stage=STAGE, others="a raw image or labels", overwrite=overwrite)
 
 
-def _zarr_format_of(path: Path) -> int:
+def _zarr_format_of(path: Location) -> int:
     """2 or 3: the zarr format of a volume (outputs follow their input unless told otherwise)."""
     from emseg.io import open_volume
 
-    return int(open_volume(path).array.metadata.zarr_format)
+    metadata = getattr(open_volume(path).array, "metadata", None)  # precomputed/N5 inputs: zarr v3 outputs
+    return int(metadata.zarr_format) if metadata is not None else 3
 
 
-def _volume_offset(path: Path) -> tuple[float, ...]:
+def _volume_offset(path: Location) -> tuple[float, ...]:
     from emseg.io import open_volume
 
     return open_volume(path).offset_nm
@@ -145,13 +146,14 @@ def _volume_offset(path: Path) -> tuple[float, ...]:
 
 @locked("output_path", "predict")
 def predict(
-    volume_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
+    volume_path: PathOrUrl,
+    output_path: PathOrUrl,
     options: PredictOptions | None = None,
     *,
     run: RunOptions | None = None,
     dry_run: bool = False,
     zarr_format: int | None = None,
+    voxel_size: Sequence[float] | None = None,
     **fields: Any,
 ) -> PredictReport:
     """Predict ``checkpoint``'s outputs for every voxel of a volume into an OME-Zarr image.
@@ -193,8 +195,9 @@ def predict(
     from emseg.io import check_distinct
 
     run = RunOptions.take(run, fields)
-    plan = plan_prediction(volume_path, options, device=target_device(run.cluster, run.devices, run.client), **fields)
-    output = Path(output_path)
+    plan = plan_prediction(volume_path, options, device=target_device(run.cluster, run.devices, run.client),
+                           voxel_size=voxel_size, **fields)
+    output = location(output_path)
     if dry_run:
         return PredictReport(output, len(plan.grid), 0, 0, 0.0, 0, plan, dry_run=True)
     check_distinct(volume_path, output)
@@ -211,7 +214,7 @@ def predict(
 
     with connect(**run.where) as connection:
         config = PredictConfig(
-            input=str(Path(volume_path).resolve()), output=str(output.resolve()), checkpoint=str(plan.checkpoint.resolve()),
+            input=str(absolute(volume_path)), output=str(absolute(output)), checkpoint=str(plan.checkpoint.resolve()),
             checkpoint_mtime_ns=(plan.checkpoint / "model.safetensors").stat().st_mtime_ns, tiling=plan.tiling,
             options=plan.options, threads=connection.threads_per_worker, run=uuid.uuid4().hex,
         )

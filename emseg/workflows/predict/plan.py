@@ -20,6 +20,7 @@ from emseg.errors import (
     VolumeShapeError,
 )
 from emseg.geometry import BlockGrid, Coordinate, Roi, plan_blocks, round_up
+from emseg.io.location import Location, PathOrUrl, absolute
 from emseg.ops.inference import (
     DEFAULT_TILE_2D_CPU,
     OutputDtype,
@@ -152,7 +153,7 @@ class PredictionPlan:
         What determines the output; its hash decides resume versus ``ResumeMismatchError``.
     """
 
-    volume: Path
+    volume: Location
     checkpoint: Path
     volume_shape: Coordinate
     volume_dtype: str
@@ -255,10 +256,11 @@ def _block_depth_2d(shape: Coordinate, input_chunks: Coordinate, block: Coordina
 
 
 def plan_prediction(
-    volume_path: str | os.PathLike[str],
+    volume_path: PathOrUrl,
     options: PredictOptions | None = None,
     *,
     device: str | None = None,
+    voxel_size: Sequence[float] | None = None,
     **fields: Any,
 ) -> PredictionPlan:
     """Plan a prediction run without computing anything.
@@ -280,6 +282,9 @@ def plan_prediction(
     device : {"cpu", "cuda"}, optional
         Where the blocks will run (for the automatic precision and batch size); default: CUDA if
         this process sees a GPU.
+    voxel_size : tuple of float, optional
+        ``(z, y, x)`` nm replacing the input's metadata (``--voxel-size``): picks the bundled model and
+        goes to the output.
 
     Raises
     ------
@@ -294,7 +299,7 @@ def plan_prediction(
     batch_size, dtype = opts.batch_size, opts.dtype
     device = device or target_device()
     precision = resolve_precision(opts.precision, device)
-    volume = open_volume(volume_path)
+    volume = open_volume(volume_path, voxel_size=voxel_size)
     model_choice = None  # no --model: the bundled model matching the volume's voxel size
     if opts.model is None:
         ckpt_dir, model_choice = _choose_bundled(volume.voxel_size)
@@ -355,7 +360,7 @@ def plan_prediction(
                                            batch_size=batch_size, precision=precision))
     params = {
         "stage": STAGE,
-        "source": str(Path(volume_path).resolve()),
+        "source": str(absolute(volume_path)),
         "volume_shape": list(volume.shape),
         "checkpoint_sha256": _file_digest(ckpt_dir / "model.safetensors"),
         "model": cfg.model,
@@ -366,8 +371,12 @@ def plan_prediction(
         "blend": tiling.blend,
         **resolved.fingerprint(),
     }
+    if voxel_size is not None:  # an override is part of what the output holds (its metadata)
+        params["voxel_size"] = list(volume.voxel_size)
+    if voxel_size is not None:  # an override is part of what the output holds (its metadata)
+        params["voxel_size"] = list(volume.voxel_size)
     return PredictionPlan(
-        volume=Path(volume_path), checkpoint=ckpt_dir, volume_shape=volume.shape, volume_dtype=str(volume.dtype),
+        volume=absolute(volume_path), checkpoint=ckpt_dir, volume_shape=volume.shape, volume_dtype=str(volume.dtype),
         voxel_size=volume.voxel_size, grid=grid, tiling=tiling, options=resolved, model_name=str(cfg.model.get("name")), padding=model.padding,
         outputs=tuple(cfg.outputs), activation=cfg.activation, mean=cfg.normalization.mean,
         std=cfg.normalization.std, output_voxels=math.prod(volume.shape), computed_voxels=computed, tiles=tiles,

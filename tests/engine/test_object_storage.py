@@ -1,0 +1,146 @@
+"""Outputs on object storage: a real S3 server (moto, server mode) on 127.0.0.1, reached through
+AWS_ENDPOINT_URL like any S3-compatible endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+import tifffile
+from click.testing import CliRunner
+
+from emseg.cli import cli
+from emseg.engine import lock, objectlock
+from emseg.errors import OutputInUseError
+from emseg.io import create_volume, mark_complete, open_volume
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fs() -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def _put_lock(url: str, record: dict) -> None:
+    _fs().pipe_file(objectlock.lock_url(url)[len("s3://"):], json.dumps(record).encode())
+
+
+def test_object_lock_excludes_a_live_run_and_takes_over_a_dead_one(s3_bucket: str) -> None:
+    out = f"{s3_bucket}/out.zarr"
+    key = objectlock.lock_url(out)
+    assert key == f"{out}/.emseg-lock"  # inside the output: nothing is written beside it
+    # a live run on another host, heartbeat fresh: refused, naming the lock object
+    _put_lock(out, {"host": "node-7", "pid": 123, "command": "segment", "token": "x", "since": time.time()})
+    with pytest.raises(OutputInUseError, match=r"pid 123 on node-7.*\.emseg-lock"):
+        lock.acquire(out, "predict")
+    # ... until its heartbeat is older than stale_s (by the store's clock)
+    time.sleep(2.5)  # LastModified and Date have whole seconds
+    lock.acquire(out, "predict", stale_s=1.0)
+    mine = json.loads(_fs().cat_file(key[len("s3://"):]))
+    assert mine["pid"] == os.getpid() and mine["host"] == socket.gethostname()
+    lock.acquire(out, "label")  # re-entrant in the process
+    lock.release(out)
+    assert _fs().exists(key[len("s3://"):])
+    lock.release(out)
+    assert not _fs().exists(key[len("s3://"):])
+    # a run of this host that was killed (its pid is gone): taken over at once
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _put_lock(out, {"host": socket.gethostname(), "pid": dead.pid, "command": "segment", "token": "y",
+                    "since": time.time()})
+    lock.acquire(out, "segment")
+    lock.release(out)
+
+
+def test_two_takers_of_one_lock_object_get_one_lock(s3_bucket: str) -> None:
+    """If-None-Match: the second PUT of a lock that exists fails even when both raced past a read."""
+    out = f"{s3_bucket}/race.zarr"
+    fs, bucket, key = objectlock._client(objectlock.lock_url(out))
+    first = objectlock._call(fs, "put_object", out, Bucket=bucket, Key=key, Body=b"{}", IfNoneMatch="*")
+    second = objectlock._call(fs, "put_object", out, Bucket=bucket, Key=key, Body=b"{}", IfNoneMatch="*")
+    assert first is not None and second is None
+    stale = objectlock._call(fs, "put_object", out, Bucket=bucket, Key=key, Body=b"{}", IfMatch='"0000"')
+    assert stale is None  # a takeover on an ETag that changed meanwhile loses
+
+
+def _tif(tmp_path: Path) -> Path:
+    path = tmp_path / "x.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (4, 32, 32), dtype=np.uint8), photometric="minisblack")
+    return path
+
+
+def test_import_to_s3_writes_only_inside_the_output(s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tif = _tif(tmp_path)
+    url = f"{s3_bucket}/x.zarr"
+    result = CliRunner().invoke(cli, ["import", str(tif), url, "--voxel-size", "50,4,4", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    volume = open_volume(url)
+    assert np.array_equal(volume.read(volume.roi), tifffile.imread(tif)) and volume.voxel_size == (50.0, 4.0, 4.0)
+    keys = _fs().find(s3_bucket[len("s3://"):])
+    assert keys and all(k.startswith(url[len("s3://"):] + "/") for k in keys)
+    assert not any(k.endswith(".emseg-lock") for k in keys)  # released
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.tif"]  # no local "s3:" folder
+    again = CliRunner().invoke(cli, ["import", str(tif), url, "--no-progress"])
+    assert again.exit_code == 1 and "already exists" in again.stderr
+
+
+def _segment(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", "from emseg.cli import main; main()", "segment", *args, "--workers", "1",
+                             "--block-size", "4,128,128", "--no-progress"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_segment_s3_to_s3_matches_local_and_resumes_after_sigkill(s3_bucket: str, shared_data: Path,
+                                                                  tmp_path: Path) -> None:
+    raw = tifffile.imread(shared_data / "isbi2012" / "test-volume.tif")[:4, :256, :256]
+    local_in = tmp_path / "in.zarr"
+    volume = create_volume(local_in, shape=raw.shape, dtype="uint8", chunks=(4, 64, 64), voxel_size=(50, 4, 4))
+    volume.write(volume.roi, raw)
+    mark_complete(local_in)
+    fs = _fs()
+    bucket = s3_bucket[len("s3://"):]
+    fs.put(str(local_in), f"{bucket}/in.zarr", recursive=True)
+    inputs = {k: fs.info(k)["ETag"] for k in fs.find(f"{bucket}/in.zarr")}
+
+    local = _segment([str(local_in), "-o", str(tmp_path / "out.zarr")], tmp_path)
+    assert local.wait(timeout=900) == 0, local.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+
+    out = f"{s3_bucket}/out.zarr"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    first = _segment([f"{s3_bucket}/in.zarr", "-o", out], work)
+    deadline = time.monotonic() + 600
+    while not fs.find(f"{bucket}/out.zarr/0/c"):  # killed once prediction chunks are being written
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert fs.exists(f"{bucket}/out.zarr/.emseg-lock")  # the dead run's lock is left behind
+    with pytest.raises(Exception, match="half-written"):
+        open_volume(out)
+
+    second = _segment([f"{s3_bucket}/in.zarr", "-o", out], work)
+    assert second.wait(timeout=900) == 0, second.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    assert "took over the lock" in second.stderr.read().decode()  # type: ignore[union-attr]
+
+    expected = open_volume(tmp_path / "out.zarr" / "labels" / "segments")
+    got = open_volume(f"{out}/labels/segments")
+    assert np.array_equal(got.read(got.roi), expected.read(expected.roi))
+    assert got.voxel_size == (50.0, 4.0, 4.0)
+    keys = fs.find(bucket)
+    assert all(k.startswith((f"{bucket}/in.zarr/", f"{bucket}/out.zarr/")) for k in keys)
+    assert {k: fs.info(k)["ETag"] for k in keys if k.startswith(f"{bucket}/in.zarr/")} == inputs  # input untouched
+    assert not any(k.endswith(".emseg-lock") for k in keys)
+    assert list(work.iterdir()) == []  # nothing written locally
