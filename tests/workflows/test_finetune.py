@@ -14,6 +14,11 @@ from click.testing import CliRunner
 from emseg.cli import cli
 from emseg.io import open_volume, read_status
 from emseg.workflows.finetune import holdout_split, load_labelled
+from emseg.workflows.predict import BUNDLED
+
+FIB3D = str(BUNDLED / "fib3d")
+"""The 3-D model, named: its same-padded convolutions fit these small crops (the automatic choice, the
+2-D model, needs 88 voxels of context in-plane)."""
 
 
 @pytest.fixture
@@ -59,7 +64,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(command: str, gala_crop:
         "no voxel size": (["--voxel-size", None], "voxel size"),
     }
     for name, (change, word) in cases.items():
-        args = {"--raw": str(raw), "--labels": str(labels), "--voxel-size": "10,10,10"}
+        args = {"--raw": str(raw), "--labels": str(labels), "--voxel-size": "10,10,10", "--model": FIB3D}
         for flag, value in zip(change[::2], change[1::2], strict=True):
             args[flag] = value
         argv = [command, "-o", str(out)] + [v for k, val in args.items() if val is not None for v in (k, val)]
@@ -84,7 +89,7 @@ def test_time_limit_too_small_for_one_validation(gala_crop: tuple[Path, Path], t
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
     code, output = _invoke("finetune", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
-                           "-o", str(out), "--time-limit", "0.05", "--no-progress")
+                           "--model", FIB3D, "-o", str(out), "--time-limit", "0.05", "--no-progress")
     assert code != 0
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--time-limit" in errors[0] and "too small" in errors[0], output
@@ -103,7 +108,7 @@ def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_cr
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
     code, output = _invoke("calibrate", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
-                           "-o", str(out), "--json")
+                           "--model", FIB3D, "-o", str(out), "--json")
     assert code == 0, output
     report = json.loads(output.splitlines()[-1])
     chosen = report["after"]["threshold"]
@@ -128,7 +133,8 @@ def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tup
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
     code, output = _invoke("finetune", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
-                           "-o", str(out), "--time-limit", "30", "--max-steps", "2", "--patch-shape", "24,24,24",
+                           "--model", FIB3D, "-o", str(out), "--time-limit", "30", "--max-steps", "2",
+                           "--patch-shape", "24,24,24",
                            "--threads", "1",
                            "--no-progress", "--json")
     assert code == 0, output
