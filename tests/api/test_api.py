@@ -52,10 +52,18 @@ def test_predict_numpy_dask_and_path_agree(raw: np.ndarray, tmp_path: Path, sche
     from_path = open_volume(tmp_path / "pred.zarr").array[...]
     from_numpy = emseg.predict(raw, **SMALL)
     assert isinstance(from_numpy, np.ndarray) and from_numpy.shape == (1, 2, 256, 256)
-    np.testing.assert_array_equal(from_numpy, from_path)
+    # the same blocks, halos and tiles; float32 convolutions sum in an order that depends on the thread
+    # layout (worker processes against threads in this process), so a rounding may differ by one uint8 step
+    _assert_within_one_step(from_numpy, from_path)
     lazy = emseg.predict(da.from_array(raw, chunks=(2, 100, 100)), **SMALL)
     assert isinstance(lazy, da.Array) and lazy.chunks == ((1,), (1, 1), (128, 128), (128, 128))  # one task per block
-    np.testing.assert_array_equal(lazy.compute(), from_path)
+    _assert_within_one_step(lazy.compute(), from_path)
+
+
+def _assert_within_one_step(a: np.ndarray, b: np.ndarray) -> None:
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, (diff.max(), np.count_nonzero(diff))
 
 
 def test_label_numpy_and_dask(raw: np.ndarray, tmp_path: Path, scheduler: str):
