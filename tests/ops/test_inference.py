@@ -261,6 +261,14 @@ def _with_running_stats(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _native_bf16() -> bool:
+    from emseg.ops.inference import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
+@pytest.mark.skipif(not _native_bf16(), reason="this CPU emulates bf16 (no AVX512-BF16/AMX): emseg predicts in fp32 "
+                                               "here, and the fused bf16 blocks' check keeps the model unfused")
 @pytest.mark.parametrize("name, fields", [
     ("unet", {"ndim": 2, "base_channels": 8, "depth": 2, "padding": "valid"}),
     ("unet", {"ndim": 3, "base_channels": 4, "depth": 1, "padding": "same", "batch_norm": True}),
