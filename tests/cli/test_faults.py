@@ -316,9 +316,13 @@ def listeners(pid: int) -> set[str]:
 
 @pytest.mark.slow
 def test_gpu_profile_servers_listen_on_localhost_only(tmp_path: Path) -> None:
-    """A run with ``devices:`` (the local-gpu path, simulated on CPU) opens no port beyond 127.0.0.1."""
+    """A run of several workers (``devices:`` where CUDA devices exist, else two CPU worker processes:
+    devices that are not there are refused) opens no port beyond 127.0.0.1."""
+    import torch
+
     profile = tmp_path / "gpus.yaml"
-    profile.write_text("kind: local\ndevices: [0, 1]\n")
+    gpus = torch.cuda.device_count()
+    profile.write_text("kind: local\ndevices: [0, 1]\n" if gpus >= 2 else "kind: local\nworkers: 2\n")
     raw = tmp_path / "raw.zarr"
     vol = create_volume(raw, shape=(4, 256, 256), dtype="uint8", chunks=(1, 256, 256), voxel_size=(50, 4, 4))
     vol.write(vol.roi, random_raw(tmp_path, (4, 256, 256)))
