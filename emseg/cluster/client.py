@@ -96,6 +96,11 @@ def _join(address: str) -> Any:
         return Client(address)
     except (OSError, TimeoutError) as e:
         raise ConfigError(f"--scheduler {address}: no Dask scheduler answered ({e}); is it running?") from e
+    except TypeError as e:  # distributed: a tls:// address without an SSL context
+        if address.startswith("tls://"):
+            raise ConfigError(f"--scheduler {address}: a TLS scheduler needs this client's TLS credentials in the "
+                              "Dask configuration (distributed.comm.tls.ca-file, client.cert, client.key)") from e
+        raise
 
 
 MIN_WORKER_MEMORY = 256 * 2**20

@@ -109,6 +109,7 @@ def local_cluster(profile: ClusterProfile) -> Iterator[Connection]:
     """
     from distributed import Client
 
+    _quiet_distributed()
     gpus = list(profile.devices) if profile.devices is not None else visible_gpus()
     if profile.kind == "local-gpu" and not gpus:
         raise ConfigError("--cluster local-gpu: no CUDA device is visible; use --cluster local")
@@ -129,6 +130,19 @@ def local_cluster(profile: ClusterProfile) -> Iterator[Connection]:
     log.debug("scheduler at %s", cluster_obj.scheduler_address)
     with cluster_obj, Client(cluster_obj, security=tls.get("security")) as client:
         yield Connection(client, resources, threads)
+
+
+def _quiet_distributed() -> None:
+    """Dask's own loggers at WARNING in this process unless the root logger shows DEBUG (``-vv``): importing
+    distributed applies its logging config, which sets INFO on some of them after the CLI chose the level."""
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "distributed" or name.startswith("distributed.")) and isinstance(logger, logging.Logger):
+            if logger.level != logging.NOTSET and logger.level < logging.WARNING:
+                logger.setLevel(logging.WARNING)
+    if logging.getLogger("distributed").getEffectiveLevel() < logging.WARNING:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def _silence() -> int:

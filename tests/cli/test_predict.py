@@ -61,8 +61,6 @@ def test_bad_input_is_one_error_line(checkpoints, write_volume, tmp_path, cluste
     before = tree_digest(source)
     model = checkpoints(3) if "--model-3d" in options else checkpoints(2)
     options = [o for o in options if o != "--model-3d"]
-    if make == "nan":  # run on the session's cluster instead of starting one
-        options = ["--scheduler", cluster2.client.scheduler.address]
     result = run(str(source), "-o", str(tmp_path / "out.zarr"), "--model", str(model), "--no-progress", *options)
     if message is None:  # a usage error
         assert result.exit_code == 2 and "--devices" in result.output
