@@ -55,7 +55,8 @@ def arrays(path: Path) -> dict[str, np.ndarray]:
 
 def test_segment_on_slurm_is_bit_identical_to_local(inputs, tmp_path: Path) -> None:
     volume, model = inputs
-    common = ["segment", str(volume), "--model", str(model), "--block-size", BLOCK, "--no-progress"]
+    # per-section labels (--2d): the untrained model's flat prediction would link into one 3-D segment
+    common = ["segment", str(volume), "--model", str(model), "--block-size", BLOCK, "--no-progress", "--2d"]
     emseg(*common, "-o", str(tmp_path / "local.zarr"))
     run = emseg(*common, "-o", str(tmp_path / "slurm.zarr"), "--cluster", str(TEST_PROFILE))
     assert "4 blocks (4 computed" in run.stdout
