@@ -23,7 +23,7 @@ def _sections_per_id(labels: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_anisotropic_segments_span_sections_and_2d_keeps_them_apart(shared_data: Path, tmp_path: Path) -> None:
     raw = tifffile.imread(shared_data / "cremi_b_crop" / "raw.tif")[:3, :192, :192]
-    tifffile.imwrite(tmp_path / "cremi.tif", raw)
+    tifffile.imwrite(tmp_path / "cremi.tif", raw, photometric="minisblack")
     runner = CliRunner()
     volume = tmp_path / "cremi.zarr"
     assert runner.invoke(cli, ["import", str(tmp_path / "cremi.tif"), str(volume), "--voxel-size", "40,4,4",
@@ -33,8 +33,13 @@ def test_anisotropic_segments_span_sections_and_2d_keeps_them_apart(shared_data:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["label"]["graph"]["mode"] == "3d"
     seg = open_volume(tmp_path / "cremi_seg.zarr" / "labels" / "segments")
-    spans = _sections_per_id(seg.read(seg.roi))
-    assert (spans >= 2).mean() > 0.3  # most objects continue into the next section
+    labels = seg.read(seg.roi)
+    spans = _sections_per_id(labels)
+    assert (spans >= 2).sum() >= 5  # objects continue into the next section
+    # and they hold most of the voxels: small single-section pieces are the rest
+    ids = np.unique(labels[labels > 0])
+    crossing = ids[[len({int(z) for z in np.flatnonzero((labels == i).any(axis=(1, 2)))}) >= 2 for i in ids]]
+    assert np.isin(labels, crossing).mean() > 0.5
     # per-section labels on request: no id in two sections
     result = runner.invoke(cli, ["segment", str(volume), "-o", str(tmp_path / "per_section.zarr"), "--2d",
                                  "--workers", "1", "--no-progress"])
