@@ -9,7 +9,9 @@ A message states what was expected, what was received and, where one exists, the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from os import PathLike
 from typing import Any
 
 
@@ -98,3 +100,19 @@ class ResourceLimitError(EmsegError, MemoryError):
 
 class StorageError(EmsegError, OSError):
     """Reading or writing a path failed (permissions, disk full, read-only filesystem ...)."""
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | PathLike[str], what: str) -> Iterator[None]:
+    """Re-raise an OSError without a path (zarr's stores drop it) as a StorageError naming ``path``."""
+    try:
+        yield
+    except EmsegError:
+        raise  # already says what went wrong (VolumeNotFoundError is an OSError without a filename too)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        reason = e.strerror or str(e) or type(e).__name__
+        err = StorageError(f"{path}: cannot {what}: {reason}")
+        err.errno = e.errno
+        raise err from e

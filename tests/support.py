@@ -22,6 +22,21 @@ from skimage.segmentation import find_boundaries
 from emseg.io import create_labels, create_volume, mark_complete, update_status
 
 
+@contextlib.contextmanager
+def scheduler_of(connection: Any) -> Iterator[str]:
+    """The address of ``connection``'s scheduler, with the client TLS credentials that a ``--scheduler`` run
+    in this process needs set in the Dask configuration (the clusters emseg starts require mutual TLS)."""
+    import dask
+
+    security = connection.client.security
+    settings = {"distributed.comm.require-encryption": security.require_encryption,
+                "distributed.comm.tls.ca-file": security.tls_ca_file,
+                "distributed.comm.tls.client.cert": security.tls_client_cert,
+                "distributed.comm.tls.client.key": security.tls_client_key}
+    with dask.config.set(settings):
+        yield connection.client.scheduler.address
+
+
 def blob_mask(shape, seed: int, sigma: float = 1.5, level: float = 0.5) -> npt.NDArray[np.bool_]:
     """Seeded smoothed noise, thresholded: many components of all sizes crossing block faces."""
     rng = np.random.default_rng(seed)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from emseg.errors import OutputInUseError
+from emseg.engine.owner import owner_record, process_start
+from emseg.errors import OutputInUseError, storage_errors
 from emseg.io.location import PathOrUrl
 
 log = logging.getLogger(__name__)
@@ -67,21 +68,6 @@ class _Held:
     stop: threading.Event
     thread: threading.Thread
     created_dirs: list[Path]
-
-
-def _process_start(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return float(psutil.Process(pid).create_time())
-    except Exception:  # noqa: BLE001 - any failure means "unknown"
-        return None
-
-
-def _owner_record(command: str, token: str) -> dict[str, Any]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid), "command": command,
-            "since": time.time(), "token": token}
 
 
 def read_owner(path: Path) -> dict[str, Any] | None:
@@ -119,7 +105,7 @@ def is_stale(path: Path, owner: dict[str, Any] | None, stale_s: float = STALE_S)
         except PermissionError:
             pass  # exists, other user
         started = owner.get("started")
-        now_started = _process_start(pid)
+        now_started = process_start(pid)
         if isinstance(started, (int, float)) and now_started is not None and abs(now_started - started) > 1.0:
             return True  # the pid was reused by another process
         return False
@@ -243,7 +229,7 @@ def acquire(output: PathOrUrl, command: str = "run", *, wait_s: float = 0.0,
     token = uuid.uuid4().hex
     deadline = time.monotonic() + wait_s
     while True:
-        if _try_create(path, _owner_record(command, token)):
+        if _try_create(path, owner_record(command, token)):
             break
         owner = read_owner(path)
         if is_stale(path, owner, stale_s):
@@ -328,8 +314,6 @@ def locked(argument: str, command: str) -> Callable[[F], F]:
                 output = type(output)(os.path.realpath(output)) if isinstance(output, Path) else os.path.realpath(output)
             bound.arguments[argument] = output
             args, kwargs = bound.args, bound.kwargs
-            from emseg.io.volume import storage_errors
-
             # an OSError that lost its path (zarr's stores drop it) is reported against the output
             with run_lock(output, command), storage_errors(output, f"{command} into it"):
                 return fn(*args, **kwargs)

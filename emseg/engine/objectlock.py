@@ -40,6 +40,7 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from emseg.engine.owner import owner_record
 from emseg.errors import OutputInUseError, StorageError
 from emseg.io.location import PathOrUrl, describe, filesystem, location, scheme_of
 
@@ -101,11 +102,7 @@ def _call(fs: Any, method: str, url: str, **kwargs: Any) -> Any:
 
 
 def _record(command: str, token: str) -> bytes:
-    from emseg.engine.lock import _process_start
-
-    pid = os.getpid()
-    return json.dumps({"host": socket.gethostname(), "pid": pid, "started": _process_start(pid), "command": command,
-                       "since": time.time(), "token": token}).encode()
+    return json.dumps(owner_record(command, token)).encode()
 
 
 def _read(fs: Any, bucket: str, key: str, url: str) -> tuple[dict[str, Any] | None, str, float] | None:

@@ -128,8 +128,8 @@ def export_tiff(
                 yield section[c, 0] if c is not None else section[0]
                 bar.update(1 if c in (None, 0) else 0)
 
+    from emseg.errors import storage_errors
     from emseg.io.safety import SOFTWARE
-    from emseg.io.volume import storage_errors
 
     partial = Path(output).with_name(f".{Path(output).name}.partial")
     try:

@@ -6,9 +6,8 @@ axes ``(c, z, y, x)`` when the volume has a channel axis and ``(z, y, x)`` other
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,14 +18,13 @@ import zarr
 import zarr.errors
 
 from emseg.errors import (
-    EmsegError,
     IncompleteOutputError,
     InvalidDataError,
     NotAVolumeError,
-    StorageError,
     UnsupportedDtypeError,
     VolumeNotFoundError,
     VolumeShapeError,
+    storage_errors,
 )
 from emseg.geometry import Coordinate, Roi
 from emseg.io.location import Location, PathOrUrl, exists, is_url, location
@@ -183,22 +181,6 @@ class Volume:
     def format(self) -> str:
         """``"zarr"``, ``"precomputed"`` or ``"n5"``: what the volume is stored as."""
         return "zarr" if isinstance(self.array, zarr.Array) else str(self.array.format)
-
-
-@contextlib.contextmanager
-def storage_errors(path: PathOrUrl, what: str) -> Iterator[None]:
-    """Re-raise an OSError without a path (zarr's stores drop it) as a StorageError naming ``path``."""
-    try:
-        yield
-    except EmsegError:
-        raise  # already says what went wrong (VolumeNotFoundError is an OSError without a filename too)
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        reason = e.strerror or str(e) or type(e).__name__
-        err = StorageError(f"{path}: cannot {what}: {reason}")
-        err.errno = e.errno
-        raise err from e
 
 
 def _reflect_indices(begin: int, end: int, n: int) -> npt.NDArray[np.int64]:

@@ -283,6 +283,7 @@ def test_predict_on_bad_data_exits_1_without_tracebacks(tmp_path: Path, damage: 
     vol = create_volume(raw, shape=(2, 256, 256), dtype=dtype, chunks=(1, 256, 256), voxel_size=(50, 4, 4))
     data = random_raw(tmp_path, (2, 256, 256)).astype(dtype)
     if damage == "NaN":
+        data /= 255  # float EM is taken as 0-1: only the NaN is wrong with it
         data[1, 100, 100] = np.nan
     vol.write(vol.roi, data)
     mark_complete(raw)

@@ -37,6 +37,8 @@ def test_workers_start_without_malloc_trimming_and_close_without_being_killed(ca
     # closing workers that imported torch must not take the nanny's 4 s grace period and a SIGKILL
     with caplog.at_level(logging.INFO, logger="distributed.nanny"):
         with connect(workers=1) as connection:
+            # connect() keeps Dask's loggers at WARNING in this process; this test reads the nanny's INFO lines
+            logging.getLogger("distributed.nanny").setLevel(logging.INFO)
             state = connection.client.run(_worker_state)
     (trim, mmap, threads), = state.values()
     assert (trim, mmap) == (WORKER_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"], WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"])

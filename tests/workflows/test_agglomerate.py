@@ -20,7 +20,7 @@ from emseg.ops.agglomerate import UnionFind, consecutive_lookup
 from emseg.ops.graph import block_edges
 from emseg.workflows.agglomerate import agglomerate, build_graph, make_fragments, segment_prediction
 from tests.conftest import tree_digest
-from tests.support import cells
+from tests.support import cells, scheduler_of
 
 SHAPE = (16, 48, 64)
 
@@ -151,8 +151,8 @@ def test_bad_input_is_one_clear_error(prediction, write_prediction, connection, 
         ([str(prediction / "labels" / "nothing")], r"no such|not found|does not exist"),
     ]
     for args, message in cases:
-        result = runner.invoke(cli, ["agglomerate", *args, "--no-progress", "--scheduler",
-                                     connection.client.scheduler.address])
+        with scheduler_of(connection) as address:
+            result = runner.invoke(cli, ["agglomerate", *args, "--no-progress", "--scheduler", address])
         assert result.exit_code == 1, result.output
         assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1, result.stderr
         assert __import__("re").search(message, result.stderr), result.stderr
@@ -161,29 +161,34 @@ def test_bad_input_is_one_clear_error(prediction, write_prediction, connection, 
 
 def test_fragments_without_graph_via_cli(prediction, connection) -> None:
     make_fragments(prediction, block_size=(8, 16, 16), progress=False, client=connection)
-    result = CliRunner().invoke(cli, ["agglomerate", str(prediction / "labels" / "fragments"), "--no-progress",
-                                      "--scheduler", connection.client.scheduler.address])
+    with scheduler_of(connection) as address:
+        result = CliRunner().invoke(cli, ["agglomerate", str(prediction / "labels" / "fragments"), "--no-progress",
+                                          "--scheduler", address])
     assert result.exit_code == 1 and result.stderr.startswith("Error: ") and "no region graph" in result.stderr
     assert len(result.stderr.splitlines()) == 1
 
 
 def test_cli_help_and_json_run(prediction, connection) -> None:
+    with scheduler_of(connection) as address:
+        _cli_help_and_json_run(prediction, address)
+
+
+def _cli_help_and_json_run(prediction: Path, address: str) -> None:
     runner = CliRunner()
     assert runner.invoke(cli, ["agglomerate", "--help"]).exit_code == 0
     result = runner.invoke(cli, ["agglomerate", str(prediction), "--block-size", "8,24,32", "--thresholds",
-                                 "0.4,0.6", "--json", "--no-progress", "--scheduler",
-                                 connection.client.scheduler.address], catch_exceptions=False)
+                                 "0.4,0.6", "--json", "--no-progress", "--scheduler", address], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert [s["threshold"] for s in report["segments"]] == sorted([0.4, 0.6, AgglomerateOptions().threshold])
     assert all(Path(s["path"]).is_dir() for s in report["segments"])
     # the fragments with their graph: agglomerated again at another threshold, graph reused
     result = runner.invoke(cli, ["agglomerate", str(prediction / "labels" / "fragments"), "--threshold", "0.7",
-                                 "--no-progress", "--scheduler", connection.client.scheduler.address],
+                                 "--no-progress", "--scheduler", address],
                            catch_exceptions=False)
     assert result.exit_code == 1 and "other parameters" in result.stderr  # labels/segments holds the default
     result = runner.invoke(cli, ["agglomerate", str(prediction), "--threshold", "0.7", "--overwrite",
-                                 "--no-progress", "--scheduler", connection.client.scheduler.address],
+                                 "--no-progress", "--scheduler", address],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert read_status(prediction / "labels" / "segments")["threshold"] == 0.7

@@ -14,6 +14,7 @@ from emseg.cli import cli
 from emseg.io import create_volume, mark_complete, open_volume, read_status
 from emseg.models import save_checkpoint
 from emseg.models.registry import build
+from tests.support import scheduler_of
 
 OFFSETS = ((-1, 0, 0), (0, -1, 0), (0, 0, -1), (-3, 0, 0), (0, -3, 0), (0, 0, -3))
 
@@ -30,8 +31,12 @@ def test_segment_with_an_affinity_model(tmp_path: Path, connection) -> None:
                            voxel_size=(10.0, 10.0, 10.0))
     volume.write(volume.roi, raw)
     mark_complete(tmp_path / "vol.zarr")
+    with scheduler_of(connection) as address:
+        _segment_both_ways(tmp_path, ckpt, raw, address)
+
+
+def _segment_both_ways(tmp_path: Path, ckpt: Path, raw: np.ndarray, address: str) -> None:
     out = tmp_path / "out.zarr"
-    address = connection.client.scheduler.address
     for fragments in ("watershed", "mutex"):
         args = ["segment", str(tmp_path / "vol.zarr"), "-o", str(out), "--model", str(ckpt), "--scheduler", address,
                 "--no-progress", "--overwrite"]
