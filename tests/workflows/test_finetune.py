@@ -27,8 +27,8 @@ def gala_crop(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
     is wider than the context of either bundled model."""
     raw = tmp_path / "raw.tif"
     labels = tmp_path / "labels.tif"
-    tifffile.imwrite(raw, tifffile.imread(shared_data / "fib_gala" / "train-raw.tif")[:8, :64, :208])
-    tifffile.imwrite(labels, tifffile.imread(shared_data / "fib_gala" / "train-labels.tif")[:8, :64, :208])
+    tifffile.imwrite(raw, tifffile.imread(shared_data / "fib_gala" / "train-raw.tif")[:12, :64, :208])
+    tifffile.imwrite(labels, tifffile.imread(shared_data / "fib_gala" / "train-labels.tif")[:12, :64, :208])
     return raw, labels
 
 
