@@ -77,7 +77,7 @@ def test_training_script_one_task_per_gpu() -> None:
     script = render_training_script(["--config", "run.toml", "-o", "my ckpt"], nodes=2, gpus_per_node=4, profile=profile)
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=12:00:00", "#SBATCH --mem=64000M",
-                 "module load cuda", 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'):
+                 "module load cuda", 'MASTER_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'):
         assert line in script.splitlines(), line
     assert script.rstrip().endswith("/shared/venv/bin/emseg train --config run.toml -o 'my ckpt'")
     assert "@{" not in script
