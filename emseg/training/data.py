@@ -49,6 +49,7 @@ __all__ = [
     "instances_from_labels",
     "load_source",
     "membrane_from_instances",
+    "widen_boundaries",
     "mirrored_window",
     "nearest_offsets",
     "parse_data_path",
@@ -142,6 +143,26 @@ def membrane_from_instances(instances: npt.NDArray[np.integer[Any]]) -> npt.NDAr
         mm[1:] |= d
         mm[:-1] |= d
     return np.asarray(m, dtype=np.uint8)
+
+
+DENSE_BOUNDARY_WIDTH = 3
+"""In-plane pixels added on each side of the boundary between touching instances of dense labels
+(a membrane is ~4-8 pixels at 4 nm; CREMI's bundled-model probability stays above 0.85 three pixels out)."""
+
+
+def widen_boundaries(instances: npt.NDArray[np.uint32], width: int) -> npt.NDArray[np.uint32]:
+    """``instances`` with every in-plane boundary (see :func:`membrane_from_instances`) grown by ``width``
+    pixels (4-connected, last two axes) and set to 0, so that the membrane target has a membrane's width."""
+    if width <= 0:
+        return instances
+    from scipy import ndimage
+
+    structure = np.zeros((3,) * instances.ndim, dtype=bool)
+    structure[(1,) * (instances.ndim - 2)] = ndimage.generate_binary_structure(2, 1)
+    boundary = ndimage.binary_dilation(membrane_from_instances(instances).astype(bool), structure, iterations=width)
+    out = instances.copy()
+    out[boundary] = 0
+    return out
 
 
 def nearest_offsets(ndim: int) -> tuple[tuple[int, ...], ...]:
@@ -256,6 +277,10 @@ def load_source(source: DataSource, cfg: TrainConfig) -> PreparedVolume:
         raise UnsupportedDtypeError(f"{source.raw}: training expects uint8 raw (scaled by 1/255), got {raw.dtype}; convert it first")
     per_section = cfg.ndim == 2
     instances, kind = instances_from_labels(labels, source.labels_kind, per_section=per_section)
+    width = source.boundary_width
+    if width is None:
+        width = DENSE_BOUNDARY_WIDTH if kind == "instances" and not (instances == 0).any() else 0
+    instances = widen_boundaries(instances, width)
     weights = None
     if cfg.loss == "weighted-ce":
         weights = np.stack([weight_map(instances[z], w0=cfg.w0, sigma=cfg.sigma) for z in range(len(instances))])

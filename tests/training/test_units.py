@@ -10,7 +10,8 @@ import torch
 
 from emseg.errors import ConfigError, InvalidDataError
 from emseg.training import launcher_env, membrane_scores
-from emseg.training.data import instances_from_labels, parse_data_path
+from emseg.training.config import DataSource, TrainConfig
+from emseg.training.data import instances_from_labels, load_source, parse_data_path, widen_boundaries
 from emseg.training.state import latest_checkpoint, load_optimizer, save_optimizer, write_atomic_dir
 
 
@@ -101,3 +102,26 @@ def test_cosine_schedule_decays_from_lr_to_one_percent_and_constant_stays() -> N
     assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
     constant = TrainConfig(train=src, output="o", lr=1e-3, steps=101)
     assert {learning_rate(constant, s) for s in (1, 50, 101)} == {1e-3}
+
+
+def test_dense_instance_labels_get_a_membrane_wide_boundary(tmp_path: Path) -> None:
+    import tifffile
+
+    ids = np.zeros((2, 16, 16), np.uint16)
+    ids[:, :, :8], ids[:, :8, 8:], ids[:, 8:, 8:] = 1, 2, 3  # touching cells, no gap (as CREMI's neuron ids)
+    raw = np.full(ids.shape, 128, np.uint8)
+    tifffile.imwrite(tmp_path / "raw.tif", raw)
+    tifffile.imwrite(tmp_path / "ids.tif", ids)
+    widened = widen_boundaries(ids.astype(np.uint32), 2)
+    assert np.array_equal(np.flatnonzero(widened[0, 0] == 0), np.arange(5, 11))  # 1 + 1 pixels grown by 2 each side
+    source = DataSource(raw=str(tmp_path / "raw.tif"), labels=str(tmp_path / "ids.tif"))
+    cfg = TrainConfig(train=(source,), output=str(tmp_path / "ckpt"))
+    dense = load_source(source, cfg)
+    assert (dense.instances[:, 0] == 0).sum(axis=-1).tolist() == [8, 8]  # 3 pixels each side by default
+    given = DataSource(raw=source.raw, labels=source.labels, boundary_width=0)
+    assert not (load_source(given, cfg).instances == 0).any()  # as labelled: the boundary is where the ids change
+    gaps = ids.copy()
+    gaps[:, :, 7:9] = 0  # labels that draw the boundary themselves are kept as they are
+    tifffile.imwrite(tmp_path / "gaps.tif", gaps)
+    drawn = DataSource(raw=source.raw, labels=str(tmp_path / "gaps.tif"))
+    assert np.array_equal(load_source(drawn, cfg).instances == 0, gaps == 0)
