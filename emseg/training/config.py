@@ -45,9 +45,10 @@ class DataSource(BaseModel):
     well under half of an EM section)."""
     boundary_width: int | None = Field(None, ge=0, le=32)
     """Pixels by which the boundary between two touching instances is widened on each side, in-plane,
-    to the width of a membrane in the image.  ``None``: 3 for dense instance labels without gaps (no 0
-    value, e.g. CREMI's neuron ids, whose boundaries are otherwise one pixel per cell where a membrane is
-    several: a model fine-tuned on them unlearns membranes), 0 for every other kind."""
+    to the width of a membrane in the image.  ``None``: 12 nm in pixels of ``voxel_size_nm`` (3 at 4 nm,
+    1 at 10 nm) for dense instance labels without gaps (no 0 value, e.g. CREMI's neuron ids, whose
+    boundaries are otherwise one pixel per cell where a membrane is several: a model fine-tuned on them
+    unlearns membranes), 0 for every other kind."""
 
 
 class TrainConfig(BaseModel):

@@ -145,9 +145,16 @@ def membrane_from_instances(instances: npt.NDArray[np.integer[Any]]) -> npt.NDAr
     return np.asarray(m, dtype=np.uint8)
 
 
-DENSE_BOUNDARY_WIDTH = 3
-"""In-plane pixels added on each side of the boundary between touching instances of dense labels
-(a membrane is ~4-8 pixels at 4 nm; CREMI's bundled-model probability stays above 0.85 three pixels out)."""
+DENSE_BOUNDARY_NM = 12.0
+"""Nanometres added on each side of the boundary between touching instances of dense labels: a membrane
+is ~20-30 nm wide in ssTEM and FIB-SEM (on CREMI at 4 nm the bundled 2-D model's membrane probability
+stays above 0.85 three pixels out from the boundary between two neuron ids)."""
+
+
+def dense_boundary_width(voxel_size_nm: Sequence[float] | None) -> int:
+    """In-plane pixels that :data:`DENSE_BOUNDARY_NM` spans (at least 1); 4 nm pixels without a voxel size."""
+    pixel = float(voxel_size_nm[-1]) if voxel_size_nm else 4.0
+    return max(1, round(DENSE_BOUNDARY_NM / pixel))
 
 
 def widen_boundaries(instances: npt.NDArray[np.uint32], width: int) -> npt.NDArray[np.uint32]:
@@ -279,7 +286,7 @@ def load_source(source: DataSource, cfg: TrainConfig) -> PreparedVolume:
     instances, kind = instances_from_labels(labels, source.labels_kind, per_section=per_section)
     width = source.boundary_width
     if width is None:
-        width = DENSE_BOUNDARY_WIDTH if kind == "instances" and not (instances == 0).any() else 0
+        width = dense_boundary_width(cfg.voxel_size_nm) if kind == "instances" and not (instances == 0).any() else 0
     instances = widen_boundaries(instances, width)
     weights = None
     if cfg.loss == "weighted-ce":

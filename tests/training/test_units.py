@@ -115,9 +115,11 @@ def test_dense_instance_labels_get_a_membrane_wide_boundary(tmp_path: Path) -> N
     widened = widen_boundaries(ids.astype(np.uint32), 2)
     assert np.array_equal(np.flatnonzero(widened[0, 0] == 0), np.arange(5, 11))  # 1 + 1 pixels grown by 2 each side
     source = DataSource(raw=str(tmp_path / "raw.tif"), labels=str(tmp_path / "ids.tif"))
-    cfg = TrainConfig(train=(source,), output=str(tmp_path / "ckpt"))
+    cfg = TrainConfig(train=(source,), output=str(tmp_path / "ckpt"), voxel_size_nm=(40, 4, 4))
     dense = load_source(source, cfg)
-    assert (dense.instances[:, 0] == 0).sum(axis=-1).tolist() == [8, 8]  # 3 pixels each side by default
+    assert (dense.instances[:, 0] == 0).sum(axis=-1).tolist() == [8, 8]  # 12 nm = 3 pixels each side by default
+    coarse = load_source(source, cfg.model_copy(update={"voxel_size_nm": (10, 10, 10)}))
+    assert (coarse.instances[:, 0] == 0).sum(axis=-1).tolist() == [4, 4]  # 1 pixel at 10 nm
     given = DataSource(raw=source.raw, labels=source.labels, boundary_width=0)
     assert not (load_source(given, cfg).instances == 0).any()  # as labelled: the boundary is where the ids change
     gaps = ids.copy()
