@@ -237,8 +237,10 @@ class LabelOptions(Options):
     mode: Literal["3d", "2d"] = "3d"
     """Label in 3-D, or every z-section on its own (segments never continue along z)."""
     min_size: int = Field(default=0, ge=0)
-    """watershed: fragments smaller than this many voxels are merged into a neighbour (cc keeps every
-    component)."""
+    """watershed: segments smaller than this many voxels are merged into a neighbour (cc keeps every
+    component).  Here the watershed's regions are the final segments, so a merge joins two objects:
+    default 0, every region kept.  (:attr:`AgglomerateOptions.min_size` is the same rule applied to
+    fragments that the agglomeration merges anyway, hence its larger default.)"""
     seeds: Literal["distance", "minima"] = "distance"
     """watershed seeds: maxima of the interior's distance transform, or minima of the boundary map."""
     min_distance: int = Field(default=3, ge=1)
@@ -310,7 +312,9 @@ class AgglomerateOptions(Options):
     min_distance: int = Field(default=3, ge=1)
     """Radius (voxels, finest axis) of the window in which a seed is a maximum."""
     min_size: int = Field(default=50, ge=0)
-    """Fragments smaller than this (voxels) are merged into a neighbour."""
+    """Fragments smaller than this (voxels) are merged into a neighbour.  The rule of
+    :attr:`LabelOptions.min_size`, but on an over-segmentation that the agglomeration merges further:
+    it only shrinks the region graph, hence a default of 50 where ``emseg label`` keeps every region."""
     context: Margin | None = None
     """Voxels Z,Y,X added around a block for its hierarchical agglomeration; default half a block, at most
     64 (0 along z per section)."""

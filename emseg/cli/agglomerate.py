@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import click
 
-from emseg.cli.options import cluster_options, field_option, option_flags, output_options, pop_fields
+from emseg.cli.options import cluster_options, field_option, mode_option, option_flags, output_options, pop_fields
 from emseg.cli.types import INT_ZYX
 from emseg.config import AgglomerateOptions, RunOptions
 
@@ -18,13 +18,12 @@ from emseg.config import AgglomerateOptions, RunOptions
               help="Merge fragments whose edge score (1 - mean affinity at the merge) is below this; written to "
                    "labels/segments  [default: the predicting model's agglomeration_threshold, else 0.8].")
 @option_flags(AgglomerateOptions, exclude=("threshold",))
-@click.option("--2d/--3d", "two_d", default=None,
-              help="Fragments and graph per section (per-section labels), or both in 3-D  [default: 3-D segments; "
+@mode_option(help="Fragments and graph per section (per-section labels), or both in 3-D  [default: 3-D segments; "
                    "fragments per section when z >= 2.5 x the y/x voxel size, linked across sections by the graph].")
 @click.option("--block-size", type=INT_ZYX, default=None, help="Block core shape Z,Y,X of fragments and graph.")
 @cluster_options(devices=False)
 @output_options(zarr_format=None)
-def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int] | None, as_json: bool,
+def agglomerate(target: str, mode: Literal["2d", "3d"] | None, block_size: tuple[int, int, int] | None, as_json: bool,
                 **fields: Any) -> None:
     """Agglomerate fragments into segments by hierarchical mean-affinity merging.
 
@@ -41,8 +40,7 @@ def agglomerate(target: str, two_d: bool | None, block_size: tuple[int, int, int
     from emseg.workflows.agglomerate import agglomerate_target
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
-    mode: Literal["auto", "2d", "3d"] = "auto" if two_d is None else ("2d" if two_d else "3d")
-    fragments, graph, report = agglomerate_target(target, mode=mode, block_size=block_size, run=run,
+    fragments, graph, report = agglomerate_target(target, mode=mode or "auto", block_size=block_size, run=run,
                                                   **pop_fields(fields, AgglomerateOptions))
     text = "\n".join(r.summary() for r in (fragments, graph, report) if r is not None)
     if as_json:

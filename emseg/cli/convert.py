@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import click
 
+from emseg.cli.options import cluster_options, overwrite_option, voxel_size_option, zarr_format_option
 from emseg.cli.output import JSON_OPTION, PROGRESS_OPTION, echo_report
-from emseg.cli.types import FLOAT_ZYX, INT_ZYX
+from emseg.cli.types import INT_ZYX
 
 
 @click.command("import")
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("output", type=click.Path(path_type=str))
-@click.option("--voxel-size", type=FLOAT_ZYX, help="Voxel size in nm, z,y,x (default: from the source, else 1,1,1).")
+@voxel_size_option()
 @click.option("--chunks", type=INT_ZYX, help="Chunk shape z,y,x (default 32,256,256, clipped to the volume).")
 @click.option("--dataset", help="HDF5 dataset name (or give it in the path: file.h5/group/data).")
-@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True,
-              help="3 writes OME-NGFF 0.5, 2 writes OME-NGFF 0.4.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@zarr_format_option(3)
+@overwrite_option("Replace OUTPUT if it exists.")
 @PROGRESS_OPTION
 @JSON_OPTION
 def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, chunks: tuple[int, ...] | None,
-               dataset: str | None, zarr_format: str, overwrite: bool, progress: bool, as_json: bool) -> None:
+               dataset: str | None, zarr_format: Literal[2, 3], overwrite: bool, progress: bool, as_json: bool) -> None:
     """Convert SOURCE (TIFF stack, folder of TIFF/PNG sections, HDF5 dataset) into an OME-Zarr image."""
     from emseg.io.convert import import_volume
 
     report = import_volume(source, output, voxel_size=voxel_size, chunks=chunks, dataset=dataset,
-                           zarr_format=int(zarr_format), overwrite=overwrite,  # type: ignore[arg-type]
+                           zarr_format=zarr_format, overwrite=overwrite,
                            progress=progress)
     echo_report(report, as_json)
 
@@ -38,12 +40,9 @@ def import_cmd(source: str, output: str, voxel_size: tuple[float, ...] | None, c
 @click.option("--level", default="0", show_default=True, help="Multiscale level to export (tiff).")
 @click.option("--mesh", is_flag=True, help="precomputed: also write meshes for a segmentation.")
 @click.option("--skeleton", is_flag=True, help="precomputed: also write skeletons for a segmentation.")
-@click.option("--cluster", default=None,
-              help="precomputed: run the blocks (scales, meshes, skeletons) on this cluster profile (local, slurm, "
-                   "a YAML)  [default: threads in this process].")
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="precomputed: join a running Dask scheduler.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="precomputed: local workers (with --cluster).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@cluster_options(devices=False, applies_to="precomputed (scales, meshes, skeletons)",
+                 cluster_default="threads in this process")
+@overwrite_option("Replace OUTPUT if it exists.")
 @PROGRESS_OPTION
 @JSON_OPTION
 def export_cmd(source: str, output: str, fmt: str | None, level: str, mesh: bool, skeleton: bool,

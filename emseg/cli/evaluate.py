@@ -6,6 +6,8 @@ import json
 
 import click
 
+from emseg.cli.options import overwrite_option
+
 
 @click.command()
 @click.argument("segs", metavar="SEG...", nargs=-1, required=True, type=click.Path(exists=True))
@@ -21,7 +23,7 @@ import click
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the split-vs-merge curve (and scores per threshold) as a PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace the --plot file if it exists (only one emseg wrote).")
+@overwrite_option("Replace the --plot file if it exists (only one emseg wrote).")
 def evaluate(segs: tuple[str, ...], gt: str, gt_kind: str, mode: str, plot: str | None, as_json: bool,
              overwrite: bool) -> None:
     """Score the segmentation(s) SEG... against the ground truth GT (label volumes of the same shape).

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from emseg.cli.options import cluster_options, option_flags, output_options, pop_fields
+from emseg.cli.options import cluster_options, mode_option, option_flags, output_options, pop_fields
 from emseg.cli.output import echo_report
 from emseg.config import LabelOptions, RunOptions
 
@@ -16,11 +16,10 @@ from emseg.config import LabelOptions, RunOptions
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), required=True,
               help="Label output: a new OME-Zarr path, or PRED's own image (labels go to PRED/labels/segments).")
 @option_flags(LabelOptions, exclude=("mode",))
-@click.option("--2d/--3d", "two_d", default=None, help="Label every z-section on its own "
-              "(segments never continue along z), or in 3-D  [default: 3-D].")
+@mode_option(help="Label every z-section on its own (segments never continue along z), or in 3-D  [default: 3-D].")
 @cluster_options(devices=False)
 @output_options(zarr_format="PRED's; labels inside PRED follow PRED")
-def label(pred: str, output: str, two_d: bool | None, zarr_format: int | None, as_json: bool, **fields: Any) -> None:
+def label(pred: str, output: str, zarr_format: int | None, as_json: bool, **fields: Any) -> None:
     """Label the boundary prediction PRED into globally unique, consecutive uint64 segment ids.
 
     PRED is an OME-Zarr image (c, z, y, x) whose channel 0 is the boundary probability (uint8 p*255
@@ -30,7 +29,6 @@ def label(pred: str, output: str, two_d: bool | None, zarr_format: int | None, a
     from emseg.workflows.label import label as run_label
 
     run = RunOptions.build(**pop_fields(fields, RunOptions))
-    options = LabelOptions.build(**pop_fields(fields, LabelOptions),
-                                 mode=None if two_d is None else ("2d" if two_d else "3d"))
+    options = LabelOptions.build(**pop_fields(fields, LabelOptions))  # mode: --2d/--3d
     report = run_label(pred, output, options, run=run, zarr_format=zarr_format)
     echo_report(report, as_json)

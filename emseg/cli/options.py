@@ -99,7 +99,7 @@ def field_option(model: type[BaseModel], name: str, *decls: str, dest: str | Non
     field = model.model_fields[name]
     kind, is_flag, convert = _click_type(field)
     kind = type if type is not None else kind
-    text = help if help is not None else " ".join((field.description or "").replace("``", "").split())
+    text = help if help is not None else field_doc(model, name)
     if show_default and field.default is not None and field.default is not False and field.default != ():
         text += f"  [default: {','.join(map(str, field.default)) if isinstance(field.default, tuple) else field.default}]"
     dashed = name.replace("_", "-")
@@ -115,6 +115,11 @@ def field_option(model: type[BaseModel], name: str, *decls: str, dest: str | Non
     else:
         kwargs["type"] = kind
     return click.option(*flag, dest or name, **kwargs)
+
+
+def field_doc(model: type[BaseModel], name: str) -> str:
+    """The doc of ``model``'s field ``name`` as one line of help text."""
+    return " ".join((model.model_fields[name].description or "").replace("``", "").split())
 
 
 def option_flags(model: type[BaseModel], *, exclude: Iterable[str] = (), **renames: tuple[str, ...]) -> Callable[[F], F]:
@@ -152,30 +157,70 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-def cluster_options(*, devices: bool = True) -> Callable[[F], F]:
+def cluster_options(*, devices: bool = True, applies_to: str | None = None,
+                    cluster_default: str | None = None) -> Callable[[F], F]:
     """``--cluster``, ``--scheduler``, ``--workers`` (and ``--devices``): where the blocks run
-    (:class:`~emseg.config.RunOptions`)."""
+    (:class:`~emseg.config.RunOptions`).
+
+    ``applies_to`` prefixes each help (``"precomputed"`` for a command whose other modes run in this
+    process); ``cluster_default`` replaces the ``--cluster`` default the help states.
+    """
+    def text(name: str, default: str | None = None) -> str:
+        doc = field_doc(RunOptions, name)
+        if default is not None:
+            doc = doc.split(" [default:")[0] + f"  [default: {default}]."
+        return f"{applies_to}: {doc[0].lower()}{doc[1:]}" if applies_to else doc
+
     options = [
-        field_option(RunOptions, "cluster", type=str, show_default=False),
-        field_option(RunOptions, "scheduler", metavar="ADDRESS", show_default=False),
-        field_option(RunOptions, "workers", show_default=False),
+        field_option(RunOptions, "cluster", type=str, show_default=False, help=text("cluster", cluster_default)),
+        field_option(RunOptions, "scheduler", metavar="ADDRESS", show_default=False, help=text("scheduler")),
+        field_option(RunOptions, "workers", show_default=False, help=text("workers")),
     ]
     if devices:
-        options.append(field_option(RunOptions, "devices", type=INDEX_LIST, metavar="0,1,...", show_default=False))
+        options.append(field_option(RunOptions, "devices", type=INDEX_LIST, metavar="0,1,...", show_default=False,
+                                    help=text("devices")))
     return _stack(*options)
+
+
+def overwrite_option(help: str | None = None) -> Callable[[F], F]:
+    """``--overwrite`` (:attr:`~emseg.config.RunOptions.overwrite`, default off) for every command that writes.
+
+    ``help`` says what it replaces where that is one file rather than a run's output (a PNG, a plot).
+    """
+    return field_option(RunOptions, "overwrite", "--overwrite", default=False, show_default=False, help=help)
+
+
+def zarr_format_option(default: Literal[2, 3] | None = None, *, default_text: str | None = None) -> Callable[[F], F]:
+    """``--zarr-format 2|3``, given to the command as an int (or None, "not given", with no ``default``).
+
+    ``default_text`` states the default in the help where it is not a number (``"the input's"``).
+    """
+    shown = default_text if default_text is not None else str(default)
+    return click.option(  # type: ignore[return-value]
+        "--zarr-format", type=click.Choice(["2", "3"]), default=None if default is None else str(default),
+        callback=_int_or_none, help=f"Zarr format of the output: 3 = OME-NGFF 0.5, 2 = OME-NGFF 0.4  [default: {shown}].")
+
+
+def mode_option(help: str) -> Callable[[F], F]:
+    """``--2d/--3d``, given to the command as ``mode``: ``"2d"``, ``"3d"`` or None (not given: the
+    command's default, e.g. chosen from the voxel size).  ``help`` says what the two mean for the command."""
+    return click.option("--2d/--3d", "mode", default=None, callback=_mode, help=help)  # type: ignore[return-value]
+
+
+def _mode(ctx: click.Context, param: click.Parameter, value: bool | None) -> Literal["2d", "3d"] | None:
+    return None if value is None else ("2d" if value else "3d")
 
 
 def output_options(*, zarr_format: str | None = "the input's", dry_run: bool = False) -> Callable[[F], F]:
     """``--zarr-format``, ``--overwrite``, (``--dry-run``), ``--progress/--no-progress``, ``--json``.
 
-    ``--overwrite`` and ``--progress`` are :class:`~emseg.config.RunOptions` fields, with its defaults.
+    ``zarr_format`` is the default the help states (None: no ``--zarr-format``).  ``--overwrite`` and
+    ``--progress`` are :class:`~emseg.config.RunOptions` fields, with its defaults.
     """
     options = []
     if zarr_format is not None:
-        options.append(click.option(
-            "--zarr-format", type=click.Choice(["2", "3"]), default=None, callback=_int_or_none,
-            help=f"Zarr format of the output: 3 = OME-NGFF 0.5, 2 = OME-NGFF 0.4  [default: {zarr_format}]."))
-    options.append(field_option(RunOptions, "overwrite", "--overwrite", default=False, show_default=False))
+        options.append(zarr_format_option(default_text=zarr_format))
+    options.append(overwrite_option())
     if dry_run:
         options.append(click.option("--dry-run", is_flag=True, help="Print the plan (blocks, halo, voxels, memory) "
                                                                      "and exit."))

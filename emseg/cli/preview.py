@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from emseg.cli.options import overwrite_option
 from emseg.cli.output import JSON_OPTION, echo_report
 
 
@@ -16,7 +17,7 @@ from emseg.cli.output import JSON_OPTION, echo_report
 @click.option("--slices", type=click.IntRange(min=1), default=3, show_default=True, help="Number of z sections (rows).")
 @click.option("--size", "max_panel", type=click.IntRange(min=16), default=512, show_default=True,
               help="Longest side of one panel, pixels.")
-@click.option("--overwrite", is_flag=True, help="Replace the PNG if it exists (only one emseg wrote).")
+@overwrite_option("Replace the PNG if it exists (only one emseg wrote).")
 @JSON_OPTION
 def preview(out: str, png: str, raw: str | None, slices: int, max_panel: int, overwrite: bool, as_json: bool) -> None:
     """Write a PNG of a few z sections of OUT: raw | prediction | labels (random colours).

@@ -9,6 +9,7 @@ import click
 from emseg.cli.options import (
     cluster_options,
     field_option,
+    mode_option,
     option_flags,
     output_options,
     pop_fields,
@@ -35,15 +36,14 @@ from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, Segment
 @field_option(AgglomerateOptions, "thresholds")
 @field_option(SegmentLabelOptions, "threshold",
               help="Boundary probability below which a voxel is inside a cell (agglomerate: seeds of the fragments).")
-@click.option("--2d/--3d", "two_d", default=None,
-              help="Per-section labels (--2d, for per-section benchmarks such as ISBI), or 3-D labels with "
+@mode_option(help="Per-section labels (--2d, for per-section benchmarks such as ISBI), or 3-D labels with "
                    "fragments in 3-D too (--3d)  [default: 3-D segments; the agglomeration links fragments made "
                    "per section when z >= 2.5 x the y/x voxel size; plain watershed/cc labels per section there].")
 @field_option(SegmentLabelOptions, "min_size", help="Smallest fragment kept (voxels; watershed and agglomerate).", show_default=False)
 @cluster_options()
 @output_options(dry_run=True)
 def segment(volume: str, output: str | None, voxel_size: tuple[float, ...] | None, pipeline: str | None, method: str | None, merge_threshold: float | None,
-            thresholds: tuple[float, ...] | None, threshold: float | None, two_d: bool | None, min_size: int | None,
+            thresholds: tuple[float, ...] | None, threshold: float | None, mode: str | None, min_size: int | None,
             zarr_format: int | None, dry_run: bool, as_json: bool, **fields: Any) -> None:
     """Segment VOLUME: predict membranes, then label segments.
 
@@ -59,7 +59,7 @@ def segment(volume: str, output: str | None, voxel_size: tuple[float, ...] | Non
     run = RunOptions.build(**pop_fields(fields, RunOptions))
     config = load_pipeline(pipeline, segment_overrides(
         method=method, threshold=threshold, merge_threshold=merge_threshold, thresholds=thresholds,
-        mode=None if two_d is None else ("2d" if two_d else "3d"), min_size=min_size,
+        mode=mode, min_size=min_size,
         **pop_fields(fields, PredictOptions)))
     report = run_segment(volume, output, config, run=run, dry_run=dry_run, zarr_format=zarr_format,
                          voxel_size=voxel_size)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import click
 
+from emseg.cli.options import overwrite_option, zarr_format_option
 from emseg.cli.output import JSON_OPTION, PROGRESS_OPTION, echo_report
 from emseg.cli.types import FLOAT_ZYX, INT_ZYX
 
@@ -25,8 +27,8 @@ CONFIRM_BYTES = 16 * 2**30
               help="Voxels computed per unit of work, a multiple of --chunks  [default: 128 per axis].")
 @click.option("--cell-size", type=click.FloatRange(min=0, min_open=True), default=320.0, show_default=True,
               help="Mean cell diameter in nm (spacing of the cell seeds).")
-@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@zarr_format_option(3)
+@overwrite_option("Replace DST if it exists.")
 @PROGRESS_OPTION
 @click.option("-y", "--yes", is_flag=True,
               help=f"Write volumes over {CONFIRM_BYTES // 2**30} GiB without asking (needed where no one can answer).")
@@ -39,7 +41,7 @@ def synth(
     chunks: tuple[int, int, int],
     block_size: tuple[int, int, int] | None,
     cell_size: float,
-    zarr_format: str,
+    zarr_format: Literal[2, 3],
     overwrite: bool,
     progress: bool,
     yes: bool,
@@ -59,7 +61,7 @@ def synth(
     start = time.perf_counter()
     write_synth(
         dst, shape=shape, seed=seed, params=params, chunks=chunks, block_shape=block_size,
-        overwrite=overwrite, zarr_format=3 if zarr_format == "3" else 2, progress=progress,
+        overwrite=overwrite, zarr_format=zarr_format, progress=progress,
     )
     elapsed = time.perf_counter() - start
     if as_json:
