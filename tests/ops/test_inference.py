@@ -231,6 +231,8 @@ def test_bf16_channels_last_stays_within_a_few_uint8_steps_of_fp32_on_real_em(sh
     ckpt = load_checkpoint(BUNDLED)
     model, norm = prepare_model(ckpt.model), ckpt.config.normalization
     raw = tifffile.imread(shared_data / "isbi2012" / "test-volume.tif")[:1]
+    if not _native_bf16():  # emulated bf16 runs ~20x slower than fp32: a quarter section holds enough membranes
+        raw = raw[:, :256, :256]
     tiling = make_tiling(model, raw.shape)
     write = Roi((0, 0, 0), raw.shape)
     read = tiling.read_roi(write)

@@ -19,8 +19,8 @@ from emseg.workflows.agglomerate import segment_prediction
 from tests.support import cells
 
 BLOCK = (4, 32, 32)
-SHAPE = (8, 192, 192)
-TOTAL = 2 * 6 * 6
+SHAPE = (8, 128, 128)
+TOTAL = 2 * 4 * 4
 
 
 def _command(pred: Path) -> list[str]:
@@ -43,7 +43,7 @@ def _progress(pred: Path, stage: str) -> int:
 @pytest.mark.parametrize("stage", ["graph", "relabel"])
 def test_sigkill_then_rerun_gives_byte_identical_labels(write_prediction, connection, tmp_path: Path,
                                                         stage: str) -> None:
-    _, boundary = cells(SHAPE, 170, seed=9)
+    _, boundary = cells(SHAPE, 80, seed=9)
     killed = write_prediction(boundary, name="killed.zarr", chunks=BLOCK)
     clean = write_prediction(boundary, name="clean.zarr", chunks=BLOCK)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

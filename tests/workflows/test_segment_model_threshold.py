@@ -13,9 +13,16 @@ from click.testing import CliRunner
 from emseg.cli import cli
 from emseg.io import open_volume, read_status
 from emseg.workflows.predict import BUNDLED
+from tests.support import scheduler_of
 
 
-def test_segment_uses_the_models_threshold_unless_a_flag_or_recipe_sets_one(shared_data: Path, tmp_path: Path) -> None:
+def test_segment_uses_the_models_threshold_unless_a_flag_or_recipe_sets_one(shared_data: Path, tmp_path: Path,
+                                                                             connection) -> None:
+    with scheduler_of(connection) as address:  # the session's cluster: eight runs, no cluster started for each
+        _check_thresholds(shared_data, tmp_path, address)
+
+
+def _check_thresholds(shared_data: Path, tmp_path: Path, address: str) -> None:
     runner = CliRunner()
     crop = tmp_path / "crop.tif"
     tifffile.imwrite(crop, tifffile.imread(shared_data / "isbi2012" / "test-volume.tif")[:2, :256, :256])
@@ -29,7 +36,7 @@ def test_segment_uses_the_models_threshold_unless_a_flag_or_recipe_sets_one(shar
 
     def run(name: str, *flags: str) -> tuple[float, np.ndarray]:
         out = tmp_path / name
-        result = runner.invoke(cli, ["segment", str(volume), "-o", str(out), "--model", str(model), "--workers", "1",
+        result = runner.invoke(cli, ["segment", str(volume), "-o", str(out), "--model", str(model), "--scheduler", address,
                                      "--no-progress", *flags])
         assert result.exit_code == 0, result.output
         segments = open_volume(out / "labels" / "segments")
@@ -50,7 +57,8 @@ def test_segment_uses_the_models_threshold_unless_a_flag_or_recipe_sets_one(shar
 
     # emseg agglomerate on an existing output: the model that predicted it gives the threshold too
     def again(target: Path, *flags: str) -> np.ndarray:
-        result = runner.invoke(cli, ["agglomerate", str(target), "--workers", "1", "--no-progress", "--overwrite", *flags])
+        result = runner.invoke(cli, ["agglomerate", str(target), "--scheduler", address, "--no-progress", "--overwrite",
+                                     *flags])
         assert result.exit_code == 0, result.output
         segments = open_volume(tmp_path / "default.zarr" / "labels" / "segments")
         return segments.read(segments.roi)
