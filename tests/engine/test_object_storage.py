@@ -97,7 +97,7 @@ def test_import_to_s3_writes_only_inside_the_output(s3_bucket: str, tmp_path: Pa
 def _segment(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", "from emseg.cli import main; main()", "segment", *args, "--workers", "1",
-                             "--block-size", "4,128,128", "--no-progress"],
+                             "--block-size", "1,256,256", "--no-progress"],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 

@@ -373,8 +373,6 @@ def plan_prediction(
     }
     if voxel_size is not None:  # an override is part of what the output holds (its metadata)
         params["voxel_size"] = list(volume.voxel_size)
-    if voxel_size is not None:  # an override is part of what the output holds (its metadata)
-        params["voxel_size"] = list(volume.voxel_size)
     return PredictionPlan(
         volume=absolute(volume_path), checkpoint=ckpt_dir, volume_shape=volume.shape, volume_dtype=str(volume.dtype),
         voxel_size=volume.voxel_size, grid=grid, tiling=tiling, options=resolved, model_name=str(cfg.model.get("name")), padding=model.padding,
