@@ -94,9 +94,12 @@ def _call(fs: Any, method: str, url: str, **kwargs: Any) -> Any:
         return fs.call_s3(method, **kwargs)
     except Exception as e:  # noqa: BLE001 - botocore/aiobotocore raise many types; sorted by code below
         code = _error_code(e)
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey", "404") or \
-                isinstance(e, FileNotFoundError):
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
             return None
+        if code == "NoSuchBucket":
+            raise StorageError(f"{url}: no such bucket: {describe(e)}") from e
+        if method != "put_object" and (code in ("NoSuchKey", "404") or isinstance(e, FileNotFoundError)):
+            return None  # no lock object (a PUT never misses its key: there a 404 is a missing bucket)
         raise StorageError(f"{url}: cannot {'take the run lock' if method == 'put_object' else 'read the run lock'}"
                            f": {describe(e)}") from e
 

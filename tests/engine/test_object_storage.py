@@ -22,6 +22,7 @@ from emseg.cli import cli
 from emseg.engine import lock, objectlock
 from emseg.errors import OutputInUseError
 from emseg.io import create_volume, mark_complete, open_volume
+from tests.conftest import tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,3 +145,25 @@ def test_segment_s3_to_s3_matches_local_and_resumes_after_sigkill(s3_bucket: str
     assert {k: fs.info(k)["ETag"] for k in keys if k.startswith(f"{bucket}/in.zarr/")} == inputs  # input untouched
     assert not any(k.endswith(".emseg-lock") for k in keys)
     assert list(work.iterdir()) == []  # nothing written locally
+
+
+def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_error_line(s3_endpoint: str, make_volume,
+                                                                        tmp_path: Path, monkeypatch) -> None:
+    volume = make_volume(shape=(2, 64, 64), chunks=(1, 64, 64))
+    before = tree_digest(volume)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    missing = CliRunner().invoke(cli, ["segment", str(volume), "-o", "s3://no-such-bucket/out.zarr", "--no-progress"])
+    assert missing.exit_code == 1 and missing.stderr.count("\n") == 1, missing.output
+    assert missing.stderr.startswith("Error: s3://no-such-bucket/out.zarr") and "no such bucket" in missing.stderr
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+    unreachable = subprocess.run([sys.executable, "-c", "from emseg.cli import main; main()", "segment", str(volume),
+                                  "-o", "s3://bucket/out.zarr", "--no-progress"], env=env, capture_output=True, text=True,
+                                 timeout=300)
+    assert unreachable.returncode == 1 and unreachable.stderr.count("\n") == 1, unreachable.stderr[-2000:]
+    assert unreachable.stderr.startswith("Error: s3://bucket/out.zarr") and "connect" in unreachable.stderr
+    assert list(work.iterdir()) == [] and tree_digest(volume) == before  # nothing written here, the input untouched
