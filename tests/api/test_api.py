@@ -129,52 +129,101 @@ def test_agglomerate_numpy_and_dask(tmp_path: Path, scheduler: str):
     np.testing.assert_array_equal(lazy.compute(), segments)
 
 
-def test_agglomerate_of_a_path_runs_what_the_command_runs(tmp_path: Path, write_prediction) -> None:
-    """``emseg.agglomerate(path)`` holds the output's run lock (a second concurrent call is refused) and
-    merges at the predicting checkpoint's ``agglomeration_threshold``, as ``emseg agglomerate`` does."""
+def test_agglomerate_of_a_path_runs_what_the_command_runs(tmp_path: Path, write_prediction, scheduler: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``emseg.agglomerate(path)`` holds the output's run lock (a second concurrent call, from another
+    process, is refused while the first finishes) and merges at the predicting checkpoint's
+    ``agglomeration_threshold``, as ``emseg agglomerate`` does."""
+    import threading
+
+    import emseg.workflows.agglomerate as workflow
+    from emseg.engine.lock import lock_path
+    from emseg.io import update_status
+    from tests.support import cells
+
+    model = _tuned_checkpoint(tmp_path, 0.5)
+    _, boundary = cells((16, 48, 48), 12, seed=3)
+    path = write_prediction(boundary)
+    update_status(path, checkpoint=str(model))  # what `emseg predict` records
+    # the first call pauses inside its run (after taking the lock) until the second one has been tried
+    go, inside = threading.Event(), threading.Event()
+    real = workflow.segment_prediction
+
+    def paused(*args, **kwargs):
+        inside.set()
+        assert go.wait(300)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(workflow, "segment_prediction", paused)
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(emseg.agglomerate(path, scheduler=scheduler,
+                                                                             progress=False)))
+    first.start()
+    try:
+        assert inside.wait(120) and lock_path(path).exists()
+        second = ("import sys, emseg\n"
+                  "from emseg.errors import OutputInUseError\n"
+                  "try:\n"
+                  "    emseg.agglomerate(sys.argv[1], workers=1)\n"
+                  "except OutputInUseError as e:\n"
+                  "    print('refused:', e)\n")
+        refused = subprocess.run([sys.executable, "-c", second, str(path)], capture_output=True, text=True,
+                                 timeout=300, check=False)
+    finally:
+        go.set()
+        first.join(300)
+    assert refused.returncode == 0 and refused.stdout.startswith("refused:"), refused.stdout + refused.stderr
+    assert "in use by emseg agglomerate" in refused.stdout
+    (report,) = results  # the first call finished
+    assert sorted(report[2].segments) == [0.5]  # the checkpoint's threshold, not the default 0.8
+    assert not lock_path(path).exists()
+    monkeypatch.undo()
+    _, _, again = emseg.agglomerate(path / "labels" / "fragments", scheduler=scheduler, progress=False)
+    assert sorted(again.segments) == [0.5]  # agglomerating the fragments again: the checkpoint's threshold too
+
+
+def _tuned_checkpoint(tmp_path: Path, threshold: float) -> Path:
+    """The bundled checkpoint with its ``agglomeration_threshold`` set to ``threshold``."""
     import json
     import shutil
-    import time
 
-    from emseg.engine.lock import lock_path
-    from emseg.errors import OutputInUseError
-    from emseg.io import update_status
     from emseg.workflows.predict import BUNDLED
-    from tests.support import cells
 
     model = tmp_path / "tuned"
     shutil.copytree(BUNDLED, model, ignore=shutil.ignore_patterns("fib3d", "*.md", "*.png"))
     config = json.loads((model / "config.json").read_text())
-    config["agglomeration_threshold"] = 0.5
+    config["agglomeration_threshold"] = threshold
     (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_agglomerate_of_a_path_merges_at_the_commands_threshold(tmp_path: Path, write_prediction,
+                                                                scheduler: str) -> None:
+    """On the same prediction, ``emseg.agglomerate(path)`` and ``emseg agglomerate PATH`` pick the same
+    threshold (the predicting checkpoint's, else the default) and write the same segments."""
+    import json
+
+    from click.testing import CliRunner
+
+    from emseg.cli import cli
+    from emseg.config import AgglomerateOptions
+    from emseg.io import update_status
+    from tests.support import cells
+
+    model = _tuned_checkpoint(tmp_path, 0.5)
     _, boundary = cells((16, 48, 48), 12, seed=3)
-    path = write_prediction(boundary)
-    update_status(path, checkpoint=str(model))  # what `emseg predict` records
-    go = tmp_path / "go"
-    # the first call pauses inside its run (after taking the lock) until the test has tried a second one
-    first = ("import sys, time, pathlib, emseg, emseg.workflows.agglomerate as w\n"
-             "real = w.segment_prediction\n"
-             "def paused(*a, **k):\n"
-             "    while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)\n"
-             "    return real(*a, **k)\n"
-             "w.segment_prediction = paused\n"
-             "report = emseg.agglomerate(sys.argv[1])[2]\n"
-             "print(sorted(report.segments))\n")
-    process = subprocess.Popen([sys.executable, "-c", first, str(path), str(go)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not lock_path(path).exists():
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.05)
-        with pytest.raises(OutputInUseError):
-            emseg.agglomerate(path)
-    finally:
-        go.touch()
-        out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
-    assert out.strip() == "[0.5]"  # the checkpoint's threshold, not the default 0.8
-    _, _, again = emseg.agglomerate(path / "labels" / "fragments")
-    assert sorted(again.segments) == [0.5] and not lock_path(path).exists()
-    _, _, flagged = emseg.agglomerate(path / "labels" / "fragments", threshold=0.8, overwrite=True)
-    assert sorted(flagged.segments) == [0.8]
+    for checkpoint, expected in ((None, AgglomerateOptions().threshold), (model, 0.5)):
+        name = "tuned" if checkpoint else "plain"
+        by_api, by_command = (write_prediction(boundary, name=f"{name}_{who}.zarr") for who in ("api", "cli"))
+        if checkpoint is not None:
+            for path in (by_api, by_command):
+                update_status(path, checkpoint=str(checkpoint))  # what `emseg predict` records
+        result = CliRunner().invoke(cli, ["agglomerate", str(by_command), "--scheduler", scheduler, "--no-progress",
+                                          "--json"])
+        assert result.exit_code == 0, result.output
+        command = [s["threshold"] for s in json.loads(result.stdout)["segments"]]
+        api = sorted(emseg.agglomerate(by_api, scheduler=scheduler, progress=False)[2].segments)
+        assert api == command == [expected], name
+        np.testing.assert_array_equal(open_volume(by_api / "labels" / "segments").array[...],
+                                      open_volume(by_command / "labels" / "segments").array[...])
+
