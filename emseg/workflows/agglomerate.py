@@ -808,7 +808,7 @@ def agglomerate(
         path = lookup_path(image, f"{score}_{t:.6g}")
         lookups[t] = path
         attrs = lookup_attrs(path)
-        if attrs.get("graph") == graph["fingerprint"] and attrs.get("complete"):
+        if attrs.get("graph") == graph["fingerprint"] and lookup_complete(attrs):
             counts[t] = int(attrs["n_segments"])
         else:
             missing.append(t)
@@ -817,7 +817,7 @@ def agglomerate(
         for t, (lookup, n) in global_lookups(image, missing, score=score, n_fragments=n_fragments,
                                              n_blocks=n_blocks).items():
             write_lookup(lookups[t], lookup, attrs={"graph": graph["fingerprint"], "threshold": t, "score": score,
-                                                    "n_segments": n, "complete": True})
+                                                    "n_segments": n, "status": "complete"})
             counts[t] = n
     seconds_global = time.perf_counter() - t0
 
@@ -841,6 +841,13 @@ def agglomerate(
                                time.perf_counter() - start, tuple(stages), seconds_global)
     log.info("%s", report.summary())
     return report
+
+
+def lookup_complete(attrs: dict[str, Any]) -> bool:
+    """Whether a stored lookup's attributes (written after its values) say it is finished: ``status``
+    ``"complete"``, as :func:`emseg.io.mark_complete` records an image; lookups stored before carry
+    ``complete: true`` instead, and still count."""
+    return attrs.get("status") == "complete" or attrs.get("complete") is True
 
 
 def _remove_agglomerations(fragments: Location, *, keep: str) -> None:

@@ -227,3 +227,41 @@ def test_agglomerate_of_a_path_merges_at_the_commands_threshold(tmp_path: Path, 
         np.testing.assert_array_equal(open_volume(by_api / "labels" / "segments").array[...],
                                       open_volume(by_command / "labels" / "segments").array[...])
 
+
+
+def test_a_finished_lookup_is_recorded_as_status_complete_and_older_records_still_count(
+        tmp_path: Path, write_prediction, scheduler: str) -> None:
+    """The fragment -> segment lookups of an agglomeration say they are finished as every emseg output
+    does (``status: complete``); one stored with the older ``complete: true`` is still reused, one with
+    neither is made again."""
+    import zarr
+
+    from emseg.io.edges import graph_dir, lookup_attrs
+    from tests.support import cells
+
+    _, boundary = cells((16, 48, 48), 12, seed=3)
+    path = write_prediction(boundary)
+    fragments = path / "labels" / "fragments"
+    emseg.agglomerate(path, threshold=0.5, scheduler=scheduler, progress=False)
+    segments = open_volume(path / "labels" / "segments").array[...]
+    assert int(segments.max()) > 1
+    (lookup,) = graph_dir(fragments).glob("lookup_*")
+    attrs = lookup_attrs(lookup)
+    assert attrs["status"] == "complete" and "complete" not in attrs
+
+    def agglomerate_again() -> np.ndarray:
+        emseg.agglomerate(fragments, threshold=0.5, overwrite=True, scheduler=scheduler, progress=False)
+        return open_volume(path / "labels" / "segments").array[...]
+
+    # an older record: complete: true, over a lookup that sends every fragment to segment 1
+    stored = zarr.open_array(str(lookup), mode="r+")
+    stored[:] = np.minimum(stored[:], 1)
+    old = {k: v for k, v in attrs.items() if k != "status"}
+    stored.attrs.clear()
+    stored.attrs.update({**old, "complete": True, "n_segments": 1})
+    assert set(np.unique(agglomerate_again())) <= {0, 1}  # the stored lookup was used, not made again
+    # no completion record at all: the lookup is made again, and recorded the one way
+    stored.attrs.clear()
+    stored.attrs.update(old)
+    np.testing.assert_array_equal(agglomerate_again(), segments)
+    assert lookup_attrs(lookup)["status"] == "complete"
