@@ -7,6 +7,7 @@ import json
 import click
 
 from emseg.cli.options import overwrite_option
+from emseg.cli.output import json_option
 
 
 @click.command()
@@ -22,7 +23,7 @@ from emseg.cli.options import overwrite_option
                    "auto: per section for a mask GT, as a volume for instance GT.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the split-vs-merge curve (and scores per threshold) as a PNG.")
-@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@json_option("Print the scores as JSON.")
 @overwrite_option("Replace the --plot file if it exists (only one emseg wrote).")
 def evaluate(segs: tuple[str, ...], gt: str, gt_kind: str, mode: str, plot: str | None, as_json: bool,
              overwrite: bool) -> None:

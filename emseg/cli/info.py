@@ -6,10 +6,12 @@ import json
 
 import click
 
+from emseg.cli.output import json_option
+
 
 @click.command()
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option("Machine-readable output.")
 @click.option("--verify", is_flag=True,
               help="Check every block an emseg run recorded against the chunks on disk (reads them all); "
                    "damaged blocks are marked for recomputation by a rerun.")

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from emseg.cli.output import json_option
 from emseg.cli.types import SIZES
 
 # (row label, registry name, build kwargs); the rest of each model's options take their defaults
@@ -23,7 +24,7 @@ _PAPER_UNET = ("unet (paper)", "unet", {"base_channels": 64, "depth": 4, "paddin
     "each model reports the smallest valid input at least this large and its output.",
 )
 @click.option("--ndim", type=click.Choice(["2", "3"]), default="2", show_default=True, help="Spatial axes.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@json_option("Print a JSON list instead of a table.")
 @click.option("--bundled", is_flag=True, help="List only the bundled (trained, shipped) models with their model-card figures.")
 def models(input_size: tuple[int, ...] | None, ndim: str, as_json: bool, bundled: bool) -> None:
     """List the model zoo (parameters, receptive field, input multiple, context, output size), then the

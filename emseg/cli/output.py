@@ -67,7 +67,14 @@ def echo_report(report: Any, as_json: bool, **extra: Any) -> None:
         click.echo(report.summary() if hasattr(report, "summary") else str(report))
 
 
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+def json_option(help: str = "Print the result as one JSON object on stdout.") -> Any:
+    """``--json`` (given to the command as ``as_json``); ``help`` says what it prints where that is not
+    the command's report."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+JSON_OPTION = json_option()
+"""The ``--json`` of every command that prints its report."""
 
 
 def _progress_default(ctx: click.Context, param: click.Parameter, value: bool | None) -> bool:

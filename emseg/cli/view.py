@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from emseg.cli.output import json_option
 from emseg.cli.types import INDEX_LIST
 
 
@@ -46,7 +47,7 @@ def _wait(close: Any) -> None:
               help="With --public and no --serve: where the stores are served.")
 @click.option("--viewer", default="https://neuroglancer-demo.appspot.com", show_default=True,
               help="Neuroglancer instance of the --public link.")
-@click.option("--json", "as_json", is_flag=True, help="Print the viewer URL, store URL and state as one JSON line.")
+@json_option("Print the viewer URL, store URL and state as one JSON line.")
 def view(out: str, raw: str | None, precomputed: str | None, select: tuple[int, ...] | None, public: bool, port: int | None, viewer_port: int,
          bind: str, allow_hosts: tuple[str, ...], base_url: str, viewer: str, as_json: bool) -> None:
     """Show OUT's raw EM, prediction and segments in neuroglancer, in physical units (nm).
