@@ -13,7 +13,7 @@
 #
 # Environment:
 #   EMSEG_SLURM_STATE    state dir: PIDs, spool, logs, job logs  [/tmp/emseg-slurm]
-#   EMSEG_SLURM_NODES    compute nodes (slurmd daemons; 2 for the node-loss work)  [1]
+#   EMSEG_SLURM_NODES    compute nodes (slurmd daemons; the node-loss tests need 2)  [2]
 #   EMSEG_SLURM_CPUS     CPU slots advertised per node (config_overrides)  [max(4, real CPUs)]
 #   EMSEG_SLURM_TIMEOUT  seconds to wait for the nodes to be idle [90]
 #   EMSEG_SLURM_PARTITION partition name                           [debug]
@@ -28,7 +28,7 @@ set -euo pipefail
 
 STATE=${EMSEG_SLURM_STATE:-/tmp/emseg-slurm}
 TIMEOUT=${EMSEG_SLURM_TIMEOUT:-90}
-NODES=${EMSEG_SLURM_NODES:-1}
+NODES=${EMSEG_SLURM_NODES:-2}
 PARTITION=${EMSEG_SLURM_PARTITION:-debug}
 CONF_DIR=/etc/slurm
 MARK="# written by emseg cluster/slurm-up.sh"

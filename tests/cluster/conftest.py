@@ -1,4 +1,4 @@
-"""The real SLURM of ``cluster/slurm-up.sh`` (one compute node unless EMSEG_SLURM_NODES says more), started once per session for ``cluster`` tests.
+"""The real SLURM of ``cluster/slurm-up.sh`` (two compute nodes unless EMSEG_SLURM_NODES says otherwise), started once per session for ``cluster`` tests.
 
 CI runs it for real (root, apt-get for the first install, ~5-15 s).  ``EMSEG_SKIP_SLURM=1`` skips
 these tests on a machine where that is impossible.  A SLURM that was already up is left running.
