@@ -320,6 +320,13 @@ class AgglomerateOptions(Options):
     64 (0 along z per section)."""
     quantile: float | None = Field(default=None, ge=0.0, le=1.0)
     """Also store this quantile of each edge's contact affinities in the graph."""
+    section_link_weight: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Anisotropic volumes with a boundary prediction: the affinity across two sections (taken from the
+    boundary evidence of both) is weighted by this before the graph is scored, so that a contact across
+    sections must be clearer than one within a section to merge.  A 2-D model never saw the tissue
+    between two sections 40-50 nm apart: with 1.0, thin neurites that overlap from one section to the
+    next merge cells of one section through their neighbours (see ``benchmarks/README_loo.md``).
+    Affinity models and isotropic volumes are not weighted."""
     fragments: Literal["watershed", "mutex"] = Field(
         default="watershed", validation_alias=AliasChoices("fragments", "fragments_method"))
     """Fragments by seeded watershed, or by mutex watershed of (long-range) affinities (the offsets

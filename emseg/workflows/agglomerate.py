@@ -129,6 +129,14 @@ def graph_mode(mode: Mode) -> Literal["3d", "2d"]:
     return "2d" if mode == "2d" else "3d"
 
 
+def section_link_weight(opts: AgglomerateOptions, kind: str, mode: str, voxel_size: Sequence[float]) -> float:
+    """The factor on affinities across sections: ``opts.section_link_weight`` for a 3-D graph of a boundary
+    prediction on an anisotropic volume (:func:`choose_mode` says per-section fragments), else 1."""
+    if kind == "boundary" and mode == "3d" and choose_mode(voxel_size) == "2d":
+        return float(opts.section_link_weight)
+    return 1.0
+
+
 def input_kind_of(pred_path: PathOrUrl) -> InputKind:
     """``"affinities"`` when the prediction's recorded outputs are affinities, else ``"boundary"``."""
     pred = open_volume(pred_path)
@@ -470,6 +478,8 @@ class _GraphJob:
     hierarchical: bool
     channels: tuple[int, ...] = (0, 1, 2)
     """Affinities: the channels holding the z, y, x nearest-neighbour affinities."""
+    section_link_weight: float = 1.0
+    """Factor on the affinities across sections (:attr:`AgglomerateOptions.section_link_weight`)."""
 
 
 def nearest_channels(offsets: Sequence[Sequence[int]] | None) -> tuple[int, int, int]:
@@ -612,6 +622,9 @@ def build_graph(
     channels = nearest_channels(prediction_offsets(pred_path)) if kind == "affinities" else (0, 1, 2)
     if channels != (0, 1, 2):
         params["channels"] = list(channels)
+    weight = section_link_weight(opts, kind, resolved, pred.voxel_size)
+    if weight != 1.0:
+        params["section_link_weight"] = weight
     fingerprint = fingerprint_of(params)
 
     def reset(record: dict[str, Any]) -> None:  # a graph of other parameters goes, with what was made from it
@@ -622,7 +635,8 @@ def build_graph(
                         within=True, overwrite=run.overwrite)
     claim.check()  # refused before a cluster starts
     job = _GraphJob(pred=str(pred.path), fragments=str(frag.path), state=str(image), grid=grid, kind=kind,
-                    mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical, channels=channels)
+                    mode=resolved, context=ctx, quantile=quantile, hierarchical=hierarchical, channels=channels,
+                    section_link_weight=weight)
     from emseg.cluster import connect
 
     start = time.perf_counter()
@@ -653,6 +667,8 @@ def _graph_block(job: _GraphJob, block: Block) -> dict[str, Any]:
     if job.kind == "affinities":
         data = data[list(job.channels)]
     affs = prediction_affinities(data, job.kind, mode=job.mode)  # type: ignore[arg-type]
+    if job.section_link_weight != 1.0:
+        affs[0] *= np.float32(job.section_link_weight)
     inner = ext.relative_to(region).to_slices()
     frag_ext = np.ascontiguousarray(fragments[inner])
     _check_inside(frag_ext, core.shape, block.block_id)

@@ -220,3 +220,30 @@ def test_nearest_neighbour_channels_are_found_by_offset() -> None:
 
     assert nearest_channels(None) == (0, 1, 2)
     assert nearest_channels([(0, 0, -1), (-3, 0, 0), (0, -1, 0), (-1, 0, 0)]) == (3, 2, 0)
+
+
+def test_links_across_sections_of_an_anisotropic_volume_are_weighted(write_prediction, connection) -> None:
+    """Per-section fragments of a serial-section volume: the graph's edges across sections carry the
+    affinity weighted by ``section_link_weight``, the edges within a section as predicted; an isotropic
+    volume is not weighted."""
+    _, boundary = cells(SHAPE, 40, seed=2)
+    edges = {}
+    for name, voxel_size, weight in (("aniso", (40.0, 4.0, 4.0), 0.5), ("one", (40.0, 4.0, 4.0), 1.0),
+                                     ("iso", (8.0, 8.0, 8.0), 0.5)):
+        pred = write_prediction(boundary, name=f"{name}.zarr", voxel_size=voxel_size)
+        make_fragments(pred, block_size=(8, 16, 16), mode="2d", progress=False, client=connection)
+        graph = build_graph(pred, pred / "labels" / "fragments", section_link_weight=weight, score="mean",
+                            progress=False, client=connection)
+        assert graph.mode == "3d"
+        fragments = _read(pred / "labels" / "fragments")
+        stored = [read_block_edges(pred / "labels" / "fragments", b) for b in range(graph.blocks)]
+        u, v = (np.concatenate([s[k] for s in stored]) for k in ("u", "v"))
+        mean = np.concatenate([s["aff_sum"] / s["area"] for s in stored])
+        z_of = {int(i): int(np.flatnonzero((fragments == i).any(axis=(1, 2)))[0]) for i in np.unique(fragments) if i}
+        across = np.array([z_of[int(a)] != z_of[int(b)] for a, b in zip(u, v)])
+        assert across.any() and (~across).any()
+        edges[name] = (across, mean)
+    (across, weighted), (_, plain), (_, iso) = edges["aniso"], edges["one"], edges["iso"]
+    np.testing.assert_allclose(weighted[across], 0.5 * plain[across], rtol=1e-5)
+    np.testing.assert_allclose(weighted[~across], plain[~across], rtol=1e-6)
+    np.testing.assert_allclose(iso, plain, rtol=1e-6)
