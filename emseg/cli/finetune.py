@@ -59,8 +59,9 @@ def _data_options(f: Any) -> Any:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Learning rate (constant; the weights start trained).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Patches per step.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="bf16", show_default=True,
-              help="Training arithmetic (bf16 autocast is faster on CPUs with bf16 support and on GPUs).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Training arithmetic: auto is bf16 autocast on GPUs and on CPUs that compute bf16 natively, "
+                   "fp32 where bf16 is emulated (15-20x slower there).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch CPU threads of the training (0: torch's default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and augmentation.")

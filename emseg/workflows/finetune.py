@@ -552,7 +552,7 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
              voxel_size: Sequence[float] | None = None, labels_kind: LabelsKind = "auto",
              time_limit_min: float = 15.0, val_fraction: float = 0.25, max_steps: int = 5000,
              patch_shape: Sequence[int] | None = None, lr: float = LR, batch_size: int = BATCH,
-             precision: Literal["fp32", "bf16"] = "bf16", threads: int = 0, seed: int = 0,
+             precision: Literal["auto", "fp32", "bf16"] = "auto", threads: int = 0, seed: int = 0,
              thresholds: Sequence[float] = SWEEP, workers: int = 1, overwrite: bool = False,
              progress: bool = True) -> FinetuneReport:
     """Fine-tune a model on a labelled volume within ``time_limit_min`` minutes; see the module docstring.

@@ -55,12 +55,12 @@ def test_bad_input_is_one_error_line_and_writes_nothing(command: str, gala_crop:
     other = tmp_path / "other.tif"
     tifffile.imwrite(other, tifffile.imread(labels)[:, :32])
     single = tmp_path / "single.tif"
-    tifffile.imwrite(single, np.full((8, 64, 208), 7, np.uint16))
+    tifffile.imwrite(single, np.full((12, 64, 208), 7, np.uint16))
     before = tifffile.imread(labels).copy()
     cases = {
         "labels of another shape": (["--labels", str(other)], "shape"),
         "one id": (["--labels", str(single)], "single"),
-        "slice outside the volume": (["--raw", f"{raw}[4:12]", "--labels", f"{labels}[4:12]"], "outside"),
+        "slice outside the volume": (["--raw", f"{raw}[4:16]", "--labels", f"{labels}[4:16]"], "outside"),
         "no voxel size": (["--voxel-size", None], "voxel size"),
     }
     for name, (change, word) in cases.items():
