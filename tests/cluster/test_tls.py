@@ -36,7 +36,7 @@ from distributed.security import Security
 
 async def identity(address, args):
     try:
-        comm = await connect(address, timeout=2, **args)
+        comm = await connect(address, timeout=10, **args)  # a TLS handshake on a loaded machine can take seconds
     except Exception as e:
         return f"refused ({type(e).__name__}: {str(e)[:200]})"
     try:
