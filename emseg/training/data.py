@@ -49,12 +49,12 @@ __all__ = [
     "instances_from_labels",
     "load_source",
     "membrane_from_instances",
-    "widen_boundaries",
     "mirrored_window",
     "nearest_offsets",
     "parse_data_path",
     "sample_batch",
     "targets_from_instances",
+    "widen_boundaries",
 ]
 
 _SLICE = re.compile(r"^(?P<path>.*)\[(?P<z0>-?\d*):(?P<z1>-?\d*)\]$")
