@@ -123,7 +123,7 @@ class Volume:
             raise VolumeShapeError(f"{self.path}: cannot read a {roi.ndim}-D roi from a {len(self.shape)}-D volume")
         try:
             return self._read(roi, pad)
-        except (RuntimeError, ValueError) as e:  # codec errors: a damaged or truncated chunk
+        except (RuntimeError, ValueError, SystemError, OverflowError) as e:  # codec errors: a damaged chunk
             if isinstance(e, (VolumeShapeError, NotAVolumeError)):
                 raise
             raise InvalidDataError(f"{self.path}: cannot read {roi}: a stored chunk is damaged or unreadable "
