@@ -167,13 +167,22 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 SLOW_FIXTURES = frozenset({"connection", "cluster1", "cluster2", "shared_data", "isbi_crops", "slurm"})
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``slow`` every test that uses a :data:`SLOW_FIXTURES` fixture, and the static checks (ruff, mypy),
-    so that ``pytest -m "not slow and not cluster"`` is the quick loop; a plain ``pytest`` runs everything."""
+    so that ``pytest -m "not slow and not cluster"`` is the quick loop; a plain ``pytest`` runs everything.
+
+    Group the tests for pytest-xdist's ``--dist loadgroup``: a test file runs on one worker process
+    (its module fixtures are made once), and every test of the real SLURM runs on the same one
+    (the dev cluster is one per machine)."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & SLOW_FIXTURES or item.nodeid.startswith("tests/test_static.py"):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group("slurm" if "slurm" in names else item.nodeid.split("::")[0]))
+    # the SLURM tests first (with --no-loadscope-reorder, the groups go out in this order): the longest group
+    # starts at once on one worker while the other worker runs the rest
+    items.sort(key=lambda item: "slurm" not in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")

@@ -147,8 +147,8 @@ def test_view_draws_meshes_and_skeletons_offline(demo: Path, tmp_path: Path):
             want = {"/pc/labels/segments/mesh/info"} | {f"/pc/labels/segments/skeletons/{i}" for i in chosen}
             deadline = time.monotonic() + 90
             while not want <= set(loaded) and time.monotonic() < deadline:
-                time.sleep(1)
-            time.sleep(3)
+                page.wait_for_timeout(500)  # playwright delivers the responses while it waits (not in time.sleep)
+            page.wait_for_timeout(3000)
             page.screenshot(path=str(tmp_path / "meshes.png"))
             browser.close()
         if os.environ.get("EMSEG_SCREENSHOT_DIR"):
