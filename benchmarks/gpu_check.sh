@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for emseg (issue 15): on a machine with CUDA, run the GPU-marked tests and the predict
+# GPU check for emseg: on a machine with CUDA, run the GPU-marked tests and the predict
 # benchmark on the GPU(s), then `emseg segment` end to end (benchmarks/bench_segment.py: each stage's
 # share of the run and the forward-only limit), and print the figures, in under 9 minutes; without
 # CUDA, say why and skip.
@@ -40,7 +40,7 @@ PY
 
 set +e  # collect both exit statuses
 echo "== GPU-marked tests"
-timeout 150 "$PYTHON" -m pytest -m "gpu and not cluster" tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -n 15
+timeout 150 "$PYTHON" -m pytest -m "gpu and not cluster" tests -q -p no:cacheprovider -n 0 2>&1 | tee "$OUT/tests.txt" | tail -n 15
 tests_rc=${PIPESTATUS[0]}
 
 echo "== predict benchmark on the GPU (volume $SHAPE)"

@@ -211,7 +211,9 @@ def cluster_kwargs(profile: ClusterProfile, job_name: str, credentials: Path | N
         "job_script_prologue": [f"export OMP_NUM_THREADS={threads}",
                                 *(f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items()),  # see emseg.cluster.profiles
                                 *opts.job_script_prologue],
-        "scheduler_options": {"dashboard": False},  # no web server: nothing to collide on login nodes
+        # no dashboard; the scheduler's health-check HTTP server on a free loopback port (the default
+        # 8787 is often taken on a shared login node)
+        "scheduler_options": {"dashboard": False, "dashboard_address": "127.0.0.1:0"},
         **tls,
     }
 

@@ -47,7 +47,7 @@ def test_cpu_worker_job() -> None:
     assert (kwargs["processes"], kwargs["cores"], kwargs["job_name"]) == (1, 4, "emseg-ab")
     assert kwargs["worker_extra_args"] == []  # no GPU resource, no --lifetime under 10 minutes
     assert kwargs["job_script_prologue"][0] == "export OMP_NUM_THREADS=4"
-    assert kwargs["scheduler_options"] == {"dashboard": False}
+    assert kwargs["scheduler_options"] == {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 
 
 def test_gpu_worker_job_one_worker_per_gpu() -> None:

@@ -24,7 +24,8 @@ def test_two_blocks_per_gpu_worker_give_the_same_output(checkpoints, write_volum
                   batch_size=2, progress=False)
     predict(source, tmp_path / "one.zarr", client=cluster1, **common)
     with LocalCluster(n_workers=1, threads_per_worker=2, resources={"GPU": 1}, dashboard_address=None,
-                      host="127.0.0.1") as cluster, Client(cluster) as client:
+                      host="127.0.0.1", scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+                      ) as cluster, Client(cluster) as client:
         with get_task_stream(client) as stream:
             report = predict(source, tmp_path / "two.zarr", client=Connection(client, {"GPU": 1}, 2), **common)
     assert report.computed == 8 * 3 * 3
