@@ -98,6 +98,9 @@ def _call(fs: Any, method: str, url: str, **kwargs: Any) -> Any:
             return None
         if code == "NoSuchBucket":
             raise StorageError(f"{url}: no such bucket: {describe(e)}") from e
+        if code in ("AccessDenied", "403") and method == "put_object":
+            raise StorageError(f"{url}: cannot write there ({describe(e)}): the bucket is read-only for these "
+                               "credentials; choose another output or credentials that may write") from e
         if method != "put_object" and (code in ("NoSuchKey", "404") or isinstance(e, FileNotFoundError)):
             return None  # no lock object (a PUT never misses its key: there a 404 is a missing bucket)
         raise StorageError(f"{url}: cannot {'take the run lock' if method == 'put_object' else 'read the run lock'}"

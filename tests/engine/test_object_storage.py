@@ -167,3 +167,37 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_error_line(s3_endpoi
     assert unreachable.returncode == 1 and unreachable.stderr.count("\n") == 1, unreachable.stderr[-2000:]
     assert unreachable.stderr.startswith("Error: s3://bucket/out.zarr") and "connect" in unreachable.stderr
     assert list(work.iterdir()) == [] and tree_digest(volume) == before  # nothing written here, the input untouched
+
+
+def test_a_read_only_bucket_is_one_error_line_and_nothing_is_written(s3_bucket: str, make_volume,
+                                                                     tmp_path: Path) -> None:
+    """Credentials that may read the bucket but not write it (an IAM policy the S3 server enforces)."""
+    import boto3
+    import moto.settings
+
+    bucket = s3_bucket[len("s3://"):]
+    iam = boto3.client("iam")
+    user = f"reader-{bucket}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                                               "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    volume = make_volume(shape=(2, 64, 64), chunks=(1, 64, 64))
+    before = tree_digest(volume)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+           "PYTHONPATH": str(ROOT)}
+    saved = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
+    moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # the in-process server checks signatures and policies from now
+    try:
+        result = subprocess.run([sys.executable, "-c", "from emseg.cli import main; main()", "segment", str(volume),
+                                 "-o", f"{s3_bucket}/out.zarr", "--no-progress"], env=env, capture_output=True,
+                                text=True, cwd=work, timeout=300)
+    finally:
+        moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = saved
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"Error: {s3_bucket}/out.zarr") and "read-only" in result.stderr, result.stderr
+    assert _fs().find(bucket) == []  # nothing written in the bucket, nothing here, the input untouched
+    assert list(work.iterdir()) == [] and tree_digest(volume) == before
