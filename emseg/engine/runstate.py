@@ -45,7 +45,7 @@ from emseg.io.volume import STATUS_KEY, mark_complete, update_status
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutputClaim", "Scratch", "StageOutputs", "claim_stage", "fingerprint_of"]
+__all__ = ["OutputClaim", "Scratch", "StageOutputs", "claim_stage", "fingerprint_of", "record_complete"]
 
 
 def fingerprint_of(params: Mapping[str, Any]) -> str:
@@ -101,7 +101,7 @@ class OutputClaim:
         The record lives inside an image that exists already (a region graph inside its fragments):
         the claim "exists" when the record does, starting over calls ``create`` to clear what the old
         record's run wrote, matching records resume even with ``overwrite``, and completion sets
-        ``complete: true`` in the record instead of the image's status.
+        ``status: complete`` in the record instead of the image's status.
     overwrite : bool
         Replace a record of other parameters (and, unless ``within``, a matching one).
     scratch : sequence of Scratch
@@ -205,7 +205,7 @@ class OutputClaim:
                 self.validate(self.path)
             log.info("%s: resuming an earlier run", self.path)
         else:
-            record = self.record(**({"complete": False} if self.within else {}))
+            record = self.record(**({"status": "incomplete"} if self.within else {}))
             self.create(record)
             update_status(self.path, **(record if self.within else {"status": "incomplete", **record}))
             self.started_over = True
@@ -216,10 +216,10 @@ class OutputClaim:
 
     def complete(self, *, keep_scratch: bool = False, attrs: Mapping[str, Any] | None = None, **extra: Any) -> None:
         """Mark the run finished: its record gains ``extra`` (e.g. ``n_segments``), the image's status
-        becomes ``complete`` (``within``: the record's ``complete``) plus ``attrs``; the scratch (arrays
+        becomes ``complete`` (``within``: the record's ``status``) plus ``attrs``; the scratch (arrays
         and tables, :mod:`emseg.engine.scratch`) is removed unless ``keep_scratch``."""
         if self.within:
-            record = self.record(complete=True, **extra)
+            record = self.record(status="complete", **extra)
             update_status(self.path, **(attrs or {}), **record)
         elif self.key is None:
             mark_complete(self.path, **(attrs or {}), **extra)
@@ -227,6 +227,13 @@ class OutputClaim:
             mark_complete(self.path, **(attrs or {}), **self.record(**extra))
         if not keep_scratch and not self.within:  # the registered arrays and any tables the run stored
             remove_scratch(self.path)
+
+
+def record_complete(record: Mapping[str, Any]) -> bool:
+    """Whether a record (an image's status, a record within one, a stored lookup's attributes) says
+    its run finished: ``status`` ``"complete"``; records written before carry ``complete: true``
+    instead, and still count."""
+    return record.get("status") == "complete" or record.get("complete") is True
 
 
 def _resumable(where: Location, what: str, previous: Mapping[str, Any], fingerprint: str, params: Mapping[str, Any],

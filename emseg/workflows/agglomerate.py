@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from emseg.config import AgglomerateOptions, RunOptions
 from emseg.engine.runner import StageReport, WriteSpec, run_blockwise
-from emseg.engine.runstate import OutputClaim, Scratch, fingerprint_of
+from emseg.engine.runstate import OutputClaim, Scratch, fingerprint_of, record_complete
 from emseg.errors import (
     ConfigError,
     GraphNotFoundError,
@@ -516,7 +516,7 @@ def is_fragments(path: PathOrUrl, *, image_only: bool = False) -> bool:
     if not image_only and (path / "labels" / FRAGMENTS_NAME).is_dir():
         inner = path / "labels" / FRAGMENTS_NAME
         graph = _status(inner).get(GRAPH_KEY)
-        if is_fragments(inner, image_only=True) and isinstance(graph, dict) and graph.get("complete"):
+        if is_fragments(inner, image_only=True) and isinstance(graph, dict) and record_complete(graph):
             return True
     status = _status(path)
     params = (status.get("label") or {}).get("params") or {}
@@ -711,7 +711,7 @@ class _RelabelJob:
 
 def _graph_status(image: Location) -> dict[str, Any]:
     graph = read_status(image).get(GRAPH_KEY)
-    if not isinstance(graph, dict) or not graph.get("complete"):
+    if not isinstance(graph, dict) or not record_complete(graph):
         what = "an unfinished region graph" if isinstance(graph, dict) else "no region graph"
         raise GraphNotFoundError(f"{image}: fragments with {what}; build it with `emseg agglomerate PRED` "
                                  "on the prediction (or emseg.workflows.agglomerate.build_graph) first")
@@ -863,7 +863,7 @@ def lookup_complete(attrs: dict[str, Any]) -> bool:
     """Whether a stored lookup's attributes (written after its values) say it is finished: ``status``
     ``"complete"``, as :func:`emseg.io.mark_complete` records an image; lookups stored before carry
     ``complete: true`` instead, and still count."""
-    return attrs.get("status") == "complete" or attrs.get("complete") is True
+    return record_complete(attrs)
 
 
 def _remove_agglomerations(fragments: Location, *, keep: str) -> None:

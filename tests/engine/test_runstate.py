@@ -77,7 +77,7 @@ def test_a_record_within_an_image_resumes_even_with_overwrite(tmp_path: Path) ->
                            within=True, overwrite=overwrite)
 
     claim({"a": 1}).ensure()
-    assert len(cleared) == 1 and read_status(image)["graph"]["complete"] is False
+    assert len(cleared) == 1 and read_status(image)["graph"]["status"] == "incomplete"
     assert claim({"a": 1}, overwrite=True).check() is True
     with pytest.raises(ResumeMismatchError, match="a graph made with other parameters"):
         claim({"a": 2}).ensure()
@@ -85,7 +85,7 @@ def test_a_record_within_an_image_resumes_even_with_overwrite(tmp_path: Path) ->
     other.ensure()
     other.complete(edges=5)
     assert len(cleared) == 2 and read_status(image)["graph"] == {
-        "fingerprint": fingerprint_of({"a": 2}), "params": {"a": 2}, "complete": True, "edges": 5}
+        "fingerprint": fingerprint_of({"a": 2}), "params": {"a": 2}, "status": "complete", "edges": 5}
     assert read_status(image)["status"] == "incomplete"  # the image's own status is not this record's
 
 

@@ -63,7 +63,7 @@ def test_sigkill_then_rerun_gives_byte_identical_labels(write_prediction, connec
     segments = killed / "labels" / "segments"
     if stage == "graph":
         assert 2 <= _progress(killed, stage) < TOTAL, "the graph stage was not caught mid-way"
-        assert not (read_status(killed / "labels" / "fragments").get("graph") or {}).get("complete")
+        assert (read_status(killed / "labels" / "fragments").get("graph") or {}).get("status") != "complete"
     else:
         assert seen >= 2 and read_status(segments).get("status") != "complete", \
             "the relabel stage was not caught mid-way"
