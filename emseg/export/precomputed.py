@@ -156,7 +156,7 @@ def export_precomputed(
 
     def create(record: dict[str, Any]) -> None:
         prepare_output(dst_path, overwrite=overwrite)
-        zarr.open_group(str(dst_path), mode="w", attributes={"emseg": {"status": "incomplete", **record}})
+        zarr.open_group(str(dst_path), mode="w")  # the claim records the run in it, status incomplete
 
     # an unfinished export of the same source and options resumes; anything else is replaced or refused
     claim = OutputClaim(dst_path, {"source": str(image_path.resolve()), "mesh": bool(mesh), "skeleton": bool(skeleton)},
@@ -202,13 +202,14 @@ def remove_partial_files(root: Path) -> int:
 def export_status(path: str | os.PathLike[str]) -> str | None:
     """``"complete"`` or ``"incomplete"`` for a precomputed export made by emseg (its folder, or a layer
     in it); None for a layer emseg did not export."""
+    from emseg.engine.runstate import record_complete
     from emseg.io.safety import zarr_attrs
 
     here = Path(path)
     for root in (here, here.parent, here.parent.parent):  # DST, DST/image, DST/labels/<name>
         status = ((zarr_attrs(root) if root.is_dir() else None) or {}).get("emseg")
         if isinstance(status, dict) and isinstance(status.get("export"), dict):
-            return "complete" if status.get("status") == "complete" else "incomplete"
+            return "complete" if record_complete(status) else "incomplete"
     return None
 
 
