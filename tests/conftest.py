@@ -167,22 +167,36 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 SLOW_FIXTURES = frozenset({"connection", "cluster1", "cluster2", "shared_data", "isbi_crops", "slurm"})
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``slow`` every test that uses a :data:`SLOW_FIXTURES` fixture, and the static checks (ruff, mypy),
     so that ``pytest -m "not slow and not cluster"`` is the quick loop; a plain ``pytest`` runs everything.
 
-    Group the tests for pytest-xdist's ``--dist loadgroup``: a test file runs on one worker process
-    (its module fixtures are made once), and every test of the real SLURM runs on the same one
-    (the dev cluster is one per machine)."""
+    The tests of ``tests/cluster`` go first: under pytest-xdist they are one unit of work (see
+    :func:`pytest_xdist_make_scheduler`), the longest, started at once on one worker."""
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & SLOW_FIXTURES or item.nodeid.startswith("tests/test_static.py"):
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group("slurm" if "slurm" in names else item.nodeid.split("::")[0]))
-    # the SLURM tests first (with --no-loadscope-reorder, the groups go out in this order): the longest group
-    # starts at once on one worker while the other worker runs the rest
-    items.sort(key=lambda item: "slurm" not in getattr(item, "fixturenames", ()))
+        if "slurm" in names and not item.nodeid.startswith(CLUSTER_TESTS):
+            raise pytest.UsageError(f"{item.nodeid}: tests of the dev SLURM belong in {CLUSTER_TESTS}")
+    items.sort(key=lambda item: not item.nodeid.startswith(CLUSTER_TESTS))
+
+
+CLUSTER_TESTS = "tests/cluster/"
+"""The tests that start the dev SLURM (one per machine) live here, and run on one xdist worker."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist: each test file is one unit of work (its module fixtures are made once), and all of
+    ``tests/cluster`` one unit, so that one worker starts, uses and stops the dev SLURM."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return CLUSTER_TESTS if nodeid.startswith(CLUSTER_TESTS) else nodeid.split("::", 1)[0]
+
+    return ByFile(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -291,7 +292,13 @@ def slurm_cluster(profile: ClusterProfile) -> Iterator[Connection]:
         kwargs = cluster_kwargs(profile, job_name, credentials)
         try:
             with quiet_scheduler_http():
-                cluster = SLURMCluster(**kwargs)
+                try:
+                    cluster = SLURMCluster(**kwargs)
+                except BaseException as e:  # the half-built cluster's key files go before their directory
+                    for frame, _ in traceback.walk_tb(e.__traceback__):
+                        if isinstance(frame.f_locals.get("self"), SLURMCluster):
+                            _delete_credential_files(frame.f_locals["self"])
+                    raise
             log.info("SLURM worker job script:\n%s", cluster.job_script())
             _check_submittable(cluster.job_script())
             client = Client(cluster, security=kwargs.get("security"))  # type: ignore[no-untyped-call]

@@ -168,3 +168,27 @@ def test_gpu_job_runs_one_pinned_worker_per_gpu(local_result, make_volume_module
     assert data.tobytes() == local_result.tobytes()
     assert {r["gpu"] for r in report.results.values()} == {"0", "1"}, "workers are not pinned to one GPU each"
     assert wait_queue_empty() == []
+
+
+def test_a_cluster_that_fails_to_start_leaves_no_key_files_behind(monkeypatch, tmp_path) -> None:
+    """The scheduler cannot start (its port is taken, a warning made an error here): the run's key
+    files are deleted with their private directory, and nothing complains about them afterwards."""
+    import gc
+    import socket
+
+    import emseg.cluster.slurm as slurm
+
+    profile = profile_with(tmp_path, log_directory=str(tmp_path / "jobs"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        kwargs = slurm.cluster_kwargs
+        monkeypatch.setattr(slurm, "cluster_kwargs", lambda *a, **k: {
+            **kwargs(*a, **k), "scheduler_options": {"dashboard": False, "dashboard_address": taken}})
+        with pytest.raises(Exception, match="already in use"):
+            with connect(profile):
+                pass
+    gc.collect()  # a key file deleted after its directory would raise here (an unraisable error)
+    assert list((tmp_path / "jobs").glob(".emseg-tls-*")) == []
+    assert wait_queue_empty() == []
