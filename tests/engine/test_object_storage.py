@@ -115,9 +115,8 @@ def test_segment_s3_to_s3_matches_local_and_resumes_after_sigkill(s3_bucket: str
     fs.put(str(local_in), f"{bucket}/in.zarr", recursive=True)
     inputs = {k: fs.info(k)["ETag"] for k in fs.find(f"{bucket}/in.zarr")}
 
+    # the local run (the reference) beside the first bucket run, which is killed once it writes
     local = _segment([str(local_in), "-o", str(tmp_path / "out.zarr")], tmp_path)
-    assert local.wait(timeout=900) == 0, local.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-
     out = f"{s3_bucket}/out.zarr"
     work = tmp_path / "cwd"
     work.mkdir()
@@ -132,6 +131,7 @@ def test_segment_s3_to_s3_matches_local_and_resumes_after_sigkill(s3_bucket: str
     with pytest.raises(Exception, match="half-written"):
         open_volume(out)
 
+    assert local.wait(timeout=900) == 0, local.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
     second = _segment([f"{s3_bucket}/in.zarr", "-o", out], work)
     assert second.wait(timeout=900) == 0, second.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
     assert "took over the lock" in second.stderr.read().decode()  # type: ignore[union-attr]
