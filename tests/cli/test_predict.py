@@ -41,6 +41,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(checkpoints, write_volume, t
     assert "blocks     4 of 2x64x32" in result.output and "halo       0x20x20" in result.output
     assert not out.exists()
 
+def test_a_voxel_size_far_from_the_bundled_models_is_one_warning(tmp_path) -> None:
+    volume = tmp_path / "fib.zarr"
+    assert CliRunner().invoke(cli, ["synth", str(volume), "--shape", "8,128,128", "--voxel-size", "10,10,10",
+                                    "--no-progress"]).exit_code == 0
+    run = subprocess.run([sys.executable, "-c", "from emseg.cli import main; main()", "segment", str(volume), "-o",
+                          str(tmp_path / "out.zarr"), "--dry-run"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "far (>1.5x" in warnings[0], warnings  # said once, by the model choice
+
+
 
 @pytest.mark.parametrize(
     ("make", "options", "message"),

@@ -319,7 +319,7 @@ def plan_prediction(
                           "pass --dtype float16 or float32")
     if volume.dtype.kind not in "uf" or (volume.dtype.kind == "u" and volume.dtype.itemsize > 2):
         raise VolumeShapeError(f"{volume_path}: cannot predict on {volume.dtype} input; expected uint8, uint16 or float")
-    if cfg.voxel_size_nm is not None:
+    if cfg.voxel_size_nm is not None and model_choice is None:  # the automatic choice warned already
         trained = tuple(cfg.voxel_size_nm)[-model.ndim :]
         have = tuple(volume.voxel_size)[-model.ndim :]
         if any(abs(a - b) > 0.05 * b for a, b in zip(have, trained)):
