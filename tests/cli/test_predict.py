@@ -53,7 +53,6 @@ def test_a_voxel_size_far_from_the_bundled_models_is_one_warning(tmp_path) -> No
     assert len(warnings) == 1 and "far (>1.5x" in warnings[0], warnings  # said once, by the model choice
 
 
-
 @pytest.mark.parametrize(
     ("make", "options", "message"),
     [
