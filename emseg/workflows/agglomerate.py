@@ -824,7 +824,7 @@ def agglomerate(
         path = lookup_path(image, f"{score}_{t:.6g}")
         lookups[t] = path
         attrs = lookup_attrs(path)
-        if attrs.get("graph") == graph["fingerprint"] and lookup_complete(attrs):
+        if attrs.get("graph") == graph["fingerprint"] and record_complete(attrs):
             counts[t] = int(attrs["n_segments"])
         else:
             missing.append(t)
@@ -857,13 +857,6 @@ def agglomerate(
                                time.perf_counter() - start, tuple(stages), seconds_global)
     log.info("%s", report.summary())
     return report
-
-
-def lookup_complete(attrs: dict[str, Any]) -> bool:
-    """Whether a stored lookup's attributes (written after its values) say it is finished: ``status``
-    ``"complete"``, as :func:`emseg.io.mark_complete` records an image; lookups stored before carry
-    ``complete: true`` instead, and still count."""
-    return record_complete(attrs)
 
 
 def _remove_agglomerations(fragments: Location, *, keep: str) -> None:
