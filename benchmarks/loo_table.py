@@ -13,6 +13,7 @@ Configurations (``--configs``):
 * ``default``: exactly ``emseg segment VOL`` (the model the automatic choice picks, its threshold);
   on the rows whose data that model saw, ``--model`` swaps in the leave-one-out model.
 * ``2d``: the same with ``--2d`` (per-section labels).
+* ``tta``: the same with ``--tta`` (predictions averaged over the flips of the section).
 * ``fib3d``: the bundled 3-D affinity model where the volume is isotropic (it saw gala ``train``).
 
 Usage (from the repository root, ~20-40 min on 2 free cores; predictions are cached in --work)::
@@ -98,6 +99,8 @@ def segment(ds: Dataset, config: str, model: str | None, work: Path, log: Path) 
         args += ["--model", model]
     if config == "2d":
         args += ["--2d"]
+    if config == "tta":
+        args += ["--tta"]
     start = time.perf_counter()
     report = json.loads(emseg(*args, log=log).strip().splitlines()[-1])
     seconds = time.perf_counter() - start
