@@ -70,7 +70,8 @@ _FIELDS = {
 @click.option("--init", type=click.Path(exists=True), help="Checkpoint whose weights start the run (warm start, same architecture).")
 @click.option("--elastic-sigma", type=click.FloatRange(min=0), help="Elastic deformation strength, voxels (0: off). [default: 10]")
 @click.option("--isotropic/--anisotropic", default=None,
-              help="3D: isotropic data (FIB-SEM): random axis transposes (xy/xz/yz views) and a 3D elastic field. [default: anisotropic]")
+              help="Isotropic data (FIB-SEM): 3D models get random axis transposes (xy/xz/yz views) and a 3D elastic "
+                   "field; 2D models sections of all three orientations. [default: anisotropic]")
 @click.option("--affinity-offsets", help="Affinity target: partner offsets z,y,x separated by ';', e.g. "
               "'-1,0,0;0,-1,0;0,0,-1;-3,0,0;0,-9,0;0,0,-9'. [default: nearest neighbours]")
 @click.option("--affinity-balance/--no-affinity-balance", default=None,

@@ -98,8 +98,9 @@ class TrainConfig(BaseModel):
     intensity: bool = True
     """Random contrast, brightness, gamma and Gaussian noise on the raw."""
     isotropic: bool = False
-    """3D only: the data is (near-)isotropic (FIB-SEM): augment with random axis transposes (xy, xz and
-    yz orientations) and a 3D elastic field instead of an in-plane one."""
+    """The data is (near-)isotropic (FIB-SEM).  3D models: augment with random axis transposes (xy, xz and
+    yz orientations) and a 3D elastic field instead of an in-plane one; 2D models: sample sections of all
+    three orientations (xy, xz, yz), not only xy."""
     affinity_offsets: tuple[tuple[int, ...], ...] | None = None
     """``affinities`` target: the offset of each channel's partner voxel, ``(z, y, x)`` (``(y, x)`` in
     2D), e.g. ``[[-1,0,0],[0,-1,0],[0,0,-1],[-3,0,0],[0,-9,0],[0,0,-9]]`` for long-range channels.

@@ -261,13 +261,17 @@ def targets_from_instances(
 
 @dataclass
 class PreparedVolume:
-    """One loaded source: raw ``uint8 (z, y, x)``, instances, optional per-section weight map."""
+    """One loaded source: raw ``uint8 (z, y, x)``, instances, optional per-section weight map.
+
+    ``view_weights``: 2D models on isotropic data, which see sections of every orientation: the weight
+    maps of the sections along y and along x (each in the volume's ``(z, y, x)`` layout)."""
 
     name: str
     raw: npt.NDArray[np.uint8]
     instances: npt.NDArray[np.uint32]
     weights: npt.NDArray[np.float32] | None
     labels_kind: str
+    view_weights: tuple[npt.NDArray[np.float32], ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -282,17 +286,26 @@ def load_source(source: DataSource, cfg: TrainConfig) -> PreparedVolume:
         raise VolumeShapeError(f"raw {source.raw} has shape {raw.shape} but labels {source.labels} have {labels.shape}; they must match")
     if raw.dtype != np.uint8:
         raise UnsupportedDtypeError(f"{source.raw}: training expects uint8 raw (scaled by 1/255), got {raw.dtype}; convert it first")
-    per_section = cfg.ndim == 2
+    per_section = cfg.ndim == 2 and not cfg.isotropic  # sections of every orientation need 3-D components
     instances, kind = instances_from_labels(labels, source.labels_kind, per_section=per_section)
     width = source.boundary_width
     if width is None:
         width = dense_boundary_width(cfg.voxel_size_nm) if kind == "instances" and not (instances == 0).any() else 0
     instances = widen_boundaries(instances, width)
     weights = None
+    view_weights: tuple[npt.NDArray[np.float32], ...] = ()
     if cfg.loss == "weighted-ce":
-        weights = np.stack([weight_map(instances[z], w0=cfg.w0, sigma=cfg.sigma) for z in range(len(instances))])
+        def maps(axis: int) -> npt.NDArray[np.float32]:
+            sections = [weight_map(np.take(instances, i, axis=axis), w0=cfg.w0, sigma=cfg.sigma)
+                        for i in range(instances.shape[axis])]
+            return np.stack(sections, axis=axis)
+
+        weights = maps(0)
+        if cfg.ndim == 2 and cfg.isotropic:
+            view_weights = (maps(1), maps(2))
     log.info("loaded %s: shape %s, labels %s, %d%% membrane", source.raw, raw.shape, kind, round(100 * float((instances == 0).mean())))
-    return PreparedVolume(name=source.raw, raw=raw, instances=instances, weights=weights, labels_kind=kind)
+    return PreparedVolume(name=source.raw, raw=raw, instances=instances, weights=weights, labels_kind=kind,
+                          view_weights=view_weights)
 
 
 @dataclass
@@ -337,13 +350,22 @@ def sample_patch(
     # 2D models sample one section: treat the patch as (1, y, x)
     full_in = (1, *spatial_in) if ndim == 2 else spatial_in
     full_out = (1, *spatial_out) if ndim == 2 else spatial_out
-    shape = vol.shape
+    volume_raw, volume_instances, volume_weights = vol.raw, vol.instances, vol.weights
+    if ndim == 2 and cfg.isotropic:
+        # isotropic data seen by a 2D model: a section along z, y or x (xy, xz or yz)
+        axis = int(rng.integers(3))
+        if axis:
+            volume_raw = np.moveaxis(vol.raw, axis, 0)
+            volume_instances = np.moveaxis(vol.instances, axis, 0)
+            if vol.weights is not None:
+                volume_weights = np.moveaxis(vol.view_weights[axis - 1], axis, 0)
+    shape = volume_raw.shape
 
     center = tuple(int(rng.integers(s)) for s in shape)
     if rng.random() < cfg.foreground_prob:
         for _ in range(20):
             c = tuple(int(rng.integers(s)) for s in shape)
-            is_membrane = vol.instances[c] == 0
+            is_membrane = volume_instances[c] == 0
             if is_membrane == (cfg.target == "membrane"):
                 center = c
                 break
@@ -362,9 +384,10 @@ def sample_patch(
     read_offset = [o - c - m for o, c, m in zip(out_offset, context, margin, strict=True)]
     read_shape = [i + 2 * m for i, m in zip(full_in, margin, strict=True)]
 
-    raw: npt.NDArray[Any] = mirrored_window(vol.raw, read_offset, read_shape).astype(np.float32) / 255.0
-    inst = mirrored_window(vol.instances, read_offset, read_shape)
-    weight: npt.NDArray[Any] | None = mirrored_window(vol.weights, read_offset, read_shape) if vol.weights is not None else None
+    raw: npt.NDArray[Any] = mirrored_window(volume_raw, read_offset, read_shape).astype(np.float32) / 255.0
+    inst = mirrored_window(volume_instances, read_offset, read_shape)
+    weight: npt.NDArray[Any] | None = (mirrored_window(volume_weights, read_offset, read_shape)
+                                       if volume_weights is not None else None)
 
     if elastic:
         field_shape = read_shape if elastic_3d else read_shape[1:]

@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.engine.lock import locked
+from emseg.models.zoo import ANISOTROPY_2D
 from emseg.errors import (
     ConfigError,
     InvalidDataError,
@@ -526,6 +527,9 @@ def _train_config(start: Path, run_dir: Path, train_raw: Path, train_labels: Pat
                  "intensity"):
         if name in recorded:
             fields[name] = recorded[name]
+    # this volume's own geometry: a near-isotropic one is seen in every orientation (sections along z, y
+    # and x for a 2-D model), whatever the starting model was trained on
+    fields["isotropic"] = max(voxel_size) < ANISOTROPY_2D * min(voxel_size)
     return load_train_config(None, fields)
 
 

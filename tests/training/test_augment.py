@@ -102,3 +102,33 @@ def test_section_defects_blank_or_darken_sections() -> None:
     means = out.mean(axis=(1, 2))
     assert ((means == 0) | ((means >= 0.8 * 0.2 - 1e-6) & (means <= 0.8 * 0.5 + 1e-6))).all()
     np.testing.assert_array_equal(section_defects(raw, np.random.default_rng(0), prob=0.0), raw)
+
+
+def test_2d_patches_of_isotropic_data_are_sections_of_every_orientation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A ramp along z: flat in every xy section, a gradient in xz and yz sections."""
+    import tifffile
+
+    from emseg.training.data import load_source
+
+    raw = np.broadcast_to((np.arange(24, dtype=np.uint8) * 10)[:, None, None], (24, 24, 24)).copy()
+    ids = np.full(raw.shape, 5, np.uint16)
+    ids[:, :, 12:] = 9  # two cells: a boundary across x, seen in xy and xz sections, not in yz ones
+    ids[:, :, 20:] = 14
+    tifffile.imwrite(tmp_path / "raw.tif", raw)
+    tifffile.imwrite(tmp_path / "ids.tif", ids)
+    source = DataSource(raw=str(tmp_path / "raw.tif"), labels=str(tmp_path / "ids.tif"))
+    varying = {}
+    for isotropic in (False, True):
+        cfg = TrainConfig(train=(source,), output="o", intensity=False, augment=False, isotropic=isotropic,
+                          voxel_size_nm=(10, 10, 10), batch_size=24)
+        vol = load_source(source, cfg)
+        # weighted-ce keeps one weight map per orientation, each of sections along its axis
+        assert len(vol.view_weights) == (2 if isotropic else 0)
+        for axis, maps in enumerate(vol.view_weights, start=1):
+            assert maps.shape == raw.shape
+            # the border weight between two cells: along x in xz sections; a yz section at x 5 holds one cell
+            assert (np.take(maps, 5, axis=axis).max() > 2) == (axis == 1)
+        batch = sample_batch([vol], cfg, (16, 16), (16, 16), step=1, rank=0, world_size=1, normalization=(0.0, 1.0))
+        varying[isotropic] = [bool(np.ptp(p) > 0) for p in batch.raw[:, 0]]
+    assert not any(varying[False])  # xy sections only
+    assert any(varying[True]) and not all(varying[True])  # xy and the other two orientations

@@ -148,6 +148,7 @@ def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tup
     report = json.loads(output.splitlines()[-1])
     config = json.loads((out / "config.json").read_text())
     assert config["agglomeration_threshold"] == report["after"]["threshold"]
+    assert config["provenance"]["train_config"]["isotropic"] is True  # 10 nm FIB-SEM: seen in every orientation
     assert report["after"]["sum"] <= report["before_calibrated"]["sum"]  # the starting model is a candidate
     assert report["steps"] == 2 and [v["name"] for v in report["validations"]] == ["bundled", "step-2"]
     assert not (tmp_path / ".ckpt.finetune").exists()  # the work directory is gone once the output is in place
