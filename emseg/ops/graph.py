@@ -140,9 +140,17 @@ def block_edges(
     if not us:
         return Edges.empty()
     u, v, value = np.concatenate(us), np.concatenate(vs), np.concatenate(values)
-    ids, inverse = np.unique(np.concatenate([u, v]), return_inverse=True)
-    n = np.int64(len(ids))
-    key = inverse[: len(u)].astype(np.int64) * n + inverse[len(u):].astype(np.int64)
+    # one int64 key per pair, ordered as (u, v): from the ids' offsets in the block's id range where
+    # that range is small enough (fragment ids of one block are near each other), else from their ranks
+    low = u.min()
+    n = np.int64(v.max() - low) + 1
+    if n < 2**31:
+        ids = None
+        key = (u - low).astype(np.int64) * n + (v - low).astype(np.int64)
+    else:
+        ids, inverse = np.unique(np.concatenate([u, v]), return_inverse=True)
+        n = np.int64(len(ids))
+        key = inverse[: len(u)].astype(np.int64) * n + inverse[len(u):].astype(np.int64)
     order = np.lexsort((value, key))
     key, value = key[order], value[order]
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
@@ -157,8 +165,12 @@ def block_edges(
         frac = (pos - below).astype(np.float32)
         q = value[starts + below] + (value[starts + above] - value[starts + below]) * frac
     edge_key = key[starts]
-    out_u = ids[edge_key // n]
-    out_v = ids[edge_key % n]
+    if ids is None:
+        out_u = (edge_key // n).astype(np.uint64) + low
+        out_v = (edge_key % n).astype(np.uint64) + low
+    else:
+        out_u = ids[edge_key // n]
+        out_v = ids[edge_key % n]
     mean = aff_sum / area
     return Edges(out_u.astype(np.uint64), out_v.astype(np.uint64), area, aff_sum, q.astype(np.float32),
                  (1.0 - mean).astype(np.float32))

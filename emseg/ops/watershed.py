@@ -132,10 +132,16 @@ def flood(elevation: npt.NDArray[Any], markers: npt.NDArray[Any], *, mode: Mode 
     section floods on its own.  Voxels no marker reaches (a section without markers) stay 0.
     Returns labels of ``markers``' dtype.
     """
-    labels = np.array(markers, dtype=np.int64 if markers.dtype.itemsize > 4 else np.int32, order="C")
-    if not labels.any():
-        return labels.astype(markers.dtype, copy=False)
-    levels = np.ascontiguousarray(quantize(elevation))
+    dtype = np.int64 if markers.dtype.itemsize > 4 else np.int32
+    if not np.any(markers):
+        return np.array(markers, dtype=dtype).astype(markers.dtype, copy=False)
+    # a frame of -1 (a label no voxel floods into) around every section, and in 3D above and below the
+    # volume: the loop then needs no bounds checks, and no divisions to find a voxel's neighbours
+    across_z = mode != "2d"
+    frame = ((1, 1) if across_z else (0, 0), (1, 1), (1, 1))
+    labels = np.pad(np.asarray(markers, dtype=dtype), frame, constant_values=-1)
+    levels = np.pad(quantize(elevation), frame)
+    inner = tuple(slice(a, n - b) for (a, b), n in zip(frame, labels.shape, strict=True))
     kernel = _flood_kernel()
     if mode == "2d":  # one section at a time: a small queue that stays in cache
         queue = np.empty(labels[0].size, dtype=np.int32 if labels[0].size < 2**31 else np.int64)
@@ -143,12 +149,14 @@ def flood(elevation: npt.NDArray[Any], markers: npt.NDArray[Any], *, mode: Mode 
             kernel(levels[z: z + 1], labels[z: z + 1], queue, False)
     else:
         kernel(levels, labels, np.empty(labels.size, dtype=np.int32 if labels.size < 2**31 else np.int64), True)
-    return labels.astype(markers.dtype, copy=False)
+    return labels[inner].astype(markers.dtype)
 
 
 @functools.cache
 def _flood_kernel() -> Any:
-    """The compiled flooding loop (numba, cached on disk; compiled once per process otherwise)."""
+    """The compiled flooding loop (numba, cached on disk; compiled once per process otherwise).
+
+    ``labels`` carries a frame of -1 around the voxels (and above and below them when ``across_z``)."""
     import numba
 
     @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
@@ -161,7 +169,7 @@ def _flood_kernel() -> Any:
         tail = np.full(65536, -1, dtype=np.int64)
         low = 65536
         for i in range(n):  # markers enter the queue at their own level, in raster order
-            if flat[i] != 0:
+            if flat[i] > 0:
                 lv = flat_levels[i]
                 if tail[lv] < 0:
                     head[lv] = i
@@ -171,6 +179,8 @@ def _flood_kernel() -> Any:
                 nxt[i] = -1
                 low = min(low, lv)
         plane = ny * nx
+        steps = np.array([-plane, plane, -nx, nx, -1, 1], dtype=np.int64)
+        first = 0 if across_z else 2
         level = low
         while level < 65536:
             i = head[level]
@@ -181,36 +191,8 @@ def _flood_kernel() -> Any:
             if head[level] < 0:
                 tail[level] = -1
             lab = flat[i]
-            z = i // plane
-            y = (i - z * plane) // nx
-            x = i - z * plane - y * nx
-            for k in range(6):
-                if k < 2 and not across_z:
-                    continue
-                if k == 0:
-                    if z == 0:
-                        continue
-                    j = i - plane
-                elif k == 1:
-                    if z == nz - 1:
-                        continue
-                    j = i + plane
-                elif k == 2:
-                    if y == 0:
-                        continue
-                    j = i - nx
-                elif k == 3:
-                    if y == ny - 1:
-                        continue
-                    j = i + nx
-                elif k == 4:
-                    if x == 0:
-                        continue
-                    j = i - 1
-                else:
-                    if x == nx - 1:
-                        continue
-                    j = i + 1
+            for k in range(first, 6):
+                j = i + steps[k]
                 if flat[j] != 0:
                     continue
                 flat[j] = lab
