@@ -275,7 +275,7 @@ def plan_blocks(
         Core shape of one block, in voxels.  Clipped to ``total_roi``'s shape where larger.
     halo : int, Coordinate or (Coordinate, Coordinate)
         Context read on each side of a core, in voxels (from the model, never typed in); a tuple
-        ``(lo, hi)`` when the two sides differ (a model's tiles: :attr:`emseg.ops.inference.Tiling.block_halo`).
+        ``(lo, hi)`` when the two sides differ (a model's tiles: :attr:`emseg.ops.tiling.Tiling.block_halo`).
     chunk_shape : Coordinate, optional
         Storage chunk (or shard) shape of the output.  The block shape must be a multiple of it
         so that no two workers ever write the same storage object.

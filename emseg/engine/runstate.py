@@ -21,7 +21,8 @@ One mechanism for every stage, so that resume and ``--overwrite`` mean the same 
   stage writes outside an image record (pyramid levels, mesh fragments) is its
   :class:`StageOutputs`: made again whenever the records start over, and resumed only while intact.
 
-Fingerprints are :func:`fingerprint_of` the parameters (a stable hash of their JSON).
+Fingerprints are :func:`fingerprint_of` the parameters (a stable hash of their JSON); a file the run
+depends on (a checkpoint's weights) enters them as its :func:`file_digest`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,12 +47,21 @@ from emseg.io.volume import STATUS_KEY, mark_complete, update_status
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutputClaim", "Scratch", "StageOutputs", "claim_stage", "fingerprint_of", "record_complete"]
+__all__ = ["OutputClaim", "Scratch", "StageOutputs", "claim_stage", "file_digest", "fingerprint_of", "record_complete"]
 
 
 def fingerprint_of(params: Mapping[str, Any]) -> str:
     """Stable hash of JSON-able run parameters."""
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """Stable hash of a file's bytes (the first 16 hex digits of its SHA-256), read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _jsonable(params: Mapping[str, Any]) -> Any:

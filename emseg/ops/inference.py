@@ -1,27 +1,10 @@
 """Blockwise model inference: arrays in, arrays out (no zarr, no dask).
 
-The overlap-tile strategy of the U-Net paper on a **global tile grid**.  Tile ``k`` owns the
-output voxels ``[k * tile_shape, (k + 1) * tile_shape)`` in volume coordinates; its model input
-starts ``input_offset`` voxels before that.  Because the grid is global, the tile shape is fixed
-for a run and batches always hold ``batch_size`` tiles (the last one padded with zero tiles),
-every output voxel is computed by the same tile from the same input whatever the block size or
-the number of workers: blockwise output is bit-identical by construction.
-
-::
-
-    volume axis:  0        T        2T       3T
-                  |--------|--------|--------|     tile cores (each voxel owned by one tile)
-            |---------------|                      tile 0's model input ("valid": core + context)
-                     |---------------|             tile 1's model input
-
-Two modes:
-
-* ``"crop"``: each tile's output is cropped to its core.  Exact for "valid"-padded models (halo =
-  ``model.context``), and for "same"-padded models once the halo reaches ``ceil(rf / 2)``.
-* ``"gaussian"``: for "same"-padded models whose halo is smaller than half the receptive field.
-  The whole output of every tile (core + halo) is accumulated with a Gaussian weight and
-  normalised, so seams between tiles are blended.  Tiles are accumulated in global C order, so
-  the floating-point sums are the same in every block.
+A block is computed tile by tile on the run's global tile grid (:mod:`emseg.ops.tiling`): every output
+voxel comes from the same tile with the same input whatever the block size or the number of workers,
+so blockwise output is bit-identical by construction.  With Gaussian blending
+(:attr:`emseg.ops.tiling.Tiling.blend`) tiles are accumulated in global C order, so the floating-point
+sums are the same in every block.
 
 A 2D model runs per z-slice: its tiles are one voxel thick along z and carry no z halo.
 Axis order: arrays ``(c, z, y, x)``, tensors ``(b, c, [z,] y, x)``.
@@ -31,9 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -42,19 +23,17 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from emseg.errors import ConfigError, GeometryError, InvalidDataError, UnsupportedDtypeError
-from emseg.geometry import Coordinate, Roi, round_up
+from emseg.geometry import Roi
+from emseg.ops.tiling import Tiling
 
 __all__ = [
-    "Blend",
     "Precision",
-    "Tiling",
     "apply_activation",
     "FusedConv",
     "cpu_has_native_bf16",
     "default_precision",
     "fuse_conv_blocks",
     "gaussian_window",
-    "make_tiling",
     "normalize",
     "predict_array",
     "predict_block",
@@ -64,23 +43,12 @@ __all__ = [
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
-Blend = Literal["crop", "gaussian"]
 Activation = Literal["sigmoid", "softmax", "none"]
 OutputDtype = Literal["uint8", "float16", "float32"]
 
 log = logging.getLogger(__name__)
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-#: Default tile core of a 2D model, (z, y, x) voxels: for the valid 2D U-Net (88 px of context) the
-#: model computes 1116^2 input voxels per 1024^2 output voxels (1.19x; 1.39x at 512^2, 1.85x at 256^2).
-#: On a CPU smaller tiles stay in cache: :data:`DEFAULT_TILE_2D_CPU` (``emseg.predict`` picks by device).
-DEFAULT_TILE_2D = (1, 1024, 1024)
-#: Bundled 2D U-Net, bf16, 1 thread, same run (benchmarks/README.md): output Mvoxel/s 3.35 (256^2 tiles),
-#: 3.10 (512^2), 3.45 (768^2), 2.81 (1024^2); 512 also divides the usual section sizes (no wasted tiles).
-DEFAULT_TILE_2D_CPU = (1, 512, 512)
-DEFAULT_TILE_3D = (64, 64, 64)
-
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (x86 AVX512-BF16 or AMX; ARM BF16), for oneDNN's kernels.
@@ -249,179 +217,6 @@ def _memory_format(model: Any, dims: int) -> torch.memory_format:
         if p.dim() == dims and p.is_contiguous(memory_format=fmt) != p.is_contiguous():
             return fmt if p.is_contiguous(memory_format=fmt) else torch.contiguous_format
     return torch.contiguous_format
-
-
-@dataclass(frozen=True, slots=True)
-class Tiling:
-    """How a run cuts the volume into model tiles (volume axes ``(z, y, x)``, voxels).
-
-    Attributes
-    ----------
-    tile_shape : Coordinate
-        Spacing of the global tile grid: the core each tile owns.
-    input_shape : Coordinate
-        Model input per tile (z is 1 for 2D models).
-    input_offset : Coordinate
-        The input starts this many voxels before the tile's core (the low-side halo).
-    output_shape : Coordinate
-        Model output per tile.
-    output_offset : Coordinate
-        The output starts this many voxels before the tile's core (0 for "valid" models).
-    blend : {"crop", "gaussian"}
-        Crop each output to its core, or blend whole outputs with a Gaussian weight.
-    model_ndim : int
-        2 (the model sees ``(y, x)`` slices) or 3.
-    volume_shape : Coordinate
-        Shape of the volume; tiles exist for ``0 <= k * tile_shape < volume_shape``.
-    """
-
-    tile_shape: Coordinate
-    input_shape: Coordinate
-    input_offset: Coordinate
-    output_shape: Coordinate
-    output_offset: Coordinate
-    blend: Blend
-    model_ndim: int
-    volume_shape: Coordinate
-
-    @property
-    def halo(self) -> tuple[Coordinate, Coordinate]:
-        """Context read on the (low, high) side of a tile's core, voxels per axis."""
-        hi = tuple(i - o - t for i, o, t in zip(self.input_shape, self.input_offset, self.tile_shape))
-        return self.input_offset, hi
-
-    @property
-    def block_halo(self) -> tuple[Coordinate, Coordinate]:
-        """Context a block reads on the (low, high) side of its core rounded out to whole tiles, voxels.
-
-        The tiles' input :attr:`halo`, plus with Gaussian blending the neighbouring tiles whose
-        outputs reach into the core.  A grid planned with ``plan_blocks(..., halo=tiling.block_halo,
-        snap=tiling.tile_shape)`` gives each block a ``read_roi`` that contains :meth:`read_roi` of its
-        core (equal to it away from the volume's borders, where fewer Gaussian tiles exist).
-        """
-        lo, hi = self.halo
-        if self.blend == "crop":
-            return lo, hi
-        extra_lo, extra_hi = [], []
-        for before, out, t in zip(self.output_offset, self.output_shape, self.tile_shape):
-            after = out - before - t
-            extra_lo.append(-(-max(0, after) // t) * t)  # tiles before the core whose output reaches in
-            extra_hi.append(-(-max(0, before) // t) * t)  # and after it
-        return (tuple(a + e for a, e in zip(lo, extra_lo)), tuple(a + e for a, e in zip(hi, extra_hi)))
-
-    @property
-    def grid_shape(self) -> Coordinate:
-        return tuple(-(-v // t) for v, t in zip(self.volume_shape, self.tile_shape))
-
-    def tile_ranges(self, write_roi: Roi) -> list[range]:
-        """Per axis, the tile indices a block with this core must compute."""
-        ranges = []
-        for axis, (b, e, t) in enumerate(zip(write_roi.begin, write_roi.end, self.tile_shape)):
-            if self.blend == "crop":
-                lo, hi = b // t, -(-e // t)
-            else:  # every tile whose whole output overlaps the core
-                before = self.output_offset[axis]
-                after = self.output_shape[axis] - before - t
-                lo, hi = max(0, (b - after) // t), min(self.grid_shape[axis], -(-(e + before) // t))
-            ranges.append(range(lo, hi))
-        return ranges
-
-    def tiles(self, write_roi: Roi) -> list[Coordinate]:
-        """Origins (first core voxel) of the tiles a block computes, in global C order."""
-        ranges = self.tile_ranges(write_roi)
-        return [tuple(k * t for k, t in zip(index, self.tile_shape)) for index in itertools.product(*ranges)]
-
-    def read_roi(self, write_roi: Roi) -> Roi:
-        """The region a block reads: the union of its tiles' inputs (may reach past the volume)."""
-        ranges = self.tile_ranges(write_roi)
-        begin = tuple(r.start * t - o for r, t, o in zip(ranges, self.tile_shape, self.input_offset))
-        end = tuple((r.stop - 1) * t - o + i for r, t, o, i in zip(ranges, self.tile_shape, self.input_offset, self.input_shape))
-        return Roi.from_bounds(begin, end)
-
-
-def make_tiling(
-    model: Any,
-    volume_shape: Sequence[int],
-    *,
-    tile_shape: Sequence[int] | None = None,
-    halo: Sequence[int] | None = None,
-) -> Tiling:
-    """Derive the tiling of a run from the model's geometry.
-
-    Parameters
-    ----------
-    model : SegmentationModel
-        Declares ``ndim``, ``padding``, ``input_multiple``, ``context``, ``receptive_field``,
-        ``valid_input_shape()`` and ``output_shape()``.
-    volume_shape : Coordinate
-        ``(z, y, x)`` voxels.
-    tile_shape : Coordinate, optional
-        Core of one tile, ``(z, y, x)``; rounded up to the model's input multiple and clipped to
-        the volume (rounded up).  Default :data:`DEFAULT_TILE_3D` for 3D models,
-        :data:`DEFAULT_TILE_2D` for 2D.
-    halo : Coordinate, optional
-        "same"-padded models only: context around each tile, rounded up to the input multiple.
-        Default ``ceil(receptive_field / 2)``, capped at half the tile.  Where it is smaller than
-        half the receptive field, tiles are blended with a Gaussian weight.  "valid" models always
-        use ``model.context``.
-
-    Raises
-    ------
-    GeometryError
-        The volume is too small for the model's context, or a halo was given for a "valid" model.
-    """
-    vol = tuple(int(v) for v in volume_shape)
-    if len(vol) != 3:
-        raise GeometryError(f"expected a (z, y, x) volume shape, got {vol}")
-    nd = int(model.ndim)
-    lead = 3 - nd  # 1 for a 2D model: the z axis is not seen by the model
-    multiple = (1,) * lead + tuple(model.input_multiple)
-    tile: Coordinate
-    if tile_shape is None:
-        tile = DEFAULT_TILE_3D if nd == 3 else DEFAULT_TILE_2D
-    else:
-        tile = tuple(int(t) for t in tile_shape)
-        if len(tile) != 3 or any(t < 1 for t in tile):
-            raise GeometryError(f"tile shape must be 3 positive values (z, y, x), got {tile}")
-    if nd == 2:
-        tile = (1,) + tile[1:]
-    tile = tuple(min(t, r) for t, r in zip(round_up(tile, multiple), round_up(vol, multiple)))
-    if model.padding == "valid":
-        if halo is not None and tuple(halo)[lead:] != tuple(model.context):
-            raise GeometryError(
-                f"a 'valid'-padded model needs exactly its context {tuple(model.context)} as halo, got "
-                f"{tuple(halo)}; leave --halo out"
-            )
-        ctx: Coordinate = tuple(model.context)
-        in_shape = model.valid_input_shape(tuple(t + 2 * c for t, c in zip(tile[lead:], ctx)))
-        out_shape = model.output_shape(in_shape)
-        input_offset: Coordinate = (0,) * lead + ctx
-        output_offset: Coordinate = (0,) * 3
-        blend: Blend = "crop"
-    else:
-        need = tuple(-(-r // 2) for r in model.receptive_field)
-        if halo is None:
-            h = tuple(min(n, max(m, t // 2)) for n, m, t in zip(need, multiple[lead:], tile[lead:]))
-        else:
-            h = tuple(int(v) for v in halo)[lead:] if len(tuple(halo)) == 3 else tuple(int(v) for v in halo)
-            if len(h) != nd or any(v < 0 for v in h):
-                raise GeometryError(f"halo must be 3 non-negative values (z, y, x), got {tuple(halo)}")
-        h = round_up(h, multiple[lead:])
-        in_shape = model.valid_input_shape(tuple(t + 2 * v for t, v in zip(tile[lead:], h)))
-        out_shape = model.output_shape(in_shape)
-        input_offset = output_offset = (0,) * lead + h
-        blend = "crop" if all(v >= n for v, n in zip(h, need)) else "gaussian"
-    in3 = (1,) * lead + tuple(in_shape)
-    out3 = (1,) * lead + tuple(out_shape)
-    low = input_offset
-    too_small = [a for a in range(3) if vol[a] <= low[a]]
-    if too_small:
-        raise GeometryError(
-            f"the volume {vol} is too small for the model: along axes {too_small} it must be larger than the "
-            f"context {low} the model needs on each side (mirroring would reflect more than once); "
-            f"use a larger volume{' or a 2D model' if 0 in too_small else ''}"
-        )
-    return Tiling(tile, in3, input_offset, out3, output_offset, blend, nd, vol)
 
 
 def normalize(raw: npt.NDArray[Any], mean: float, std: float) -> npt.NDArray[np.float32]:
@@ -663,8 +458,3 @@ def predict_array(
     crop = (slice(None),) + tuple(slice(b + lo, e + lo) for b, e, (lo, _) in zip(read_roi.begin, read_roi.end, pad[1:]))
     return predict_block(model, padded[crop], raw_roi=read_roi, write_roi=write_roi, tiling=tiling, mean=mean, std=std,
                          activation=activation, batch_size=batch_size, tta=tta, precision=precision)
-
-
-def tiles_in_block(tiling: Tiling, write_roi: Roi) -> int:
-    """Number of tiles a block computes."""
-    return math.prod(len(r) for r in tiling.tile_ranges(write_roi))

@@ -1,8 +1,8 @@
 """Validation during training: the package's own inference and scores.
 
 The validation volumes are predicted as ``emseg predict`` predicts them, in this process on the
-training device and without Dask: :func:`emseg.ops.inference.make_tiling`'s overlap-tile grid (2-D
-models on a CPU: tiles of :data:`~emseg.ops.inference.DEFAULT_TILE_2D_CPU`), mirrored beyond the borders,
+training device and without Dask: :func:`emseg.ops.tiling.make_tiling`'s overlap-tile grid (2-D
+models on a CPU: tiles of :data:`~emseg.ops.tiling.DEFAULT_TILE_2D_CPU`), mirrored beyond the borders,
 :func:`emseg.ops.inference.normalize` with the run's mean/std (those written to the checkpoint's
 ``config.json``), run by :func:`emseg.ops.inference.predict_array` in float32.
 
@@ -36,12 +36,12 @@ from torch import nn
 
 from emseg.errors import ConfigError
 from emseg.ops.components import label_components
-from emseg.ops.inference import DEFAULT_TILE_2D_CPU, Activation, Tiling, make_tiling, predict_array
+from emseg.ops.inference import Activation, predict_array
 from emseg.ops.metrics import Scores, evaluate, evaluate_sections, mean_scores
+from emseg.ops.tiling import DEFAULT_TILE_2D_CPU, Tiling, default_batch_size, make_tiling
 from emseg.training.config import TrainConfig
 from emseg.training.data import PreparedVolume, affinity_mask, targets_from_instances
 from emseg.training.losses import total_loss
-from emseg.workflows.predict.plan import default_batch_size
 
 __all__ = [
     "SegmentationScores",

@@ -41,7 +41,6 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.engine.lock import locked
-from emseg.models.zoo import ANISOTROPY_2D
 from emseg.errors import (
     ConfigError,
     InvalidDataError,
@@ -50,6 +49,7 @@ from emseg.errors import (
     VolumeNotFoundError,
     VolumeShapeError,
 )
+from emseg.models.zoo import ANISOTROPY_2D
 
 log = logging.getLogger(__name__)
 

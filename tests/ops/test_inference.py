@@ -12,11 +12,11 @@ from emseg.errors import ConfigError, GeometryError, InvalidDataError, Unsupport
 from emseg.geometry import Roi, plan_blocks
 from emseg.ops.inference import (
     gaussian_window,
-    make_tiling,
     normalize,
     predict_block,
     to_output_dtype,
 )
+from emseg.ops.tiling import make_tiling
 from tests.support import smooth_volume, tiny_model
 
 MEAN, STD = 0.4, 0.3

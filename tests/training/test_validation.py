@@ -14,8 +14,9 @@ from emseg.errors import ConfigError
 from emseg.geometry import Roi
 from emseg.io import create_volume
 from emseg.models import build, load_checkpoint
-from emseg.ops.inference import make_tiling, predict_array, predict_block
+from emseg.ops.inference import predict_array, predict_block
 from emseg.ops.metrics import evaluate_sections, instances_from_mask, mean_scores
+from emseg.ops.tiling import make_tiling
 from emseg.training import membrane_scores, predict_volume, segments_from_membrane
 from emseg.training.validation import validation_tiling
 

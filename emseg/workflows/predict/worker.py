@@ -16,10 +16,7 @@ from emseg.errors import (
     InvalidDataError,
 )
 from emseg.geometry import Block, Roi
-from emseg.ops.inference import (
-    Tiling,
-    tiles_in_block,
-)
+from emseg.ops.tiling import Tiling, tiles_in_block
 
 log = logging.getLogger(__name__)
 
