@@ -100,6 +100,7 @@ def score(seg: Path, gt: Path, log: Path) -> dict[str, float]:
 
 
 def run_case(case: Case, workdir: Path, time_limit: float, threads: int) -> dict[str, object]:
+    code = _commit()  # the code the case starts with
     work = workdir / case.name
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
@@ -140,7 +141,7 @@ def run_case(case: Case, workdir: Path, time_limit: float, threads: int) -> dict
                       report["before_calibrated"], "validation_after": report["after"]},
         "commands": {"finetune": "emseg " + " ".join(finetune).replace(str(DATA), "../shared/data"),
                      "segment": f"emseg segment EVAL.zarr --model CKPT {' '.join(run)}"},
-        "code": _commit(),
+        "code": code,
         "default_checkpoint": str(default_checkpoint(tuple(float(v) for v in case.voxel_size.split(",")))),
     }
     (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
