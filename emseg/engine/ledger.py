@@ -8,12 +8,14 @@ chunk atomically (write + rename), so a task killed mid-write leaves the previou
 Checking which of ``n`` wanted blocks are done reads ``n / blocks_per_chunk`` files, never a
 directory scan.
 
-A record is ``{"r": result, "w": [size digest, content digest, files, bytes, ...]}``: besides
-the block's result, the storage objects (chunks or shards) its data went to, summarised by two
-63-bit digests (of their keys and sizes, and of their keys, sizes and CRC-32s) and, per written
-array, their count and total size.  :func:`block_record` computes them; a rerun (``verify="sizes"``, stat only) or
-``emseg info --verify`` (``"full"``, reads the bytes) recomputes and compares them, and a block
-whose chunks went missing, were truncated or damaged is recomputed.  The per-array totals
+A record is ``{"r": result, "w": [size digest, content digest, files, bytes, ..., stamp digest]}``:
+besides the block's result, the storage objects (chunks or shards) its data went to, summarised by
+63-bit digests (of their keys and sizes; of their keys, sizes and CRC-32s; of their keys, sizes and
+modification times) and, per written array, their count and total size.  :func:`block_record`
+computes them; a rerun (``verify="sizes"``) stats the objects: a block whose objects went missing or
+changed size is recomputed, and one whose objects were written since it recorded them (same sizes,
+other modification times) is read against its CRC-32s and recomputed if they differ.
+``emseg info --verify`` (``"full"``) reads every block's bytes.  The per-array totals
 (``census``) go to the image's ``emseg`` attributes, so that a reader can tell a chunk was
 deleted by counting files (:func:`check_census`).
 
@@ -39,7 +41,7 @@ import zarr
 
 from emseg.errors import IncompleteOutputError
 from emseg.geometry import Roi
-from emseg.io.location import PathOrUrl, absolute, filesystem, is_url, location, read_bytes, size_of
+from emseg.io.location import PathOrUrl, absolute, filesystem, is_url, location, read_bytes, stat_of
 
 STATE_GROUP = "emseg_state"
 TARGET_CHUNKS = 1024
@@ -100,41 +102,55 @@ def _product(ranges: Sequence[range]) -> Iterator[tuple[int, ...]]:
 
 
 def block_record(writes: Sequence[WriteSpec], roi: Roi, *, content: bool = True) -> list[int]:
-    """``[size digest, content digest, files_0, bytes_0, files_1, ...]`` of the objects a block wrote.
+    """``[size digest, content digest, files_0, bytes_0, files_1, ..., stamp digest]`` of the objects a
+    block wrote.
 
     ``files_i``/``bytes_i``: storage objects of ``writes[i]`` present and their total size.  Missing
     objects (zarr does not store chunks equal to the fill value) enter the digests as size ``-1``.
-    The content digest (CRC-32 of every object) is ``0`` when ``content`` is false.
+    The content digest (CRC-32 of every object) is ``0`` when ``content`` is false; the stamp digest
+    holds the objects' modification times.
     """
     sizes = hashlib.blake2b(digest_size=8)
     crcs = hashlib.blake2b(digest_size=8)
+    stamps = hashlib.blake2b(digest_size=8)
     counts: list[int] = []
     for spec_index, spec in enumerate(writes):
         files = total = 0
         for path in storage_keys(spec, roi):
             key = f"{spec_index}:{str(path)[len(spec.path):]}"
-            if content:
+            found = stat_of(path)
+            size, stamp, crc = (-1, "", 0) if found is None else (found[0], found[1], 0)
+            if content and found is not None:
                 data = read_bytes(path)
                 size, crc = (-1, 0) if data is None else (len(data), zlib.crc32(data))
-            else:
-                found = size_of(path)
-                size, crc = (-1, 0) if found is None else (found, 0)
             if size >= 0:
                 files += 1
                 total += size
             sizes.update(f"{key}:{size};".encode())
             crcs.update(f"{key}:{size}:{crc};".encode())
+            stamps.update(f"{key}:{size}:{stamp};".encode())
         counts += [files, total]
     return [int.from_bytes(sizes.digest(), "little") & _MASK63,
-            int.from_bytes(crcs.digest(), "little") & _MASK63 if content else 0, *counts]
+            int.from_bytes(crcs.digest(), "little") & _MASK63 if content else 0, *counts,
+            int.from_bytes(stamps.digest(), "little") & _MASK63]
 
 
 def record_matches(record: Sequence[int], writes: Sequence[WriteSpec], roi: Roi, mode: Verify) -> bool:
-    """Whether a block's storage objects still match ``record`` (``"sizes"``: stat only)."""
+    """Whether a block's storage objects still match ``record``.
+
+    ``"sizes"``: stat only, and where an object was written after the record (another modification
+    time, a record that holds one) its bytes are read against the record's CRC-32s; ``"full"``: read."""
     if mode == "none" or not writes:
         return True
     now = block_record(writes, roi, content=mode == "full")
-    return now[0] == record[0] and (mode != "full" or now[1] == record[1])
+    if now[0] != record[0]:
+        return False
+    if mode == "full":
+        return now[1] == record[1]
+    stamp = 2 + 2 * len(writes)
+    if len(record) > stamp and now[stamp] != record[stamp]:
+        return block_record(writes, roi, content=True)[1] == record[1]
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -589,6 +589,6 @@ def _add_census(files: npt.NDArray[np.int64], nbytes: npt.NDArray[np.int64], ids
                 records: list[Any], n_specs: int) -> None:
     """Per block and written array, the storage objects and bytes it stored."""
     width = 2 + 2 * n_specs
-    rec = np.asarray([r if r is not None else [0] * width for r in records], dtype=np.int64).reshape(-1, width)
+    rec = np.asarray([r[:width] if r is not None else [0] * width for r in records], dtype=np.int64).reshape(-1, width)
     files[ids] = rec[:, 2::2]
     nbytes[ids] = rec[:, 3::2]

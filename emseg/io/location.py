@@ -165,6 +165,26 @@ def write_bytes(path: PathOrUrl, data: bytes) -> None:
     fs.pipe_file(inner, data)
 
 
+def stat_of(path: PathOrUrl) -> tuple[int, str] | None:
+    """Size in bytes and last-modification stamp of the file or object at ``path`` (None where there is
+    none).  The stamp is the modification time in nanoseconds for a file, the store's own time (or
+    ``""`` where it gives none) for an object."""
+    loc = location(path)
+    if isinstance(loc, Path):
+        try:
+            st = os.stat(loc)
+        except FileNotFoundError:
+            return None
+        return st.st_size, str(st.st_mtime_ns)
+    fs, inner = filesystem(loc)
+    try:
+        info = fs.info(inner)
+    except FileNotFoundError:
+        return None
+    stamp = next((info[k] for k in ("mtime", "LastModified", "updated", "last_modified") if info.get(k)), "")
+    return int(info.get("size") or 0), str(stamp)
+
+
 def size_of(path: PathOrUrl) -> int | None:
     """Size in bytes of the file or object at ``path`` (None where there is none)."""
     loc = location(path)

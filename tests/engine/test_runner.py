@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +124,25 @@ def test_deleted_and_truncated_chunks_are_refused_then_exactly_recomputed(client
     assert (clean.computed, clean.repaired) == (0, 0)
 
 
-def test_info_verify_finds_same_size_damage_and_the_rerun_recomputes_it(client, make_volume, tmp_path) -> None:
+def test_a_rerun_recomputes_a_chunk_rewritten_with_the_same_size(client, make_volume, tmp_path) -> None:
+    src = make_volume(shape=(12, 40, 40), chunks=(4, 16, 16))
+    dst = tmp_path / "out.zarr"
+    grid, _ = _copy_stage(client, src, dst)
+    original = open_volume(dst).read(Roi.from_shape((12, 40, 40)))
+    target = _chunk_file(dst, (0, 2, 1))
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF                                          # same size, other bytes, written now
+    target.write_bytes(bytes(data))
+    _, rerun = _copy_stage(client, src, dst)                  # the new modification time: read, compared
+    assert (rerun.computed, rerun.repaired, rerun.skipped) == (1, 1, len(grid) - 1)
+    assert np.array_equal(open_volume(dst).read(Roi.from_shape((12, 40, 40))), original)
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))  # touched, not changed
+    _, touched = _copy_stage(client, src, dst)
+    assert (touched.computed, touched.repaired) == (0, 0)
+
+
+def test_info_verify_finds_same_size_damage_that_kept_its_time_and_the_rerun_recomputes_it(client, make_volume,
+                                                                                            tmp_path) -> None:
     src = make_volume(shape=(12, 40, 40), chunks=(4, 16, 16))
     dst = tmp_path / "out.zarr"
     grid, _ = _copy_stage(client, src, dst)
@@ -133,11 +152,13 @@ def test_info_verify_finds_same_size_damage_and_the_rerun_recomputes_it(client, 
     assert ok.returncode == 0, ok.stderr
     assert "verified 27 blocks" in ok.stderr
     target = _chunk_file(dst, (0, 2, 1))
+    before = target.stat()
     data = bytearray(target.read_bytes())
-    data[-1] ^= 0xFF                                          # same size, other bytes: only a full read sees it
+    data[-1] ^= 0xFF                                          # same size, other bytes, the old time (bit rot)
     target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     _, rerun = _copy_stage(client, src, dst)
-    assert rerun.computed == 0                                # a rerun checks sizes only
+    assert rerun.computed == 0                                # a rerun stats: only a full read sees it
     bad = subprocess.run([str(emseg), "info", "--verify", str(dst)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     errors = [line for line in bad.stderr.splitlines() if line.strip()]
