@@ -100,7 +100,10 @@ def score(seg: Path, gt: Path, log: Path) -> dict[str, float]:
 
 
 def run_case(case: Case, workdir: Path, time_limit: float, threads: int) -> dict[str, object]:
-    code = _commit()  # the code the case starts with
+    from emseg.io import read_status
+    from emseg.workflows.predict import default_checkpoint
+
+    code = _commit()  # the code the case starts with (imported now: later edits of the tree do not mix in)
     work = workdir / case.name
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
@@ -112,8 +115,6 @@ def run_case(case: Case, workdir: Path, time_limit: float, threads: int) -> dict
     run = ["--workers", "1", "--no-progress", "--overwrite"]
     base_seg = work / "bundled_seg.zarr"
     _, base_s = emseg("segment", str(volume), "-o", str(base_seg), *run, log=log)
-    from emseg.io import read_status
-
     base_t = read_status(base_seg / "labels" / "segments")["threshold"]
     base = score(base_seg, gt, log)
     ckpt = work / "ckpt"
@@ -127,8 +128,6 @@ def run_case(case: Case, workdir: Path, time_limit: float, threads: int) -> dict
     _, ft_seg_s = emseg("segment", str(volume), "-o", str(ft_seg), "--model", str(ckpt), *run, log=log)
     ft_t = read_status(ft_seg / "labels" / "segments")["threshold"]
     after = score(ft_seg, gt, log)
-    from emseg.workflows.predict import default_checkpoint
-
     bundled_model = Path(report["model"]).name
     result = {
         "case": case.name, "train": f"{case.train_raw} + {case.train_labels}",
