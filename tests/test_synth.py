@@ -250,4 +250,6 @@ def test_cli_256_cubed_is_deterministic(tmp_path):
     files_b = sorted(p.relative_to(tmp_path / "b.zarr") for p in (tmp_path / "b.zarr").rglob("*") if p.is_file())
     assert files_a == files_b and len(files_a) > 128
     for rel in files_a:
+        if rel.parts[0] == "emseg_state":
+            continue  # the run's completion records: they hold the chunk files' modification times
         assert (tmp_path / "a.zarr" / rel).read_bytes() == (tmp_path / "b.zarr" / rel).read_bytes(), rel
