@@ -185,21 +185,6 @@ def stat_of(path: PathOrUrl) -> tuple[int, str] | None:
     return int(info.get("size") or 0), str(stamp)
 
 
-def size_of(path: PathOrUrl) -> int | None:
-    """Size in bytes of the file or object at ``path`` (None where there is none)."""
-    loc = location(path)
-    if isinstance(loc, Path):
-        try:
-            return os.stat(loc).st_size
-        except FileNotFoundError:
-            return None
-    fs, inner = filesystem(loc)
-    try:
-        return int(fs.size(inner))
-    except FileNotFoundError:
-        return None
-
-
 def remove_tree(path: PathOrUrl, *, keep: tuple[str, ...] = ()) -> None:
     """Delete the folder (or prefix) ``path`` and everything below it, except the names in ``keep``
     directly inside it (an object store's run lock lives inside the output it guards)."""

@@ -65,6 +65,7 @@ from emseg.io.edges import (
 )
 from emseg.io.location import Location, PathOrUrl, absolute, location
 from emseg.io.safety import made_by_emseg
+from emseg.models.zoo import ANISOTROPY_2D
 from emseg.ops.affinities import INPUT_KINDS, InputKind, prediction_affinities
 from emseg.ops.agglomerate import UnionFind, consecutive_lookup, merge_scores
 from emseg.ops.graph import block_edges, check_quantile
@@ -84,8 +85,6 @@ DEFAULT_THRESHOLD = AgglomerateOptions().threshold
 FIB-SEM (see :class:`emseg.config.AgglomerateOptions`); recipes carry values tuned for their data."""
 FRAGMENT_THRESHOLD = AgglomerateOptions().fragment_threshold
 """Default boundary probability below which a voxel is interior (seeds of the fragments)."""
-ANISOTROPY_2D = 2.5
-"""Sections are processed on their own (mode "2d") when z is this many times coarser than y, x."""
 
 __all__ = [
     "AgglomerateReport",

@@ -49,7 +49,7 @@ from emseg.errors import (
     VolumeNotFoundError,
     VolumeShapeError,
 )
-from emseg.models.zoo import ANISOTROPY_2D
+from emseg.workflows.agglomerate import choose_mode
 
 log = logging.getLogger(__name__)
 
@@ -523,13 +523,13 @@ def _train_config(start: Path, run_dir: Path, train_raw: Path, train_labels: Pat
         "seed": seed, "resume": resume, "overwrite": not resume, "init": str(start), "threads": threads, "precision": precision,
         "voxel_size_nm": tuple(voxel_size), "time_limit_min": minutes,
     }
-    for name in ("isotropic", "elastic_sigma", "foreground_prob", "affinity_balance", "defect_prob", "w0", "sigma",
+    for name in ("elastic_sigma", "foreground_prob", "affinity_balance", "defect_prob", "w0", "sigma",
                  "intensity"):
         if name in recorded:
             fields[name] = recorded[name]
     # this volume's own geometry: a near-isotropic one is seen in every orientation (sections along z, y
     # and x for a 2-D model), whatever the starting model was trained on
-    fields["isotropic"] = max(voxel_size) < ANISOTROPY_2D * min(voxel_size)
+    fields["isotropic"] = choose_mode(voxel_size) == "3d"
     return load_train_config(None, fields)
 
 
