@@ -183,7 +183,8 @@ def test_sigkill_synth_then_the_same_command_resumes(tmp_path: Path) -> None:
         open_volume(out)  # half-written: refused
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    subprocess.run([EMSEG, "synth", str(ref), *args], check=True, capture_output=True, env=environment())
+    reference = CliRunner().invoke(cli, ["synth", str(ref), *args])  # the uninterrupted run, in-process
+    assert reference.exit_code == 0, reference.output
     np.testing.assert_array_equal(image_bytes(out), image_bytes(ref))
     np.testing.assert_array_equal(image_bytes(out / "labels" / "ground_truth"), image_bytes(ref / "labels" / "ground_truth"))
     again = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
@@ -195,15 +196,27 @@ def image_bytes(path: Path) -> np.ndarray:
     return vol.read(vol.roi)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", ["synth", "import", "export"])
-def test_sigkill_then_rerun(tmp_path: Path, command: str) -> None:
-    tif = tmp_path / "raw.tif"
-    shape = (64, 512, 512)  # big enough that the run is still going when it is killed, even on a quiet machine
-    tifffile.imwrite(tif, random_raw(tmp_path, shape))
-    raw = tmp_path / "raw.zarr"
+SHAPE = (64, 512, 512)
+"""Big enough that an import or export is still going when it is killed, even on a quiet machine."""
+
+
+@pytest.fixture(scope="module")
+def tif_and_raw(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A TIFF of :data:`SHAPE` and its import, made once: the tests below only read them (and check that)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    tif = folder / "raw.tif"
+    tifffile.imwrite(tif, random_raw(folder, SHAPE))
+    raw = folder / "raw.zarr"
     subprocess.run([EMSEG, "import", str(tif), str(raw), "--chunks", "4,128,128", "--no-progress"], check=True,
                    capture_output=True, env=environment())
+    return tif, raw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["synth", "import", "export"])
+def test_sigkill_then_rerun(tmp_path: Path, tif_and_raw: tuple[Path, Path], command: str) -> None:
+    tif, raw = tif_and_raw
+    shape = SHAPE
     inputs = {p: tree_digest(p) for p in (tif, raw)}
     out = tmp_path / {"synth": "s.zarr", "import": "i.zarr", "export": "e.tif"}[command]
     cmd = {"synth": [EMSEG, "synth", str(out), "--shape", "64,256,256", "--chunks", "32,64,64"],
@@ -221,9 +234,10 @@ def test_sigkill_then_rerun(tmp_path: Path, command: str) -> None:
     assert rerun.returncode == 0, rerun.stderr  # the dead run's lock is taken over
     assert not lock_path(out).exists()
     if command == "synth":
-        ref = tmp_path / "ref.zarr"
-        subprocess.run([EMSEG, "synth", str(ref), "--shape", "64,256,256", "--chunks", "32,64,64", "--no-progress"],
-                       check=True, capture_output=True, env=environment())
+        ref = tmp_path / "ref.zarr"  # the uninterrupted run, in-process
+        reference = CliRunner().invoke(cli, ["synth", str(ref), "--shape", "64,256,256", "--chunks", "32,64,64",
+                                             "--no-progress"])
+        assert reference.exit_code == 0, reference.output
         np.testing.assert_array_equal(image_bytes(out), image_bytes(ref))
     elif command == "import":
         np.testing.assert_array_equal(image_bytes(out), tifffile.imread(tif))
@@ -234,7 +248,7 @@ def test_sigkill_then_rerun(tmp_path: Path, command: str) -> None:
 @pytest.mark.slow
 def test_sigkill_label_then_resume(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    pred = (rng.random((32, 256, 256)) > 0.3).astype(np.uint8)
+    pred = (rng.random((16, 128, 128)) > 0.3).astype(np.uint8)  # 2 x 4 x 4 blocks of 8,32,32
     src = tmp_path / "mask.zarr"
     vol = create_volume(src, shape=pred.shape, dtype="uint8", chunks=(8, 32, 32), voxel_size=(1, 1, 1))
     vol.write(vol.roi, pred)
@@ -325,8 +339,8 @@ def test_gpu_profile_servers_listen_on_localhost_only(tmp_path: Path) -> None:
     gpus = torch.cuda.device_count()
     profile.write_text("kind: local\ndevices: [0, 1]\n" if gpus >= 2 else "kind: local\nworkers: 2\n")
     raw = tmp_path / "raw.zarr"
-    vol = create_volume(raw, shape=(4, 256, 256), dtype="uint8", chunks=(1, 256, 256), voxel_size=(50, 4, 4))
-    vol.write(vol.roi, random_raw(tmp_path, (4, 256, 256)))
+    vol = create_volume(raw, shape=(2, 256, 256), dtype="uint8", chunks=(1, 256, 256), voxel_size=(50, 4, 4))
+    vol.write(vol.roi, random_raw(tmp_path, (2, 256, 256)))  # a block for each of the two workers
     mark_complete(raw)
     proc = subprocess.Popen([EMSEG, "predict", str(raw), "-o", str(tmp_path / "p.zarr"), "--block-size", "1,256,256",
                              "--cluster", str(profile), "--no-progress"], stdout=subprocess.PIPE,
