@@ -105,7 +105,13 @@ def init_he(module: nn.Module) -> None:
     ``N`` is the number of incoming connections of one output unit: ``cin * prod(kernel)`` for a
     convolution and ``cin * prod(kernel) / prod(stride)`` for a transposed convolution.  Biases are
     zero; batch-norm scales one and shifts zero.  Apply with ``model.apply(init_he)``.
+
+    Parameters on the meta device (a model built only to count its parameters) have no values to
+    set and are left alone: drawing on meta tensors would import torch's compiler stack.
     """
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
+        return
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
         fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
         nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_in))
