@@ -17,7 +17,7 @@ from emseg.cli import cli
 from emseg.engine.ledger import Ledger
 from emseg.io import open_volume
 from tests.conftest import tree_digest
-from tests.support import smooth_volume
+from tests.support import scheduler_of, smooth_volume
 
 
 def run(*args: str):
@@ -59,7 +59,7 @@ def test_a_voxel_size_far_from_the_bundled_models_is_one_warning(tmp_path) -> No
         ("two_channels", [], r"has 2 channel\(s\) but the model"),
         ("plain", ["--tile-size", "1,32,32", "--block-size", "1,16,16"], "smaller than the model's tile core"),
         ("thin", ["--model-3d"], "too small for the model"),
-        ("nan", ["--workers", "1"], "NaN/inf voxel"),
+        ("nan", ["--scheduler"], "NaN/inf voxel"),  # read on a worker of the session's cluster
         ("plain", ["--devices", "x"], None),
     ],
 )
@@ -72,7 +72,9 @@ def test_bad_input_is_one_error_line(checkpoints, write_volume, tmp_path, cluste
     before = tree_digest(source)
     model = checkpoints(3) if "--model-3d" in options else checkpoints(2)
     options = [o for o in options if o != "--model-3d"]
-    result = run(str(source), "-o", str(tmp_path / "out.zarr"), "--model", str(model), "--no-progress", *options)
+    with scheduler_of(cluster2) as address:
+        options = [a for o in options for a in ((o, address) if o == "--scheduler" else (o,))]
+        result = run(str(source), "-o", str(tmp_path / "out.zarr"), "--model", str(model), "--no-progress", *options)
     if message is None:  # a usage error
         assert result.exit_code == 2 and "--devices" in result.output
     else:
