@@ -16,6 +16,7 @@ from emseg.io import open_volume, read_status
 from emseg.workflows.agglomerate import segments_name
 from emseg.workflows.finetune import holdout_split, load_labelled
 from emseg.workflows.predict import BUNDLED
+from tests.support import scheduler_of
 
 FIB3D = str(BUNDLED / "fib3d")
 """The 3-D model, named: its same-padded convolutions fit these small crops (the automatic choice, the
@@ -97,15 +98,15 @@ def test_time_limit_too_small_for_one_validation(gala_crop: tuple[Path, Path], t
     assert _nothing_written(out)
 
 
-def _segment(volume: Path, out: Path, *flags: str) -> tuple[float, np.ndarray]:
-    code, output = _invoke("segment", str(volume), "-o", str(out), "--workers", "1", "--no-progress", *flags)
+def _segment(volume: Path, out: Path, address: str, *flags: str) -> tuple[float, np.ndarray]:
+    code, output = _invoke("segment", str(volume), "-o", str(out), "--scheduler", address, "--no-progress", *flags)
     assert code == 0, output
     segments = open_volume(out / "labels" / "segments")
     return float(read_status(out)["pipeline"]["agglomerate"]["threshold"]), segments.read(segments.roi)
 
 
 def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_crop: tuple[Path, Path],
-                                                                          tmp_path: Path) -> None:
+                                                                          connection, tmp_path: Path) -> None:
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
     code, output = _invoke("calibrate", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
@@ -121,13 +122,14 @@ def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_cr
 
     volume = tmp_path / "vol.zarr"
     assert _invoke("import", str(raw), str(volume), "--voxel-size", "10,10,10", "--no-progress")[0] == 0
-    used, own = _segment(volume, tmp_path / "own.zarr", "--model", str(out))
-    assert used == chosen
-    # merged at the checkpoint's threshold, not only recorded: the same graph agglomerated again with that
-    # threshold as an extra one (beside another, as the main) gives the same labels
-    other = 0.9 if chosen != 0.9 else 0.5
-    code, output = _invoke("agglomerate", str(tmp_path / "own.zarr"), "--threshold", f"{other}",
-                           "--thresholds", f"{chosen}", "--overwrite", "--no-progress")
+    with scheduler_of(connection) as address:  # the session's cluster: none started for these two runs
+        used, own = _segment(volume, tmp_path / "own.zarr", address, "--model", str(out))
+        assert used == chosen
+        # merged at the checkpoint's threshold, not only recorded: the same graph agglomerated again with that
+        # threshold as an extra one (beside another, as the main) gives the same labels
+        other = 0.9 if chosen != 0.9 else 0.5
+        code, output = _invoke("agglomerate", str(tmp_path / "own.zarr"), "--threshold", f"{other}",
+                               "--thresholds", f"{chosen}", "--overwrite", "--scheduler", address, "--no-progress")
     assert code == 0, output
     named = open_volume(tmp_path / "own.zarr" / "labels" / segments_name(chosen))
     assert np.array_equal(own, named.read(named.roi))
@@ -135,7 +137,7 @@ def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_cr
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # three pipeline runs and two training steps; minutes on a loaded machine
-def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tuple[Path, Path],
+def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tuple[Path, Path], connection,
                                                                   tmp_path: Path) -> None:
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
@@ -155,5 +157,6 @@ def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tup
 
     volume = tmp_path / "vol.zarr"
     assert _invoke("import", str(raw), str(volume), "--voxel-size", "10,10,10", "--no-progress")[0] == 0
-    used, _ = _segment(volume, tmp_path / "seg.zarr", "--model", str(out))
+    with scheduler_of(connection) as address:  # the session's cluster: none started for this run
+        used, _ = _segment(volume, tmp_path / "seg.zarr", address, "--model", str(out))
     assert used == report["after"]["threshold"]
