@@ -80,24 +80,30 @@ def write_zarr(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def write_prediction_at(path: Path, data: npt.NDArray, chunks=(8, 16, 16), voxel_size=(1.0, 1.0, 1.0),
+                        outputs: tuple[str, ...] | None = None) -> Path:
+    """Write a prediction image (c, z, y, x) at ``path`` as uint8 p*255 (or float affinities); return the path."""
+    from emseg.io import create_volume, mark_complete, update_status
+
+    if data.ndim == 3:
+        data = data[None]
+    if np.issubdtype(data.dtype, np.floating) and outputs is None:
+        data = np.round(data * 255).astype(np.uint8)
+    volume = create_volume(path, shape=data.shape[1:], dtype=data.dtype, chunks=chunks, voxel_size=voxel_size,
+                           channels=data.shape[0])
+    volume.write(volume.roi, data)
+    update_status(path, outputs=list(outputs or ("membrane",)))
+    mark_complete(path)
+    return path
+
+
 @pytest.fixture
 def write_prediction(tmp_path: Path) -> Callable[..., Path]:
     """Write a prediction image (c, z, y, x) as uint8 p*255 (or float affinities) and return its path."""
-    from emseg.io import create_volume, mark_complete, update_status
 
     def write(data: npt.NDArray, name: str = "pred.zarr", chunks=(8, 16, 16), voxel_size=(1.0, 1.0, 1.0),
               outputs: tuple[str, ...] | None = None) -> Path:
-        path = tmp_path / name
-        if data.ndim == 3:
-            data = data[None]
-        if np.issubdtype(data.dtype, np.floating) and outputs is None:
-            data = np.round(data * 255).astype(np.uint8)
-        volume = create_volume(path, shape=data.shape[1:], dtype=data.dtype, chunks=chunks, voxel_size=voxel_size,
-                               channels=data.shape[0])
-        volume.write(volume.roi, data)
-        update_status(path, outputs=list(outputs or ("membrane",)))
-        mark_complete(path)
-        return path
+        return write_prediction_at(tmp_path / name, data, chunks, voxel_size, outputs)
 
     return write
 

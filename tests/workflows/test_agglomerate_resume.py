@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from emseg.io import open_volume, read_status
 from emseg.workflows.agglomerate import segment_prediction
+from tests.conftest import write_prediction_at
 from tests.support import cells
 
 BLOCK = (4, 32, 32)
@@ -39,13 +41,23 @@ def _progress(pred: Path, stage: str) -> int:
     return _count(pred / "labels" / "segments" / "0" / "c", "*")
 
 
+@pytest.fixture(scope="module")
+def boundary() -> np.ndarray:
+    return cells(SHAPE, 80, seed=9)[1]
+
+
+@pytest.fixture(scope="module")
+def clean(boundary: np.ndarray, connection, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """The uninterrupted run on the same prediction and its report, made once (the tests only read it)."""
+    pred = write_prediction_at(tmp_path_factory.mktemp("clean") / "clean.zarr", boundary, chunks=BLOCK)
+    return pred, segment_prediction(pred, block_size=BLOCK, thresholds=(0.6,), progress=False, client=connection)[2]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["graph", "relabel"])
-def test_sigkill_then_rerun_gives_byte_identical_labels(write_prediction, connection, tmp_path: Path,
+def test_sigkill_then_rerun_gives_byte_identical_labels(boundary: np.ndarray, clean: tuple[Path, Any], tmp_path: Path,
                                                         stage: str) -> None:
-    _, boundary = cells(SHAPE, 80, seed=9)
-    killed = write_prediction(boundary, name="killed.zarr", chunks=BLOCK)
-    clean = write_prediction(boundary, name="clean.zarr", chunks=BLOCK)
+    killed = write_prediction_at(tmp_path / "killed.zarr", boundary, chunks=BLOCK)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(_command(killed), start_new_session=True, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -70,10 +82,10 @@ def test_sigkill_then_rerun_gives_byte_identical_labels(write_prediction, connec
 
     rerun = subprocess.run(_command(killed), env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    first = segment_prediction(clean, block_size=BLOCK, thresholds=(0.6,), progress=False, client=connection)[2]
+    clean_pred, first = clean
     assert json.loads(rerun.stdout.splitlines()[-1])["n_fragments"] == first.n_fragments
     for name in ("fragments", "segments", "segments_0.60"):
         a = open_volume(killed / "labels" / name)
-        b = open_volume(clean / "labels" / name)
+        b = open_volume(clean_pred / "labels" / name)
         assert a.dtype == b.dtype == np.uint64
         np.testing.assert_array_equal(a.read(a.roi), b.read(b.roi))
