@@ -105,9 +105,9 @@ def _segment(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
 @pytest.mark.slow
 def test_segment_s3_to_s3_matches_local_and_resumes_after_sigkill(s3_bucket: str, shared_data: Path,
                                                                   tmp_path: Path) -> None:
-    raw = tifffile.imread(shared_data / "isbi2012" / "test-volume.tif")[:4, :256, :256]
+    raw = tifffile.imread(shared_data / "isbi2012" / "test-volume.tif")[:2, :256, :256]  # 2 blocks to predict, then the labelling stages
     local_in = tmp_path / "in.zarr"
-    volume = create_volume(local_in, shape=raw.shape, dtype="uint8", chunks=(4, 64, 64), voxel_size=(50, 4, 4))
+    volume = create_volume(local_in, shape=raw.shape, dtype="uint8", chunks=(2, 64, 64), voxel_size=(50, 4, 4))
     volume.write(volume.roi, raw)
     mark_complete(local_in)
     fs = _fs()
