@@ -15,6 +15,7 @@ from emseg.cli import cli
 from emseg.errors import NotAVolumeError, VolumeNotFoundError
 from emseg.geometry import Roi
 from emseg.io import create_volume, mark_complete, open_volume
+from tests.support import scheduler_of
 
 SHARDING = {"@type": "neuroglancer_uint64_sharded_v1", "preshift_bits": 0, "hash": "identity", "minishard_bits": 1,
             "shard_bits": 2, "minishard_index_encoding": "gzip", "data_encoding": "gzip"}
@@ -141,7 +142,7 @@ def test_import_reads_precomputed_and_n5(tmp_path: Path, data: np.ndarray) -> No
 
 
 @pytest.mark.slow
-def test_segment_reads_sharded_precomputed_and_n5_like_the_zarr(shared_data: Path, tmp_path: Path) -> None:
+def test_segment_reads_sharded_precomputed_and_n5_like_the_zarr(shared_data: Path, connection, tmp_path: Path) -> None:
     """The same EM as OME-Zarr, as a sharded precomputed layer and as N5: identical labels."""
     import tifffile
 
@@ -156,8 +157,9 @@ def test_segment_reads_sharded_precomputed_and_n5_like_the_zarr(shared_data: Pat
     labels = {}
     for name in ("in.zarr", "layer", "raw.n5"):
         out = tmp_path / f"{name}_seg.zarr"
-        result = runner.invoke(cli, ["segment", str(tmp_path / name), "-o", str(out), "--workers", "1",
-                                     "--no-progress"], catch_exceptions=False)
+        with scheduler_of(connection) as address:  # the session's cluster: none started for each of the runs
+            result = runner.invoke(cli, ["segment", str(tmp_path / name), "-o", str(out), "--scheduler", address,
+                                         "--no-progress"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         segments = open_volume(out / "labels" / "segments")
         assert segments.voxel_size == (50.0, 4.0, 4.0)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from emseg.cli import cli
 from emseg.workflows.diagnose import diagnose_arrays
+from tests.support import scheduler_of
 
 
 def _cells(shape: tuple[int, int, int], side: int) -> np.ndarray:
@@ -50,7 +51,7 @@ def test_boundary_share_outside_the_calibrated_range_is_reported(share: float, c
 
 
 @pytest.mark.slow
-def test_segment_reports_a_degenerate_result(shared_data: Path, tmp_path: Path) -> None:
+def test_segment_reports_a_degenerate_result(shared_data: Path, connection, tmp_path: Path) -> None:
     """Real ISBI EM with its contrast squeezed to 3 grey levels: the bundled model sees no membranes
     and the run says so, in the text report and in --json, with exit code 0."""
     raw = tifffile.imread(shared_data / "isbi2012" / "train-volume.tif")[:2, :256, :256]
@@ -61,10 +62,11 @@ def test_segment_reports_a_degenerate_result(shared_data: Path, tmp_path: Path) 
     result = runner.invoke(cli, ["import", str(tmp_path / "flat.tif"), str(volume), "--voxel-size", "50,4,4",
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["segment", str(volume), "--workers", "1", "--no-progress", "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    codes = {f["code"] for f in report["findings"]}
-    assert codes & {"one-segment", "no-boundaries"}, report["findings"]
-    text = runner.invoke(cli, ["segment", str(volume), "--workers", "1", "--no-progress"])
+    with scheduler_of(connection) as address:  # the session's cluster: none started for each run
+        result = runner.invoke(cli, ["segment", str(volume), "--scheduler", address, "--no-progress", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        codes = {f["code"] for f in report["findings"]}
+        assert codes & {"one-segment", "no-boundaries"}, report["findings"]
+        text = runner.invoke(cli, ["segment", str(volume), "--scheduler", address, "--no-progress"])
     assert text.exit_code == 0 and "WARNING: " in text.stdout
