@@ -12,7 +12,9 @@ Per round, in this order (rounds interleave the methods, so that a change in the
 all of them):
 
 1. ``segment``: :func:`emseg.workflows.segment.segment` with no options (what ``emseg segment VOL``
-   does), on a local cluster started before timing; its run report gives each stage's seconds.
+   does: the fragments run beside the prediction), on a local cluster started before timing; its run
+   report gives each stage's seconds.  Right before it, the same with ``--no-overlap`` (every stage
+   after the one before): the sum of its stages is what the overlapped wall time is compared with.
 2. ``forward-only``: only the forward passes of that run's prediction plan, on the same workers
    (as :func:`bench_predict.forward_only`, 2-D and 3-D models): the limit of the whole run on this machine.
 3. Per stage, in this process on one core (one thread for torch, numba and the libraries), over
@@ -67,11 +69,14 @@ def one_thread() -> None:
     numba.set_num_threads(1)
 
 
-def run_segment(volume: Path, out: Path, connection: Any) -> Any:
+def run_segment(volume: Path, out: Path, connection: Any, overlap: bool = True) -> Any:
+    """``emseg segment VOL`` (``overlap``: its default, the fragments beside the prediction) or
+    ``emseg segment VOL --no-overlap`` (every stage after the one before)."""
     from emseg.config import PipelineConfig, RunOptions
     from emseg.workflows.segment import segment
 
-    return segment(volume, out, PipelineConfig(), run=RunOptions(client=connection, overwrite=True, progress=False))
+    return segment(volume, out, PipelineConfig(), run=RunOptions(client=connection, overwrite=True, progress=False,
+                                                                 overlap=overlap))
 
 
 def forward_only(plan: Any, connection: Any) -> float:
@@ -205,15 +210,22 @@ def bench_volume(name: str, volume: Path, out: Path, connection: Any, args: argp
     best_wall = float("inf")
     stage_blocks = None
     for r in range(args.rounds):
+        apart = run_segment(volume, out, connection, overlap=False)
+        apart_stages = {t.stage: t.seconds for t in apart.stages}
         report = run_segment(volume, out, connection)
         seconds = {t.stage: t.seconds for t in report.stages}
         limit = forward_only(report.predict.plan, connection)
         wall = report.seconds
         row = {"wall": wall, "forward_only": limit, "stages": seconds, "limit_ratio": limit / wall,
-               "sum_of_stages": sum(v for k, v in seconds.items() if k != "other")}
+               "sum_of_stages": sum(v for k, v in seconds.items() if k != "other"),
+               "one_after_another": {"wall": apart.seconds, "stages": apart_stages,
+                                     "sum_of_stages": sum(v for k, v in apart_stages.items() if k != "other")}}
         result["rounds"].append(row)
         print(f"{name} round {r + 1}: segment {wall:.1f} s (forward-only {limit:.1f} s, ratio {limit / wall:.2f}); "
               + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
+        print(f"{name} round {r + 1}: --no-overlap {apart.seconds:.1f} s, sum of its stages "
+              f"{row['one_after_another']['sum_of_stages']:.1f} s; "
+              + ", ".join(f"{k} {v:.1f}" for k, v in apart_stages.items()), flush=True)
         if wall < best_wall:
             best_wall, result["best"] = wall, row
         if stage_blocks is None:
@@ -274,6 +286,9 @@ def main() -> None:
               f"{best['sum_of_stages']:.1f} s vs wall {best['wall']:.1f} s")
         for stage, s in best["stages"].items():
             print(f"  {stage:<12} {s:7.1f} s  {100 * s / best['wall']:5.1f} %")
+        apart = best["one_after_another"]
+        print(f"  stages one after another (--no-overlap, same round): wall {apart['wall']:.1f} s, sum of stages "
+              f"{apart['sum_of_stages']:.1f} s: overlapped wall / that sum {best['wall'] / apart['sum_of_stages']:.2f}")
         print("  per core, in process (compute only):")
         for name, row in v["per_core"].items():
             print(f"  {name:<18} {row['seconds']:7.2f} s  {row['mvoxel_per_s_per_core']:7.2f} Mvoxel/s")

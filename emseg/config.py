@@ -156,6 +156,9 @@ class RunOptions(Options):
     """Replace an output made with other parameters (otherwise a rerun resumes)."""
     progress: bool = True
     """Progress bars on stderr."""
+    overlap: bool = True
+    """emseg segment: start each block's fragments as soon as the prediction blocks it reads are written,
+    beside the prediction, instead of after all of it (same output)."""
     client: Any = None
     """An open cluster to run on instead (an emseg.cluster.Connection or a distributed.Client), e.g. to chain
     stages on one cluster; Python only.  Given, the cluster options above are not used."""

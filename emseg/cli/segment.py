@@ -41,6 +41,8 @@ from emseg.config import AgglomerateOptions, PredictOptions, RunOptions, Segment
                    "per section when z >= 2.5 x the y/x voxel size; plain watershed/cc labels per section there].")
 @field_option(SegmentLabelOptions, "min_size", help="Smallest fragment kept (voxels; watershed and agglomerate).", show_default=False)
 @cluster_options()
+@field_option(RunOptions, "overlap", help="Start each block's fragments as soon as the prediction blocks it reads "
+              "are written, beside the prediction (--no-overlap: after all of it; the output is the same).")
 @output_options(dry_run=True)
 def segment(volume: str, output: str | None, voxel_size: tuple[float, ...] | None, pipeline: str | None, method: str | None, merge_threshold: float | None,
             thresholds: tuple[float, ...] | None, threshold: float | None, mode: str | None, min_size: int | None,

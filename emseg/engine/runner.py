@@ -25,6 +25,7 @@ run in this process on a few threads (small jobs, tests, tools without a cluster
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -40,6 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from emseg.engine.follow import Progress
 from emseg.engine.ledger import (
     RECORD_FORMAT,
     Ledger,
@@ -349,6 +351,8 @@ def run_blockwise(
     placement: Callable[[int], list[str] | None] | None = None,
     claim: OutputClaim | None = None,
     outputs: StageOutputs | None = None,
+    posts: Progress | None = None,
+    follows: Progress | None = None,
 ) -> StageReport:
     """Run ``fn(block)`` once for every block of ``grid`` that is not yet done.
 
@@ -391,6 +395,13 @@ def run_blockwise(
         What the stage writes besides ``writes``' blocks and ``claim`` (pyramid levels, mesh
         fragments): made again whenever its records start over; the records are kept only while
         these are intact (:func:`emseg.engine.runstate.claim_stage`).
+    posts : Progress, optional
+        Where this stage announces its written blocks (those of an earlier run at the start, then
+        each as it finishes) to a stage that follows it in another thread (:mod:`emseg.engine.follow`).
+        The caller ends it (:meth:`~emseg.engine.follow.Progress.end`) when this call returns or raises.
+    follows : Progress, optional
+        The progress of the stage this one reads: a task is submitted only once that stage has
+        written every block its blocks read (halo included).
 
     Raises
     ------
@@ -440,6 +451,9 @@ def run_blockwise(
                 whole = ids is None and len(sel) == min(k, n - c * k)
                 tasks.append((c, None if whole else sel))
 
+    if posts is not None:
+        posts.start(grid)
+        posts.mark(np.flatnonzero(results.done))
     start = time.perf_counter()
     runner: Any = client if client is not None else _InProcess(max(1, min(4, os.cpu_count() or 1)))
     in_process = isinstance(runner, _InProcess)
@@ -449,19 +463,32 @@ def run_blockwise(
     token = uuid.uuid4().hex[:8]
     computed = repaired = voxels = n_failed = 0
     failures: list[tuple[int, BaseException]] = []
-    queue = iter(tasks)
-    left = len(tasks)
+    queue = collections.deque(tasks)
     in_flight: dict[Any, tuple[tuple[int, npt.NDArray[np.int64] | None], ...]] = {}
     per_chunk = [0.0, 0]  # task seconds and chunks finished: sizes the next tasks
     parallel = max(1, window // 4)
 
+    readable = np.zeros(n, dtype=bool) if follows is not None else None  # blocks whose input is written
+
+    def ready(task: tuple[int, npt.NDArray[np.int64] | None]) -> bool:
+        if follows is None or readable is None:
+            return True
+        c, sel = task
+        wanted = np.arange(c * k, min((c + 1) * k, n), dtype=np.int64) if sel is None else sel
+        for b in wanted[~readable[wanted]].tolist():
+            if not follows.covers(grid.block(b).read_roi):
+                return False
+            readable[b] = True
+        return True
+
     def submit_next() -> Any:
-        nonlocal left
-        group = _group_size(per_chunk, left, parallel)
-        chunks = tuple(t for _, t in zip(range(group), queue))
-        if not chunks:
+        group = _group_size(per_chunk, len(queue), parallel)
+        chunks_: list[tuple[int, npt.NDArray[np.int64] | None]] = []
+        while queue and len(chunks_) < group and ready(queue[0]):
+            chunks_.append(queue.popleft())
+        if not chunks_:
             return None
-        left -= len(chunks)
+        chunks = tuple(chunks_)
         args = (_run_batch, fn, grid, str(output), stage, chunks, specs, verify, retries, token)
         if in_process:
             future = runner.submit(*args)
@@ -474,7 +501,9 @@ def run_blockwise(
         return future
 
     completed: Any
-    if in_process:
+    if follows is not None:
+        completed = _followed(submit_next, lambda: bool(queue), follows, parallel, window)
+    elif in_process:
         from concurrent.futures import FIRST_COMPLETED, wait
 
         def completed_iter() -> Iterator[Any]:
@@ -508,6 +537,9 @@ def run_blockwise(
                 bar.update(lost)
             else:
                 batch: _Batch = future.result()
+                if posts is not None:
+                    posts.mark(batch.ids)
+                    posts.mark(batch.found[0])
                 per_chunk[0] += batch.seconds
                 per_chunk[1] += len(chunks)
                 results.update(batch.ids, batch.results)
@@ -538,6 +570,7 @@ def run_blockwise(
             bar.set_postfix_str(f"{voxels / max(elapsed, 1e-9) / 1e6:.2f} Mvox/s", refresh=False)
             if not in_process:
                 future.release()
+            if not in_process and follows is None:
                 for _ in range(window - len(in_flight)):
                     nxt = submit_next()
                     if nxt is None:
@@ -568,6 +601,38 @@ def run_blockwise(
     if specs and files is not None and nbytes is not None and ids is None:
         store_census(specs, files.sum(axis=0).tolist(), nbytes.sum(axis=0).tolist())
     return StageReport(stage, total, computed, skipped - repaired, seconds, voxels, results, repaired)
+
+
+POLL_SECONDS = 0.05
+"""A following stage looks for finished tasks this often while it waits for its input."""
+
+
+def _followed(submit_next: Callable[[], Any], waiting: Callable[[], bool], follows: Progress, parallel: int,
+              window: int) -> Iterator[Any]:
+    """Finished futures of a stage that follows another: tasks are submitted as their input is
+    written (``submit_next`` returns None while the next one's is not), at most ``parallel`` until
+    the first ones finished and ``window`` after that."""
+    pending: list[Any] = []
+    limit = parallel
+    while True:
+        while len(pending) < limit:
+            future = submit_next()
+            if future is None:
+                break
+            pending.append(future)
+        done = [f.done() for f in pending]
+        finished = [f for f, d in zip(pending, done) if d]
+        if finished:
+            pending = [f for f, d in zip(pending, done) if not d]
+            limit = window
+            yield from finished
+            continue
+        if not pending and not waiting():
+            return
+        if not pending:
+            follows.wait(1.0)  # woken as soon as the stage it follows writes a block
+        else:
+            follows.wait(POLL_SECONDS)
 
 
 TASK_SECONDS = 2.0

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.config import AgglomerateOptions, RunOptions
+from emseg.engine.follow import Progress
 from emseg.engine.runner import StageReport, WriteSpec, run_blockwise
 from emseg.engine.runstate import OutputClaim, Scratch, fingerprint_of, record_complete
 from emseg.errors import (
@@ -136,9 +137,9 @@ def section_link_weight(opts: AgglomerateOptions, kind: str, mode: str, voxel_si
     return 1.0
 
 
-def input_kind_of(pred_path: PathOrUrl) -> InputKind:
+def input_kind_of(pred_path: PathOrUrl, *, allow_incomplete: bool = False) -> InputKind:
     """``"affinities"`` when the prediction's recorded outputs are affinities, else ``"boundary"``."""
-    pred = open_volume(pred_path)
+    pred = open_volume(pred_path, allow_incomplete=allow_incomplete)
     status = read_status(pred.image_path) if pred.image_path is not None else {}
     outputs = [str(o) for o in status.get("outputs") or []]
     if status.get("offsets") or (outputs and all(o.startswith("aff") for o in outputs)):
@@ -296,6 +297,7 @@ def make_fragments(
     input_kind: InputKind | Literal["auto"] = "auto",
     block_size: int | Sequence[int] | None = None,
     run: RunOptions | None = None,
+    follows: Progress | None = None,
     **fields: Any,
 ) -> Any:
     """Per-block watershed fragments of a prediction, written to ``labels/fragments``.
@@ -303,13 +305,14 @@ def make_fragments(
     ``output`` defaults to the prediction's own image (``PRED/labels/fragments``).  The fragments
     follow ``options`` (:class:`emseg.config.AgglomerateOptions`, ``**fields`` replace single ones):
     ``fragment_threshold``, ``seeds``, ``min_distance``, ``min_size``; see :func:`emseg.workflows.label.label`
-    for the others.  Returns its :class:`~emseg.workflows.label.LabelReport`.
+    for the others.  ``follows``: the prediction is still being written (see
+    :func:`emseg.workflows.label.label`).  Returns its :class:`~emseg.workflows.label.LabelReport`.
     """
     from emseg.workflows.label import label
 
     run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
-    pred = open_volume(pred_path)
+    pred = open_volume(pred_path, allow_incomplete=follows is not None)
     kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
     resolved = choose_mode(pred.voxel_size) if mode == "auto" else mode
     if block_size is None and resolved == "2d":
@@ -317,7 +320,7 @@ def make_fragments(
     out = location(output) if output is not None else (pred.image_path or location(pred_path))
     return label(pred_path, out, method="watershed", threshold=opts.fragment_threshold, mode=resolved,
                  seeds=opts.seeds, min_distance=opts.min_distance, min_size=opts.min_size, block_size=block_size,
-                 run=run, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind)
+                 run=run, merge_faces=False, name=FRAGMENTS_NAME, input_kind=kind, follows=follows)
 
 
 def prediction_offsets(pred_path: PathOrUrl) -> tuple[Coordinate, ...] | None:
@@ -898,6 +901,7 @@ def segment_prediction(
     offsets: Sequence[Sequence[int]] | None = None,
     block_size: int | Sequence[int] | None = None,
     run: RunOptions | None = None,
+    follows: Progress | None = None,
     **fields: Any,
 ) -> tuple[Any, GraphReport, AgglomerateReport]:
     """Fragments, region graph and agglomeration of a prediction image, in ``PRED/labels/``.
@@ -911,13 +915,20 @@ def segment_prediction(
     affinities and their long-range ``offsets`` (default: those recorded with the prediction or its
     checkpoint; :func:`mutex_fragments_blockwise`) instead of the seeded watershed.
 
+    ``follows``: the prediction is still being written by ``emseg predict`` in another thread of this
+    process (:mod:`emseg.engine.follow`): each block's fragments start once the prediction blocks
+    they read are written, and the graph once the whole prediction is.
+
     Returns the fragments' :class:`~emseg.workflows.label.LabelReport`, the :class:`GraphReport` and the
     :class:`AgglomerateReport`.
     """
     run = RunOptions.take(run, fields)
     opts = AgglomerateOptions.build(options, **fields)
     check_quantile(opts.quantile)
-    pred = open_volume(pred_path)
+    if follows is not None and opts.fragments == "mutex":  # mutex fragments read the prediction whole
+        follows.wait_ended()
+        follows = None
+    pred = open_volume(pred_path, allow_incomplete=follows is not None)
     if not pred.has_channels and np.issubdtype(pred.dtype, np.integer) and pred.dtype.itemsize >= 4:
         raise GraphNotFoundError(f"{pred_path}: a label volume ({pred.dtype}) without a region graph; pass the "
                                  "prediction image (fragments and graph are computed from it) or fragments made "
@@ -931,7 +942,7 @@ def segment_prediction(
     if not made_by_emseg(pred.image_path):
         raise NotAVolumeError(f"{pred.image_path}: not made by emseg, and agglomeration writes label images into it; "
                               "run emseg predict and pass its output")
-    kind = input_kind_of(pred_path) if input_kind == "auto" else input_kind
+    kind = input_kind_of(pred_path, allow_incomplete=follows is not None) if input_kind == "auto" else input_kind
     # fragments per section on anisotropic volumes (auto) or when asked (2d); the graph links them
     # across sections unless per-section labels are asked for
     fragment_mode = choose_mode(pred.voxel_size) if mode == "auto" else mode
@@ -944,7 +955,9 @@ def segment_prediction(
                                                   mode=fragment_mode, block_size=block_size, run=on)
         else:
             fragments = make_fragments(pred_path, pred.image_path, opts, mode=fragment_mode, input_kind=kind,
-                                       block_size=block_size, run=on)
+                                       block_size=block_size, run=on, follows=follows)
+            if follows is not None:
+                follows.wait_ended()  # the graph reads the finished prediction
         frag_path = pred.image_path / "labels" / FRAGMENTS_NAME
         graph = build_graph(pred_path, frag_path, opts, mode=graph_mode(mode), input_kind=kind, run=on)
         result = agglomerate(frag_path, opts, run=on)

@@ -51,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from emseg.config import LabelOptions, RunOptions
+from emseg.engine.follow import Progress
 from emseg.engine.lock import locked
 from emseg.engine.pairs import iter_pairs, write_pairs
 from emseg.engine.runner import StageReport, WriteSpec, run_blockwise
@@ -218,6 +219,7 @@ def label(
     name: str = LABEL_NAME,
     input_kind: Literal["boundary", "affinities"] = "boundary",
     zarr_format: int | None = None,
+    follows: Progress | None = None,
     **fields: Any,
 ) -> LabelReport:
     """Label a boundary prediction blockwise on a Dask cluster.
@@ -253,6 +255,10 @@ def label(
     zarr_format : {2, 3}, optional
         Zarr format of a new label image (3: OME-NGFF 0.5, 2: 0.4); default: the prediction's.  Labels
         written into the prediction's own image follow that image.
+    follows : Progress, optional
+        The prediction is still being written by a stage in another thread of this process: each
+        block's first stage starts once the prediction blocks it reads are written
+        (:mod:`emseg.engine.follow`).  Only for ``merge_faces=False`` (fragments).
 
     Raises
     ------
@@ -271,7 +277,9 @@ def label(
     if not 0.0 < min_contact <= 1.0:
         raise ConfigError(f"min_contact must be a fraction in (0, 1], got {min_contact}")
     ws = WatershedParams(threshold=threshold, seeds=seeds, min_distance=min_distance, min_size=min_size, sigma=sigma)
-    pred = open_volume(pred_path)
+    if follows is not None and merge_faces:
+        raise ConfigError("label: following a running prediction needs merge_faces=False (fragments only)")
+    pred = open_volume(pred_path, allow_incomplete=follows is not None)
     rule = _resolve_rule(foreground, pred.dtype, pred.has_channels)
     output = location(output_path)
     in_image = pred.image_path is not None and output.resolve() == pred.image_path.resolve()
@@ -333,7 +341,8 @@ def label(
                                       params=params, overwrite=run.overwrite, progress=run.progress, claim=claim)
         # cc: a block's relabelling goes back to the worker that kept its fragments from stage 1
         place = _placement(connection.client) if method == "cc" else None
-        fragments = run_stage(stage="label-fragments", fn=functools.partial(_fragment_block, job), placement=place)
+        fragments = run_stage(stage="label-fragments", fn=functools.partial(_fragment_block, job), placement=place,
+                              follows=follows)
         offsets = offsets_from_counts(fragments.results.column("count"))
         job = _with_tables(job, offsets=offsets)
         stages = [fragments]

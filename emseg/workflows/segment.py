@@ -12,15 +12,20 @@ Output layout (an OME-Zarr image group)::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from emseg.config import PipelineConfig, RunOptions
+from emseg.engine.follow import Progress
 from emseg.io import check_distinct, open_volume, update_status
 from emseg.io.location import Location, PathOrUrl, absolute, location
 
@@ -97,11 +102,17 @@ class SegmentReport:
     cores: int = 0
     """Worker threads of the cluster the run used."""
     stages: tuple[StageTime, ...] = ()
+    overlapped: bool = False
+    """The fragments ran beside the prediction (:attr:`~emseg.config.RunOptions.overlap`): their
+    seconds overlap, and the stages add up to more than the run."""
 
     def summary(self) -> str:
         lines = [self.predict.summary(), self.label.summary()]
         if self.stages:
-            lines.append(f"time per stage ({self.seconds:.1f} s in all):")
+            summed = sum(t.seconds for t in self.stages)
+            beside = (f"; predict and fragments ran side by side, the stages add up to {summed:.1f} s"
+                      if self.overlapped else "")
+            lines.append(f"time per stage ({self.seconds:.1f} s in all{beside}):")
             lines.append(format_stage_times(self.stages, self.cores))
         lines.append(f"wrote {self.output} (prediction at 0, segments at labels/segments)")
         lines += [f"WARNING: {f.message}" for f in self.findings]
@@ -172,22 +183,32 @@ def segment(
 
     start = time.perf_counter()
     seconds: dict[str, float] = {}
+    # the fragments follow the prediction block by block (mutex fragments read it whole)
+    overlap = run.overlap and lab.method == "agglomerate" and agg.fragments != "mutex"
     with run_lock(out, "segment"):
         with connect(**run.where) as connection:
             cores = _cores(connection)
             on = run.model_copy(update={"client": connection})  # every stage on this one cluster
-            t0 = time.perf_counter()
-            predicted = predict(volume, out, p, run=on, zarr_format=zarr_format, voxel_size=voxel_size)
-            seconds["predict"] = time.perf_counter() - t0
+            predicting = functools.partial(predict, volume, out, p, run=on, zarr_format=zarr_format,
+                                           voxel_size=voxel_size)
             labelled: Any
             if lab.method == "agglomerate":
-                if "threshold" not in agg.model_fields_set:  # the model's own, unless a flag or the recipe set one
-                    agg = with_model_threshold(agg, out)
-                    config = config.model_copy(update={"agglomerate": agg})
-                labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=lab.mode, block_size=lab.block_size,
-                                                                  run=on))
+                follow = Progress("predict") if overlap else None
+                with _beside(predicting, follow) as prediction:
+                    if follow is not None:
+                        follow.wait_started()  # the prediction's image exists, with its model recorded
+                    if "threshold" not in agg.model_fields_set:  # the model's own, unless a flag or the recipe set one
+                        agg = with_model_threshold(agg, out)
+                        config = config.model_copy(update={"agglomerate": agg})
+                    labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=lab.mode,
+                                                                      block_size=lab.block_size, run=on,
+                                                                      follows=follow))
+                predicted, seconds["predict"] = prediction.report, prediction.seconds
                 seconds.update(labelled.seconds())
             else:
+                t0 = time.perf_counter()
+                predicted = predicting()
+                seconds["predict"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 labelled = label(out, out, lab.for_label(mode), run=on)
                 seconds["label"] = time.perf_counter() - t0
@@ -207,7 +228,60 @@ def segment(
                             boundary_kind=input_kind_of(out) == "boundary")
     wall = time.perf_counter() - start
     voxels = int(np.prod(source.shape))
-    return SegmentReport(out, predicted, labelled, findings, wall, cores, stage_times(seconds, voxels, cores, wall))
+    return SegmentReport(out, predicted, labelled, findings, wall, cores, stage_times(seconds, voxels, cores, wall),
+                         overlap)
+
+
+@dataclass
+class _Prediction:
+    report: Any = None
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _beside(predicting: Callable[..., Any], follow: Progress | None) -> Iterator[_Prediction]:
+    """Run ``predicting()`` (:func:`emseg.workflows.predict.predict`) in a thread beside the body,
+    posting its blocks to ``follow``; or, without ``follow``, before the body.
+
+    The prediction's own error wins over the body's (a body waiting for blocks that never came
+    fails because of it); either way the prediction has ended when this returns.
+    """
+    done = _Prediction()
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        try:
+            done.report = predicting(posts=follow)
+        except BaseException as e:
+            if follow is not None:
+                follow.end(e)
+            raise
+        finally:
+            done.seconds = time.perf_counter() - t0
+        if follow is not None:
+            follow.end()
+
+    if follow is None:
+        run()
+        yield done
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emseg-predict")
+    future = pool.submit(run)
+    try:
+        yield done
+    except BaseException:
+        error = future.exception() if future.done() or not _interrupted() else None
+        pool.shutdown(wait=False)
+        if error is not None:
+            raise error from None
+        raise
+    future.result()
+    pool.shutdown()
+
+
+def _interrupted() -> bool:
+    """Whether the exception being handled is Ctrl-C or an exit (nothing to wait for then)."""
+    return isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
 
 
 def _cores(connection: Any) -> int:

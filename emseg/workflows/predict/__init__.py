@@ -38,6 +38,7 @@ from emseg.workflows.predict.plan import (
 from emseg.workflows.predict.worker import PredictConfig, compute_block, predict_block_task
 
 if TYPE_CHECKING:
+    from emseg.engine.follow import Progress
     from emseg.engine.runstate import OutputClaim
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def predict(
     dry_run: bool = False,
     zarr_format: int | None = None,
     voxel_size: Sequence[float] | None = None,
+    posts: Progress | None = None,
     **fields: Any,
 ) -> PredictReport:
     """Predict ``checkpoint``'s outputs for every voxel of a volume into an OME-Zarr image.
@@ -179,6 +181,9 @@ def predict(
         Only plan: return a report whose ``summary()`` is the plan; nothing is written.
     zarr_format : {2, 3}, optional
         Zarr format of the output (3: OME-NGFF 0.5, 2: 0.4); default: the input's.
+    posts : Progress, optional
+        Announce the written blocks to a stage that reads them while this one runs
+        (:mod:`emseg.engine.follow`; ``emseg segment``'s fragments).
 
     Raises
     ------
@@ -223,7 +228,7 @@ def predict(
             stage = run_blockwise(
                 connection.client, stage=STAGE, grid=plan.grid, fn=functools.partial(predict_block_task, config),
                 output=output, params=plan.params, overwrite=run.overwrite, resources=resources,
-                progress=run.progress, writes=[WriteSpec(str(output / "0"))], claim=claim,
+                progress=run.progress, writes=[WriteSpec(str(output / "0"))], claim=claim, posts=posts,
             )
         except RunIncompleteError as e:
             if isinstance(e.__cause__, InvalidDataError):
