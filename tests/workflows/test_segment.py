@@ -78,3 +78,31 @@ def test_segment_help_and_bad_input(tmp_path: Path) -> None:
     bad.write_text("[label]\nmethod = 'magic'\n")
     result = runner.invoke(cli, ["segment", str(tmp_path / "missing.zarr"), "--pipeline", str(bad)])
     assert result.exit_code == 1 and "label.method" in result.stderr
+
+
+def test_fragments_beside_the_prediction_give_the_segments_of_one_stage_after_another(checkpoints, write_volume,
+                                                                                       cluster2, tmp_path: Path) -> None:
+    """Many prediction blocks and fragment blocks whose halos reach into their neighbours, in 3-D:
+    overlapping the stages changes when blocks run, never what they write."""
+    from tests.support import scheduler_of, smooth_volume
+
+    volume = write_volume(smooth_volume((24, 96, 96)), chunks=(8, 48, 48), voxel_size=(8.0, 8.0, 8.0))
+    recipe = tmp_path / "small.toml"
+    recipe.write_text('[predict]\ntile_size = [8, 48, 48]\nblock_size = [8, 48, 48]\n'
+                      '[label]\nblock_size = [8, 48, 48]\n')  # 12 blocks each; a fragment block's halo reads 4-8
+    runner = CliRunner()
+    outputs = {}
+    for flag in ("--overlap", "--no-overlap"):
+        out = tmp_path / f"seg{flag}.zarr"
+        with scheduler_of(cluster2) as address:
+            result = runner.invoke(cli, ["segment", str(volume), "-o", str(out), "--pipeline", str(recipe), "--model",
+                                         str(checkpoints(3)), "--scheduler", address, "--no-progress", flag],
+                                   catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert ("side by side" in result.output) == (flag == "--overlap"), result.output
+        outputs[flag] = out
+    for name in ("0", "labels/fragments/0", "labels/segments/0"):
+        together, apart = (open_volume(outputs[f] / name, allow_incomplete=False) for f in outputs)
+        np.testing.assert_array_equal(together.read(together.roi), apart.read(apart.roi), err_msg=name)
+    fragments = open_volume(outputs["--overlap"] / "labels" / "fragments").read(open_volume(volume).roi)
+    assert len(fastremap.unique(fragments)) > 20  # the prediction was read: real fragments, not one flooded block
