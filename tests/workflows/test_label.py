@@ -68,19 +68,6 @@ def test_cc_stitching_paths_equal_cc3d(connection, write_zarr, tmp_path, mask, m
     assert_consecutive_uint64(labels, n)
 
 
-def test_cc_workers_reuse_their_fragments_then_drop_them(connection, write_zarr, tmp_path, mask) -> None:
-    import importlib
-
-    module = importlib.import_module("emseg.workflows.label")
-    pred = write_zarr(mask.astype(np.uint8))
-    report = label(pred, tmp_path / "labels.zarr", block_size=8, client=connection, progress=False)
-    # 60 blocks on 2 workers: some stage-3 blocks land on the worker that labelled them in stage 1
-    assert report.stages[-1].results.column("reused").sum() > 0
-    assert_same_partition(read_labels(report.labels_path), cc3d.connected_components(mask, connectivity=6))
-
-    kept = connection.client.run(lambda: importlib.import_module("emseg.workflows.label")._FRAGMENTS.nbytes)
-    assert len(kept) == 2 and sum(kept.values()) == 0  # dropped when the run ended
-    assert module._FRAGMENTS.nbytes == 0  # the client keeps none (it is no worker)
 
 
 def test_unique_pairs_equals_numpy_row_unique() -> None:
@@ -220,12 +207,25 @@ def test_segment_layout_resume_and_refusals(connection, write_zarr, tmp_path, ma
     assert redo.stages[0].computed == redo.blocks
 
 
-def test_interrupted_run_resumes(connection, write_zarr, tmp_path, mask) -> None:
+def test_cc_workers_reuse_their_fragments_then_drop_them_and_an_interrupted_run_resumes(connection, write_zarr,
+                                                                                        tmp_path, mask) -> None:
+    """One run checked for fragment reuse, then interrupted (its records half forgotten) and resumed."""
+    import importlib
+
     from emseg.engine.ledger import Ledger
 
+    module = importlib.import_module("emseg.workflows.label")
     pred = write_zarr(mask.astype(np.uint8))
     out = tmp_path / "labels.zarr"
     done = label(pred, out, block_size=8, client=connection, progress=False)
+    # 60 blocks on 2 workers: some stage-3 blocks land on the worker that labelled them in stage 1
+    assert done.stages[-1].results.column("reused").sum() > 0
+    assert_same_partition(read_labels(done.labels_path), cc3d.connected_components(mask, connectivity=6))
+
+    kept = connection.client.run(lambda: importlib.import_module("emseg.workflows.label")._FRAGMENTS.nbytes)
+    assert len(kept) == 2 and sum(kept.values()) == 0  # dropped when the run ended
+    assert module._FRAGMENTS.nbytes == 0  # the client keeps none (it is no worker)
+
     # forget the last stage of half the blocks and mark the output incomplete, as a killed run leaves it
     ledger = Ledger(out, "label-relabel")
     import zarr
