@@ -21,10 +21,12 @@ PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "isbi2012.toml"
 
 
 @pytest.mark.slow
-def test_segment_isbi_test_volume(shared_data: Path, tmp_path: Path) -> None:
+def test_segment_isbi_test_volume(shared_data: Path, cluster2, tmp_path: Path) -> None:
     """The README's demo on the first 8 of the ISBI 2012 test volume's 30 sections (the whole volume is
-    the same run, 4 times longer)."""
+    the same run, 4 times longer), on the session's cluster."""
     import tifffile
+
+    from tests.support import scheduler_of
 
     runner = CliRunner()
     crop = tmp_path / "isbi-0-8.tif"
@@ -33,8 +35,9 @@ def test_segment_isbi_test_volume(shared_data: Path, tmp_path: Path) -> None:
     result = runner.invoke(cli, ["import", str(crop), str(volume), "--voxel-size", "50,4,4", "--no-progress"],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["segment", str(volume), "--pipeline", str(PIPELINE), "--workers", "2",
-                                 "--no-progress"], catch_exceptions=False)
+    with scheduler_of(cluster2) as address:
+        result = runner.invoke(cli, ["segment", str(volume), "--pipeline", str(PIPELINE), "--scheduler", address,
+                                     "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = default_output(volume)
     assert out == tmp_path / "isbi_seg.zarr"
@@ -63,8 +66,9 @@ def test_segment_isbi_test_volume(shared_data: Path, tmp_path: Path) -> None:
     assert 0.1 < membrane.mean() < 0.6  # membranes are a minority of pixels, but present
 
     # a rerun resumes: nothing is computed again
-    rerun = runner.invoke(cli, ["segment", str(volume), "--pipeline", str(PIPELINE), "--workers", "2",
-                                "--no-progress"], catch_exceptions=False)
+    with scheduler_of(cluster2) as address:
+        rerun = runner.invoke(cli, ["segment", str(volume), "--pipeline", str(PIPELINE), "--scheduler", address,
+                                    "--no-progress"], catch_exceptions=False)
     # 8 sections in the default 2-D blocks of 4 sections: 2 blocks
     assert rerun.exit_code == 0 and "(0 computed, 2 already done)" in rerun.stdout, rerun.output
 
