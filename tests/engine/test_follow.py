@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emseg.cluster import connect
 from emseg.engine.follow import Progress
 from emseg.engine.runner import run_blockwise
 from emseg.errors import RunIncompleteError
@@ -38,10 +37,9 @@ def consume(block: Block, *, src: str, dst: str) -> dict[str, float]:
     return {"start": start, "unwritten": int((data == 0).sum())}
 
 
-@pytest.fixture(scope="module")
-def client():
-    with connect(workers=2) as connection:
-        yield connection.client
+@pytest.fixture
+def client(cluster2):
+    return cluster2.client
 
 
 def _stages(make_volume, tmp_path: Path):
