@@ -63,6 +63,22 @@ def connection():
 
 
 @pytest.fixture
+def session_cluster(request: pytest.FixtureRequest) -> Any:
+    """The session's LocalCluster (:func:`connection`), for runs that would otherwise start a cluster each
+    (``--workers 1``).  Looked up at run time, so a test keeps the ``slow`` marking it had: these tests
+    started clusters of their own without being slow."""
+    return request.getfixturevalue("connection")
+
+
+@pytest.fixture
+def scheduler(session_cluster: Any) -> Iterator[str]:
+    """``--scheduler`` of :func:`session_cluster`, with its TLS client settings in the Dask configuration for
+    the whole test (see :func:`tests.support.scheduler_of`)."""
+    with support.scheduler_of(session_cluster) as address:
+        yield address
+
+
+@pytest.fixture
 def write_zarr(tmp_path: Path) -> Callable[..., Path]:
     """Write an array ``(z, y, x)`` or ``(c, z, y, x)`` as a finished OME-Zarr image; return its path."""
     from emseg.io import create_volume, mark_complete
@@ -146,12 +162,10 @@ def write_volume(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def cluster2() -> Iterator[Any]:
-    """A real LocalCluster of 2 single-threaded worker processes, shared by the session."""
-    from emseg.cluster import connect
-
-    with connect(workers=2) as connection:
-        yield connection
+def cluster2(connection: Any) -> Any:
+    """A real LocalCluster of 2 single-threaded worker processes, shared by the session: :func:`connection`'s
+    (the same ``connect(workers=2)``; one cluster rather than two identical ones per test process)."""
+    return connection
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emseg.cluster import connect
 from emseg.engine.ledger import Ledger
 from emseg.export import pyramid
 from emseg.export.precomputed import export_precomputed, open_precomputed
@@ -26,9 +25,9 @@ SMALL_PASSES = 1 << 18  # source voxels per block of a pass: many blocks on a sm
 
 
 @pytest.fixture(scope="module")
-def client():
-    with connect(workers=2) as connection:
-        yield connection.client
+def client(request: pytest.FixtureRequest):
+    """The client of the session's LocalCluster of 2 worker processes (conftest's ``connection``)."""
+    return request.getfixturevalue("connection").client
 
 
 def _image(tmp_path: Path, shape=(16, 256, 256), chunks=(4, 32, 32), voxel_size=(40.0, 4.0, 4.0)) -> Path:
