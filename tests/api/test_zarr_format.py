@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from emseg.cli import cli
 from emseg.io import create_volume, mark_complete, open_volume
+from tests.support import scheduler_of
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "isbi2012" / "test-volume.tif"
 
@@ -29,25 +30,25 @@ def prediction_v2(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("option", "expected"), [([], 2), (["--zarr-format", "3"], 3), (["--zarr-format", "2"], 2)])
-def test_label_output_format(prediction_v2: Path, tmp_path: Path, option: list[str], expected: int):
+def test_label_output_format(prediction_v2: Path, scheduler: str, tmp_path: Path, option: list[str], expected: int):
     out = tmp_path / "labels.zarr"
-    result = CliRunner().invoke(cli, ["label", str(prediction_v2), "-o", str(out), "--no-progress", "--workers", "1",
-                                      *option])
+    result = CliRunner().invoke(cli, ["label", str(prediction_v2), "-o", str(out), "--no-progress", "--scheduler",
+                                      scheduler, *option])
     assert result.exit_code == 0, result.output
     assert _format(out) == expected
     assert (out / ("zarr.json" if expected == 3 else ".zattrs")).is_file()
     assert open_volume(out).array[...].max() >= 1
 
 
-def test_labels_inside_a_v2_prediction_stay_v2(prediction_v2: Path):
+def test_labels_inside_a_v2_prediction_stay_v2(prediction_v2: Path, scheduler: str):
     result = CliRunner().invoke(cli, ["label", str(prediction_v2), "-o", str(prediction_v2), "--no-progress",
-                                      "--workers", "1"])
+                                      "--scheduler", scheduler])
     assert result.exit_code == 0, result.output
     assert _format(prediction_v2 / "labels" / "segments") == 2
 
 
 @pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} not found (../shared/data)")
-def test_predict_writes_the_asked_format(tmp_path: Path):
+def test_predict_writes_the_asked_format(session_cluster, tmp_path: Path):
     import tifffile
 
     import emseg
@@ -59,8 +60,9 @@ def test_predict_writes_the_asked_format(tmp_path: Path):
     mark_complete(tmp_path / "raw.zarr")
     emseg.predict(raw, tmp_path / "api.zarr", voxel_size=(50, 4, 4), zarr_format=2)
     assert _format(tmp_path / "api.zarr") == 2 and (tmp_path / "api.zarr" / ".zattrs").is_file()
-    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "raw.zarr"), "-o", str(tmp_path / "p2.zarr"),
-                                      "--zarr-format", "2", "--no-progress", "--workers", "1", "--json"])
+    with scheduler_of(session_cluster) as scheduler:  # TLS settings for this run only (the API run above has none)
+        result = CliRunner().invoke(cli, ["predict", str(tmp_path / "raw.zarr"), "-o", str(tmp_path / "p2.zarr"),
+                                          "--zarr-format", "2", "--no-progress", "--scheduler", scheduler, "--json"])
     assert result.exit_code == 0, result.output
     assert _format(tmp_path / "p2.zarr") == 2 and _format(tmp_path / "raw.zarr") == 3
     assert open_volume(tmp_path / "p2.zarr").array.shape == (1, 1, 256, 256)

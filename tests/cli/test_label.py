@@ -19,12 +19,12 @@ def test_help() -> None:
         assert result.exit_code == 0 and "Usage:" in result.output
 
 
-def test_label_then_evaluate(write_zarr, tmp_path) -> None:
+def test_label_then_evaluate(write_zarr, scheduler, tmp_path) -> None:
     mask = blob_mask((8, 24, 24), seed=2)
     pred = write_zarr(np.where(mask, 0, 255).astype(np.uint8)[None])
     out = tmp_path / "labels.zarr"
     runner = CliRunner()
-    result = runner.invoke(cli, ["label", str(pred), "-o", str(out), "--block-size", "8,16,16", "--workers", "1",
+    result = runner.invoke(cli, ["label", str(pred), "-o", str(out), "--block-size", "8,16,16", "--scheduler", scheduler,
                                  "--connectivity", "26", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "segments (uint64" in result.output

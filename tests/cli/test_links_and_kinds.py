@@ -236,14 +236,14 @@ def test_verify_keeps_reporting_damage_until_a_rerun_repairs_it(tmp_path: Path) 
     assert result.exit_code == 0 and "all chunks match" in result.stderr, result.output
 
 
-def test_a_damaged_prediction_chunk_points_agglomerate_to_verify(write_prediction) -> None:
+def test_a_damaged_prediction_chunk_points_agglomerate_to_verify(write_prediction, scheduler) -> None:
     rng = np.random.default_rng(0)
     pred = write_prediction(rng.random((8, 32, 32)).astype(np.float32), chunks=(4, 16, 16))
     chunk = pred / "0" / "c" / "0" / "1" / "0" / "1"
     data = bytearray(chunk.read_bytes())
     data[4:8] = b"\xf0\xff\xff\xff"  # same size; the header's size < 0
     chunk.write_bytes(bytes(data))
-    line = error_line(run("agglomerate", pred, "--no-progress", "--workers", "1"))
+    line = error_line(run("agglomerate", pred, "--no-progress", "--scheduler", scheduler))
     assert "damaged" in line and f"emseg info --verify {pred}" in line, line
     assert "rerun the same command" not in line  # it would fail again: the input must be repaired first
 

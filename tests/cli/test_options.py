@@ -52,7 +52,7 @@ def test_one_value_stands_for_every_axis():
     assert FLOAT_ZYX.convert("50,4,4", None, None) == (50.0, 4.0, 4.0)
 
 
-def test_json_outputs_parse(tmp_path: Path):
+def test_json_outputs_parse(scheduler: str, tmp_path: Path):
     runner = CliRunner()
     synth = runner.invoke(cli, ["synth", str(tmp_path / "s.zarr"), "--shape", "16,32,32", "--chunks", "16,32,32",
                                 "--no-progress", "--json"])
@@ -68,6 +68,6 @@ def test_json_outputs_parse(tmp_path: Path):
     assert json.loads(preview.stdout)["path"] == str(tmp_path / "p.png")
     label = runner.invoke(cli, ["label", str(tmp_path / "s.zarr" / "labels" / "ground_truth" / "0"), "-o",
                                 str(tmp_path / "l.zarr"), "--foreground", "nonzero", "--no-progress", "--json",
-                                "--workers", "1"])
+                                "--scheduler", scheduler])
     assert label.exit_code == 0, label.output
     assert json.loads(label.stdout.strip().splitlines()[-1])["n_segments"] >= 1

@@ -148,7 +148,7 @@ def test_info_describes_precomputed_layers(tubes: Path, tmp_path: Path):
     assert [lay["type"] for lay in json.loads(export.output)["layers"]] == ["image", "segmentation"]
 
 
-def test_export_on_a_cluster_gives_the_same_meshes_and_skeletons(tubes: Path, tmp_path: Path):
+def test_export_on_a_cluster_gives_the_same_meshes_and_skeletons(tubes: Path, scheduler: str, tmp_path: Path):
     from click.testing import CliRunner
 
     from emseg.cli import cli
@@ -156,7 +156,7 @@ def test_export_on_a_cluster_gives_the_same_meshes_and_skeletons(tubes: Path, tm
     export_precomputed(tubes / "labels" / "segments", tmp_path / "here", overwrite=False, mesh=True, skeleton=True,
                        progress=False)
     result = CliRunner().invoke(cli, ["export", str(tubes / "labels" / "segments"), str(tmp_path / "cluster"),
-                                      "--format", "precomputed", "--mesh", "--skeleton", "--workers", "1",
+                                      "--format", "precomputed", "--mesh", "--skeleton", "--scheduler", scheduler,
                                       "--no-progress", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["layers"][0]["skeletons"] == 3

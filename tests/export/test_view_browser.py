@@ -32,11 +32,13 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README demo on a 2x256x256 crop of the ISBI 2012 test volume: imported, then segmented."""
+def demo(tmp_path_factory: pytest.TempPathFactory, connection) -> Path:
+    """The README demo on a 2x256x256 crop of the ISBI 2012 test volume: imported, then segmented (on the
+    session's cluster)."""
     import tifffile
 
     import emseg
+    from emseg.config import RunOptions
 
     folder = tmp_path_factory.mktemp("demo")
     raw = np.asarray(tifffile.imread(DATA)[:2, :256, :256])
@@ -44,7 +46,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         voxel_size=(50.0, 4.0, 4.0))
     vol.write(vol.roi, raw)
     mark_complete(folder / "isbi.zarr")
-    emseg.segment(folder / "isbi.zarr", folder / "isbi_seg.zarr", pipeline=REPO / "pipelines" / "isbi2012.toml")
+    emseg.segment(folder / "isbi.zarr", folder / "isbi_seg.zarr", pipeline=REPO / "pipelines" / "isbi2012.toml",
+                  run=RunOptions(client=connection))
     return folder / "isbi_seg.zarr"
 
 

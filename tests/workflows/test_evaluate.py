@@ -230,7 +230,7 @@ def test_help() -> None:
     assert result.exit_code == 0 and "--gt-kind" in result.output and "--plot" in result.output
 
 
-def test_sweep_of_a_real_agglomeration_run(tmp_path) -> None:
+def test_sweep_of_a_real_agglomeration_run(scheduler, tmp_path) -> None:
     """`emseg agglomerate --thresholds` on a boundary map of Voronoi cells, then `emseg evaluate RUN GT`."""
     from scipy import ndimage
     from scipy.spatial import cKDTree
@@ -252,7 +252,7 @@ def test_sweep_of_a_real_agglomeration_run(tmp_path) -> None:
     imwrite(tmp_path / "gt.tif", gt)
     runner = CliRunner()
     result = runner.invoke(cli, ["agglomerate", str(tmp_path / "pred.zarr"), "--block-size", "8,16,32",
-                                 "--threshold", "0.5", "--thresholds", "0.2,0.8", "--workers", "1", "--no-progress"])
+                                 "--threshold", "0.5", "--thresholds", "0.2,0.8", "--scheduler", scheduler, "--no-progress"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["evaluate", str(tmp_path / "pred.zarr"), str(tmp_path / "gt.tif"), "--json",
                                  "--plot", str(tmp_path / "curve.png")])
@@ -277,7 +277,7 @@ def test_sweep_of_a_real_agglomeration_run(tmp_path) -> None:
 
     # the graph rebuilt with other blocks: the sweep's images of the old graph are no longer the run's
     result = runner.invoke(cli, ["agglomerate", str(tmp_path / "pred.zarr"), "--block-size", "8,32,32",
-                                 "--threshold", "0.5", "--overwrite", "--workers", "1", "--no-progress"])
+                                 "--threshold", "0.5", "--overwrite", "--scheduler", scheduler, "--no-progress"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["evaluate", str(tmp_path / "pred.zarr"), str(tmp_path / "gt.tif"), "--json"])
     assert result.exit_code == 0, result.output
