@@ -34,7 +34,12 @@ from emseg.errors import GeometryError
 
 Coordinate = tuple[int, ...]
 
-__all__ = ["Block", "BlockGrid", "Coordinate", "Roi", "as_coordinate", "plan_blocks", "round_up"]
+__all__ = ["ANISOTROPY_2D", "Block", "BlockGrid", "Coordinate", "Roi", "as_coordinate", "plan_blocks", "round_up"]
+
+ANISOTROPY_2D = 2.5
+"""z spacing / in-plane spacing at or above which a volume is serial sections: the bundled 2-D model
+predicts it (:func:`emseg.models.zoo.choose_bundled`) and its fragments are made per section
+(:func:`emseg.workflows.agglomerate.choose_mode`)."""
 
 
 def as_coordinate(value: int | Sequence[int], ndim: int) -> Coordinate:

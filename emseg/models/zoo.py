@@ -24,15 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emseg.geometry import ANISOTROPY_2D
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ANISOTROPY_2D", "BUNDLED_DIR", "BundledChoice", "BundledModel", "bundled_models", "bundled_path",
            "choose_bundled"]
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
-ANISOTROPY_2D = 2.5
-"""z spacing / in-plane spacing at or above which a volume is treated as serial-section (2-D model);
-the same rule as the agglomeration's per-section mode (:func:`emseg.workflows.agglomerate.choose_mode`)."""
 FAR_FACTOR = 1.5
 """A volume whose in-plane (2-D model) or any (3-D model) spacing differs from the model's training
 resolution by more than this factor gets a warning."""

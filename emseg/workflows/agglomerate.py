@@ -53,7 +53,7 @@ from emseg.errors import (
     NotAVolumeError,
     VolumeShapeError,
 )
-from emseg.geometry import Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
+from emseg.geometry import ANISOTROPY_2D, Block, BlockGrid, Coordinate, Roi, as_coordinate, plan_blocks
 from emseg.io import create_labels, open_volume, read_status
 from emseg.io.edges import (
     lookup_attrs,
@@ -66,7 +66,6 @@ from emseg.io.edges import (
 )
 from emseg.io.location import Location, PathOrUrl, absolute, location
 from emseg.io.safety import made_by_emseg
-from emseg.models.zoo import ANISOTROPY_2D
 from emseg.ops.affinities import INPUT_KINDS, InputKind, prediction_affinities
 from emseg.ops.agglomerate import UnionFind, consecutive_lookup, merge_scores
 from emseg.ops.graph import block_edges, check_quantile
