@@ -49,7 +49,9 @@ timeout $((280 - (SECONDS - start))) "$PYTHON" benchmarks/bench_predict.py --dev
 bench_rc=${PIPESTATUS[0]}
 
 echo "== emseg segment end to end on the GPU (volume $SHAPE): each stage's share, forward-only limit"
-timeout 240 "$PYTHON" benchmarks/bench_segment.py --device cuda --shape "$SHAPE" --rounds 1 --blocks 1 --no-3d \
+# two rounds: each runs the fragments beside the prediction and --no-overlap, the order alternating
+# (a round's first run meets cold workers); every round's figures are printed as it ends
+timeout 270 "$PYTHON" benchmarks/bench_segment.py --device cuda --shape "$SHAPE" --rounds 2 --blocks 1 --no-3d \
     --json "$OUT/bench_segment.json" 2>&1 | tee "$OUT/bench_segment.txt"
 segment_rc=${PIPESTATUS[0]}
 
