@@ -74,7 +74,8 @@ def finetune(raw: str, labels: str, labels_kind: str, output: str, model: str | 
 
     Holds out the last part of the volume, scores the starting model there with the real pipeline
     (segment -> ARE/VOI), trains in rounds within --time-limit, keeps the weights and threshold that
-    score best, and writes them as a checkpoint. Rerun the same command to resume.
+    score best there with one sweep step of margin below the merge cliff, and writes them as a
+    checkpoint. Rerun the same command to resume.
 
     \b
     emseg finetune --raw fib_gala/train-raw.tif --labels fib_gala/train-labels.tif \\
