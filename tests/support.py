@@ -37,6 +37,17 @@ def scheduler_of(connection: Any) -> Iterator[str]:
         yield connection.client.scheduler.address
 
 
+def invoke_on(connection: Any, *argv: str) -> Any:
+    """``emseg ARGV --scheduler ADDRESS`` in this process, on ``connection``'s (the session's) cluster: a run
+    that needs no process of its own (a rerun after a SIGKILL, a reference run) starts no cluster."""
+    from click.testing import CliRunner
+
+    from emseg.cli import cli
+
+    with scheduler_of(connection) as address:
+        return CliRunner().invoke(cli, [*argv, "--scheduler", address])
+
+
 def blob_mask(shape, seed: int, sigma: float = 1.5, level: float = 0.5) -> npt.NDArray[np.bool_]:
     """Seeded smoothed noise, thresholded: many components of all sizes crossing block faces."""
     rng = np.random.default_rng(seed)

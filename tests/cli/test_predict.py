@@ -17,7 +17,7 @@ from emseg.cli import cli
 from emseg.engine.ledger import Ledger
 from emseg.io import open_volume
 from tests.conftest import tree_digest
-from tests.support import scheduler_of, smooth_volume
+from tests.support import invoke_on, scheduler_of, smooth_volume
 
 
 def run(*args: str):
@@ -85,10 +85,13 @@ def test_bad_input_is_one_error_line(checkpoints, write_volume, tmp_path, cluste
     assert tree_digest(source) == before
 
 
+def _args(source: Path, out: Path, model: Path) -> list[str]:
+    return ["predict", str(source), "-o", str(out), "--model", str(model), "--block-size", "8,32,32",
+            "--tile-size", "8,16,16", "--chunks", "8,32,32", "--no-progress", "--json"]
+
+
 def _command(source: Path, out: Path, model: Path) -> list[str]:
-    return [sys.executable, "-c", "from emseg.cli import main; main()", "predict", str(source), "-o", str(out),
-            "--model", str(model), "--block-size", "8,32,32", "--tile-size", "8,16,16", "--chunks", "8,32,32",
-            "--workers", "1", "--no-progress", "--json"]
+    return [sys.executable, "-c", "from emseg.cli import main; main()", *_args(source, out, model), "--workers", "1"]
 
 
 @pytest.mark.slow
@@ -114,8 +117,8 @@ def test_sigkill_mid_run_then_rerun_completes_bit_identically(checkpoints, write
         proc.wait()
     done = Ledger(killed, "predict").done()
     assert 3 <= len(done) < total, f"the run was not caught mid-way ({len(done)} of {total} blocks done)"
-    rerun = subprocess.run(_command(source, killed, model), env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rerun = invoke_on(cluster2, *_args(source, killed, model))  # the resume: in this process
+    assert rerun.exit_code == 0, rerun.output[-2000:]
     report = __import__("json").loads(rerun.stdout.strip().splitlines()[-1])
     assert (report["computed"], report["skipped"]) == (total - len(done), len(done))
     from emseg.workflows.predict import predict
