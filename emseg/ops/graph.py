@@ -17,6 +17,7 @@ once, complete, with no aggregation across blocks::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -140,19 +141,7 @@ def block_edges(
     if not us:
         return Edges.empty()
     u, v, value = np.concatenate(us), np.concatenate(vs), np.concatenate(values)
-    # one int64 key per pair, ordered as (u, v): from the ids' offsets in the block's id range where
-    # that range is small enough (fragment ids of one block are near each other), else from their ranks
-    low = u.min()
-    n = np.int64(v.max() - low) + 1
-    if n < 2**31:
-        ids = None
-        key = (u - low).astype(np.int64) * n + (v - low).astype(np.int64)
-    else:
-        ids, inverse = np.unique(np.concatenate([u, v]), return_inverse=True)
-        n = np.int64(len(ids))
-        key = inverse[: len(u)].astype(np.int64) * n + inverse[len(u):].astype(np.int64)
-    order = np.lexsort((value, key))
-    key, value = key[order], value[order]
+    key, value, decode = _sorted_pairs(u, v, value)
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     area = np.diff(np.append(starts, len(key))).astype(np.int64)
     aff_sum = np.add.reduceat(value.astype(np.float64), starts)
@@ -164,16 +153,55 @@ def block_edges(
         above = np.minimum(below + 1, area - 1)
         frac = (pos - below).astype(np.float32)
         q = value[starts + below] + (value[starts + above] - value[starts + below]) * frac
-    edge_key = key[starts]
-    if ids is None:
-        out_u = (edge_key // n).astype(np.uint64) + low
-        out_v = (edge_key % n).astype(np.uint64) + low
-    else:
-        out_u = ids[edge_key // n]
-        out_v = ids[edge_key % n]
+    out_u, out_v = decode(key[starts])
     mean = aff_sum / area
     return Edges(out_u.astype(np.uint64), out_v.astype(np.uint64), area, aff_sum, q.astype(np.float32),
                  (1.0 - mean).astype(np.float32))
+
+
+_INF_BITS = np.uint32(0x7F800000)
+
+
+def _sorted_pairs(
+    u: npt.NDArray[np.uint64], v: npt.NDArray[np.uint64], value: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], Callable[[npt.NDArray[np.int64]], tuple[Any, Any]]]:
+    """Contacts ``(u, v, value)`` as one int64 key per pair, sorted by (key, value), and the key -> ``(u, v)``
+    decoding.
+
+    The key orders pairs as ``(u, v)``: from the ids' offsets in the block's id range where that range is
+    small (fragment ids of one block are near each other), else from their ranks.  Where the pair needs at
+    most 32 bits and the values are non-negative floats (whose bits sort like the values), key and value
+    bits are packed into one uint64 and sorted in place: a plain sort, several times faster than the
+    indirect sort of the two arrays (``lexsort``) it equals.
+    """
+    low = u.min()
+    span = int(v.max() - low) + 1
+    fits = 2**32  # pairs a key of 32 bits can tell apart: n * n of them
+    ids: npt.NDArray[np.uint64] | None = None
+    if span * span > fits:
+        ranked = np.unique(np.concatenate([u, v]))
+        if len(ranked) ** 2 <= fits or span >= 2**31:
+            ids = ranked
+    if ids is None:
+        n = np.int64(span)
+        key = (u - low).astype(np.int64) * n + (v - low).astype(np.int64)
+    else:
+        n = np.int64(len(ids))
+        key = np.searchsorted(ids, u).astype(np.int64) * n + np.searchsorted(ids, v).astype(np.int64)
+
+    def decode(k: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        if ids is None:
+            return (k // n).astype(np.uint64) + low, (k % n).astype(np.uint64) + low
+        return ids[k // n], ids[k % n]
+
+    bits = (value + np.float32(0)).view(np.uint32)  # -0.0 as +0.0, which it equals
+    if int(n) ** 2 <= fits and bool((bits <= _INF_BITS).all()):  # no sign bit, no NaN
+        packed = (key.astype(np.uint64) << np.uint64(32)) | bits.astype(np.uint64)
+        packed.sort()
+        return ((packed >> np.uint64(32)).astype(np.int64),
+                (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32), decode)
+    order = np.lexsort((value, key))
+    return key[order], value[order], decode
 
 
 def edge_union(parts: list[Edges]) -> Edges:
