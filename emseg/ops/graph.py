@@ -17,6 +17,7 @@ once, complete, with no aggregation across blocks::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -120,27 +121,17 @@ def block_edges(
     if affs.shape[1:] != shape or any(c > s or s > c + 1 for c, s in zip(core_shape, shape)):
         raise InvalidDataError(f"block of fragments {shape}, affinities {affs.shape[1:]} and core {core_shape} "
                                "do not fit: the region must be the core plus at most one voxel per axis")
-    us, vs, values = [], [], []
-    for d in range(3):
-        if mode == "2d" and d == 0:
-            continue
-        lo = [slice(0, c) for c in core_shape]
-        hi = [slice(0, c) for c in core_shape]
-        stop = min(core_shape[d], shape[d] - 1)  # the upper voxel must be inside the region
-        lo[d] = slice(0, stop)
-        hi[d] = slice(1, stop + 1)
-        a = fragments[tuple(lo)]
-        b = fragments[tuple(hi)]
-        keep = (a != b) & (a != 0) & (b != 0)
-        if not keep.any():
-            continue
-        a, b = a[keep].astype(np.uint64), b[keep].astype(np.uint64)
-        us.append(np.minimum(a, b))
-        vs.append(np.maximum(a, b))
-        values.append(affs[d][tuple(hi)][keep].astype(np.float32))
-    if not us:
+    kernel = _contacts_kernel()
+    first = 1 if mode == "2d" else 0
+    frag = np.ascontiguousarray(fragments)
+    aff = np.ascontiguousarray(affs[:3], dtype=np.float32)
+    empty = np.zeros(0, dtype=np.uint64)
+    count = kernel(frag, aff, *core_shape, first, empty, empty, np.zeros(0, dtype=np.float32))
+    if not count:
         return Edges.empty()
-    u, v, value = np.concatenate(us), np.concatenate(vs), np.concatenate(values)
+    u, v = np.empty(count, dtype=np.uint64), np.empty(count, dtype=np.uint64)
+    value = np.empty(count, dtype=np.float32)
+    kernel(frag, aff, *core_shape, first, u, v, value)
     key, value, decode = _sorted_pairs(u, v, value)
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     area = np.diff(np.append(starts, len(key))).astype(np.int64)
@@ -157,6 +148,40 @@ def block_edges(
     mean = aff_sum / area
     return Edges(out_u.astype(np.uint64), out_v.astype(np.uint64), area, aff_sum, q.astype(np.float32),
                  (1.0 - mean).astype(np.float32))
+
+
+@functools.cache
+def _contacts_kernel() -> Any:
+    """The compiled pass over a block's pairs of neighbouring voxels (numba, cached on disk).
+
+    ``kernel(fragments, affs, core_z, core_y, core_x, first_axis, u, v, value)``: the pairs of
+    different non-zero ids whose lower voxel lies in the core, along the axes from ``first_axis``; with
+    empty ``u`` it counts them, else it writes each pair's lower and higher id and the affinity of its
+    upper voxel (in raster order per axis) and returns the count.
+    """
+    import numba
+
+    @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def kernel(frag: Any, affs: Any, c0: int, c1: int, c2: int, first: int, u: Any, v: Any, value: Any) -> int:
+        nz, ny, nx = frag.shape
+        fill = len(u) > 0
+        count = 0
+        for d in range(first, 3):
+            dz, dy, dx = int(d == 0), int(d == 1), int(d == 2)
+            for z in range(min(c0, nz - dz)):
+                for y in range(min(c1, ny - dy)):
+                    for x in range(min(c2, nx - dx)):
+                        a = frag[z, y, x]
+                        b = frag[z + dz, y + dy, x + dx]
+                        if a != b and a != 0 and b != 0:
+                            if fill:
+                                u[count] = min(a, b)
+                                v[count] = max(a, b)
+                                value[count] = affs[d, z + dz, y + dy, x + dx]
+                            count += 1
+        return count
+
+    return kernel
 
 
 _INF_BITS = np.uint32(0x7F800000)
