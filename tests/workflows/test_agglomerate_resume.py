@@ -18,17 +18,20 @@ import pytest
 from emseg.io import open_volume, read_status
 from emseg.workflows.agglomerate import segment_prediction
 from tests.conftest import write_prediction_at
-from tests.support import cells
+from tests.support import cells, invoke_on
 
 BLOCK = (4, 32, 32)
 SHAPE = (8, 128, 128)
 TOTAL = 2 * 4 * 4
 
 
-def _command(pred: Path) -> list[str]:
-    return [sys.executable, "-c", "from emseg.cli import main; main()", "agglomerate", str(pred),
-            "--block-size", ",".join(map(str, BLOCK)), "--thresholds", "0.6", "--workers", "1",
+def _args(pred: Path) -> list[str]:
+    return ["agglomerate", str(pred), "--block-size", ",".join(map(str, BLOCK)), "--thresholds", "0.6",
             "--no-progress", "--json"]
+
+
+def _command(pred: Path) -> list[str]:
+    return [sys.executable, "-c", "from emseg.cli import main; main()", *_args(pred), "--workers", "1"]
 
 
 def _count(path: Path, pattern: str) -> int:
@@ -55,8 +58,8 @@ def clean(boundary: np.ndarray, connection, tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["graph", "relabel"])
-def test_sigkill_then_rerun_gives_byte_identical_labels(boundary: np.ndarray, clean: tuple[Path, Any], tmp_path: Path,
-                                                        stage: str) -> None:
+def test_sigkill_then_rerun_gives_byte_identical_labels(boundary: np.ndarray, clean: tuple[Path, Any], connection,
+                                                        tmp_path: Path, stage: str) -> None:
     killed = write_prediction_at(tmp_path / "killed.zarr", boundary, chunks=BLOCK)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(_command(killed), start_new_session=True, env=env, stdout=subprocess.DEVNULL,
@@ -80,8 +83,8 @@ def test_sigkill_then_rerun_gives_byte_identical_labels(boundary: np.ndarray, cl
         assert seen >= 2 and read_status(segments).get("status") != "complete", \
             "the relabel stage was not caught mid-way"
 
-    rerun = subprocess.run(_command(killed), env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = invoke_on(connection, *_args(killed))  # the rerun: in this process, on the session's cluster
+    assert rerun.exit_code == 0, rerun.output[-3000:]
     clean_pred, first = clean
     assert json.loads(rerun.stdout.splitlines()[-1])["n_fragments"] == first.n_fragments
     for name in ("fragments", "segments", "segments_0.60"):
