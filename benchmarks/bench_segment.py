@@ -27,7 +27,9 @@ all of them):
      :func:`skimage.segmentation.watershed`, without any small-fragment merge; ``waterz``: waterz's
      watershed plus mean-affinity agglomeration on the affinities (3-D, its only mode) at threshold 0.5.
    * ``graph``: the region graph of a block with its hierarchical merge scores
-     (:func:`emseg.ops.graph.block_edges` + :func:`emseg.ops.agglomerate.merge_scores`).
+     (:func:`emseg.ops.graph.block_edges` + :func:`emseg.ops.agglomerate.merge_scores`), linked across
+     sections as ``emseg segment`` links them (also between the per-section fragments of the 2-D volume,
+     with its section link weight).
    * ``agglomerate``: the union-find over all edges at the threshold
      (:class:`emseg.ops.agglomerate.UnionFind`, :func:`~emseg.ops.agglomerate.consecutive_lookup`).
    * ``relabel``: fragment ids -> segment ids through the lookup (a table lookup, as the relabel
@@ -98,20 +100,24 @@ def forward_only(plan: Any, connection: Any) -> float:
     return float(max(connection.client.gather(futures)))
 
 
-def blocks_of(pred_image: Path, mode: str, limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def blocks_of(pred_image: Path, mode: str, limit: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Up to ``limit`` blocks of the prediction (the default block shape of its mode): (boundary in
-    [0, 1] float32 (z, y, x), nearest-neighbour affinities float32 (3, z, y, x))."""
+    [0, 1] float32 (z, y, x), nearest-neighbour affinities float32 (3, z, y, x) of the fragments' mode,
+    and those the region graph scores: linked across sections, weighted as ``emseg segment`` does)."""
+    from emseg.config import AgglomerateOptions
     from emseg.geometry import Roi, plan_blocks
     from emseg.io import open_volume
     from emseg.ops.affinities import boundary_from_affinities, prediction_affinities
     from emseg.ops.threshold import probability
-    from emseg.workflows.agglomerate import input_kind_of, section_block_shape
+    from emseg.workflows.agglomerate import graph_mode, input_kind_of, section_block_shape, section_link_weight
     from emseg.workflows.label import default_block_shape
 
     pred = open_volume(pred_image)
     kind = input_kind_of(pred_image)
     block = section_block_shape(pred.chunks) if mode == "2d" else default_block_shape(pred.shape, pred.chunks)
     grid = plan_blocks(Roi.from_shape(pred.shape), tuple(min(b, s) for b, s in zip(block, pred.shape)), 0)
+    linked = graph_mode("auto")
+    weight = np.float32(section_link_weight(AgglomerateOptions(), kind, linked, pred.voxel_size))
     out = []
     for b in list(grid)[:limit]:
         data = pred.read(b.write_roi)
@@ -121,7 +127,11 @@ def blocks_of(pred_image: Path, mode: str, limit: int) -> list[tuple[np.ndarray,
         else:
             affs = prediction_affinities(data, kind, mode=mode).astype(np.float32)  # type: ignore[arg-type]
             boundary = probability(data[0]).astype(np.float32)
-        out.append((np.ascontiguousarray(boundary, dtype=np.float32), np.ascontiguousarray(affs)))
+        graph_affs = affs.copy() if mode == linked else \
+            prediction_affinities(data, kind, mode=linked).astype(np.float32)  # type: ignore[arg-type]
+        graph_affs[0] *= weight
+        out.append((np.ascontiguousarray(boundary, dtype=np.float32), np.ascontiguousarray(affs),
+                    np.ascontiguousarray(graph_affs)))
     return out
 
 
@@ -134,6 +144,7 @@ def stage_methods(mode: str, voxel_size: tuple[float, ...], threshold: float) ->
     from emseg.ops.agglomerate import UnionFind, consecutive_lookup, merge_scores
     from emseg.ops.graph import block_edges
     from emseg.ops.watershed import WatershedParams, absorb_boundary_only, find_seeds, watershed_fragments
+    from emseg.workflows.agglomerate import graph_mode
 
     opts = AgglomerateOptions()
     params = WatershedParams(threshold=opts.fragment_threshold, seeds=opts.seeds, min_distance=opts.min_distance,
@@ -160,10 +171,11 @@ def stage_methods(mode: str, voxel_size: tuple[float, ...], threshold: float) ->
                 pass
 
     def graph(boundary: np.ndarray, affs: np.ndarray, state: dict[str, Any]) -> None:
-        frags = state["fragments"].astype(np.uint64)
-        edges = block_edges(frags, affs, frags.shape, mode=mode)  # type: ignore[arg-type]
+        # as the pipeline's graph stage: linked across sections (also between per-section fragments)
+        frags, linked = state["fragments"].astype(np.uint64), state["graph_affs"]
+        edges = block_edges(frags, linked, frags.shape, mode=graph_mode("auto"))
         if len(edges):
-            edges = edges.with_score(merge_scores(frags, affs, edges.u, edges.v))
+            edges = edges.with_score(merge_scores(frags, linked, edges.u, edges.v))
         state["edges"] = edges
 
     def agglomerate(boundary: np.ndarray, affs: np.ndarray, state: dict[str, Any]) -> None:
@@ -180,19 +192,19 @@ def stage_methods(mode: str, voxel_size: tuple[float, ...], threshold: float) ->
             "graph": graph, "agglomerate": agglomerate, "relabel": relabel}
 
 
-def bench_stages(blocks: list[tuple[np.ndarray, np.ndarray]], mode: str, voxel_size: tuple[float, ...],
+def bench_stages(blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mode: str, voxel_size: tuple[float, ...],
                  threshold: float, rounds: int) -> dict[str, dict[str, float]]:
     """Best-of-rounds seconds per method over all blocks, methods interleaved within each round."""
     methods = stage_methods(mode, voxel_size, threshold)
-    voxels = sum(b.size for b, _ in blocks)
+    voxels = sum(b.size for b, *_ in blocks)
     best: dict[str, float] = {}
-    states = [dict[str, Any]() for _ in blocks]
+    states: list[dict[str, Any]] = [{"graph_affs": linked} for *_, linked in blocks]
     for name in ("fragments",):  # warm-up (numba compiles; libraries load)
         methods[name](blocks[0][0][:1], blocks[0][1][:, :1], {})
     for r in range(rounds):
         for name, fn in methods.items():
             start = time.perf_counter()
-            for (boundary, affs), state in zip(blocks, states):
+            for (boundary, affs, _), state in zip(blocks, states):
                 fn(boundary, affs, state)
             seconds = time.perf_counter() - start
             best[name] = min(best.get(name, float("inf")), seconds)
