@@ -25,7 +25,7 @@ from emseg.engine.lock import lock_path, read_owner
 from emseg.errors import EmsegError, IncompleteOutputError
 from emseg.io import create_volume, mark_complete, open_volume
 from tests.conftest import tree_digest
-from tests.support import environment, small_tmpfs
+from tests.support import environment, invoke_on, small_tmpfs
 
 EMSEG = str(Path(sys.executable).parent / "emseg")
 
@@ -119,7 +119,7 @@ def test_disk_full_pyramids_keep_level_0_and_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_disk_full_label_exits_3_and_resumes(tmp_path: Path) -> None:
+def test_disk_full_label_exits_3_and_resumes(tmp_path: Path, connection) -> None:
     """A transient failure (disk full on the workers) exits 3; after space is freed the rerun completes."""
     mask = np.zeros((16, 64, 64), np.uint8)
     mask[2:14, 5:30, 5:60] = 1
@@ -132,7 +132,8 @@ def test_disk_full_label_exits_3_and_resumes(tmp_path: Path) -> None:
         if mount is None:
             pytest.skip("cannot mount a tmpfs here (needs root)")
         out = mount / "labels.zarr"
-        cmd = [EMSEG, "label", str(src), "-o", str(out), "--block-size", "8,32,32", "--workers", "1", "--no-progress"]
+        args = ["label", str(src), "-o", str(out), "--block-size", "8,32,32", "--no-progress"]
+        cmd = [EMSEG, *args, "--workers", "1"]
         filler = mount / "filler"
         free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
         filler.write_bytes(b"\0" * max(0, free - 40_000))
@@ -145,8 +146,8 @@ def test_disk_full_label_exits_3_and_resumes(tmp_path: Path) -> None:
             assert "rerun the same command" in errors[0]
         filler.unlink()
         subprocess.run(["mount", "-o", "remount,size=8m", str(mount)], check=True)
-        second = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
-        assert second.returncode == 0, second
+        second = invoke_on(connection, *args)  # the rerun, in this process
+        assert second.exit_code == 0, second.output
         labels = open_volume(out).read(open_volume(out).roi)
         assert len(np.unique(labels)) == 3  # background and the two slabs
 
@@ -181,14 +182,14 @@ def test_sigkill_synth_then_the_same_command_resumes(tmp_path: Path) -> None:
     kill_when_running(cmd, out, delay=0.0, until=lambda: any((out / "emseg_state").rglob("*c*")) if out.exists() else False)
     with pytest.raises(EmsegError):
         open_volume(out)  # half-written: refused
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = CliRunner().invoke(cli, cmd[1:])  # the rerun, in this process
+    assert rerun.exit_code == 0, rerun.output
     reference = CliRunner().invoke(cli, ["synth", str(ref), *args])  # the uninterrupted run, in-process
     assert reference.exit_code == 0, reference.output
     np.testing.assert_array_equal(image_bytes(out), image_bytes(ref))
     np.testing.assert_array_equal(image_bytes(out / "labels" / "ground_truth"), image_bytes(ref / "labels" / "ground_truth"))
-    again = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
-    assert again.returncode == 1 and "already exists" in again.stderr  # a finished one is not rewritten
+    again = CliRunner().invoke(cli, cmd[1:])
+    assert again.exit_code == 1 and "already exists" in again.stderr  # a finished one is not rewritten
 
 
 def image_bytes(path: Path) -> np.ndarray:
@@ -207,8 +208,8 @@ def tif_and_raw(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tif = folder / "raw.tif"
     tifffile.imwrite(tif, random_raw(folder, SHAPE))
     raw = folder / "raw.zarr"
-    subprocess.run([EMSEG, "import", str(tif), str(raw), "--chunks", "4,128,128", "--no-progress"], check=True,
-                   capture_output=True, env=environment())
+    result = CliRunner().invoke(cli, ["import", str(tif), str(raw), "--chunks", "4,128,128", "--no-progress"])
+    assert result.exit_code == 0, result.output
     return tif, raw
 
 
@@ -229,9 +230,8 @@ def test_sigkill_then_rerun(tmp_path: Path, tif_and_raw: tuple[Path, Path], comm
             open_volume(out)
     if command == "export":
         assert not out.exists() or tifffile.imread(out).shape == shape
-    rerun = subprocess.run(cmd + (["--overwrite"] if out.exists() else []), capture_output=True, text=True,
-                           env=environment())
-    assert rerun.returncode == 0, rerun.stderr  # the dead run's lock is taken over
+    rerun = CliRunner().invoke(cli, cmd[1:] + (["--overwrite"] if out.exists() else []))  # in this process
+    assert rerun.exit_code == 0, rerun.output  # the dead run's lock is taken over
     assert not lock_path(out).exists()
     if command == "synth":
         ref = tmp_path / "ref.zarr"  # the uninterrupted run, in-process
@@ -246,7 +246,7 @@ def test_sigkill_then_rerun(tmp_path: Path, tif_and_raw: tuple[Path, Path], comm
 
 
 @pytest.mark.slow
-def test_sigkill_label_then_resume(tmp_path: Path) -> None:
+def test_sigkill_label_then_resume(tmp_path: Path, connection) -> None:
     rng = np.random.default_rng(3)
     pred = (rng.random((16, 128, 128)) > 0.3).astype(np.uint8)  # 2 x 4 x 4 blocks of 8,32,32
     src = tmp_path / "mask.zarr"
@@ -255,12 +255,13 @@ def test_sigkill_label_then_resume(tmp_path: Path) -> None:
     mark_complete(src)
     before = tree_digest(src)
     out = tmp_path / "labels.zarr"
-    cmd = [EMSEG, "label", str(src), "-o", str(out), "--block-size", "8,32,32", "--workers", "1", "--no-progress"]
+    args = ["label", str(src), "-o", str(out), "--block-size", "8,32,32", "--no-progress"]
+    cmd = [EMSEG, *args, "--workers", "1"]
     # killed as soon as the first block records exist (mid-run, whatever the machine's speed)
     kill_when_running(cmd, out, delay=0.0, until=lambda: any((out / "emseg_state").rglob("*c*")) if out.exists() else False)
     assert tree_digest(src) == before
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = invoke_on(connection, *args)  # the rerun, in this process
+    assert rerun.exit_code == 0, rerun.output
     import cc3d
 
     expected = cc3d.connected_components(pred, connectivity=6)
