@@ -121,18 +121,36 @@ def block_edges(
     if affs.shape[1:] != shape or any(c > s or s > c + 1 for c, s in zip(core_shape, shape)):
         raise InvalidDataError(f"block of fragments {shape}, affinities {affs.shape[1:]} and core {core_shape} "
                                "do not fit: the region must be the core plus at most one voxel per axis")
-    kernel = _contacts_kernel()
+    contacts, split = _kernels()
     first = 1 if mode == "2d" else 0
-    frag = np.ascontiguousarray(fragments)
+    frag = np.ascontiguousarray(fragments, dtype=np.uint64)
     aff = np.ascontiguousarray(affs[:3], dtype=np.float32)
-    empty = np.zeros(0, dtype=np.uint64)
-    count = kernel(frag, aff, *core_shape, first, empty, empty, np.zeros(0, dtype=np.float32))
+    bounds = np.zeros(2, dtype=np.uint64)
+    no_ids, no_values = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.float32)
+    args = (frag, aff, aff.view(np.uint32), *core_shape, first)
+    count = contacts(*args, _COUNT, 0, 0, no_ids, no_ids, no_values, no_ids, bounds)
     if not count:
         return Edges.empty()
-    u, v = np.empty(count, dtype=np.uint64), np.empty(count, dtype=np.uint64)
-    value = np.empty(count, dtype=np.float32)
-    kernel(frag, aff, *core_shape, first, u, v, value)
-    key, value, decode = _sorted_pairs(u, v, value)
+    low = int(bounds[0])
+    span = int(bounds[1]) - low + 1
+    packed = np.empty(count if span * span <= _FITS else 0, dtype=np.uint64)
+    if len(packed) and contacts(*args, _PACK, low, span, no_ids, no_ids, no_values, packed, bounds) >= 0:
+        # ids near each other, values non-negative: one sort of the packed (pair, value bits)
+        packed.sort()
+        key, bits = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.uint32)
+        split(packed, key, bits)
+        del packed
+        value = bits.view(np.float32)
+        n = np.int64(span)
+
+        def decode(k: npt.NDArray[np.int64]) -> tuple[Any, Any]:
+            return (k // n).astype(np.uint64) + np.uint64(low), (k % n).astype(np.uint64) + np.uint64(low)
+    else:
+        del packed
+        u, v = np.empty(count, dtype=np.uint64), np.empty(count, dtype=np.uint64)
+        value = np.empty(count, dtype=np.float32)
+        contacts(*args, _LIST, 0, 0, u, v, value, no_ids, bounds)
+        key, value, decode = _sorted_pairs(u, v, value)
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     area = np.diff(np.append(starts, len(key))).astype(np.int64)
     aff_sum = np.add.reduceat(value.astype(np.float64), starts)
@@ -150,21 +168,38 @@ def block_edges(
                  (1.0 - mean).astype(np.float32))
 
 
-@functools.cache
-def _contacts_kernel() -> Any:
-    """The compiled pass over a block's pairs of neighbouring voxels (numba, cached on disk).
+_COUNT, _LIST, _PACK = 0, 1, 2
+"""What :func:`_kernels`' pass over the contacts does: count them (and their id bounds), list them, pack them."""
 
-    ``kernel(fragments, affs, core_z, core_y, core_x, first_axis, u, v, value)``: the pairs of
-    different non-zero ids whose lower voxel lies in the core, along the axes from ``first_axis``; with
-    empty ``u`` it counts them, else it writes each pair's lower and higher id and the affinity of its
-    upper voxel (in raster order per axis) and returns the count.
+_FITS = 2**32
+"""Pairs of ids a 32-bit key tells apart (n * n for n ids)."""
+
+_INF_BITS = np.uint32(0x7F800000)
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """The compiled passes of :func:`block_edges` (numba, cached on disk).
+
+    ``contacts(fragments, affs, aff_bits, core_z, core_y, core_x, first_axis, op, low, n, u, v, value, packed,
+    bounds)`` visits the pairs of different non-zero ids whose lower voxel lies in the core, along the axes
+    from ``first_axis``, in raster order per axis, and returns their number.  ``op`` :data:`_COUNT` also
+    writes the lowest and highest id of the pairs to ``bounds``; :data:`_LIST` writes each pair's lower and
+    higher id and the affinity of its upper voxel to ``u``, ``v``, ``value``; :data:`_PACK` writes
+    ``(u - low) * n + (v - low)`` in the high 32 bits of ``packed`` and the affinity's float bits (-0.0 as
+    +0.0) in the low 32, whose order is the values' order for non-negative floats; it returns -1 on a
+    negative or NaN affinity.  ``split(packed, key, bits)`` takes a packed array apart again.
     """
     import numba
 
     @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
-    def kernel(frag: Any, affs: Any, c0: int, c1: int, c2: int, first: int, u: Any, v: Any, value: Any) -> int:
+    def contacts(frag: Any, affs: Any, aff_bits: Any, c0: int, c1: int, c2: int, first: int, op: int, low: int,
+                 n: int, u: Any, v: Any, value: Any, packed: Any, bounds: Any) -> int:
         nz, ny, nx = frag.shape
-        fill = len(u) > 0
+        lowest = np.uint64(0xFFFFFFFFFFFFFFFF)
+        highest = np.uint64(0)
+        base = np.uint64(low)
+        width = np.uint64(n)
         count = 0
         for d in range(first, 3):
             dz, dy, dx = int(d == 0), int(d == 1), int(d == 2)
@@ -174,17 +209,35 @@ def _contacts_kernel() -> Any:
                         a = frag[z, y, x]
                         b = frag[z + dz, y + dy, x + dx]
                         if a != b and a != 0 and b != 0:
-                            if fill:
-                                u[count] = min(a, b)
-                                v[count] = max(a, b)
+                            lo, hi = min(a, b), max(a, b)
+                            if op == 0:
+                                lowest = min(lowest, lo)
+                                highest = max(highest, hi)
+                            elif op == 1:
+                                u[count] = lo
+                                v[count] = hi
                                 value[count] = affs[d, z + dz, y + dy, x + dx]
+                            else:
+                                bits = aff_bits[d, z + dz, y + dy, x + dx]
+                                if bits == 0x80000000:
+                                    bits = 0
+                                if bits > 0x7F800000:
+                                    return -1
+                                pair = (lo - base) * width + (hi - base)
+                                packed[count] = (pair << np.uint64(32)) | np.uint64(bits)
                             count += 1
+        if op == 0:
+            bounds[0] = lowest
+            bounds[1] = highest
         return count
 
-    return kernel
+    @numba.njit(cache=True, nogil=True)  # type: ignore[untyped-decorator]
+    def split(packed: Any, key: Any, bits: Any) -> None:
+        for i in range(len(packed)):
+            key[i] = packed[i] >> np.uint64(32)
+            bits[i] = packed[i] & np.uint64(0xFFFFFFFF)
 
-
-_INF_BITS = np.uint32(0x7F800000)
+    return contacts, split
 
 
 def _sorted_pairs(
@@ -201,7 +254,7 @@ def _sorted_pairs(
     """
     low = u.min()
     span = int(v.max() - low) + 1
-    fits = 2**32  # pairs a key of 32 bits can tell apart: n * n of them
+    fits = _FITS
     ids: npt.NDArray[np.uint64] | None = None
     if span * span > fits:
         ranked = np.unique(np.concatenate([u, v]))
