@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from emseg.cli import cli
 from emseg.engine.lock import acquire, is_stale, lock_path, read_owner, release, run_lock
 from emseg.errors import OutputInUseError
 from emseg.io import open_volume
@@ -130,9 +132,8 @@ def test_concurrent_run_and_overwrite_race(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
         assert f"in use by emseg synth (pid {first.pid}" in lines[0]
     # A's output is complete and is exactly what seed 4 gives alone
-    alone = tmp_path / "alone.zarr"
-    assert subprocess.run([*EMSEG, "synth", str(alone), "--shape", "96,256,256", "--seed", "4", "--no-progress"],
-                          capture_output=True, env=environment()).returncode == 0
+    alone = tmp_path / "alone.zarr"  # made in this process
+    assert CliRunner().invoke(cli, ["synth", str(alone), "--shape", "96,256,256", "--seed", "4", "--no-progress"]).exit_code == 0
     np.testing.assert_array_equal(open_volume(out).read(open_volume(out).roi), open_volume(alone).read(open_volume(alone).roi))
     assert not lock_path(out).exists()
 
