@@ -31,6 +31,10 @@ import numpy as np
 import pytest
 import yaml
 import zarr
+from click.testing import CliRunner
+
+from emseg.cli import cli
+from tests.support import invoke_on
 
 from .conftest import TEST_PROFILE, wait_queue_empty
 
@@ -54,7 +58,7 @@ def arrays(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict[str, bytes]]:
+def inputs(tmp_path_factory: pytest.TempPathFactory, connection) -> tuple[list[str], dict[str, bytes]]:
     """The segment command's arguments (synthetic EM, a seeded tiny 2-D U-Net) and the local run's output."""
     import torch
 
@@ -62,14 +66,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict[st
     from emseg.models.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("node-loss")
-    emseg("synth", "--shape", SHAPE, "--voxel-size", "40,4,4", "--chunks", "2,128,128", "--no-progress",
-          str(root / "vol.zarr"))
+    made = CliRunner().invoke(cli, ["synth", "--shape", SHAPE, "--voxel-size", "40,4,4", "--chunks", "2,128,128",
+                                    "--no-progress", str(root / "vol.zarr")])
+    assert made.exit_code == 0, made.output  # in this process: only an input
     torch.manual_seed(0)
     model = build("unet", ndim=2, in_channels=1, out_channels=1, base_channels=4, depth=2, padding="valid",
                   batch_norm=False, dropout=0.0)
     save_checkpoint(model, root / "model", normalization={"mean": 0.6, "std": 0.15})
     args = ["segment", str(root / "vol.zarr"), "--model", str(root / "model"), "--block-size", BLOCK, "--no-progress"]
-    emseg(*args, "-o", str(root / "local.zarr"), "--workers", "2")
+    local = invoke_on(connection, *args, "-o", str(root / "local.zarr"))  # the reference, on the session's cluster
+    assert local.exit_code == 0, local.output[-3000:]
     return args, arrays(root / "local.zarr")
 
 

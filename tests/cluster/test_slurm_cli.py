@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from click.testing import CliRunner
+
+from emseg.cli import cli
+from tests.support import invoke_on
 
 from .conftest import TEST_PROFILE, queue, wait_queue_empty
 
@@ -39,8 +43,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from emseg.models.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("segment")
-    emseg("synth", "--shape", SHAPE, "--voxel-size", "40,4,4", "--chunks", "8,64,64", "--block-size", "16,128,128",
-          "--no-progress", str(root / "vol.zarr"))
+    made = CliRunner().invoke(cli, ["synth", "--shape", SHAPE, "--voxel-size", "40,4,4", "--chunks", "8,64,64",
+                                    "--block-size", "16,128,128", "--no-progress", str(root / "vol.zarr")])
+    assert made.exit_code == 0, made.output  # in this process: only an input
     torch.manual_seed(0)
     model = build("unet", ndim=2, in_channels=1, out_channels=1, base_channels=4, depth=2, padding="valid",
                   batch_norm=False, dropout=0.0)
@@ -53,11 +58,12 @@ def arrays(path: Path) -> dict[str, np.ndarray]:
     return {name: np.asarray(zarr.open_array(str(path / name), mode="r")[...]) for name in names}
 
 
-def test_segment_on_slurm_is_bit_identical_to_local(inputs, tmp_path: Path) -> None:
+def test_segment_on_slurm_is_bit_identical_to_local(inputs, connection, tmp_path: Path) -> None:
     volume, model = inputs
     # per-section labels (--2d): the untrained model's flat prediction would link into one 3-D segment
     common = ["segment", str(volume), "--model", str(model), "--block-size", BLOCK, "--no-progress", "--2d"]
-    emseg(*common, "-o", str(tmp_path / "local.zarr"))
+    local_run = invoke_on(connection, *common, "-o", str(tmp_path / "local.zarr"))  # on the session's local cluster
+    assert local_run.exit_code == 0, local_run.output[-3000:]
     run = emseg(*common, "-o", str(tmp_path / "slurm.zarr"), "--cluster", str(TEST_PROFILE))
     assert "4 blocks (4 computed" in run.stdout
     local, slurm = arrays(tmp_path / "local.zarr"), arrays(tmp_path / "slurm.zarr")
