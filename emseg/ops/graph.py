@@ -141,10 +141,7 @@ def block_edges(
         split(packed, key, bits)
         del packed
         value = bits.view(np.float32)
-        n = np.int64(span)
-
-        def decode(k: npt.NDArray[np.int64]) -> tuple[Any, Any]:
-            return (k // n).astype(np.uint64) + np.uint64(low), (k % n).astype(np.uint64) + np.uint64(low)
+        decode = _from_offsets(low, span)
     else:
         del packed
         u, v = np.empty(count, dtype=np.uint64), np.empty(count, dtype=np.uint64)
@@ -240,9 +237,23 @@ def _kernels() -> tuple[Any, Any]:
     return contacts, split
 
 
+Decode = Callable[[npt.NDArray[np.int64]], tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]
+"""Pair keys -> their ``(u, v)`` ids."""
+
+
+def _from_offsets(low: int, n: int) -> Decode:
+    """Keys ``(u - low) * n + (v - low)`` -> ``(u, v)``."""
+    width, base = np.int64(n), np.uint64(low)
+
+    def decode(k: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        return (k // width).astype(np.uint64) + base, (k % width).astype(np.uint64) + base
+
+    return decode
+
+
 def _sorted_pairs(
     u: npt.NDArray[np.uint64], v: npt.NDArray[np.uint64], value: npt.NDArray[np.float32],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], Callable[[npt.NDArray[np.int64]], tuple[Any, Any]]]:
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], Decode]:
     """Contacts ``(u, v, value)`` as one int64 key per pair, sorted by (key, value), and the key -> ``(u, v)``
     decoding.
 
