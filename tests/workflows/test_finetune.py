@@ -114,8 +114,13 @@ def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_cr
     assert code == 0, output
     report = json.loads(output.splitlines()[-1])
     chosen = report["after"]["threshold"]
-    # the lowest ARE + VOI of the sweep is the one written
-    assert report["after"]["sum"] == min(r["sum"] for r in report["sweep"])
+    # the threshold written: lowest ARE + VOI with one sweep step of margin against merges (the worse of
+    # its own score and the next threshold's above it), ties toward the lower threshold
+    sums = {r["threshold"]: r["sum"] for r in report["sweep"]}
+    ordered = sorted(sums)
+    margin = {t: max(sums[t], sums[u]) for t, u in zip(ordered, ordered[1:])} | {ordered[-1]: sums[ordered[-1]]}
+    assert chosen == min(ordered, key=lambda t: (margin[t], t))
+    assert report["after"]["sum"] == sums[chosen]
     config = json.loads((out / "config.json").read_text())
     assert config["agglomeration_threshold"] == chosen
     assert config["provenance"]["calibration"]["chosen"]["threshold"] == chosen
