@@ -166,7 +166,8 @@ def markdown(results: list[dict[str, object]], meta: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b, f = r["bundled"], r["finetuned"]  # type: ignore[index]
-        for label, row, t in ((f"bundled `{b['model']}` (no flags)", b, f"{b['segment_s']:.0f} s segment"),
+        bundled = "bundled (no flags)" if b["model"] == "bundled" else f"bundled `{b['model']}` (no flags)"
+        for label, row, t in ((bundled, b, f"{b['segment_s']:.0f} s segment"),
                               (f"fine-tuned ({f['chosen']}, {f['steps']} steps)", f,
                                f"{f['finetune_s'] / 60:.1f} min finetune + {f['segment_s']:.0f} s segment")):
             s = row["adapted_rand_error"] + row["voi_split"] + row["voi_merge"]
