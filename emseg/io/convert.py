@@ -17,7 +17,7 @@ import zarr
 from emseg.engine.lock import locked
 from emseg.errors import VolumeShapeError
 from emseg.geometry import Roi
-from emseg.io.location import Location, PathOrUrl, absolute, filesystem, is_url, location
+from emseg.io.location import Location, PathOrUrl, absolute, filesystem, is_url, location, zarr_format_at
 from emseg.io.sources import open_source
 from emseg.io.volume import (
     check_distinct,
@@ -207,7 +207,7 @@ def describe(path: PathOrUrl) -> VolumeInfo:
     labels: tuple[str, ...] = ()
     status = None
     if volume.image_path is not None:
-        group = zarr.open_group(str(volume.image_path), mode="r")
+        group = zarr.open_group(str(volume.image_path), mode="r", zarr_format=zarr_format_at(volume.image_path))
         for i, level_path in enumerate(volume.levels):
             lv = open_volume(volume.image_path, level=i, allow_incomplete=True)
             levels.append(LevelInfo(level_path, tuple(lv.array.shape), tuple(lv.array.chunks),

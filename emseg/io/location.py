@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from upath import UPath
@@ -110,6 +110,21 @@ def exists(path: str | os.PathLike[str] | UPath) -> bool:
         return bool(loc.exists())
     except (OSError, PermissionError) as e:
         raise StorageError(f"{loc}: cannot reach it: {describe(e)}") from e
+
+
+def zarr_format_at(path: str | os.PathLike[str] | UPath) -> Literal[2, 3] | None:
+    """The zarr format of the node stored at ``path``, from its metadata object; None where there is none.
+
+    For ``zarr.open*(..., zarr_format=...)``: without it zarr probes every format's metadata objects,
+    which on object storage is a request per probe and another listing per missing object (7-8 requests
+    to open one group, 2-3 with the format given).
+    """
+    loc = location(path)
+    if exists(loc / "zarr.json"):
+        return 3
+    if exists(loc / ".zgroup") or exists(loc / ".zarray"):
+        return 2
+    return None
 
 
 def describe(error: BaseException) -> str:
