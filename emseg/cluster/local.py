@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from emseg.cluster.profiles import WORKER_MALLOC_ENV, WORKER_MEMORY, ClusterProfile, Connection
@@ -92,12 +94,26 @@ _NANNY: Any = None
 
 
 def visible_gpus() -> list[int]:
-    """Indices of the CUDA devices this process can see (empty without torch.cuda)."""
+    """Indices of the CUDA devices this process can see (empty without torch.cuda).
+
+    Where Linux shows no GPU device node (NVIDIA's ``/dev/nvidia<N>``, ROCm's ``/dev/kfd``, WSL's
+    ``/dev/dxg``) there is none to see, and torch is not imported to say so (seconds in every command
+    that starts a cluster, also those that never use torch).
+    """
+    if _no_gpu_device_nodes():
+        return []
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
         return []
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _no_gpu_device_nodes() -> bool:
+    dev = Path("/dev")
+    if not sys.platform.startswith("linux") or not dev.is_dir():
+        return False  # elsewhere torch is asked
+    return not (any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists() or (dev / "dxg").exists())
 
 
 @contextlib.contextmanager
