@@ -147,7 +147,7 @@ def block_edges(
         u, v = np.empty(count, dtype=np.uint64), np.empty(count, dtype=np.uint64)
         value = np.empty(count, dtype=np.float32)
         contacts(*args, _LIST, 0, 0, u, v, value, no_ids, bounds)
-        key, value, decode = _sorted_pairs(u, v, value)
+        key, value, decode = _sorted_pairs(u, v, value, low, span)
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     area = np.diff(np.append(starts, len(key))).astype(np.int64)
     aff_sum = np.add.reduceat(value.astype(np.float64), starts)
@@ -252,10 +252,10 @@ def _from_offsets(low: int, n: int) -> Decode:
 
 
 def _sorted_pairs(
-    u: npt.NDArray[np.uint64], v: npt.NDArray[np.uint64], value: npt.NDArray[np.float32],
+    u: npt.NDArray[np.uint64], v: npt.NDArray[np.uint64], value: npt.NDArray[np.float32], low: int, span: int,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], Decode]:
-    """Contacts ``(u, v, value)`` as one int64 key per pair, sorted by (key, value), and the key -> ``(u, v)``
-    decoding.
+    """Contacts ``(u, v, value)`` (ids in ``low .. low + span - 1``) as one int64 key per pair, sorted by
+    (key, value), and the key -> ``(u, v)`` decoding.
 
     The key orders pairs as ``(u, v)``: from the ids' offsets in the block's id range where that range is
     small (fragment ids of one block are near each other), else from their ranks.  Where the pair needs at
@@ -263,32 +263,32 @@ def _sorted_pairs(
     bits are packed into one uint64 and sorted in place: a plain sort, several times faster than the
     indirect sort of the two arrays (``lexsort``) it equals.
     """
-    low = u.min()
-    span = int(v.max() - low) + 1
-    fits = _FITS
     ids: npt.NDArray[np.uint64] | None = None
-    if span * span > fits:
+    if span * span > _FITS:
         ranked = np.unique(np.concatenate([u, v]))
-        if len(ranked) ** 2 <= fits or span >= 2**31:
+        if len(ranked) ** 2 <= _FITS or span >= 2**31:
             ids = ranked
+    decode: Decode
     if ids is None:
         n = np.int64(span)
-        key = (u - low).astype(np.int64) * n + (v - low).astype(np.int64)
+        key = (u - np.uint64(low)).astype(np.int64) * n + (v - np.uint64(low)).astype(np.int64)
+        decode = _from_offsets(low, span)
     else:
         n = np.int64(len(ids))
         key = np.searchsorted(ids, u).astype(np.int64) * n + np.searchsorted(ids, v).astype(np.int64)
+        ranks = ids
 
-    def decode(k: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-        if ids is None:
-            return (k // n).astype(np.uint64) + low, (k % n).astype(np.uint64) + low
-        return ids[k // n], ids[k % n]
+        def decode(k: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+            return ranks[k // n], ranks[k % n]
 
     bits = (value + np.float32(0)).view(np.uint32)  # -0.0 as +0.0, which it equals
-    if int(n) ** 2 <= fits and bool((bits <= _INF_BITS).all()):  # no sign bit, no NaN
+    if int(n) ** 2 <= _FITS and bool((bits <= _INF_BITS).all()):  # no sign bit, no NaN
         packed = (key.astype(np.uint64) << np.uint64(32)) | bits.astype(np.uint64)
         packed.sort()
-        return ((packed >> np.uint64(32)).astype(np.int64),
-                (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32), decode)
+        _, split = _kernels()
+        sorted_bits = np.empty(len(packed), dtype=np.uint32)
+        split(packed, key, sorted_bits)
+        return key, sorted_bits.view(np.float32), decode
     order = np.lexsort((value, key))
     return key[order], value[order], decode
 
