@@ -11,6 +11,7 @@ resumes on its own, and the client holds one boolean per producer block.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import numpy.typing as npt
@@ -98,10 +99,16 @@ class Progress:
             return done
 
     def wait(self, timeout: float) -> None:
-        """Block until the progress changes or ``timeout`` seconds pass."""
+        """Block until the progress changes or ``timeout`` seconds pass.
+
+        Once the producing stage has ended nothing changes any more: the full ``timeout`` passes
+        (a follower polling its own tasks in a loop must not spin).
+        """
         with self._changed:
             if not self._ended:
                 self._changed.wait(timeout)
+                return
+        time.sleep(timeout)
 
     def _failure(self) -> RunIncompleteError:
         why = f"{type(self._error).__name__}: {self._error}" if self._error is not None else "it stopped"
