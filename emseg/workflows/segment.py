@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import sys
 import time
@@ -164,7 +165,6 @@ def segment(
     from emseg.export.pyramid import build_pyramids
     from emseg.workflows.agglomerate import choose_mode, segment_prediction, with_model_threshold
     from emseg.workflows.label import label
-    from emseg.workflows.predict import plan_prediction, predict
 
     run = RunOptions.build(run, **fields)  # an unknown keyword: ConfigError naming it
     out = absolute(output if output is not None else default_output(volume))  # local: a link's target
@@ -178,10 +178,17 @@ def segment(
     # fragments across sections unless per-section labels (mode 2d) are asked for
     mode = choose_mode(source.voxel_size) if lab.mode == "auto" else lab.mode
     if dry_run:
+        from emseg.workflows.predict import plan_prediction
+
         return plan_prediction(volume, p, voxel_size=voxel_size)  # no model: predict picks the bundled model from the voxel size
     from emseg.engine.lock import run_lock
 
     start = time.perf_counter()
+    # the prediction's module imports torch (seconds): on a thread of its own while the lock is taken
+    # and the cluster starts, which leave this process waiting on the workers
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emseg-import")
+    importing = pool.submit(importlib.import_module, "emseg.workflows.predict")
+    pool.shutdown(wait=False)
     seconds: dict[str, float] = {}
     # the fragments follow the prediction block by block (mutex fragments read it whole)
     overlap = run.overlap and lab.method == "agglomerate" and agg.fragments != "mutex"
@@ -189,7 +196,7 @@ def segment(
         with connect(**run.where) as connection:
             cores = _cores(connection)
             on = run.model_copy(update={"client": connection})  # every stage on this one cluster
-            predicting = functools.partial(predict, volume, out, p, run=on, zarr_format=zarr_format,
+            predicting = functools.partial(importing.result().predict, volume, out, p, run=on, zarr_format=zarr_format,
                                            voxel_size=voxel_size)
             labelled: Any
             if lab.method == "agglomerate":
