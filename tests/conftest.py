@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,14 @@ from emseg.models import save_checkpoint
 from tests import support
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The suite starts hundreds of Python processes (xdist workers, emseg runs and their Dask workers), and each
+# compiles every module it imports whose bytecode is not cached: with PYTHONDONTWRITEBYTECODE (set in some
+# shells and containers) every one of them would compile emseg again, and, after the README's
+# `pip install --no-compile`, torch and dask too.  The tests write bytecode whatever the caller's setting;
+# the processes they start inherit this environment.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 @pytest.fixture(scope="session")
