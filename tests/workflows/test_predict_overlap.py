@@ -13,7 +13,7 @@ from emseg.workflows.predict import predict
 from tests.support import smooth_volume
 
 
-def test_two_blocks_per_gpu_worker_give_the_same_output(checkpoints, write_volume, tmp_path, cluster1) -> None:
+def test_two_blocks_per_gpu_worker_give_the_same_output(checkpoints, write_volume, tmp_path, cluster2) -> None:
     from distributed import Client, LocalCluster, get_task_stream
 
     from emseg.cluster import Connection
@@ -22,7 +22,8 @@ def test_two_blocks_per_gpu_worker_give_the_same_output(checkpoints, write_volum
     source = write_volume(smooth_volume((8, 48, 40), seed=5), chunks=(1, 16, 16))
     common = dict(checkpoint=ckpt, tile_size=(1, 16, 16), block_size=(1, 16, 16), chunks=(1, 16, 16),
                   batch_size=2, progress=False)
-    predict(source, tmp_path / "one.zarr", client=cluster1, **common)
+    # one block at a time on each worker: the session's cluster, whose two worker processes have one thread each
+    predict(source, tmp_path / "one.zarr", client=cluster2, **common)
     with LocalCluster(n_workers=1, threads_per_worker=2, resources={"GPU": 1}, dashboard_address=None,
                       host="127.0.0.1", scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"}
                       ) as cluster, Client(cluster) as client:
