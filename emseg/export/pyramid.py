@@ -24,6 +24,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -525,10 +526,19 @@ def build_pyramids(
     ``client`` (a Dask client or :class:`emseg.cluster.Connection`) the passes run on its workers.
     """
     client = getattr(client, "client", client)  # a Connection or a bare Client
-    image = build_pyramid(image_path, levels=levels, progress=progress, allow_incomplete=allow_incomplete,
-                          client=client)
-    out = [image]
-    for label_path in label_image_paths(image.image_path):
-        # Same voxel size and level count, so choose_factors picks the same factors per level.
-        out.append(build_pyramid(label_path, levels=len(image.levels) - 1, progress=progress, client=client))
-    return out
+    base = open_volume(image_path, level=0, allow_incomplete=allow_incomplete)
+    if base.image_path is None:
+        raise NotAVolumeError(f"{image_path}: a pyramid needs an OME-Zarr image group (with multiscales), not a bare array")
+    # the label images share the image's voxel size, so choose_factors picks the same factors per level
+    count = len(_plan_levels(base.shape, base.voxel_size, levels, None))
+    builds = [functools.partial(build_pyramid, base.image_path, levels=levels, progress=progress,
+                                allow_incomplete=allow_incomplete, client=client)]
+    builds += [functools.partial(build_pyramid, path, levels=count, progress=progress, client=client)
+               for path in label_image_paths(base.image_path)]
+    if client is None or len(builds) == 1:
+        return [build() for build in builds]
+    # each image's passes are a few large blocks: side by side, the images keep every worker busy
+    # (each writes only its own group's metadata)
+    with ThreadPoolExecutor(max_workers=len(builds), thread_name_prefix="emseg-pyramid") as pool:
+        futures = [pool.submit(build) for build in builds]
+        return [future.result() for future in futures]
