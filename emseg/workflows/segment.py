@@ -181,6 +181,11 @@ def segment(
         from emseg.workflows.predict import plan_prediction
 
         return plan_prediction(volume, p, voxel_size=voxel_size)  # no model: predict picks the bundled model from the voxel size
+    if p.model is not None:  # a checkpoint named by the user is refused before a cluster starts
+        from emseg.models import load_checkpoint
+        from emseg.workflows.predict.plan import model_path
+
+        load_checkpoint(model_path(p.model))
     from emseg.engine.lock import run_lock
 
     start = time.perf_counter()
