@@ -41,7 +41,17 @@ import zarr
 
 from emseg.errors import IncompleteOutputError
 from emseg.geometry import Roi
-from emseg.io.location import PathOrUrl, absolute, filesystem, is_url, location, read_bytes, stat_of, zarr_format_at
+from emseg.io.location import (
+    PathOrUrl,
+    absolute,
+    filesystem,
+    is_url,
+    location,
+    open_zarr_array,
+    open_zarr_group,
+    read_bytes,
+    stat_of,
+)
 
 STATE_GROUP = "emseg_state"
 TARGET_CHUNKS = 1024
@@ -78,7 +88,7 @@ class WriteSpec:
 @functools.lru_cache(maxsize=64)
 def _array_layout(path: str) -> tuple[tuple[int, ...], tuple[int, ...], Any]:
     """(shape, write-unit shape, chunk-key encoder) of a zarr array (the unit: shard, else chunk)."""
-    array = zarr.open_array(path, mode="r", zarr_format=zarr_format_at(path))
+    array = open_zarr_array(path, mode="r")
     unit = array.shards if array.shards is not None else array.chunks
     return tuple(int(s) for s in array.shape), tuple(int(u) for u in unit), array.metadata.encode_chunk_key
 
@@ -183,7 +193,7 @@ class Ledger:
                writes: Sequence[WriteSpec] = ()) -> None:
         """Make empty records for ``n_blocks`` blocks, bound to ``fingerprint`` (whether existing ones
         may be kept is :func:`emseg.engine.runstate.claim_stage`'s decision)."""
-        state = zarr.open_group(str(self.output), mode="a", zarr_format=zarr_format_at(self.output)).require_group(STATE_GROUP)
+        state = open_zarr_group(self.output, mode="a").require_group(STATE_GROUP)
         array = state.create_array(self.stage, shape=(n_blocks,), chunks=(blocks_per_chunk(n_blocks),), dtype=str,
                                    fill_value="")
         array.attrs.update({"fingerprint": fingerprint, "params": _jsonable(params), "format": RECORD_FORMAT,
@@ -204,7 +214,7 @@ class Ledger:
 
     def writes(self) -> list[WriteSpec]:
         """The arrays the stage writes (as recorded at claim)."""
-        array = zarr.open_array(str(self.path), mode="r", zarr_format=zarr_format_at(self.path))
+        array = open_zarr_array(self.path, mode="r")
         out = []
         for w in array.attrs.get("writes") or []:
             path = str(w["path"])
@@ -215,7 +225,7 @@ class Ledger:
     # --- reading ---------------------------------------------------------------------------
 
     def open(self, mode: Literal["r", "r+"] = "r") -> zarr.Array[Any]:
-        return zarr.open_array(str(self.path), mode=mode, zarr_format=zarr_format_at(self.path))
+        return open_zarr_array(self.path, mode=mode)
 
     def iter_chunks(self, ids: npt.NDArray[np.int64] | None = None
                     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[Any]]]:
@@ -258,7 +268,7 @@ class Ledger:
         return out
 
     def clear(self) -> None:
-        group = zarr.open_group(str(self.output), mode="a", zarr_format=zarr_format_at(self.output))
+        group = open_zarr_group(self.output, mode="a")
         if STATE_GROUP in group and self.stage in group[STATE_GROUP]:
             del group[STATE_GROUP][self.stage]
 
@@ -291,7 +301,7 @@ def store_census(writes: Sequence[WriteSpec], files: Sequence[int], nbytes: Sequ
         parent = path.parent
         if not any((parent / m).exists() for m in ("zarr.json", ".zattrs", ".zgroup")):
             continue
-        group = zarr.open_group(str(parent), mode="a", zarr_format=zarr_format_at(parent))
+        group = open_zarr_group(parent, mode="a")
         status = dict(group.attrs.get(STATUS_KEY) or {})
         census = dict(status.get("census") or {})
         census[path.name] = [int(f), int(b)]
@@ -339,7 +349,7 @@ def check_census(image_path: PathOrUrl, array_name: str) -> None:
     IncompleteOutputError
         Files or bytes differ from the census the run recorded.
     """
-    group = zarr.open_group(str(image_path), mode="r", zarr_format=zarr_format_at(image_path))
+    group = open_zarr_group(image_path, mode="r")
     census = (group.attrs.get(STATUS_KEY) or {}).get("census") or {}
     if array_name not in census:
         return
@@ -449,7 +459,7 @@ def verify_output(path: PathOrUrl, mode: Verify = "full") -> list[Damage]:
             found.append(damage)
             if damage.block_ids:
                 forget_blocks(image, stage, damage.block_ids)
-                group = zarr.open_group(str(image), mode="a", zarr_format=zarr_format_at(image))
+                group = open_zarr_group(image, mode="a")
                 status = dict(group.attrs.get(STATUS_KEY) or {})
                 status.update(status="incomplete", damaged={stage: list(damage.block_ids)[:100]})
                 group.attrs[STATUS_KEY] = status

@@ -16,7 +16,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from emseg.engine.ledger import STATE_GROUP
-from emseg.io.location import Location, PathOrUrl, exists, location, remove_tree, zarr_format_at
+from emseg.io.location import Location, PathOrUrl, exists, location, open_zarr_array, open_zarr_group, remove_tree
 from emseg.io.volume import Volume, open_volume
 
 SCRATCH_GROUP = "scratch"
@@ -55,7 +55,7 @@ def require_scratch(
 def _state_group(output: PathOrUrl) -> zarr.Group:
     """``OUT/emseg_state``, made through the output's own group so that it has the output's zarr format
     (opened on its own, a missing one would be made as zarr v3 inside a v2 output)."""
-    return zarr.open_group(str(output), mode="a", zarr_format=zarr_format_at(output)).require_group(STATE_GROUP)
+    return open_zarr_group(output, mode="a").require_group(STATE_GROUP)
 
 
 def _fast_codec(zarr_format: int) -> Any:
@@ -81,7 +81,7 @@ def write_table(output: PathOrUrl, name: str, data: npt.NDArray[Any], *, chunk: 
 
 def read_table(output: PathOrUrl, name: str, start: int = 0, stop: int | None = None) -> npt.NDArray[Any]:
     """Entries ``start:stop`` of a 1-D table."""
-    array = zarr.open_array(str(scratch_path(output, name)), mode="r", zarr_format=zarr_format_at(scratch_path(output, name)))
+    array = open_zarr_array(scratch_path(output, name), mode="r")
     stop = int(array.shape[0]) if stop is None else int(stop)
     if stop <= start:
         return np.zeros(0, dtype=array.dtype)
@@ -90,7 +90,7 @@ def read_table(output: PathOrUrl, name: str, start: int = 0, stop: int | None = 
 
 def read_table_at(output: PathOrUrl, name: str, indices: Sequence[int]) -> npt.NDArray[Any]:
     """Entries of a 1-D table at ``indices`` (any order)."""
-    array = zarr.open_array(str(scratch_path(output, name)), mode="r", zarr_format=zarr_format_at(scratch_path(output, name)))
+    array = open_zarr_array(scratch_path(output, name), mode="r")
     return np.asarray(array.get_coordinate_selection(np.asarray(indices, dtype=np.int64)))
 
 
@@ -98,7 +98,7 @@ class Table:
     """An open 1-D scratch table: ``table[i]`` / ``table[i:j]`` / ``table.at(indices)`` read entries."""
 
     def __init__(self, output: PathOrUrl, name: str) -> None:
-        self._array = zarr.open_array(str(scratch_path(output, name)), mode="r", zarr_format=zarr_format_at(scratch_path(output, name)))
+        self._array = open_zarr_array(scratch_path(output, name), mode="r")
 
     def __len__(self) -> int:
         return int(self._array.shape[0])

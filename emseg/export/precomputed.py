@@ -40,7 +40,7 @@ from emseg.engine.lock import locked
 from emseg.engine.runstate import OutputClaim
 from emseg.errors import ConfigError, InvalidDataError, NotAVolumeError, UnsupportedDtypeError
 from emseg.geometry import Block, Coordinate, plan_blocks
-from emseg.io.location import zarr_format_at
+from emseg.io.location import open_zarr_group
 from emseg.io.safety import check_distinct
 from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume, prepare_output
 
@@ -285,7 +285,7 @@ def export_layer(
     path = Path(image_path)
     dst_path = Path(dst)
     root = Path(state_root) if state_root is not None else dst_path
-    zarr.open_group(str(root), mode="a", zarr_format=zarr_format_at(root))  # the records' group (neuroglancer ignores it)
+    open_zarr_group(root, mode="a")  # the records' group (neuroglancer ignores it)
     try:
         layer_name = str(dst_path.resolve().relative_to(root.resolve())).replace("/", "-")
     except ValueError:

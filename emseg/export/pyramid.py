@@ -37,7 +37,7 @@ from emseg.engine.ledger import STATE_GROUP, Ledger, WriteSpec
 from emseg.engine.runstate import StageOutputs
 from emseg.errors import ConfigError, NotAVolumeError
 from emseg.geometry import Block, Coordinate, Roi, plan_blocks
-from emseg.io.location import Location, PathOrUrl, location, zarr_format_at
+from emseg.io.location import Location, PathOrUrl, location, open_zarr_group
 from emseg.io.ome import parse_multiscale
 from emseg.io.volume import Volume, is_label_image, label_image_paths, open_volume
 
@@ -429,7 +429,7 @@ def build_pyramid(
         raise ConfigError(f"{path}: mode downsampling needs integer labels, got dtype {base.dtype}; use method='mean'")
     plan = _plan_levels(base.shape, base.voxel_size, levels, factors)
 
-    group = zarr.open_group(str(path), mode="a", zarr_format=zarr_format_at(path))
+    group = open_zarr_group(path, mode="a")
     attrs = dict(group.attrs)
     multiscale = parse_multiscale(attrs, str(path))
     assert multiscale is not None  # open_volume found it

@@ -12,12 +12,11 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import zarr
 
 from emseg.engine.lock import locked
 from emseg.errors import VolumeShapeError
 from emseg.geometry import Roi
-from emseg.io.location import Location, PathOrUrl, absolute, filesystem, is_url, location, zarr_format_at
+from emseg.io.location import Location, PathOrUrl, absolute, filesystem, is_url, location, open_zarr_group
 from emseg.io.sources import open_source
 from emseg.io.volume import (
     check_distinct,
@@ -207,7 +206,7 @@ def describe(path: PathOrUrl) -> VolumeInfo:
     labels: tuple[str, ...] = ()
     status = None
     if volume.image_path is not None:
-        group = zarr.open_group(str(volume.image_path), mode="r", zarr_format=zarr_format_at(volume.image_path))
+        group = open_zarr_group(volume.image_path, mode="r")
         for i, level_path in enumerate(volume.levels):
             lv = open_volume(volume.image_path, level=i, allow_incomplete=True)
             levels.append(LevelInfo(level_path, tuple(lv.array.shape), tuple(lv.array.chunks),

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import zarr
 
-from emseg.io.location import Location, PathOrUrl, exists, location, remove_tree, write_bytes, zarr_format_at
+from emseg.io.location import Location, PathOrUrl, exists, location, open_zarr_array, remove_tree, write_bytes
 
 __all__ = ["GRAPH_DIR", "graph_dir", "lookup_path", "open_lookup", "read_block_edges", "remove_graph",
            "write_block_edges", "write_lookup"]
@@ -77,11 +77,11 @@ def write_lookup(path: PathOrUrl, lookup: npt.NDArray[np.uint64], *, attrs: Mapp
 def lookup_attrs(path: PathOrUrl) -> dict[str, Any]:
     """Attributes of a stored lookup (``{}`` when there is none)."""
     try:
-        return dict(zarr.open_array(str(path), mode="r", zarr_format=zarr_format_at(path)).attrs)
+        return dict(open_zarr_array(path, mode="r").attrs)
     except (FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
         return {}
 
 
 def open_lookup(path: PathOrUrl) -> Any:
     """The stored lookup, opened lazily: ``lookup[a:b]`` reads only that range."""
-    return zarr.open_array(str(path), mode="r", zarr_format=zarr_format_at(path))
+    return open_zarr_array(path, mode="r")

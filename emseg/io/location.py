@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from upath import UPath
 
 from emseg.errors import StorageError
+
+if TYPE_CHECKING:
+    import zarr
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 """URL schemes read through fsspec (``file://`` is turned into a local path instead)."""
@@ -125,6 +128,27 @@ def zarr_format_at(path: str | os.PathLike[str] | UPath) -> Literal[2, 3] | None
     if exists(loc / ".zgroup") or exists(loc / ".zarray"):
         return 2
     return None
+
+
+def open_zarr(path: PathOrUrl, mode: Literal["r", "r+", "a"] = "r") -> zarr.Array[Any] | zarr.Group:
+    """``zarr.open`` of the node at ``path`` in its stored format (:func:`zarr_format_at`)."""
+    import zarr
+
+    return zarr.open(str(path), mode=mode, zarr_format=zarr_format_at(path))
+
+
+def open_zarr_group(path: PathOrUrl, mode: Literal["r", "r+", "a"] = "r") -> zarr.Group:
+    """``zarr.open_group`` of the group at ``path`` in its stored format (:func:`zarr_format_at`)."""
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode, zarr_format=zarr_format_at(path))
+
+
+def open_zarr_array(path: PathOrUrl, mode: Literal["r", "r+", "a"] = "r") -> zarr.Array[Any]:
+    """``zarr.open_array`` of the array at ``path`` in its stored format (:func:`zarr_format_at`)."""
+    import zarr
+
+    return zarr.open_array(str(path), mode=mode, zarr_format=zarr_format_at(path))
 
 
 def describe(error: BaseException) -> str:

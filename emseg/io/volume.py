@@ -27,7 +27,7 @@ from emseg.errors import (
     storage_errors,
 )
 from emseg.geometry import Coordinate, Roi
-from emseg.io.location import Location, PathOrUrl, exists, is_url, location, zarr_format_at
+from emseg.io.location import Location, PathOrUrl, exists, is_url, location, open_zarr, open_zarr_group
 from emseg.io.ome import (
     Multiscale,
     image_label_attrs,
@@ -198,7 +198,7 @@ def _reflect_indices(begin: int, end: int, n: int) -> npt.NDArray[np.int64]:
 
 def _open_node(path: Location, mode: Literal["r", "r+"] = "r") -> zarr.Array | zarr.Group:
     try:
-        return zarr.open(str(path), mode=mode, zarr_format=zarr_format_at(path))
+        return open_zarr(path, mode=mode)
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError) as e:
         raise NotAVolumeError(f"{path}: not a zarr array or OME-Zarr image ({type(e).__name__})") from e
     except (ValueError, KeyError, TypeError) as e:  # malformed metadata
@@ -210,7 +210,7 @@ def _open_parent_group(parent: Location) -> zarr.Group | None:
     if not any((parent / f).exists() for f in ("zarr.json", ".zgroup")):
         return None
     try:
-        node = zarr.open_group(str(parent), mode="r", zarr_format=zarr_format_at(parent))
+        node = open_zarr_group(parent, mode="r")
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
         return None
     return node
@@ -499,7 +499,7 @@ def create_labels(
     """
     image_path = location(image_path)
     image = open_volume(image_path, allow_incomplete=True)
-    group = zarr.open_group(str(image_path), mode="a", zarr_format=zarr_format_at(image_path))
+    group = open_zarr_group(image_path, mode="a")
     zarr_format = group.metadata.zarr_format
     labels = group.require_group("labels")
     names = list(_label_names(labels.attrs))
@@ -524,7 +524,7 @@ def create_labels(
 
 def remove_label_image(image_path: PathOrUrl, name: str) -> None:
     """Delete the label image ``image_path/labels/<name>`` and its entry in the ``labels`` list."""
-    group = zarr.open_group(str(image_path), mode="a", zarr_format=zarr_format_at(image_path))
+    group = open_zarr_group(image_path, mode="a")
     if "labels" not in group:
         return
     labels = group["labels"]
@@ -542,7 +542,7 @@ def _label_names(attrs: Any) -> list[str]:
 def mark_complete(image_path: PathOrUrl, **extra: Any) -> None:
     """Mark an image created by :func:`create_volume` as finished (after every block is written)."""
     with storage_errors(image_path, "mark it complete"):
-        group = zarr.open_group(str(image_path), mode="a", zarr_format=zarr_format_at(image_path))
+        group = open_zarr_group(image_path, mode="a")
         status = dict(group.attrs.get(STATUS_KEY) or {})
         status.update(extra, status="complete")
         group.attrs[STATUS_KEY] = status
@@ -550,12 +550,12 @@ def mark_complete(image_path: PathOrUrl, **extra: Any) -> None:
 
 def read_status(image_path: PathOrUrl) -> dict[str, Any]:
     """emseg's bookkeeping attributes of an output image (``{}`` for images emseg did not make)."""
-    group = zarr.open_group(str(image_path), mode="r", zarr_format=zarr_format_at(image_path))
+    group = open_zarr_group(image_path, mode="r")
     return dict(group.attrs.get(STATUS_KEY) or {})
 
 
 def update_status(image_path: PathOrUrl, **values: Any) -> None:
-    group = zarr.open_group(str(image_path), mode="a", zarr_format=zarr_format_at(image_path))
+    group = open_zarr_group(image_path, mode="a")
     status = dict(group.attrs.get(STATUS_KEY) or {})
     status.update(values)
     group.attrs[STATUS_KEY] = status
@@ -565,7 +565,7 @@ def is_label_image(image_path: PathOrUrl) -> bool:
     """Whether an OME-Zarr image is a label image (``image-label`` metadata or under ``labels/``)."""
     path = location(image_path)
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=zarr_format_at(path))
+        group = open_zarr_group(path, mode="r")
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, FileNotFoundError, ValueError):
         return False
     return "image-label" in ome_attrs(group.attrs) or path.parent.name == "labels"
@@ -577,7 +577,7 @@ def label_image_paths(image_path: PathOrUrl) -> list[Path]:
     if not labels.is_dir():
         return []
     try:
-        group = zarr.open_group(str(labels), mode="r", zarr_format=zarr_format_at(labels))
+        group = open_zarr_group(labels, mode="r")
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
         return []
     names = ome_attrs(group.attrs).get("labels") or []
