@@ -417,10 +417,7 @@ def build_pyramid(
     """
     client = getattr(client, "client", client)  # a Connection or a bare Client
     path = location(image_path)
-    base = open_volume(path, level=0, allow_incomplete=allow_incomplete)
-    if base.image_path is None:
-        raise NotAVolumeError(f"{path}: a pyramid needs an OME-Zarr image group (with multiscales), not a bare array")
-    path = base.image_path
+    base, path = _level0(path, allow_incomplete)
     if method is None:
         method = "mode" if is_label_image(path) and np.issubdtype(base.dtype, np.integer) else "mean"
     if method not in ("mean", "mode"):
@@ -512,6 +509,14 @@ def _dataset(path: str, scale: Sequence[float], translation: Sequence[float]) ->
     }
 
 
+def _level0(path: PathOrUrl, allow_incomplete: bool) -> tuple[Volume, Location]:
+    """Level 0 of the OME-Zarr image at ``path``, and the image's path (a bare array has no pyramid)."""
+    base = open_volume(path, level=0, allow_incomplete=allow_incomplete)
+    if base.image_path is None:
+        raise NotAVolumeError(f"{path}: a pyramid needs an OME-Zarr image group (with multiscales), not a bare array")
+    return base, base.image_path
+
+
 def build_pyramids(
     image_path: PathOrUrl,
     *,
@@ -526,15 +531,13 @@ def build_pyramids(
     ``client`` (a Dask client or :class:`emseg.cluster.Connection`) the passes run on its workers.
     """
     client = getattr(client, "client", client)  # a Connection or a bare Client
-    base = open_volume(image_path, level=0, allow_incomplete=allow_incomplete)
-    if base.image_path is None:
-        raise NotAVolumeError(f"{image_path}: a pyramid needs an OME-Zarr image group (with multiscales), not a bare array")
+    base, image = _level0(image_path, allow_incomplete)
     # the label images share the image's voxel size, so choose_factors picks the same factors per level
     count = len(_plan_levels(base.shape, base.voxel_size, levels, None))
-    builds = [functools.partial(build_pyramid, base.image_path, levels=levels, progress=progress,
+    builds = [functools.partial(build_pyramid, image, levels=levels, progress=progress,
                                 allow_incomplete=allow_incomplete, client=client)]
     builds += [functools.partial(build_pyramid, path, levels=count, progress=progress, client=client)
-               for path in label_image_paths(base.image_path)]
+               for path in label_image_paths(image)]
     if client is None or len(builds) == 1:
         return [build() for build in builds]
     # each image's passes are a few large blocks: side by side, the images keep every worker busy
