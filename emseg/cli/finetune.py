@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
+from emseg.cli.options import field_option
 from emseg.cli.output import echo_report
 from emseg.cli.types import SIZES
+from emseg.config import RunOptions
 
 LABEL_KINDS = ["auto", "instances", "membrane-mask", "interior-mask"]
 
@@ -40,6 +42,9 @@ def _data_options(f: Any) -> Any:
         click.option("--voxel-size", help="Z,Y,X in nm  [default: the raw's metadata]."),
         click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Local workers of the segmentation runs that score the model."),
+        field_option(RunOptions, "scheduler", metavar="ADDRESS", show_default=False,
+                     help="Address of a running Dask scheduler for the segmentation runs that score the model, "
+                          "instead of local workers."),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
     ]):
@@ -67,7 +72,7 @@ def _data_options(f: Any) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling and augmentation.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 def finetune(raw: str, labels: str, labels_kind: str, output: str, model: str | None, voxel_size: str | None,
-             workers: int, overwrite: bool, as_json: bool, time_limit: float, val_fraction: float, max_steps: int,
+             workers: int, scheduler: str | None, overwrite: bool, as_json: bool, time_limit: float, val_fraction: float, max_steps: int,
              patch_shape: tuple[int, ...] | None, lr: float, batch_size: int, precision: str, threads: int, seed: int,
              progress: bool) -> None:
     """Fine-tune a model on your labelled volume and calibrate its merge threshold.
@@ -89,14 +94,15 @@ def finetune(raw: str, labels: str, labels_kind: str, output: str, model: str | 
                           time_limit_min=time_limit, val_fraction=val_fraction, max_steps=max_steps,
                           patch_shape=patch_shape, lr=lr, batch_size=batch_size,
                           precision=precision,  # type: ignore[arg-type]
-                          threads=threads, seed=seed, workers=workers, overwrite=overwrite, progress=progress)
+                          threads=threads, seed=seed, workers=workers, scheduler=scheduler, overwrite=overwrite,
+                          progress=progress)
     echo_report(report, as_json)
 
 
 @click.command()
 @_data_options
 def calibrate(raw: str, labels: str, labels_kind: str, output: str, model: str | None, voxel_size: str | None,
-              workers: int, overwrite: bool, as_json: bool) -> None:
+              workers: int, scheduler: str | None, overwrite: bool, as_json: bool) -> None:
     """Calibrate a model's merge threshold on your labels (no training); write a checkpoint carrying it.
 
     \b
@@ -107,5 +113,5 @@ def calibrate(raw: str, labels: str, labels_kind: str, output: str, model: str |
 
     report = run_calibrate(raw, labels, output, model=model, voxel_size=_voxel_size(voxel_size),
                            labels_kind=labels_kind,  # type: ignore[arg-type]
-                           workers=workers, overwrite=overwrite)
+                           workers=workers, scheduler=scheduler, overwrite=overwrite)
     echo_report(report, as_json)

@@ -486,14 +486,16 @@ def _input_fingerprint(vol: LabelledVolume, model: Path, **params: Any) -> dict[
 @locked("output", "calibrate")
 def calibrate(raw: str, labels: str, output: str | os.PathLike[str], *, model: str | None = None,
               voxel_size: Sequence[float] | None = None, labels_kind: LabelsKind = "auto",
-              thresholds: Sequence[float] = SWEEP, workers: int = 1, overwrite: bool = False) -> CalibrationReport:
+              thresholds: Sequence[float] = SWEEP, workers: int = 1, scheduler: str | None = None,
+              overwrite: bool = False) -> CalibrationReport:
     """Choose a model's merge threshold on labelled data; write a checkpoint carrying it.
 
     Segments the labelled volume with the model (the bundled one ``emseg segment`` picks, or
     ``model``) as ``emseg segment`` does, at every threshold of ``thresholds``; the one chosen by the
     module's threshold rule (lowest ARE + VOI with a one-step margin against merges,
     :attr:`ModelScores.chosen_threshold`) becomes the ``agglomeration_threshold`` of ``output`` (the
-    weights copied).
+    weights copied).  The segmentation runs on ``workers`` local worker processes, or on the running
+    cluster whose scheduler address is ``scheduler`` (then left running).
     """
     from emseg.cluster import connect
     from emseg.config import AgglomerateOptions
@@ -510,7 +512,7 @@ def calibrate(raw: str, labels: str, output: str | os.PathLike[str], *, model: s
     try:
         _write_zarr(work / "raw.zarr", vol.raw, vol.voxel_size)
         _write_zarr(work / "labels.zarr", vol.labels, vol.voxel_size)
-        with connect(workers=workers) as connection:
+        with connect(workers=workers, scheduler=scheduler) as connection:
             warm(connection)
             scores = score_model(start_model, work / "raw.zarr", work / "labels.zarr", work, name="model", step=0,
                                  thresholds=thresholds, gt_kind=_gt_kind(labels_kind), client=connection)
@@ -603,12 +605,14 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
              time_limit_min: float = 15.0, val_fraction: float = 0.25, max_steps: int = 5000,
              patch_shape: Sequence[int] | None = None, lr: float = LR, batch_size: int = BATCH,
              precision: Literal["auto", "fp32", "bf16"] = "auto", threads: int = 0, seed: int = 0,
-             thresholds: Sequence[float] = SWEEP, workers: int = 1, overwrite: bool = False,
-             progress: bool = True) -> FinetuneReport:
+             thresholds: Sequence[float] = SWEEP, workers: int = 1, scheduler: str | None = None,
+             overwrite: bool = False, progress: bool = True) -> FinetuneReport:
     """Fine-tune a model on a labelled volume within ``time_limit_min`` minutes; see the module docstring.
 
     Rerunning the same call after an interruption resumes the run (its held-out scores and
-    training checkpoints are kept beside the output until it finishes).
+    training checkpoints are kept beside the output until it finishes).  The scoring runs on
+    ``workers`` local worker processes, or on the running cluster whose scheduler address is
+    ``scheduler`` (then left running); the training runs in this process.
 
     Raises
     ------
@@ -677,7 +681,7 @@ def finetune(raw: str, labels: str, output: str | os.PathLike[str], *, model: st
     def remaining() -> float:
         return budget - (time.perf_counter() - started)
 
-    with connect(workers=workers) as connection, _bar(budget, progress) as bar:
+    with connect(workers=workers, scheduler=scheduler) as connection, _bar(budget, progress) as bar:
         warm(connection)
         def tick(text: str) -> None:
             bar.n = min(bar.total, round(time.perf_counter() - started))

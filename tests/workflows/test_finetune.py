@@ -16,7 +16,6 @@ from emseg.io import open_volume, read_status
 from emseg.workflows.agglomerate import segments_name
 from emseg.workflows.finetune import holdout_split, load_labelled
 from emseg.workflows.predict import BUNDLED
-from tests.support import scheduler_of
 
 FIB3D = str(BUNDLED / "fib3d")
 """The 3-D model, named: its same-padded convolutions fit these small crops (the automatic choice, the
@@ -41,6 +40,13 @@ def _invoke(*args: str) -> tuple[int, str]:
 
 def _nothing_written(out: Path) -> bool:
     return not out.exists() and not (out.parent / f".{out.name}.finetune").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "calibrate"])
+def test_help_names_the_cluster_options(command: str) -> None:
+    code, output = _invoke(command, "--help")
+    assert code == 0 and "Usage:" in output
+    assert "--workers" in output and "--scheduler ADDRESS" in output
 
 
 def test_holdout_is_the_last_part_of_the_longest_axis_in_nm() -> None:
@@ -87,11 +93,13 @@ def test_load_labelled_reads_zarr_voxel_size_and_slices(make_volume, tmp_path: P
     assert vol.raw.shape == (3, 16, 16) and vol.voxel_size == (40.0, 4.0, 4.0)
 
 
-def test_time_limit_too_small_for_one_validation(gala_crop: tuple[Path, Path], tmp_path: Path) -> None:
+def test_time_limit_too_small_for_one_validation(gala_crop: tuple[Path, Path], scheduler: str,
+                                                 tmp_path: Path) -> None:
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
     code, output = _invoke("finetune", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
-                           "--model", FIB3D, "-o", str(out), "--time-limit", "0.05", "--no-progress")
+                           "--model", FIB3D, "-o", str(out), "--time-limit", "0.05", "--no-progress",
+                           "--scheduler", scheduler)
     assert code != 0
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--time-limit" in errors[0] and "too small" in errors[0], output
@@ -106,11 +114,11 @@ def _segment(volume: Path, out: Path, address: str, *flags: str) -> tuple[float,
 
 
 def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_crop: tuple[Path, Path],
-                                                                          connection, tmp_path: Path) -> None:
+                                                                          scheduler: str, tmp_path: Path) -> None:
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
     code, output = _invoke("calibrate", "--raw", str(raw), "--labels", str(labels), "--voxel-size", "10,10,10",
-                           "--model", FIB3D, "-o", str(out), "--json")
+                           "--model", FIB3D, "-o", str(out), "--json", "--scheduler", scheduler)
     assert code == 0, output
     report = json.loads(output.splitlines()[-1])
     chosen = report["after"]["threshold"]
@@ -127,14 +135,13 @@ def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_cr
 
     volume = tmp_path / "vol.zarr"
     assert _invoke("import", str(raw), str(volume), "--voxel-size", "10,10,10", "--no-progress")[0] == 0
-    with scheduler_of(connection) as address:  # the session's cluster: none started for these two runs
-        used, own = _segment(volume, tmp_path / "own.zarr", address, "--model", str(out))
-        assert used == chosen
-        # merged at the checkpoint's threshold, not only recorded: the same graph agglomerated again with that
-        # threshold as an extra one (beside another, as the main) gives the same labels
-        other = 0.9 if chosen != 0.9 else 0.5
-        code, output = _invoke("agglomerate", str(tmp_path / "own.zarr"), "--threshold", f"{other}",
-                               "--thresholds", f"{chosen}", "--overwrite", "--scheduler", address, "--no-progress")
+    used, own = _segment(volume, tmp_path / "own.zarr", scheduler, "--model", str(out))
+    assert used == chosen
+    # merged at the checkpoint's threshold, not only recorded: the same graph agglomerated again with that
+    # threshold as an extra one (beside another, as the main) gives the same labels
+    other = 0.9 if chosen != 0.9 else 0.5
+    code, output = _invoke("agglomerate", str(tmp_path / "own.zarr"), "--threshold", f"{other}",
+                           "--thresholds", f"{chosen}", "--overwrite", "--scheduler", scheduler, "--no-progress")
     assert code == 0, output
     named = open_volume(tmp_path / "own.zarr" / "labels" / segments_name(chosen))
     assert np.array_equal(own, named.read(named.roi))
@@ -142,7 +149,7 @@ def test_calibrated_checkpoint_carries_its_threshold_and_segment_uses_it(gala_cr
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # three pipeline runs and two training steps; minutes on a loaded machine
-def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tuple[Path, Path], connection,
+def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tuple[Path, Path], scheduler: str,
                                                                   tmp_path: Path) -> None:
     raw, labels = gala_crop
     out = tmp_path / "ckpt"
@@ -150,7 +157,7 @@ def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tup
                            "--model", FIB3D, "-o", str(out), "--time-limit", "30", "--max-steps", "2",
                            "--patch-shape", "24,24,24",
                            "--threads", "1",
-                           "--no-progress", "--json")
+                           "--no-progress", "--json", "--scheduler", scheduler)
     assert code == 0, output
     report = json.loads(output.splitlines()[-1])
     config = json.loads((out / "config.json").read_text())
@@ -162,6 +169,5 @@ def test_finetune_writes_a_checkpoint_with_the_threshold_it_chose(gala_crop: tup
 
     volume = tmp_path / "vol.zarr"
     assert _invoke("import", str(raw), str(volume), "--voxel-size", "10,10,10", "--no-progress")[0] == 0
-    with scheduler_of(connection) as address:  # the session's cluster: none started for this run
-        used, _ = _segment(volume, tmp_path / "seg.zarr", address, "--model", str(out))
+    used, _ = _segment(volume, tmp_path / "seg.zarr", scheduler, "--model", str(out))
     assert used == report["after"]["threshold"]
