@@ -16,6 +16,7 @@ Scores (adapted Rand error, VOI split/merge, segments) per threshold go to stdou
     python benchmarks/scale_probe.py cremi --factor 1 --work /tmp/scale
     python benchmarks/scale_probe.py cremi --factor 2 --work /tmp/scale
     python benchmarks/scale_probe.py cremi --combine mean --work /tmp/scale
+    python benchmarks/scale_probe.py cremi --factor 2 --work /tmp/scale8 --model runs/m8
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=1)
     parser.add_argument("--combine", choices=("mean", "max"))
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--model", help="A checkpoint in place of the automatic choice (use one --work per model).")
     args = parser.parse_args()
     raw_name, gt_name, voxel, sections, per_section = DATASETS[args.dataset]
     work = args.work
@@ -117,7 +119,8 @@ def main() -> None:
         volume, out = work / f"{tag}.zarr", work / f"{tag}_seg.zarr"
         size = f"{voxel[0]},{voxel[1] * factor},{voxel[2] * factor}"
         emseg("import", str(tif), str(volume), "--voxel-size", size, "--overwrite", "--no-progress")
-        emseg("segment", str(volume), "-o", str(out), "--overwrite", "--no-progress", *flags)
+        model = ["--model", args.model] if args.model else []
+        emseg("segment", str(volume), "-o", str(out), "--overwrite", "--no-progress", *flags, *model)
         emseg("agglomerate", str(out), "--thresholds", THRESHOLDS, "--no-progress", *flags)
     scores = score(out, gt_path, factor, gt.shape, work, tag)
     (work / f"{tag}.json").write_text(json.dumps(scores, indent=1))
