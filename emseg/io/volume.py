@@ -7,6 +7,7 @@ axes ``(c, z, y, x)`` when the volume has a channel axis and ``(z, y, x)`` other
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,12 +290,15 @@ def _open_any(path: Location, *, level: int | str, allow_incomplete: bool, mode:
     image_path: Location | None = None
     multiscale: Multiscale | None = None
     if isinstance(node, zarr.Group):
+        # a run killed before it wrote the multiscales is half-written, not a foreign group
+        _check_status(node.attrs, path, allow_incomplete)
         multiscale = parse_multiscale(node.attrs, str(path))
         if multiscale is None:
-            arrays = sorted(name for name, _ in node.arrays())
+            with warnings.catch_warnings():  # zarr warns of each folder without metadata it meets while listing
+                warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+                arrays = sorted(name for name, _ in node.arrays())
             hint = f"; it holds arrays {arrays}: pass {path}/<array>" if arrays else ""
             raise NotAVolumeError(f"{path}: a zarr group without OME-Zarr multiscales metadata{hint}")
-        _check_status(node.attrs, path, allow_incomplete)
         image_path = path
         paths = multiscale.paths
         key = paths[level] if isinstance(level, int) and 0 <= level < len(paths) else str(level)

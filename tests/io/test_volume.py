@@ -15,6 +15,7 @@ from emseg.errors import (
 )
 from emseg.geometry import Roi
 from emseg.io import create_labels, create_volume, mark_complete, open_volume
+from emseg.io.volume import STATUS_KEY
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])
@@ -75,6 +76,21 @@ def test_incomplete_output_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IncompleteOutputError, match="half-written"):
         open_volume(path / "0")
     assert open_volume(path, allow_incomplete=True).shape == (2, 4, 4)
+
+
+def test_a_store_killed_before_its_multiscales_is_refused_as_half_written(tmp_path: Path) -> None:
+    """A run killed after it marked its group incomplete, before the multiscales, and in the middle of a
+    child's metadata (zarr's atomic write leaves ``zarr.<uuid>.partial`` and no ``zarr.json``)."""
+    path = tmp_path / "killed.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs[STATUS_KEY] = {"status": "incomplete"}
+    (path / "labels").mkdir()
+    (path / "labels" / "zarr.0123abcd.partial").write_bytes(b"{")
+    with pytest.raises(IncompleteOutputError, match="half-written"):  # and no zarr warning (errors here)
+        open_volume(path)
+    group.attrs[STATUS_KEY] = {"status": "complete"}  # a finished group without multiscales: not an image
+    with pytest.raises(NotAVolumeError, match="without OME-Zarr multiscales"):
+        open_volume(path)
 
 
 def test_open_errors(tmp_path: Path) -> None:
