@@ -201,6 +201,12 @@ class PredictOptions(Options):
     """Block core Z,Y,X in voxels: a multiple of the output chunks and of the tile; default 64,256,256 for
     3-D models, 4,512,512 for 2-D (rounded up to the tile; deeper, up to the input's z-chunk depth, while
     the volume keeps 32 blocks, so that each input chunk is decompressed once)."""
+    downsample: int | None = Field(default=None, ge=1)
+    """In-plane factor: the input is mean-downsampled by it in y and x before the model runs, and the
+    prediction repeated back to the input's voxels (block, chunk, tile and halo sizes stay in the input's
+    voxels; blocks and chunks a multiple of the factor in y and x); default: the
+    model's ``run_voxel_size_nm`` over the volume's y/x voxel size, rounded, at least 1 (1 when either
+    is unknown)."""
     tile_size: Shape | None = None
     """Tile core Z,Y,X fed to the model (rounded up to its input multiple); default 64,64,64 for 3-D models,
     1,512,512 for 2-D on a CPU, 1,1024,1024 on a GPU."""

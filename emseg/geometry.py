@@ -34,12 +34,24 @@ from emseg.errors import GeometryError
 
 Coordinate = tuple[int, ...]
 
-__all__ = ["ANISOTROPY_2D", "Block", "BlockGrid", "Coordinate", "Roi", "as_coordinate", "plan_blocks", "round_up"]
+__all__ = ["ANISOTROPY_2D", "Block", "BlockGrid", "Coordinate", "Roi", "as_coordinate", "downsample_factor",
+           "plan_blocks", "round_up"]
 
 ANISOTROPY_2D = 2.5
 """z spacing / in-plane spacing at or above which a volume is serial sections: the bundled 2-D model
 predicts it (:func:`emseg.models.zoo.choose_bundled`) and its fragments are made per section
 (:func:`emseg.workflows.agglomerate.choose_mode`)."""
+
+
+def downsample_factor(requested: int | None, run_voxel_size_nm: float | None, voxel_size: Sequence[float]) -> int:
+    """The in-plane downsampling of a prediction (:attr:`emseg.config.PredictOptions.downsample`): ``requested``, else the
+    model's run voxel size over the volume's finer y/x voxel size, rounded, at least 1; 1 when the model
+    names none or the volume records no voxel size (1 nm on every axis)."""
+    if requested is not None:
+        return int(requested)
+    if run_voxel_size_nm is None or len(voxel_size) != 3 or all(float(v) == 1.0 for v in voxel_size):
+        return 1
+    return max(1, round(run_voxel_size_nm / min(float(voxel_size[1]), float(voxel_size[2]))))
 
 
 def as_coordinate(value: int | Sequence[int], ndim: int) -> Coordinate:

@@ -43,7 +43,8 @@ def predict(volume: str, output: str, voxel_size: tuple[float, ...] | None, zarr
             data.update(blocks=len(plan.grid), block_shape=list(plan.grid.block_shape),
                         tile_shape=list(plan.tiling.tile_shape), tile_input=list(plan.tiling.input_shape),
                         halo=[list(h) for h in plan.tiling.halo], output_voxels=plan.output_voxels,
-                        computed_voxels=plan.computed_voxels, memory_per_block=plan.memory_per_block)
+                        computed_voxels=plan.computed_voxels, memory_per_block=plan.memory_per_block,
+                        downsample=plan.downsample)  # tiles and halo in the model's voxels
         click.echo(json.dumps(data))
     else:
         click.echo(report.summary())

@@ -86,6 +86,11 @@ class CheckpointConfig(BaseModel):
     """How raw input is normalised before the forward pass."""
     voxel_size_nm: tuple[float, ...] | None = None
     """Voxel size the model was trained at, nanometres, axis order (z, y, x); ``None`` if unknown."""
+    run_voxel_size_nm: float | None = Field(default=None, gt=0.0)
+    """In-plane (y, x) voxel size, nanometres, the model runs at: ``emseg predict`` mean-downsamples a volume
+    with finer sections by the nearest integer factor before the model sees it, and repeats the
+    prediction back to the volume's voxels (:attr:`emseg.config.PredictOptions.downsample`).  ``None``:
+    the volume's own voxels."""
     offsets: tuple[tuple[int, ...], ...] | None = None
     """Affinity models: the partner offset of each output channel, voxels, axis order (z, y, x):
     channel ``c`` at voxel ``p`` is the affinity of ``p`` and ``p + offsets[c]`` (so ``(-1, 0, 0)`` is
@@ -95,6 +100,10 @@ class CheckpointConfig(BaseModel):
     ``emseg segment`` and ``emseg agglomerate`` merge at it when neither a flag nor the recipe sets
     ``threshold`` (:func:`emseg.workflows.agglomerate.with_model_threshold`); ``None``: the
     agglomeration's own default."""
+    section_link_weight: float | None = Field(default=None, gt=0.0, le=1.0)
+    """The factor on this model's boundary evidence across sections of an anisotropic volume that the
+    agglomeration was tuned with (:attr:`emseg.config.AgglomerateOptions.section_link_weight`, used like
+    ``agglomeration_threshold``); ``None``: the agglomeration's own default."""
     provenance: dict[str, Any] = Field(default_factory=dict)
     """Free-form training provenance: data, command, steps, metrics, ..."""
 

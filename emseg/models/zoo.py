@@ -2,8 +2,9 @@
 
 Two bundled checkpoints::
 
-    bundled/            sstem2d: 2-D membrane U-Net, run per section (ssTEM: ISBI 2012, VNC,
-                        CREMI-like, ~4 nm in-plane; also isotropic FIB-SEM); output "membrane"
+    bundled/            sstem2d: 2-D membrane U-Net, run per section at 8 nm in-plane (trained at 4
+                        and 8 nm; finer sections are downsampled to it): ssTEM (ISBI 2012, VNC,
+                        CREMI-like) and isotropic FIB-SEM; output "membrane"
     bundled/fib3d/      fib3d: 3-D affinity U-Net trained on one FIB-SEM crop (~10 nm); outputs
                         "aff_z", "aff_y", "aff_x" (see its MODEL_CARD.md for the convention)
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emseg.geometry import ANISOTROPY_2D
+from emseg.geometry import ANISOTROPY_2D, downsample_factor
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class BundledModel:
     """Output channel names."""
     voxel_size_nm: tuple[float, ...] | None
     """Training voxel size, (z, y, x) nm."""
+    run_voxel_size_nm: float | None
+    """The in-plane voxel size it runs at (finer sections are downsampled to it), nm; ``None``: the volume's."""
     figures: dict[str, Any]
     """The model card's headline figures (``config.json`` provenance ``card``), e.g. validation scores."""
 
@@ -87,6 +90,7 @@ def bundled_models(root: Path | None = None) -> list[BundledModel]:
         found.append(BundledModel(
             name=name, path=path, ndim=int(cfg["model"]["ndim"]), outputs=tuple(cfg["outputs"]),
             voxel_size_nm=None if vs is None else tuple(float(v) for v in vs),
+            run_voxel_size_nm=cfg.get("run_voxel_size_nm"),
             figures=dict(cfg.get("provenance", {}).get("card", {})),
         ))
     return found
@@ -139,11 +143,15 @@ def _resolution_warning(model: BundledModel, voxel_size: tuple[float, float, flo
         return None
     axes = (1, 2) if model.ndim == 2 else (0, 1, 2)
     trained = model.voxel_size_nm[-3:]
-    far = [a for a in axes if not (1 / FAR_FACTOR <= voxel_size[a] / trained[a] <= FAR_FACTOR)]
+    factor = downsample_factor(None, model.run_voxel_size_nm, voxel_size)
+    seen = (voxel_size[0], voxel_size[1] * factor, voxel_size[2] * factor)  # what the model sees
+    scales = [trained] + ([(trained[0], model.run_voxel_size_nm, model.run_voxel_size_nm)]
+                          if model.run_voxel_size_nm is not None else [])
+    far = [a for a in axes if not any(1 / FAR_FACTOR <= seen[a] / at[a] <= FAR_FACTOR for at in scales)]
     if not far:
         return None
     have = ",".join(f"{v:g}" for v in voxel_size)
-    was = ",".join(f"{v:g}" for v in trained)
+    was = " and ".join(",".join(f"{v:g}" for v in at) for at in scales)
     return (f"voxel size {have} nm is far (>{FAR_FACTOR:g}x on axes {''.join('zyx'[a] for a in far)}) from the "
             f"{model.name} model's training resolution {was} nm; results may be poor: resample the volume "
             "or train a model at its resolution (emseg train)")

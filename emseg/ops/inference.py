@@ -32,12 +32,14 @@ __all__ = [
     "FusedConv",
     "cpu_has_native_bf16",
     "default_precision",
+    "downsample_sections",
     "fuse_conv_blocks",
     "gaussian_window",
     "normalize",
     "predict_array",
     "predict_block",
     "prepare_model",
+    "repeat_sections",
     "to_output_dtype",
 ]
 
@@ -217,6 +219,32 @@ def _memory_format(model: Any, dims: int) -> torch.memory_format:
         if p.dim() == dims and p.is_contiguous(memory_format=fmt) != p.is_contiguous():
             return fmt if p.is_contiguous(memory_format=fmt) else torch.contiguous_format
     return torch.contiguous_format
+
+
+def downsample_sections(raw: npt.NDArray[Any], factor: int) -> npt.NDArray[Any]:
+    """``raw`` (``(..., y, x)``, y and x multiples of ``factor``) averaged over ``factor`` x ``factor`` squares of
+    each section: a model that runs at a coarser in-plane voxel size than the volume's sees what it was trained
+    on.  Integer input is rounded back to its dtype (as the coarse training sections were made), floats stay float."""
+    from skimage.transform import downscale_local_mean
+
+    if factor == 1:
+        return raw
+    if raw.shape[-1] % factor or raw.shape[-2] % factor:
+        raise GeometryError(f"sections of {raw.shape[-2:]} voxels are not a multiple of the downsampling {factor}")
+    coarse = downscale_local_mean(raw, (1,) * (raw.ndim - 2) + (factor, factor))
+    if np.issubdtype(raw.dtype, np.integer):
+        return np.rint(coarse).astype(raw.dtype)
+    return coarse.astype(raw.dtype, copy=False)
+
+
+def repeat_sections(values: npt.NDArray[Any], factor: int, shape: Sequence[int]) -> npt.NDArray[Any]:
+    """``values`` (``(..., y, x)``) repeated ``factor`` times along y and x and cut to ``shape`` (y, x): a
+    coarse prediction on the volume's voxels, each voxel taking the value of the coarse voxel it lies in,
+    so that a block's values depend on its own coarse voxels only."""
+    if factor == 1:
+        return values
+    fine = np.repeat(np.repeat(values, factor, axis=-2), factor, axis=-1)
+    return fine[..., : shape[-2], : shape[-1]]
 
 
 def normalize(raw: npt.NDArray[Any], mean: float, std: float) -> npt.NDArray[np.float32]:

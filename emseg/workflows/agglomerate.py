@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,31 +153,40 @@ def model_threshold(image: PathOrUrl) -> float | None:
     """The ``agglomeration_threshold`` of the checkpoint that predicted the OME-Zarr ``image`` (recorded
     in its status by ``emseg predict``), or ``None``: no such record, no threshold in the checkpoint, or the
     checkpoint no longer readable (logged)."""
+    return _model_defaults(image).get("threshold")
+
+
+def _model_defaults(image: PathOrUrl) -> dict[str, float]:
+    """The agglomeration settings (``threshold``, ``section_link_weight``) the checkpoint that predicted
+    ``image`` was tuned with; empty when unknown."""
     from emseg.errors import CheckpointError
     from emseg.models import load_checkpoint_config
 
     try:
         checkpoint = read_status(image).get("checkpoint")
     except (OSError, ValueError):  # not a zarr group
-        return None
+        return {}
     if not checkpoint:
-        return None
+        return {}
     try:
-        return load_checkpoint_config(checkpoint).agglomeration_threshold
+        config = load_checkpoint_config(checkpoint)
     except (CheckpointError, OSError) as e:
         log.warning("%s: cannot read the threshold of the checkpoint that predicted it (%s)", image, e)
-        return None
+        return {}
+    tuned = {"threshold": config.agglomeration_threshold, "section_link_weight": config.section_link_weight}
+    return {k: v for k, v in tuned.items() if v is not None}
 
 
-def with_model_threshold(options: AgglomerateOptions, image: PathOrUrl) -> AgglomerateOptions:
-    """``options`` with the threshold of the model that predicted ``image`` (:func:`model_threshold`),
-    or unchanged when it has none: for callers whose user set no threshold (`emseg segment`,
-    `emseg agglomerate`)."""
-    tuned = model_threshold(image)
-    if tuned is None:
+def with_model_threshold(options: AgglomerateOptions, image: PathOrUrl,
+                         given: Collection[str] = ()) -> AgglomerateOptions:
+    """``options`` with the threshold and the section link weight the model that predicted ``image`` was
+    tuned with (its config.json), except those in ``given`` (set by the user or the recipe); unchanged
+    where the model names none: for `emseg segment` and `emseg agglomerate`."""
+    tuned = {k: v for k, v in _model_defaults(image).items() if k not in given}
+    if not tuned:
         return options
-    log.info("agglomeration threshold %g: the model's (agglomeration_threshold in its config.json)", tuned)
-    return options.model_copy(update={"threshold": tuned})
+    log.info("agglomeration %s: the model's (its config.json)", ", ".join(f"{k} {v:g}" for k, v in tuned.items()))
+    return options.model_copy(update=tuned)
 
 
 def segments_name(threshold: float) -> str:
@@ -994,8 +1003,7 @@ def agglomerate_target(
     image = Path(os.path.realpath(str(target)))  # realpath: a symlink loop stays a path that does not exist
     while image.parent.name == "labels" and image.parent.parent != image.parent:
         image = image.parent.parent
-    if "threshold" not in given:  # the predicting model's own threshold, as `emseg segment` uses it
-        opts = with_model_threshold(opts, image)
+    opts = with_model_threshold(opts, image, given)  # the predicting model's own, as `emseg segment` uses them
     with run_lock(image, "agglomerate"):
         if is_fragments(location(target)) and not (rebuild and is_fragments(location(target) / "labels" / FRAGMENTS_NAME,
                                                                          image_only=True)):

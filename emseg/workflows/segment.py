@@ -209,9 +209,8 @@ def segment(
                 with _beside(predicting, follow) as prediction:
                     if follow is not None:
                         follow.wait_started()  # the prediction's image exists, with its model recorded
-                    if "threshold" not in agg.model_fields_set:  # the model's own, unless a flag or the recipe set one
-                        agg = with_model_threshold(agg, out)
-                        config = config.model_copy(update={"agglomerate": agg})
+                    agg = with_model_threshold(agg, out, agg.model_fields_set)  # unless a flag or the recipe set them
+                    config = config.model_copy(update={"agglomerate": agg})
                     labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=lab.mode,
                                                                       block_size=lab.block_size, run=on,
                                                                       follows=follow))

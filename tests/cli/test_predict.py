@@ -43,7 +43,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(checkpoints, write_volume, t
 
 def test_a_voxel_size_far_from_the_bundled_models_is_one_warning(tmp_path) -> None:
     volume = tmp_path / "fib.zarr"
-    assert CliRunner().invoke(cli, ["synth", str(volume), "--shape", "8,128,128", "--voxel-size", "10,10,10",
+    assert CliRunner().invoke(cli, ["synth", str(volume), "--shape", "8,128,128", "--voxel-size", "30,30,30",
                                     "--no-progress"]).exit_code == 0
     run = subprocess.run([sys.executable, "-c", "from emseg.cli import main; main()", "segment", str(volume), "-o",
                           str(tmp_path / "out.zarr"), "--dry-run"], capture_output=True, text=True, timeout=300,

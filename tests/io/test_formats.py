@@ -164,5 +164,5 @@ def test_segment_reads_sharded_precomputed_and_n5_like_the_zarr(shared_data: Pat
         segments = open_volume(out / "labels" / "segments")
         assert segments.voxel_size == (50.0, 4.0, 4.0)
         labels[name] = segments.read(segments.roi)
-    assert len(np.unique(labels["in.zarr"])) > 50
+    assert len(np.unique(labels["in.zarr"])) > 20  # many segments: the formats are compared on real labels
     assert np.array_equal(labels["layer"], labels["in.zarr"]) and np.array_equal(labels["raw.n5"], labels["in.zarr"])

@@ -36,10 +36,12 @@ def test_both_models_are_shipped_and_declared() -> None:
     [
         ((50.0, 4.0, 4.0), "sstem2d", False),   # ISBI 2012
         ((40.0, 4.0, 4.0), "sstem2d", False),   # CREMI
-        ((10.0, 10.0, 10.0), "sstem2d", True),  # gala FIB-SEM: 10 nm in-plane, far from 4 nm (a warning)
-        ((8.0, 8.0, 8.0), "sstem2d", True),     # FIB-SEM: the 2-D model per section, linked in 3-D
+        ((10.0, 10.0, 10.0), "sstem2d", False),  # gala FIB-SEM: seen at 10 nm, near the 8 nm it runs at
+        ((8.0, 8.0, 8.0), "sstem2d", False),     # FIB-SEM: the 2-D model per section, linked in 3-D
         ((12.0, 4.0, 4.0), "sstem2d", False),   # mildly anisotropic at the model's in-plane resolution
-        ((50.0, 10.0, 10.0), "sstem2d", True),  # ssTEM at 10 nm in-plane: far from 4 nm
+        ((50.0, 10.0, 10.0), "sstem2d", False),  # ssTEM at 10 nm in-plane: near 8 nm
+        ((50.0, 2.0, 2.0), "sstem2d", False),   # 2 nm sections, downsampled 4x to 8 nm
+        ((30.0, 30.0, 30.0), "sstem2d", True),  # far from both 4 and 8 nm (a warning)
         ((1.0, 1.0, 1.0), "sstem2d", True),     # what emseg records when the source had no voxel size
     ],
 )

@@ -330,3 +330,18 @@ def test_a_fused_op_that_disagrees_leaves_the_model_unfused(monkeypatch, caplog)
         assert fuse_conv_blocks(model) == 0
     assert [type(m) for m in model.modules()] == before
     assert "running it unfused" in caplog.text
+
+
+def test_sections_are_averaged_in_squares_and_repeated_back():
+    from emseg.ops.inference import downsample_sections, repeat_sections
+
+    raw = np.array([[[0, 2, 10, 11], [4, 5, 13, 12]]], dtype=np.uint8)  # (z, y, x) = (1, 2, 4)
+    assert downsample_sections(raw, 2).tolist() == [[[3, 12]]] and downsample_sections(raw, 2).dtype == np.uint8
+    assert downsample_sections(raw.astype(np.float32) / 255, 2)[0, 0, 0] == pytest.approx(2.75 / 255)
+    assert downsample_sections(raw, 1) is raw
+    with pytest.raises(GeometryError, match="not a multiple of the downsampling 3"):
+        downsample_sections(raw, 3)
+    coarse = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
+    fine = repeat_sections(coarse, 2, (3, 5))
+    assert fine.shape == (1, 1, 3, 5)
+    assert fine[0, 0].tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5]]

@@ -77,6 +77,56 @@ def test_output_is_bit_identical_across_block_sizes_and_worker_counts(checkpoint
         np.testing.assert_array_equal(outputs[0], other)
 
 
+def _runs_at(ckpt: Path, nm: float, dest: Path) -> Path:
+    """A copy of checkpoint ``ckpt`` whose model runs at ``nm`` in y and x (``run_voxel_size_nm``)."""
+    import json
+    import shutil
+
+    shutil.copytree(ckpt, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "run_voxel_size_nm": nm}))
+    return dest
+
+
+def test_a_model_that_runs_at_a_coarser_voxel_size_sees_downsampled_sections(checkpoints, write_volume, tmp_path,
+                                                                             cluster2):
+    from emseg.ops.inference import downsample_sections
+
+    ckpt = _runs_at(checkpoints(2), 8.0, tmp_path / "at8nm")
+    data = smooth_volume((3, 50, 42), seed=5)
+    source = write_volume(data)  # 40 x 4 x 4 nm: the model sees 2 x 2 means
+    common = dict(checkpoint=ckpt, tile_size=(1, 32, 32), chunks=(1, 16, 16), dtype="float32", precision="fp32",
+                  client=cluster2, progress=False)
+    plan = plan_prediction(source, checkpoint=ckpt, block_size=(2, 32, 32), tile_size=(1, 32, 32), chunks=(1, 16, 16))
+    assert plan.downsample == 2 and plan.tiling.volume_shape == (3, 25, 21)
+    assert plan.grid.block_shape == (2, 32, 32) and plan.chunks == (1, 16, 16)
+    outputs = []
+    for i, block in enumerate([(2, 32, 32), (3, 64, 64)]):
+        out = tmp_path / f"out{i}.zarr"
+        predict(source, out, block_size=block, **common)
+        outputs.append(read_output(out))
+    assert outputs[0].shape == (1, 3, 50, 42)
+    np.testing.assert_array_equal(outputs[0], outputs[1])  # the blocks change nothing
+    # Each voxel holds the model's output on the coarse section at the coarse voxel it lies in.  Away from the
+    # borders (where the volume's mirror and the coarse one differ) that is the whole coarse section's output.
+    coarse = whole_volume(load_checkpoint(ckpt).model, downsample_sections(data, 2))
+    (hy, hx), (cy, cx) = plan.tiling.halo[0][1:], coarse.shape[-2:]
+    inner = (slice(None), slice(None), slice(hy, cy - hy), slice(hx, cx - hx))
+    fine = outputs[0][..., ::2, ::2]
+    np.testing.assert_allclose(fine[inner], coarse[inner], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(outputs[0][..., 1::2, 1::2], fine[..., : 25, : 21])
+
+    native = tmp_path / "native.zarr"
+    predict(source, native, block_size=(2, 32, 32), downsample=1, **common)
+    assert np.abs(read_output(native) - outputs[0]).max() > 0.01
+    with pytest.raises(ConfigError, match="multiple of the model's in-plane downsampling 2"):
+        plan_prediction(source, checkpoint=ckpt, block_size=(2, 33, 32))
+    unknown = write_volume(data, name="unknown.zarr", voxel_size=(1.0, 1.0, 1.0))
+    assert plan_prediction(unknown, checkpoint=ckpt).downsample == 1  # no voxel size: the volume's own voxels
+    at10 = write_volume(data, name="at10.zarr", voxel_size=(10.0, 10.0, 10.0))
+    assert plan_prediction(at10, checkpoint=ckpt).downsample == 1  # coarser than the model: as it is
+
+
 def _count_opens() -> None:
     """Worker side: count emseg.io.open_volume calls (a wrapper around the real function)."""
     import emseg.io
@@ -274,9 +324,9 @@ def test_cpu_default_batch_is_one_2d_tile(write_volume):
     """On a CPU one 604^2 tile per pass ran 1.5x the voxels/s of two (cache): the automatic batch is 1 there."""
     from emseg.workflows.predict import BUNDLED
 
-    source = write_volume(smooth_volume((4, 512, 512)))
+    source = write_volume(smooth_volume((4, 1024, 1024)))  # 4 nm: the bundled model sees 512^2 sections at 8 nm
     plan = plan_prediction(source, checkpoint=BUNDLED, device="cpu")
-    assert plan.tiling.input_shape[1:] == (604, 604) and plan.options.batch_size == 1
+    assert plan.downsample == 2 and plan.tiling.input_shape[1:] == (604, 604) and plan.options.batch_size == 1
 
 
 @pytest.mark.parametrize(("shape", "input_chunks", "depth"), [

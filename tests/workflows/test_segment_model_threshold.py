@@ -1,4 +1,5 @@
-"""`emseg segment` and `emseg agglomerate` merge at the checkpoint's own ``agglomeration_threshold`` unless told otherwise."""
+"""`emseg segment` and `emseg agglomerate` merge at the checkpoint's own ``agglomeration_threshold`` and weigh the
+links across sections by its ``section_link_weight``, unless told otherwise."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def _check_thresholds(shared_data: Path, tmp_path: Path, address: str) -> None:
     shutil.copytree(BUNDLED, model, ignore=shutil.ignore_patterns("fib3d", "*.md", "*.png"))
     config = json.loads((model / "config.json").read_text())
     config["agglomeration_threshold"] = 0.5
+    config["section_link_weight"] = 0.3
     (model / "config.json").write_text(json.dumps(config))
+
+    weights = {}
 
     def run(name: str, *flags: str) -> tuple[float, np.ndarray]:
         out = tmp_path / name
@@ -40,6 +44,7 @@ def _check_thresholds(shared_data: Path, tmp_path: Path, address: str) -> None:
                                      "--no-progress", *flags])
         assert result.exit_code == 0, result.output
         segments = open_volume(out / "labels" / "segments")
+        weights[name] = read_status(out / "labels" / "fragments")["graph"]["params"].get("section_link_weight")
         return read_status(out)["pipeline"]["agglomerate"]["threshold"], segments.read(segments.roi)
 
     own, labels_own = run("own.zarr")
@@ -54,6 +59,11 @@ def _check_thresholds(shared_data: Path, tmp_path: Path, address: str) -> None:
     assert (own, flag, default, recipe, unset) == (0.5, 0.5, 0.8, 0.92, 0.5)
     assert np.array_equal(labels_own, labels_flag)  # the model's threshold is the one used, not only recorded
     assert len(np.unique(labels_own)) > len(np.unique(labels_default))  # 0.5 merges less than 0.8
+    weighed = tmp_path / "weighed.toml"
+    weighed.write_text('name = "weighed"\n[agglomerate]\nsection_link_weight = 0.9\n')
+    run("weighed.zarr", "--pipeline", str(weighed))
+    assert weights == {"own.zarr": 0.3, "flag.zarr": 0.3, "default.zarr": 0.3, "recipe.zarr": 0.3, "weighed.zarr": 0.9,
+                       "unset.zarr": None}  # the model's weight, or the recipe's; the isbi2012 recipe links no sections
 
     # emseg agglomerate on an existing output: the model that predicted it gives the threshold too
     def again(target: Path, *flags: str) -> np.ndarray:

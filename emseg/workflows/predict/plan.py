@@ -18,10 +18,12 @@ from emseg.errors import (
     ConfigError,
     VolumeShapeError,
 )
-from emseg.geometry import BlockGrid, Coordinate
+from emseg.geometry import BlockGrid, Coordinate, Roi, downsample_factor
 from emseg.io.location import Location, PathOrUrl, absolute
 from emseg.ops.inference import OutputDtype, Precision, resolve_precision
 from emseg.ops.tiling import (
+    DEFAULT_CHUNKS_2D,
+    DEFAULT_CHUNKS_3D,
     DEFAULT_TILE_2D_CPU,
     Tiling,
     count_tiles,
@@ -94,6 +96,30 @@ def _choose_bundled(voxel_size: Sequence[float] | None) -> tuple[Path, str]:
 
 
 
+def _scale_yx(shape: Coordinate, factor: int) -> Coordinate:
+    return (shape[0], shape[1] * factor, shape[2] * factor)
+
+
+def _in_model_voxels(shape: tuple[int, int, int] | None, factor: int, what: str) -> tuple[int, int, int] | None:
+    """A block or chunk shape given in the input's voxels, in the model's (y and x divided by ``factor``)."""
+    if shape is None or factor == 1:
+        return shape
+    if shape[1] % factor or shape[2] % factor:
+        raise ConfigError(f"{what} {','.join(map(str, shape))} is not a multiple of the model's in-plane "
+                          f"downsampling {factor} in y and x; use a multiple, or --downsample 1")
+    return (shape[0], shape[1] // factor, shape[2] // factor)
+
+
+def _on_input_voxels(grid: BlockGrid, factor: int, shape: Coordinate) -> BlockGrid:
+    """The blocks of ``grid`` (the model's voxels) on the input's voxels of ``shape``: every core, halo
+    and tile ``factor`` times larger in y and x, so that a block reads exactly its model-voxel region."""
+    if factor == 1:
+        return grid
+    return BlockGrid(Roi.from_shape(shape), _scale_yx(grid.block_shape, factor), _scale_yx(grid.halo, factor),
+                     None if grid.halo_hi is None else _scale_yx(grid.halo_hi, factor),
+                     None if grid.snap is None else _scale_yx(grid.snap, factor))
+
+
 @dataclass(frozen=True)
 class PredictionPlan:
     """Everything a prediction run will do, computed before any work starts (``--dry-run``).
@@ -159,6 +185,11 @@ class PredictionPlan:
         return self.options.batch_size
 
     @property
+    def downsample(self) -> int:
+        """In-plane factor of the model's voxels over the input's (1: the input's own)."""
+        return self.options.downsample or 1
+
+    @property
     def tta(self) -> bool:
         return self.options.tta
 
@@ -188,7 +219,8 @@ class PredictionPlan:
             f"output chunks {fmt(self.chunks)}",
             f"tiles      {self.tiles} of core {fmt(t.tile_shape)}, model input {fmt(t.input_shape)}, output "
             f"{fmt(t.output_shape)}, {t.blend}; batch {self.batch_size}{', flip TTA' if self.tta else ''}, {self.precision}",
-            f"halo       {fmt(lo)} before, {fmt(hi)} after each tile",
+            f"halo       {fmt(lo)} before, {fmt(hi)} after each tile"
+            + (f" (model voxels: the sections downsampled {self.downsample}x in y and x)" if self.downsample > 1 else ""),
             f"voxels     {self.output_voxels:,} output, {self.computed_voxels:,} computed "
             f"({self.computed_voxels / max(self.output_voxels, 1):.2f}x)",
             f"memory     ~{self.memory_per_block / 2**20:.0f} MiB per block per worker (estimate)",
@@ -261,20 +293,35 @@ def plan_prediction(
                           "pass --dtype float16 or float32")
     if volume.dtype.kind not in "uf" or (volume.dtype.kind == "u" and volume.dtype.itemsize > 2):
         raise VolumeShapeError(f"{volume_path}: cannot predict on {volume.dtype} input; expected uint8, uint16 or float")
+    factor = downsample_factor(opts.downsample, cfg.run_voxel_size_nm, volume.voxel_size)
     if cfg.voxel_size_nm is not None and model_choice is None:  # the automatic choice warned already
         trained = tuple(cfg.voxel_size_nm)[-model.ndim :]
         have = tuple(volume.voxel_size)[-model.ndim :]
         if any(abs(a - b) > 0.05 * b for a, b in zip(have, trained)):
             log.warning("%s has voxel size %s nm but the model was trained at %s nm", volume_path, have, trained)
+    if factor > 1:
+        log.info("the model runs at %g nm in y and x: the sections are downsampled %dx", cfg.run_voxel_size_nm, factor)
+        block_size = _in_model_voxels(block_size, factor, "--block-size")
+        chunks = _in_model_voxels(chunks, factor, "--chunks")
+        if tile_size is not None:
+            tile_size = (tile_size[0], -(-tile_size[1] // factor), -(-tile_size[2] // factor))
+        if halo is not None:
+            halo = (halo[0], -(-halo[1] // factor), -(-halo[2] // factor))
+        if chunks is None and block_size is None:  # the output keeps the default chunks of the input's voxels
+            z, y, x = DEFAULT_CHUNKS_2D if model.ndim == 2 else DEFAULT_CHUNKS_3D
+            chunks = (z, max(1, y // factor), max(1, x // factor))
+    model_shape = (volume.shape[0], -(-volume.shape[1] // factor), -(-volume.shape[2] // factor))
     if tile_size is None and model.ndim == 2 and not device.startswith("cuda"):
         tile_size = DEFAULT_TILE_2D_CPU  # a GPU takes make_tiling's larger default
-    tiling = make_tiling(model, volume.shape, tile_shape=tile_size, halo=halo)
-    grid, chunk = plan_block_grid(volume.shape, volume.chunks, tiling, block_size=block_size, chunks=chunks)
+    tiling = make_tiling(model, model_shape, tile_shape=tile_size, halo=halo)
+    model_grid, chunk = plan_block_grid(model_shape, volume.chunks, tiling, block_size=block_size, chunks=chunks)
+    grid, chunk = _on_input_voxels(model_grid, factor, volume.shape), _scale_yx(chunk, factor)
     if batch_size is None:
-        batch_size = default_batch_size(tiling, device, tiles_in_block(tiling, grid.block(0).write_roi))
-    tiles, computed = count_tiles(grid, tiling, batch_size, opts.tta)
-    resolved = opts.model_copy(update=dict(model=str(ckpt_dir), block_size=grid.block_shape,
-                                           tile_size=tiling.tile_shape, halo=tiling.input_offset, chunks=chunk,
+        batch_size = default_batch_size(tiling, device, tiles_in_block(tiling, model_grid.block(0).write_roi))
+    tiles, computed = count_tiles(model_grid, tiling, batch_size, opts.tta)
+    resolved = opts.model_copy(update=dict(model=str(ckpt_dir), downsample=factor, block_size=grid.block_shape,
+                                           tile_size=_scale_yx(tiling.tile_shape, factor),
+                                           halo=_scale_yx(tiling.input_offset, factor), chunks=chunk,
                                            batch_size=batch_size, precision=precision))
     params = {
         "stage": STAGE,

@@ -83,10 +83,16 @@ def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi
     """The model's outputs for ``write_roi``, ``(c, z, y, x)`` in the output dtype, from the input ``raw``
     read over ``read_roi`` (mirrored beyond the volume): the compute of one block, shared by the
     workers (:func:`predict_block_task`) and the lazy dask path of :func:`emseg.predict` on arrays."""
-    from emseg.ops.inference import predict_block, to_output_dtype
+    from emseg.ops.inference import downsample_sections, predict_block, repeat_sections, to_output_dtype
 
     options = config.options
     assert options.batch_size is not None and options.precision != "auto"  # resolved by plan_prediction
+    factor = options.downsample or 1
+    fine_shape = write_roi.shape
+    if factor > 1:  # the block in the model's voxels: its read region is whole coarse voxels (plan_prediction)
+        raw = downsample_sections(raw, factor)
+        read_roi = Roi.from_bounds(_coarse(read_roi.begin, factor), _coarse(read_roi.end, factor))
+        write_roi = Roi.from_bounds(_coarse(write_roi.begin, factor), _coarse(write_roi.end, factor, up=True))
     with _COMPUTE:
         model, cfg = _worker_model(config)
         values = predict_block(
@@ -94,7 +100,13 @@ def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi
             mean=cfg.normalization.mean, std=cfg.normalization.std, activation=cfg.activation,
             batch_size=options.batch_size, tta=options.tta, precision=options.precision,
         )
-    return to_output_dtype(values, options.dtype)
+    return to_output_dtype(repeat_sections(values, factor, fine_shape), options.dtype)
+
+
+def _coarse(point: tuple[int, ...], factor: int, up: bool = False) -> tuple[int, ...]:
+    """A (z, y, x) corner in the model's voxels: y and x divided by ``factor`` (rounded up for an end)."""
+    z, y, x = point
+    return (z, -(-y // factor), -(-x // factor)) if up else (z, y // factor, x // factor)
 
 
 def _run_volume(config: PredictConfig, path: str, mode: Literal["r", "r+"]) -> Any:
