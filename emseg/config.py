@@ -335,7 +335,8 @@ class AgglomerateOptions(Options):
     sections must be clearer than one within a section to merge.  A 2-D model never saw the tissue
     between two sections 40-50 nm apart: with 1.0, thin neurites that overlap from one section to the
     next merge cells of one section through their neighbours (see ``benchmarks/README_loo.md``).
-    Affinity models and isotropic volumes are not weighted."""
+    Affinity models and isotropic volumes are not weighted.  Unset, the predicting model's own
+    (``section_link_weight`` in its config.json) is used where it has one."""
     fragments: Literal["watershed", "mutex"] = Field(
         default="watershed", validation_alias=AliasChoices("fragments", "fragments_method"))
     """Fragments by seeded watershed, or by mutex watershed of (long-range) affinities (the offsets

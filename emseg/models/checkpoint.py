@@ -98,7 +98,7 @@ class CheckpointConfig(BaseModel):
     agglomeration_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     """Merge threshold this model's outputs were tuned for (the model card says on what data).
     ``emseg segment`` and ``emseg agglomerate`` merge at it when neither a flag nor the recipe sets
-    ``threshold`` (:func:`emseg.workflows.agglomerate.with_model_threshold`); ``None``: the
+    ``threshold`` (:func:`emseg.workflows.agglomerate.with_model_settings`); ``None``: the
     agglomeration's own default."""
     section_link_weight: float | None = Field(default=None, gt=0.0, le=1.0)
     """The factor on this model's boundary evidence across sections of an anisotropic volume that the

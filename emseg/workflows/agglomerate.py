@@ -171,13 +171,13 @@ def _model_defaults(image: PathOrUrl) -> dict[str, float]:
     try:
         config = load_checkpoint_config(checkpoint)
     except (CheckpointError, OSError) as e:
-        log.warning("%s: cannot read the threshold of the checkpoint that predicted it (%s)", image, e)
+        log.warning("%s: cannot read the agglomeration settings of the checkpoint that predicted it (%s)", image, e)
         return {}
     tuned = {"threshold": config.agglomeration_threshold, "section_link_weight": config.section_link_weight}
     return {k: v for k, v in tuned.items() if v is not None}
 
 
-def with_model_threshold(options: AgglomerateOptions, image: PathOrUrl,
+def with_model_settings(options: AgglomerateOptions, image: PathOrUrl,
                          given: Collection[str] = ()) -> AgglomerateOptions:
     """``options`` with the threshold and the section link weight the model that predicted ``image`` was
     tuned with (its config.json), except those in ``given`` (set by the user or the recipe); unchanged
@@ -1003,7 +1003,7 @@ def agglomerate_target(
     image = Path(os.path.realpath(str(target)))  # realpath: a symlink loop stays a path that does not exist
     while image.parent.name == "labels" and image.parent.parent != image.parent:
         image = image.parent.parent
-    opts = with_model_threshold(opts, image, given)  # the predicting model's own, as `emseg segment` uses them
+    opts = with_model_settings(opts, image, given)  # the predicting model's own, as `emseg segment` uses them
     with run_lock(image, "agglomerate"):
         if is_fragments(location(target)) and not (rebuild and is_fragments(location(target) / "labels" / FRAGMENTS_NAME,
                                                                          image_only=True)):

@@ -163,7 +163,7 @@ def segment(
     """
     from emseg.cluster import connect
     from emseg.export.pyramid import build_pyramids
-    from emseg.workflows.agglomerate import choose_mode, segment_prediction, with_model_threshold
+    from emseg.workflows.agglomerate import choose_mode, segment_prediction, with_model_settings
     from emseg.workflows.label import label
 
     run = RunOptions.build(run, **fields)  # an unknown keyword: ConfigError naming it
@@ -209,7 +209,7 @@ def segment(
                 with _beside(predicting, follow) as prediction:
                     if follow is not None:
                         follow.wait_started()  # the prediction's image exists, with its model recorded
-                    agg = with_model_threshold(agg, out, agg.model_fields_set)  # unless a flag or the recipe set them
+                    agg = with_model_settings(agg, out, agg.model_fields_set)  # unless a flag or the recipe set them
                     config = config.model_copy(update={"agglomerate": agg})
                     labelled = AgglomerationSteps(*segment_prediction(out, agg, mode=lab.mode,
                                                                       block_size=lab.block_size, run=on,
