@@ -35,6 +35,8 @@ boundaries, or boundaries everywhere.  EM sections of neural tissue hold roughly
 TRY = ("try: check the voxel size (--voxel-size) and the model choice (--model), sweep thresholds with "
        "`emseg agglomerate OUT --thresholds 0.5,0.6,0.7,0.8` and score them on a few labelled sections with "
        "`emseg evaluate`, or calibrate the model on them (`emseg calibrate`, `emseg finetune`)")
+LINKS = ("; on serial sections the links across sections may also have joined thin neurites of neighbouring "
+         "sections (weaker links: a recipe's [agglomerate] section_link_weight; per-section labels: --2d)")
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,12 @@ def diagnose_arrays(
     n_fragments: int,
     n_segments: int,
     threshold: float,
+    linked_sections: bool = False,
 ) -> tuple[Finding, ...]:
     """Findings of a segmentation ``(z, y, x)`` (any subsample of it) and its boundary probability in [0, 1].
 
-    ``n_fragments`` and ``n_segments`` are the run's totals; ``threshold`` the merge threshold used.
+    ``n_fragments`` and ``n_segments`` are the run's totals; ``threshold`` the merge threshold used;
+    ``linked_sections``: the segments join per-section fragments across sections (serial sections in 3-D).
     """
     import fastremap
 
@@ -81,7 +85,8 @@ def diagnose_arrays(
                 f"one segment holds {share:.0%} of the volume ({n_segments} segments from {n_fragments} fragments "
                 f"at threshold {threshold:g}): the model's boundaries are too weak here, so the agglomeration "
                 f"merged across them; likely cause: the volume differs from the model's training data (contrast, "
-                f"voxel size, tissue) or the threshold is too high; {TRY}"), share))
+                f"voxel size, tissue) or the threshold is too high"
+                + (LINKS if linked_sections else "") + f"; {TRY}"), share))
         merged_share = n_segments / n_fragments
         if merged_share > UNMERGED_SHARE:
             findings.append(Finding("nothing-merged", (
@@ -122,10 +127,12 @@ def diagnose(
     n_segments: int,
     threshold: float,
     boundary_kind: bool = True,
+    linked_sections: bool = False,
 ) -> tuple[Finding, ...]:
     """Findings of a run's output: ``segments`` (a label image) and the prediction ``image`` (its
     coarsest levels; ``boundary_kind=False`` for affinity predictions, whose boundary share is the
-    complement of the mean nearest-neighbour affinity).  Each finding is also logged as a warning."""
+    complement of the mean nearest-neighbour affinity; ``linked_sections``: see :func:`diagnose_arrays`).
+    Each finding is also logged as a warning."""
     from emseg.ops.threshold import probability
 
     seg = _coarsest(location(segments))
@@ -135,7 +142,8 @@ def diagnose(
     prob = probability(data)
     if prob.ndim == 4:
         prob = prob[0] if boundary_kind else 1.0 - prob[:3].mean(axis=0)
-    findings = diagnose_arrays(labels, prob, n_fragments=n_fragments, n_segments=n_segments, threshold=threshold)
+    findings = diagnose_arrays(labels, prob, n_fragments=n_fragments, n_segments=n_segments, threshold=threshold,
+                               linked_sections=linked_sections)
     for f in findings:
         log.warning("%s", f.message)
     return findings

@@ -236,7 +236,8 @@ def segment(
         agg_report = labelled.agglomerate
         findings = diagnose(out, agg_report.labels_path, n_fragments=agg_report.n_fragments,
                             n_segments=labelled.n_segments, threshold=agg_report.threshold,
-                            boundary_kind=input_kind_of(out) == "boundary")
+                            boundary_kind=input_kind_of(out) == "boundary",
+                            linked_sections=lab.mode != "2d" and choose_mode(source.voxel_size) == "2d")
     wall = time.perf_counter() - start
     voxels = int(np.prod(source.shape))
     return SegmentReport(out, predicted, labelled, findings, wall, cores, stage_times(seconds, voxels, cores, wall),

@@ -34,6 +34,9 @@ def test_one_segment_holding_the_volume_is_reported() -> None:
     (finding,) = diagnose_arrays(seg, None, n_fragments=500, n_segments=2, threshold=0.85)
     assert finding.code == "one-segment" and finding.value > 0.9
     assert "of the volume" in finding.message and "likely cause" in finding.message and "try:" in finding.message
+    assert "section_link_weight" not in finding.message
+    (linked,) = diagnose_arrays(seg, None, n_fragments=500, n_segments=2, threshold=0.85, linked_sections=True)
+    assert "section_link_weight" in linked.message and "--2d" in linked.message  # serial sections in 3-D
 
 
 def test_nothing_merged_is_reported() -> None:
