@@ -34,8 +34,8 @@ from emseg.errors import GeometryError
 
 Coordinate = tuple[int, ...]
 
-__all__ = ["ANISOTROPY_2D", "Block", "BlockGrid", "Coordinate", "Roi", "as_coordinate", "downsample_factor",
-           "plan_blocks", "round_up"]
+__all__ = ["ANISOTROPY_2D", "Block", "BlockGrid", "Coordinate", "Roi", "as_coordinate", "coarse_yx", "downsample_factor",
+           "fine_yx", "plan_blocks", "round_up"]
 
 ANISOTROPY_2D = 2.5
 """z spacing / in-plane spacing at or above which a volume is serial sections: the bundled 2-D model
@@ -52,6 +52,19 @@ def downsample_factor(requested: int | None, run_voxel_size_nm: float | None, vo
     if run_voxel_size_nm is None or len(voxel_size) != 3 or all(float(v) == 1.0 for v in voxel_size):
         return 1
     return max(1, round(run_voxel_size_nm / min(float(voxel_size[1]), float(voxel_size[2]))))
+
+
+def coarse_yx(point: Sequence[int], factor: int, *, up: bool = False) -> tuple[int, int, int]:
+    """A (z, y, x) corner or shape on voxels ``factor`` times larger in y and x (z kept): divided, rounded
+    down, or up with ``up`` (an end, or a shape that must cover every fine voxel)."""
+    z, y, x = (int(v) for v in point)
+    return (z, -(-y // factor), -(-x // factor)) if up else (z, y // factor, x // factor)
+
+
+def fine_yx(point: Sequence[int], factor: int) -> tuple[int, int, int]:
+    """A (z, y, x) corner or shape on voxels ``factor`` times smaller in y and x: the inverse of :func:`coarse_yx`."""
+    z, y, x = (int(v) for v in point)
+    return (z, y * factor, x * factor)
 
 
 def as_coordinate(value: int | Sequence[int], ndim: int) -> Coordinate:

@@ -128,12 +128,17 @@ def graph_mode(mode: Mode) -> Literal["3d", "2d"]:
     return "2d" if mode == "2d" else "3d"
 
 
+def links_sections(kind: str, mode: str, voxel_size: Sequence[float]) -> bool:
+    """Whether a graph of ``mode`` (``"3d"``/``"2d"``, :func:`graph_mode`) links per-section fragments of a
+    boundary prediction across sections: an anisotropic volume (:func:`choose_mode` says per-section
+    fragments) in 3-D, where the affinity across sections comes from the boundary evidence of both."""
+    return kind == "boundary" and mode == "3d" and choose_mode(voxel_size) == "2d"
+
+
 def section_link_weight(opts: AgglomerateOptions, kind: str, mode: str, voxel_size: Sequence[float]) -> float:
-    """The factor on affinities across sections: ``opts.section_link_weight`` for a 3-D graph of a boundary
-    prediction on an anisotropic volume (:func:`choose_mode` says per-section fragments), else 1."""
-    if kind == "boundary" and mode == "3d" and choose_mode(voxel_size) == "2d":
-        return float(opts.section_link_weight)
-    return 1.0
+    """The factor on affinities across sections: ``opts.section_link_weight`` where the graph
+    :func:`links_sections`, else 1."""
+    return float(opts.section_link_weight) if links_sections(kind, mode, voxel_size) else 1.0
 
 
 def input_kind_of(pred_path: PathOrUrl, *, allow_incomplete: bool = False) -> InputKind:
@@ -147,13 +152,6 @@ def input_kind_of(pred_path: PathOrUrl, *, allow_incomplete: bool = False) -> In
                                    f"{pred.channels or 'none'}")
         return "affinities"
     return "boundary"
-
-
-def model_threshold(image: PathOrUrl) -> float | None:
-    """The ``agglomeration_threshold`` of the checkpoint that predicted the OME-Zarr ``image`` (recorded
-    in its status by ``emseg predict``), or ``None``: no such record, no threshold in the checkpoint, or the
-    checkpoint no longer readable (logged)."""
-    return _model_defaults(image).get("threshold")
 
 
 def _model_defaults(image: PathOrUrl) -> dict[str, float]:

@@ -230,14 +230,15 @@ def segment(
         update_status(out, pipeline=config.model_dump(mode="json"))
     findings: tuple[Any, ...] = ()
     if isinstance(labelled, AgglomerationSteps):
-        from emseg.workflows.agglomerate import input_kind_of
+        from emseg.workflows.agglomerate import graph_mode, input_kind_of, links_sections
         from emseg.workflows.diagnose import diagnose
 
         agg_report = labelled.agglomerate
+        kind = input_kind_of(out)
         findings = diagnose(out, agg_report.labels_path, n_fragments=agg_report.n_fragments,
                             n_segments=labelled.n_segments, threshold=agg_report.threshold,
-                            boundary_kind=input_kind_of(out) == "boundary",
-                            linked_sections=lab.mode != "2d" and choose_mode(source.voxel_size) == "2d")
+                            boundary_kind=kind == "boundary",
+                            linked_sections=links_sections(kind, graph_mode(lab.mode), source.voxel_size))
     wall = time.perf_counter() - start
     voxels = int(np.prod(source.shape))
     return SegmentReport(out, predicted, labelled, findings, wall, cores, stage_times(seconds, voxels, cores, wall),

@@ -18,7 +18,7 @@ from emseg.errors import (
     ConfigError,
     VolumeShapeError,
 )
-from emseg.geometry import BlockGrid, Coordinate, Roi, downsample_factor
+from emseg.geometry import BlockGrid, Coordinate, Roi, coarse_yx, downsample_factor, fine_yx
 from emseg.io.location import Location, PathOrUrl, absolute
 from emseg.ops.inference import OutputDtype, Precision, resolve_precision
 from emseg.ops.tiling import (
@@ -96,10 +96,6 @@ def _choose_bundled(voxel_size: Sequence[float] | None) -> tuple[Path, str]:
 
 
 
-def _scale_yx(shape: Coordinate, factor: int) -> Coordinate:
-    return (shape[0], shape[1] * factor, shape[2] * factor)
-
-
 def _in_model_voxels(shape: tuple[int, int, int] | None, factor: int, what: str) -> tuple[int, int, int] | None:
     """A block or chunk shape given in the input's voxels, in the model's (y and x divided by ``factor``)."""
     if shape is None or factor == 1:
@@ -107,7 +103,7 @@ def _in_model_voxels(shape: tuple[int, int, int] | None, factor: int, what: str)
     if shape[1] % factor or shape[2] % factor:
         raise ConfigError(f"{what} {','.join(map(str, shape))} is not a multiple of the model's in-plane "
                           f"downsampling {factor} in y and x; use a multiple, or --downsample 1")
-    return (shape[0], shape[1] // factor, shape[2] // factor)
+    return coarse_yx(shape, factor)
 
 
 def _on_input_voxels(grid: BlockGrid, factor: int, shape: Coordinate) -> BlockGrid:
@@ -115,9 +111,9 @@ def _on_input_voxels(grid: BlockGrid, factor: int, shape: Coordinate) -> BlockGr
     and tile ``factor`` times larger in y and x, so that a block reads exactly its model-voxel region."""
     if factor == 1:
         return grid
-    return BlockGrid(Roi.from_shape(shape), _scale_yx(grid.block_shape, factor), _scale_yx(grid.halo, factor),
-                     None if grid.halo_hi is None else _scale_yx(grid.halo_hi, factor),
-                     None if grid.snap is None else _scale_yx(grid.snap, factor))
+    return BlockGrid(Roi.from_shape(shape), fine_yx(grid.block_shape, factor), fine_yx(grid.halo, factor),
+                     None if grid.halo_hi is None else fine_yx(grid.halo_hi, factor),
+                     None if grid.snap is None else fine_yx(grid.snap, factor))
 
 
 @dataclass(frozen=True)
@@ -303,25 +299,23 @@ def plan_prediction(
         log.info("the model runs at %g nm in y and x: the sections are downsampled %dx", cfg.run_voxel_size_nm, factor)
         block_size = _in_model_voxels(block_size, factor, "--block-size")
         chunks = _in_model_voxels(chunks, factor, "--chunks")
-        if tile_size is not None:
-            tile_size = (tile_size[0], -(-tile_size[1] // factor), -(-tile_size[2] // factor))
-        if halo is not None:
-            halo = (halo[0], -(-halo[1] // factor), -(-halo[2] // factor))
+        tile_size = None if tile_size is None else coarse_yx(tile_size, factor, up=True)
+        halo = None if halo is None else coarse_yx(halo, factor, up=True)
         if chunks is None and block_size is None:  # the output keeps the default chunks of the input's voxels
             z, y, x = DEFAULT_CHUNKS_2D if model.ndim == 2 else DEFAULT_CHUNKS_3D
             chunks = (z, max(1, y // factor), max(1, x // factor))
-    model_shape = (volume.shape[0], -(-volume.shape[1] // factor), -(-volume.shape[2] // factor))
+    model_shape = coarse_yx(volume.shape, factor, up=True)
     if tile_size is None and model.ndim == 2 and not device.startswith("cuda"):
         tile_size = DEFAULT_TILE_2D_CPU  # a GPU takes make_tiling's larger default
     tiling = make_tiling(model, model_shape, tile_shape=tile_size, halo=halo)
     model_grid, chunk = plan_block_grid(model_shape, volume.chunks, tiling, block_size=block_size, chunks=chunks)
-    grid, chunk = _on_input_voxels(model_grid, factor, volume.shape), _scale_yx(chunk, factor)
+    grid, chunk = _on_input_voxels(model_grid, factor, volume.shape), fine_yx(chunk, factor)
     if batch_size is None:
         batch_size = default_batch_size(tiling, device, tiles_in_block(tiling, model_grid.block(0).write_roi))
     tiles, computed = count_tiles(model_grid, tiling, batch_size, opts.tta)
     resolved = opts.model_copy(update=dict(model=str(ckpt_dir), downsample=factor, block_size=grid.block_shape,
-                                           tile_size=_scale_yx(tiling.tile_shape, factor),
-                                           halo=_scale_yx(tiling.input_offset, factor), chunks=chunk,
+                                           tile_size=fine_yx(tiling.tile_shape, factor),
+                                           halo=fine_yx(tiling.input_offset, factor), chunks=chunk,
                                            batch_size=batch_size, precision=precision))
     params = {
         "stage": STAGE,

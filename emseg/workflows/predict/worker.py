@@ -15,7 +15,7 @@ from emseg.errors import (
     EmsegError,
     InvalidDataError,
 )
-from emseg.geometry import Block, Roi
+from emseg.geometry import Block, Roi, coarse_yx
 from emseg.ops.tiling import Tiling, tiles_in_block
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,8 @@ def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi
     fine_shape = write_roi.shape
     if factor > 1:  # the block in the model's voxels: its read region is whole coarse voxels (plan_prediction)
         raw = downsample_sections(raw, factor)
-        read_roi = Roi.from_bounds(_coarse(read_roi.begin, factor), _coarse(read_roi.end, factor))
-        write_roi = Roi.from_bounds(_coarse(write_roi.begin, factor), _coarse(write_roi.end, factor, up=True))
+        read_roi = Roi.from_bounds(coarse_yx(read_roi.begin, factor), coarse_yx(read_roi.end, factor))
+        write_roi = Roi.from_bounds(coarse_yx(write_roi.begin, factor), coarse_yx(write_roi.end, factor, up=True))
     with _COMPUTE:
         model, cfg = _worker_model(config)
         values = predict_block(
@@ -102,11 +102,6 @@ def compute_block(config: PredictConfig, raw: Any, read_roi: Roi, write_roi: Roi
         )
     return to_output_dtype(repeat_sections(values, factor, fine_shape), options.dtype)
 
-
-def _coarse(point: tuple[int, ...], factor: int, up: bool = False) -> tuple[int, ...]:
-    """A (z, y, x) corner in the model's voxels: y and x divided by ``factor`` (rounded up for an end)."""
-    z, y, x = point
-    return (z, -(-y // factor), -(-x // factor)) if up else (z, y // factor, x // factor)
 
 
 def _run_volume(config: PredictConfig, path: str, mode: Literal["r", "r+"]) -> Any:
