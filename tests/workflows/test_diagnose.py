@@ -73,3 +73,28 @@ def test_segment_reports_a_degenerate_result(shared_data: Path, connection, tmp_
         assert codes & {"one-segment", "no-boundaries"}, report["findings"]
         text = runner.invoke(cli, ["segment", str(volume), "--scheduler", address, "--no-progress"])
     assert text.exit_code == 0 and "WARNING: " in text.stdout
+
+
+@pytest.mark.slow
+def test_one_segment_on_serial_sections_names_the_links_across_sections(shared_data: Path, connection,
+                                                                        tmp_path: Path) -> None:
+    """Real ISBI sections merged on purpose (a recipe's threshold of 0.99): on serial sections in 3-D the finding
+    names the links across sections as a cause; on the same sections imported as isotropic it does not."""
+    raw = tifffile.imread(shared_data / "isbi2012" / "train-volume.tif")[:3, :192, :192]
+    tifffile.imwrite(tmp_path / "em.tif", raw, photometric="minisblack")
+    recipe = tmp_path / "merge_all.toml"
+    recipe.write_text('name = "merge_all"\n[agglomerate]\nthreshold = 0.99\n')
+    runner = CliRunner()
+    messages = {}
+    for name, voxel_size in (("serial", "50,4,4"), ("isotropic", "4,4,4")):
+        volume = tmp_path / f"{name}.zarr"
+        assert runner.invoke(cli, ["import", str(tmp_path / "em.tif"), str(volume), "--voxel-size", voxel_size,
+                                   "--no-progress"]).exit_code == 0
+        with scheduler_of(connection) as address:
+            result = runner.invoke(cli, ["segment", str(volume), "--pipeline", str(recipe), "--scheduler", address,
+                                         "--no-progress", "--json"])
+        assert result.exit_code == 0, result.output
+        findings = json.loads(result.stdout.strip().splitlines()[-1])["findings"]
+        messages[name] = next(f["message"] for f in findings if f["code"] == "one-segment")
+    assert "section_link_weight" in messages["serial"] and "--2d" in messages["serial"]
+    assert "section_link_weight" not in messages["isotropic"]
